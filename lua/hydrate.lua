@@ -1,0 +1,29 @@
+-- hydrate: load a counter hash from what Postgres holds, only if it is still not loaded.
+--
+-- KEYS[1]  counter hash  {prefix}:1:{b}:c:<user>:<period>
+-- ARGV[1]  EXPIREAT, unix seconds (0 = never: lifetime counters)
+-- ARGV[2]  version: the highest version Postgres holds for this user and period (0 if none)
+-- ARGV[3]  the user's plan in Postgres ("" = none stored)
+-- ARGV[4]  that plan's version in user_plans (0 if none)
+-- ARGV[5..] field, value pairs: counts by type, and metadata fields
+--
+-- Returns 1 if it filled the hash, 0 if another caller had loaded it already. A plan set in Redis
+-- by a newer plan change (higher `pv`) is kept.
+local hash = KEYS[1]
+if redis.call('HEXISTS', hash, 'v') == 1 then
+  return 0
+end
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', hash, ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', hash, 'v', ARGV[2])
+if ARGV[3] ~= '' then
+  local pv = tonumber(redis.call('HGET', hash, 'pv') or '-1')
+  if pv < tonumber(ARGV[4]) then
+    redis.call('HSET', hash, 'p', ARGV[3], 'pv', ARGV[4])
+  end
+end
+if ARGV[1] ~= '0' then
+  redis.call('EXPIREAT', hash, ARGV[1])
+end
+return 1

@@ -1,0 +1,16 @@
+-- release: lower a lifetime counter (a stored thing was deleted), never below 0.
+--
+-- KEYS[1]  counter hash  {prefix}:1:{b}:c:<user>:life
+-- KEYS[2]  dirty set
+-- ARGV[1]  usage type (the hash field)
+-- ARGV[2]  amount, a whole number > 0
+-- ARGV[3]  dirty-set member "<user>:life"
+--
+-- Returns {status, used, stored plan}: "ok" with the new total, or "hydrate" (the counter is not
+-- loaded from Postgres yet; nothing done).
+local hash = KEYS[1]
+if redis.call('HEXISTS', hash, 'v') == 0 then
+  return {'hydrate', 0, ''}
+end
+local used = lower(hash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[3])
+return {'ok', used, redis.call('HGET', hash, 'p') or ''}

@@ -1,0 +1,24 @@
+-- set_plan: put a user's new plan into their live counter hashes, so the very next request on
+-- any replica counts under it. Postgres (user_plans) is written first and its row version comes
+-- along: an older plan change that arrives late never overwrites a newer one.
+--
+-- KEYS[1..n]  the user's counter hashes in force now (current month, lifetime)
+-- ARGV[1]     plan name
+-- ARGV[2]     plan version (user_plans.version)
+-- ARGV[3..2+n] EXPIREAT of each key, unix seconds (0 = never)
+--
+-- Returns how many hashes took the plan. A hash that did not exist yet is created with the plan
+-- only; without `v` it is still loaded from Postgres before its first count.
+local n = 0
+local pv = tonumber(ARGV[2])
+for i, hash in ipairs(KEYS) do
+  local cur = tonumber(redis.call('HGET', hash, 'pv') or '-1')
+  if cur < pv then
+    redis.call('HSET', hash, 'p', ARGV[1], 'pv', pv)
+    if ARGV[2 + i] ~= '0' then
+      redis.call('EXPIREAT', hash, ARGV[2 + i])
+    end
+    n = n + 1
+  end
+end
+return n

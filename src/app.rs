@@ -1,0 +1,166 @@
+//! Wiring: pools, state, background tasks, the server, and an orderly shutdown.
+//!
+//! Start-up never exits because a dependency is down: the HTTP listener answers `/healthz` at
+//! once, while a task creates and migrates the database and waits for Redis with backoff; `/v1`
+//! answers 503 and `/readyz` stays unready until both answer.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::db;
+use crate::http::{self, AppState, Tokens};
+use crate::metrics as m;
+use crate::plans::PlanBook;
+use crate::quota::Quota;
+use crate::store::RedisStore;
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A setting that cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// The plans file was refused.
+    #[error(transparent)]
+    Plans(#[from] crate::plans::PlansError),
+    /// The listener failed.
+    #[error("serving HTTP: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds the state for `config`; connects nothing yet.
+pub fn state(config: &Config, clock: Arc<dyn Clock>) -> Result<AppState, RunError> {
+    let plans = PlanBook::open(config.plans.clone())?;
+    let store = RedisStore::new(
+        &config.redis_url,
+        &config.key_prefix,
+        config.redis_timeout(),
+    )
+    .map_err(RunError::Config)?;
+    let db = db::lazy_pool(&config.database_url)
+        .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
+    Ok(AppState {
+        quota: Quota {
+            store,
+            db,
+            plans,
+            clock,
+        },
+        tokens: Arc::new(Tokens {
+            gateway: config.gateway_tokens().map(str::to_owned).collect(),
+            admin: config.admin_tokens().map(str::to_owned).collect(),
+        }),
+        ready: Arc::new(AtomicBool::new(false)),
+        metrics: m::install(),
+    })
+}
+
+/// Serves on `listener` until `shutdown` completes, then stops accepting and finishes in-flight
+/// requests.
+pub async fn run(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let state = state(&config, clock)?;
+    let plans = state.quota.plans.current();
+    tracing::info!(config = ?config, plans = %plans.source, types = plans.types.len(), "quotad starting");
+
+    let startup = tokio::spawn(prepare(config.database_url.clone(), state.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(state.quota.plans.clone()));
+
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let app = http::router(state);
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    startup.abort();
+    reloader.abort();
+    served?;
+    tracing::info!("quotad stopped");
+    Ok(())
+}
+
+/// Creates and migrates the database and waits for Redis, retrying with backoff, then marks the
+/// daemon ready.
+async fn prepare(database_url: String, state: AppState) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match db::prepare(&database_url, &state.quota.db).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "postgres not ready")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    let mut delay = Duration::from_millis(100);
+    while let Err(e) = state.quota.store.ping().await {
+        tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "redis not ready");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    state.ready.store(true, Ordering::Release);
+    tracing::info!("ready: postgres migrated, redis answering");
+}
+
+/// Re-reads the plans file on every SIGHUP; a bad file is logged and the last good one stays.
+async fn reload_on_sighup(plans: PlanBook) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; plans reload is off");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match plans.reload() {
+                Ok(p) => {
+                    metrics::counter!(m::PLAN_RELOADS, "result" => "ok").increment(1);
+                    tracing::info!(plans = %p.source, types = p.types.len(), "plans reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!(m::PLAN_RELOADS, "result" => "error").increment(1);
+                    tracing::error!(error.message = %e, "plans reload refused; the previous plans stay in force");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}

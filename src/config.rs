@@ -1,0 +1,252 @@
+//! Command line and configuration. Every setting is a flag and an environment variable, parsed once
+//! into types; an error names the variable. `Debug` hides tokens and database passwords.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// `quotad`: meters usage and enforces plan limits.
+#[derive(Debug, Parser)]
+#[command(name = "quotad", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(Config),
+    /// Create the database if missing, apply migrations, and exit.
+    Migrate(Config),
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for production log pipelines.
+    Json,
+}
+
+/// Every setting of the daemon.
+#[derive(Clone, Args)]
+pub struct Config {
+    /// HTTP address to listen on.
+    #[arg(long, env = "QUOTAD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Redis URL (`redis://host:port/db`).
+    #[arg(
+        long,
+        env = "QUOTAD_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Postgres URL; the database is created if missing.
+    #[arg(
+        long,
+        env = "QUOTAD_DATABASE_URL",
+        default_value = "postgres://127.0.0.1:5432/quotad"
+    )]
+    pub database_url: String,
+    /// Path of the plans file (TOML); the built-in plans when unset.
+    #[arg(long, env = "QUOTAD_PLANS")]
+    pub plans: Option<PathBuf>,
+    /// First part of every Redis key, so deployments can share one Redis.
+    #[arg(long, env = "QUOTAD_KEY_PREFIX", default_value = "q", value_parser = parse_key_prefix)]
+    pub key_prefix: String,
+    /// How often the flusher writes dirty counters to Postgres, in milliseconds.
+    #[arg(long, env = "QUOTAD_FLUSH_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub flush_interval_ms: u64,
+    /// Comma-separated bearer tokens of the gateway scope.
+    #[arg(
+        long,
+        env = "QUOTAD_GATEWAY_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub gateway_tokens: Vec<String>,
+    /// Comma-separated bearer tokens of the admin scope.
+    #[arg(
+        long,
+        env = "QUOTAD_ADMIN_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_tokens: Vec<String>,
+    /// Deadline of one Redis call, in milliseconds; past it the type's fail policy decides.
+    #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_timeout_ms: u64,
+    /// tracing filter, e.g. `info` or `quotad=debug`.
+    #[arg(long, env = "QUOTAD_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format.
+    #[arg(long, env = "QUOTAD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The configuration as if no flag and no variable were given.
+    pub fn defaults() -> Config {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        Only::parse_from(["quotad"]).config
+    }
+
+    /// Gateway tokens, blanks dropped.
+    pub fn gateway_tokens(&self) -> impl Iterator<Item = &str> {
+        self.gateway_tokens
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Admin tokens, blanks dropped.
+    pub fn admin_tokens(&self) -> impl Iterator<Item = &str> {
+        self.admin_tokens
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Whether any token is configured; without one quotad serves loopback only.
+    pub fn auth_enabled(&self) -> bool {
+        self.gateway_tokens().next().is_some() || self.admin_tokens().next().is_some()
+    }
+
+    /// The Redis call deadline.
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    /// The flush interval.
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms)
+    }
+
+    /// Refuses settings that parse but must not run: an open listener without tokens.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.auth_enabled() && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "QUOTAD_LISTEN={} is not a loopback address, but no token is configured: set QUOTAD_GATEWAY_TOKENS and/or QUOTAD_ADMIN_TOKENS, or listen on 127.0.0.1",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("database_url", &redact_url(&self.database_url))
+            .field("plans", &self.plans)
+            .field("key_prefix", &self.key_prefix)
+            .field("flush_interval_ms", &self.flush_interval_ms)
+            .field(
+                "gateway_tokens",
+                &format_args!("[{} hidden]", self.gateway_tokens().count()),
+            )
+            .field(
+                "admin_tokens",
+                &format_args!("[{} hidden]", self.admin_tokens().count()),
+            )
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("log", &self.log)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            format!("{scheme}://{masked}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+fn parse_key_prefix(s: &str) -> Result<String, String> {
+    let ok = (1..=32).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("a key prefix is 1 to 32 letters, digits, '_', '-' or '.' (no ':' or braces, which the key format uses)".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_a_local_machine() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(c.database_url, "postgres://127.0.0.1:5432/quotad");
+        assert_eq!(c.key_prefix, "q");
+        assert_eq!(c.flush_interval_ms, 1000);
+        assert_eq!(c.redis_timeout_ms, 100);
+        assert!(!c.auth_enabled());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn an_open_listener_without_tokens_is_refused() {
+        let mut c = Config::defaults();
+        c.listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(c.validate().unwrap_err().contains("QUOTAD_GATEWAY_TOKENS"));
+        c.gateway_tokens = vec!["t".into()];
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut c = Config::defaults();
+        c.database_url = "postgres://app:hunter2@db:5432/quotad".into();
+        c.admin_tokens = vec!["s3cret".into()];
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("postgres://app:***@db:5432/quotad"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn key_prefixes_with_separators_are_refused() {
+        assert!(parse_key_prefix("q").is_ok());
+        for bad in ["", "a:b", "{x}", "a b"] {
+            assert!(parse_key_prefix(bad).is_err(), "{bad}");
+        }
+    }
+}

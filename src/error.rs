@@ -1,0 +1,157 @@
+//! The one error type of the HTTP API. Every error answers `{"error": "<sentence>", "code":
+//! "<CODE>"}` plus `"field"` where one input is at fault. A 5xx logs its cause and tells the
+//! client only what it can act on.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+/// An API error: status, machine-readable code, and a sentence a person can act on.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code, e.g. `INVALID_AMOUNT`.
+    pub code: &'static str,
+    /// What went wrong and what to do.
+    pub message: String,
+    /// The request field at fault, if one is.
+    pub field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// 400, naming the field at fault.
+    pub fn invalid(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.to_owned()),
+            ..Self::new(StatusCode::BAD_REQUEST, code, message)
+        }
+    }
+
+    /// 400 about the request as a whole.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 409.
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 401: no or unknown credentials.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 403: credentials known, but not enough.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// 413: the body is over the limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!(
+                "The request body is over {} KiB; send a smaller body.",
+                limit / 1024
+            ),
+        )
+    }
+
+    /// 503: a dependency is down; the client may retry.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
+    /// 500: logs the cause, tells the client nothing internal.
+    pub fn internal(cause: &dyn std::error::Error) -> Self {
+        tracing::error!(error.message = %cause, error.cause_chain = ?cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "quotad hit an internal error; it has been logged. Retry, and report it if it persists.",
+        )
+    }
+
+    /// Redis is down or slow, for calls with no fail-open answer.
+    pub fn redis_unavailable(cause: &StoreError) -> Self {
+        tracing::warn!(error.message = %cause, "redis unavailable");
+        Self::unavailable(
+            "REDIS_UNAVAILABLE",
+            "The usage store (Redis) is not answering; retry shortly.",
+        )
+    }
+
+    /// Postgres is down or slow.
+    pub fn db_unavailable(cause: &sqlx::Error) -> Self {
+        tracing::warn!(error.message = %cause, "postgres unavailable");
+        Self::unavailable(
+            "DATABASE_UNAVAILABLE",
+            "The database (Postgres) is not answering; retry shortly.",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Unavailable(_) => Self::redis_unavailable(&e),
+            StoreError::Redis(_) => Self::internal(&e),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => Self::db_unavailable(&e),
+            other => Self::internal(&other),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: &self.message,
+            code: self.code,
+            field: self.field.as_deref(),
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

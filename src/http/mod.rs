@@ -1,0 +1,275 @@
+//! The HTTP API: the router, shared state, authentication, and the JSON body extractor that turns
+//! every malformed request into a clear 4xx.
+
+mod health;
+mod quota;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::quota::Quota;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// What every handler shares. Cheap to clone: every field is a handle.
+#[derive(Clone)]
+pub struct AppState {
+    /// The quota service.
+    pub quota: Quota,
+    /// Bearer tokens by scope.
+    pub tokens: Arc<Tokens>,
+    /// Set once Postgres is migrated and Redis answers; until then /v1 answers 503.
+    pub ready: Arc<AtomicBool>,
+    /// Renders /metrics.
+    pub metrics: PrometheusHandle,
+}
+
+/// Bearer tokens of the two scopes. With none, quotad serves loopback peers only.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    /// consume, check, track, refund, release, usage and plans reads.
+    pub gateway: Vec<String>,
+    /// Everything.
+    pub admin: Vec<String>,
+}
+
+/// What a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Gateway,
+    Admin,
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let gateway = Router::new()
+        .route("/v1/consume", post(quota::consume))
+        .route("/v1/check", post(quota::check))
+        .route("/v1/track", post(quota::track))
+        .route("/v1/refund", post(quota::refund))
+        .route("/v1/release", post(quota::release))
+        .route("/v1/users/{user_id}/usage", get(quota::usage))
+        .route("/v1/plans", get(quota::plans))
+        .route_layer(middleware::from_fn_with_state(
+            (state.clone(), Scope::Gateway),
+            authorize,
+        ));
+    let admin = Router::new()
+        .route(
+            "/v1/users/{user_id}/plan",
+            get(quota::get_plan).put(quota::put_plan),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            (state.clone(), Scope::Admin),
+            authorize,
+        ));
+    let api = gateway
+        .merge(admin)
+        .route_layer(middleware::from_fn_with_state(state.clone(), ready_gate));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(record_latency))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Checks the bearer token against the route's scope; with no tokens configured, admits loopback
+/// peers only.
+async fn authorize(
+    State((state, scope)): State<(AppState, Scope)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let tokens = &state.tokens;
+    if tokens.gateway.is_empty() && tokens.admin.is_empty() {
+        if !peer.ip().is_loopback() {
+            return ApiError::forbidden(
+                "LOOPBACK_ONLY",
+                "quotad has no tokens configured and serves loopback clients only; configure QUOTAD_GATEWAY_TOKENS or QUOTAD_ADMIN_TOKENS.",
+            )
+            .into_response();
+        }
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return ApiError::unauthorized(
+            "UNAUTHORIZED",
+            "Send a token: `Authorization: Bearer <token>`.",
+        )
+        .into_response();
+    };
+    let is = |list: &[String]| {
+        list.iter()
+            .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+    };
+    if is(&tokens.admin) || (scope == Scope::Gateway && is(&tokens.gateway)) {
+        return next.run(request).await;
+    }
+    if is(&tokens.gateway) {
+        return ApiError::forbidden(
+            "FORBIDDEN",
+            "This call needs an admin token; the token sent has the gateway scope.",
+        )
+        .into_response();
+    }
+    ApiError::unauthorized("INVALID_TOKEN", "The bearer token is not one quotad knows; check QUOTAD_GATEWAY_TOKENS / QUOTAD_ADMIN_TOKENS.")
+        .into_response()
+}
+
+/// Compares without an early exit, so response time does not reveal how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Until start-up has reached Postgres and Redis, the API answers 503 rather than half-working.
+async fn ready_gate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if !state.ready.load(Ordering::Acquire) {
+        return ApiError::unavailable(
+            "NOT_READY",
+            "quotad is starting and waiting for Redis and Postgres; retry shortly (see /readyz).",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+async fn record_latency(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    metrics::histogram!(
+        m::REQUEST_SECONDS,
+        "route" => route,
+        "method" => method.to_string(),
+        "status" => response.status().as_u16().to_string()
+    )
+    .record(started.elapsed());
+    response
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(
+        "NOT_FOUND",
+        format!("There is no {method} {}; the API is under /v1.", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "METHOD_NOT_ALLOWED",
+        message: format!("{} does not take {method}.", uri.path()),
+        field: None,
+    }
+}
+
+/// A JSON body whose every fault is an [`ApiError`]: 413 over the size limit, 400 for malformed
+/// JSON, unknown fields, missing fields and wrong types, naming the field.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(MAX_BODY)
+            } else {
+                ApiError::bad_request(
+                    "UNREADABLE_BODY",
+                    format!("The request body could not be read: {rejection}."),
+                )
+            }
+        })?;
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+        de.end().map_err(|e| {
+            ApiError::bad_request(
+                "MALFORMED_JSON",
+                format!("The body is not valid JSON: {e}."),
+            )
+        })?;
+        Ok(ApiJson(value))
+    }
+}
+
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return ApiError::bad_request(
+            "MALFORMED_JSON",
+            format!("The body is not valid JSON: {inner}."),
+        );
+    }
+    let text = inner.to_string();
+    let quoted = |prefix: &str| {
+        text.strip_prefix(prefix)
+            .and_then(|r| r.split('`').next())
+            .map(str::to_owned)
+    };
+    if let Some(field) = quoted("unknown field `") {
+        // The path already ends with the unknown field's name.
+        let location = if path == "." { field.clone() } else { path };
+        return ApiError::invalid("UNKNOWN_FIELD", &location, format!("Unknown field {field:?}; remove it (see /openapi.json for the fields each call takes)."));
+    }
+    if let Some(field) = quoted("missing field `") {
+        return ApiError::invalid(
+            "MISSING_FIELD",
+            &field,
+            format!("The field {field:?} is required."),
+        );
+    }
+    let field = if path == "." { "body".to_owned() } else { path };
+    ApiError::invalid(
+        "INVALID_FIELD",
+        &field,
+        format!("{field} is not valid: {inner}."),
+    )
+}
+
+/// Parses a user id, in any of the usual UUID spellings.
+pub fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw.trim()).map_err(|_| {
+        ApiError::invalid(
+            "INVALID_USER_ID",
+            "user_id",
+            format!("user_id {raw:?} is not a UUID; send one like \"7c9e6679-7425-40de-944b-e07fc1f90ae7\"."),
+        )
+    })
+}

@@ -1,0 +1,31 @@
+//! quotad meters usage and enforces monthly plan limits.
+//!
+//! ```text
+//!  gateway ──HTTP──▶ http (router, auth, JSON) ──▶ quota (decisions)
+//!                                                    │        │
+//!                              one EVALSHA per call ─┘        └─ hydration, plans
+//!                                   ▼                                 ▼
+//!                         store (Redis: counters,             db (Postgres: usage_tracking,
+//!                          dirty sets, idempotency)                user_plans, migrations)
+//! ```
+//!
+//! - [`period`]: billing-month math, pure.
+//! - [`plans`]: the plans file, validated and hot-swappable.
+//! - [`store`]: Redis keys and the Lua scripts in `lua/`.
+//! - [`db`]: Postgres queries and migrations.
+//! - [`quota`]: decisions in domain terms, with hydration and fail policies.
+//! - [`http`]: the v1 API.
+//! - [`app`]: wiring, start-up and shutdown.
+
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod period;
+pub mod plans;
+pub mod quota;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,62 @@
+//! Prometheus metrics: names as constants, descriptions registered once, and the recorder.
+//! Labels are type, plan, outcome, route and status: never a user id.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Decisions, by `type`, `plan` and `outcome` (allowed, denied, error, degraded).
+pub const DECISIONS: &str = "quotad_decisions_total";
+/// HTTP request latency, by `route`, `method` and `status`.
+pub const REQUEST_SECONDS: &str = "quotad_http_request_duration_seconds";
+/// Time spent in Redis for one decision (including any hydration), by `script`.
+pub const REDIS_SCRIPT_SECONDS: &str = "quotad_redis_script_duration_seconds";
+/// Counters loaded from Postgres into Redis.
+pub const HYDRATIONS: &str = "quotad_hydrations_total";
+/// Plans-file reloads, by `result` (ok, error).
+pub const PLAN_RELOADS: &str = "quotad_plan_reloads_total";
+
+/// Latency buckets, in seconds: fine below a millisecond, where quotad's answers live.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
+];
+
+/// Installs the global recorder once per process and returns its handle (tests start many apps
+/// in one process; they share it).
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(DECISIONS, "Quota decisions by type, plan and outcome.");
+    metrics::describe_histogram!(
+        REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP request latency."
+    );
+    metrics::describe_histogram!(
+        REDIS_SCRIPT_SECONDS,
+        metrics::Unit::Seconds,
+        "Redis time of one decision."
+    );
+    metrics::describe_counter!(HYDRATIONS, "Counters loaded from Postgres into Redis.");
+    metrics::describe_counter!(PLAN_RELOADS, "Plans-file reloads by result.");
+}
+
+/// Counts one decision.
+pub fn decision(usage_type: &str, plan: &str, outcome: &'static str) {
+    metrics::counter!(DECISIONS, "type" => usage_type.to_owned(), "plan" => plan.to_owned(), "outcome" => outcome)
+        .increment(1);
+}

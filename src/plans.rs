@@ -1,0 +1,407 @@
+//! Plans and usage types: the TOML plans file, its validation, and the lookup the hot path uses.
+//!
+//! A plan gives every configured usage type a limit (`-1` = unlimited). The file is parsed into
+//! [`Plans`] once, validated whole, and swapped in atomically ([`PlanBook`]); a file that fails
+//! validation never replaces the one in force.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::period::PeriodKind;
+
+/// The plans file quotad uses when `QUOTAD_PLANS` is not set.
+pub const BUILT_IN: &str = r#"upgrade_url = "/settings/billing"
+default_plan = "FREE"
+
+[types]
+ai_generation = { period = "month" }                     # when Redis fails: fail = "open" (default)
+export        = { period = "month" }
+kb_file       = { period = "lifetime", fail = "closed" }
+
+[plans.FREE]
+ai_generation = 50
+export = 10
+kb_file = 20
+
+[plans.PRO]
+ai_generation = -1
+export = -1
+kb_file = 1000
+
+[plans.ENTERPRISE]
+ai_generation = -1
+export = -1
+kb_file = -1
+"#;
+
+/// Hash field names the counter hash uses for itself; a usage type may not take them.
+const RESERVED_TYPE_NAMES: [&str; 3] = ["v", "p", "pv"];
+/// Largest limit a plan may set: far above any real quota, far below Redis' i64 ceiling.
+const MAX_LIMIT: i64 = 1_000_000_000_000_000;
+
+/// What to answer for a type when Redis cannot be reached in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailPolicy {
+    /// Allow the action and mark the answer `degraded`.
+    #[default]
+    Open,
+    /// Refuse with 503.
+    Closed,
+}
+
+/// One configured usage type and each plan's limit for it.
+#[derive(Debug, Clone)]
+pub struct UsageType {
+    /// The type's name, e.g. `ai_generation`.
+    pub name: String,
+    /// How its counters are windowed.
+    pub period: PeriodKind,
+    /// What to answer when Redis fails.
+    pub fail: FailPolicy,
+    /// Limit per plan name; `None` is unlimited.
+    pub limits: BTreeMap<String, Option<u64>>,
+    /// The limits flattened as the counting scripts take them: plan, limit, plan, limit…
+    /// (`-1` = unlimited). Built once so the hot path allocates nothing for it.
+    pub script_limits: Vec<String>,
+}
+
+/// A validated plans file.
+#[derive(Debug, Clone)]
+pub struct Plans {
+    /// Where the user is sent to upgrade.
+    pub upgrade_url: String,
+    /// The plan of a user who has none stored.
+    pub default_plan: String,
+    /// Usage types by name.
+    pub types: BTreeMap<String, UsageType>,
+    /// Plan names, sorted.
+    pub plan_names: Vec<String>,
+    /// Where the plans came from: a path, or `built-in`.
+    pub source: String,
+}
+
+/// Why a plans file was refused. The message names the file, the plan or type, and the fault.
+#[derive(Debug, thiserror::Error)]
+#[error("plans file {source_name}: {message}")]
+pub struct PlansError {
+    source_name: String,
+    message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlansFile {
+    upgrade_url: String,
+    default_plan: String,
+    types: BTreeMap<String, TypeFile>,
+    plans: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypeFile {
+    period: PeriodKind,
+    #[serde(default)]
+    fail: FailPolicy,
+}
+
+impl Plans {
+    /// The built-in default.
+    pub fn built_in() -> Plans {
+        Plans::parse(BUILT_IN, "built-in").expect("the built-in plans file is valid")
+    }
+
+    /// Reads and validates the plans file at `path`.
+    pub fn load(path: &Path) -> Result<Plans, PlansError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| PlansError {
+            source_name: name.clone(),
+            message: format!("cannot be read: {e}"),
+        })?;
+        Plans::parse(&text, &name)
+    }
+
+    /// Parses and validates plans from TOML text; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Plans, PlansError> {
+        let fail = |message: String| PlansError {
+            source_name: source_name.to_owned(),
+            message,
+        };
+        let file: PlansFile = toml::from_str(text).map_err(|e| {
+            fail(format!(
+                "is not a valid plans file: {}",
+                e.to_string().trim_end()
+            ))
+        })?;
+
+        if file.types.is_empty() {
+            return Err(fail("declares no usage types; add a [types] table".into()));
+        }
+        if file.plans.is_empty() {
+            return Err(fail(
+                "declares no plans; add at least one [plans.NAME] table".into(),
+            ));
+        }
+        for name in file.types.keys() {
+            if !valid_type_name(name) {
+                return Err(fail(format!(
+                    "type {name:?}: a type name is 1 to 63 lowercase letters, digits or '_', starting with a letter, and not one of {RESERVED_TYPE_NAMES:?}"
+                )));
+            }
+        }
+        for (plan, limits) in &file.plans {
+            if !valid_plan_name(plan) {
+                return Err(fail(format!(
+                    "plan {plan:?}: a plan name is 1 to 64 letters, digits, '_' or '-'"
+                )));
+            }
+            for (ty, limit) in limits {
+                if !file.types.contains_key(ty) {
+                    return Err(fail(format!(
+                        "plan {plan}: type {ty} is not declared in [types]; declare it or remove the limit"
+                    )));
+                }
+                if *limit < -1 || *limit > MAX_LIMIT {
+                    return Err(fail(format!(
+                        "plan {plan}: type {ty}: limit {limit} is out of range; use a whole number from 0 to {MAX_LIMIT}, or -1 for unlimited"
+                    )));
+                }
+            }
+            for ty in file.types.keys() {
+                if !limits.contains_key(ty) {
+                    return Err(fail(format!(
+                        "plan {plan}: gives no limit for type {ty}; add `{ty} = <limit>` (-1 for unlimited)"
+                    )));
+                }
+            }
+        }
+        if !file.plans.contains_key(&file.default_plan) {
+            return Err(fail(format!(
+                "default_plan {:?} is not one of the plans ({})",
+                file.default_plan,
+                file.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+
+        let types = file
+            .types
+            .iter()
+            .map(|(name, spec)| {
+                let limits: BTreeMap<String, Option<u64>> = file
+                    .plans
+                    .iter()
+                    .map(|(plan, l)| (plan.clone(), u64::try_from(l[name]).ok()))
+                    .collect();
+                let script_limits = file
+                    .plans
+                    .iter()
+                    .flat_map(|(plan, l)| [plan.clone(), l[name].to_string()])
+                    .collect();
+                let ty = UsageType {
+                    name: name.clone(),
+                    period: spec.period,
+                    fail: spec.fail,
+                    limits,
+                    script_limits,
+                };
+                (name.clone(), ty)
+            })
+            .collect();
+        Ok(Plans {
+            upgrade_url: file.upgrade_url,
+            default_plan: file.default_plan,
+            types,
+            plan_names: file.plans.keys().cloned().collect(),
+            source: source_name.to_owned(),
+        })
+    }
+
+    /// The usage type named `name`, if configured.
+    pub fn usage_type(&self, name: &str) -> Option<&UsageType> {
+        self.types.get(name)
+    }
+
+    /// Whether `plan` is one of the configured plans.
+    pub fn has_plan(&self, plan: &str) -> bool {
+        self.plan_names
+            .binary_search_by(|p| p.as_str().cmp(plan))
+            .is_ok()
+    }
+
+    /// The plan in force for a stored plan name: the stored one if it is still configured,
+    /// else the default. The counting scripts apply the same rule.
+    pub fn effective_plan<'a>(&'a self, stored: Option<&'a str>) -> &'a str {
+        match stored {
+            Some(p) if self.has_plan(p) => p,
+            _ => &self.default_plan,
+        }
+    }
+}
+
+impl UsageType {
+    /// This type's limit under `plan` (`None` = unlimited). An unknown plan gets no limit entry,
+    /// which callers prevent by resolving the plan through [`Plans::effective_plan`] first.
+    pub fn limit(&self, plan: &str) -> Option<u64> {
+        self.limits.get(plan).copied().flatten()
+    }
+}
+
+fn valid_type_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && name.len() <= 63
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && !RESERVED_TYPE_NAMES.contains(&name)
+}
+
+fn valid_plan_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The plans in force, shared by every request and swapped whole on reload.
+#[derive(Debug, Clone)]
+pub struct PlanBook {
+    current: Arc<RwLock<Arc<Plans>>>,
+    path: Option<PathBuf>,
+}
+
+impl PlanBook {
+    /// Loads the plans from `path`, or the built-in default when `None`.
+    pub fn open(path: Option<PathBuf>) -> Result<PlanBook, PlansError> {
+        let plans = match &path {
+            Some(p) => Plans::load(p)?,
+            None => Plans::built_in(),
+        };
+        Ok(PlanBook {
+            current: Arc::new(RwLock::new(Arc::new(plans))),
+            path,
+        })
+    }
+
+    /// The plans in force now.
+    pub fn current(&self) -> Arc<Plans> {
+        self.current.read().expect("plans lock poisoned").clone()
+    }
+
+    /// Re-reads the file. On any error the plans in force stay as they are and the error is
+    /// returned for logging. With the built-in plans there is nothing to re-read.
+    pub fn reload(&self) -> Result<Arc<Plans>, PlansError> {
+        let Some(path) = &self.path else {
+            return Ok(self.current());
+        };
+        let plans = Arc::new(Plans::load(path)?);
+        *self.current.write().expect("plans lock poisoned") = plans.clone();
+        Ok(plans)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(text: &str) -> String {
+        Plans::parse(text, "/etc/quotad/plans.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_built_in_plans_match_the_design() {
+        let plans = Plans::built_in();
+        assert_eq!(plans.default_plan, "FREE");
+        assert_eq!(plans.upgrade_url, "/settings/billing");
+        let ai = plans.usage_type("ai_generation").unwrap();
+        assert_eq!(ai.period, PeriodKind::Month);
+        assert_eq!(ai.fail, FailPolicy::Open);
+        assert_eq!(ai.limit("FREE"), Some(50));
+        assert_eq!(ai.limit("PRO"), None);
+        let kb = plans.usage_type("kb_file").unwrap();
+        assert_eq!(kb.period, PeriodKind::Lifetime);
+        assert_eq!(kb.fail, FailPolicy::Closed);
+        assert_eq!(kb.limit("PRO"), Some(1000));
+        assert_eq!(
+            kb.script_limits,
+            ["ENTERPRISE", "-1", "FREE", "20", "PRO", "1000"]
+        );
+    }
+
+    #[test]
+    fn a_plan_missing_a_type_is_refused_naming_file_plan_and_type() {
+        let text = BUILT_IN.replace("export = 10\n", "");
+        let err = refused(&text);
+        assert!(err.contains("/etc/quotad/plans.toml"), "{err}");
+        assert!(err.contains("plan FREE"), "{err}");
+        assert!(err.contains("type export"), "{err}");
+    }
+
+    #[test]
+    fn a_limit_below_minus_one_is_refused() {
+        let err = refused(&BUILT_IN.replace("export = 10", "export = -5"));
+        assert!(
+            err.contains("plan FREE: type export: limit -5 is out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_undeclared_type_in_a_plan_is_refused() {
+        let err = refused(&BUILT_IN.replace("export = 10", "export = 10\nvideo = 3"));
+        assert!(
+            err.contains("plan FREE: type video is not declared"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_default_plan_is_refused() {
+        let err = refused(&BUILT_IN.replace("default_plan = \"FREE\"", "default_plan = \"BASIC\""));
+        assert!(err.contains("default_plan \"BASIC\""), "{err}");
+    }
+
+    #[test]
+    fn a_bad_period_or_fail_policy_or_unknown_key_is_refused() {
+        assert!(
+            refused(&BUILT_IN.replace("period = \"lifetime\"", "period = \"week\""))
+                .contains("week")
+        );
+        assert!(
+            refused(&BUILT_IN.replace("fail = \"closed\"", "fail = \"maybe\"")).contains("maybe")
+        );
+        assert!(refused(&format!("colour = 1\n{BUILT_IN}")).contains("colour"));
+    }
+
+    #[test]
+    fn reserved_and_malformed_type_names_are_refused() {
+        for bad in ["v", "p", "pv", "Export", "9lives", "a-b"] {
+            let text = BUILT_IN
+                .replace("export ", &format!("\"{bad}\" "))
+                .replace("export = ", &format!("\"{bad}\" = "));
+            let err = refused(&text);
+            assert!(err.contains(&format!("type {bad:?}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let err = refused("upgrade_url = ");
+        assert!(
+            err.starts_with("plans file /etc/quotad/plans.toml: is not a valid plans file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_stored_plan_that_is_no_longer_configured_falls_back_to_the_default() {
+        let plans = Plans::built_in();
+        assert_eq!(plans.effective_plan(Some("PRO")), "PRO");
+        assert_eq!(plans.effective_plan(Some("GOLD")), "FREE");
+        assert_eq!(plans.effective_plan(None), "FREE");
+    }
+}

@@ -1,0 +1,563 @@
+//! The quota decisions: what the HTTP handlers ask, in domain terms. Each call is one Redis script
+//! run; a counter that Redis does not hold yet is first loaded from Postgres (hydration) and the
+//! call is run again. When Redis cannot answer in time, the type's fail policy decides.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::db;
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::period::{Period, PeriodKind};
+use crate::plans::{FailPolicy, PlanBook, Plans, UsageType};
+use crate::store::{CountCall, MetaValue, Mode, RedisStore, RefundReply, Status, StoreError};
+
+/// How often a call is re-run after loading its counter before it gives up. Two suffice unless
+/// the counter is deleted again between the load and the re-run.
+const HYDRATE_ATTEMPTS: usize = 3;
+
+/// Which decision a caller wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Check the limit and count if allowed.
+    Consume,
+    /// Decide without counting.
+    Check,
+    /// Count without enforcing.
+    Track,
+}
+
+impl Action {
+    fn label(self) -> &'static str {
+        match self {
+            Action::Consume => "consume",
+            Action::Check => "check",
+            Action::Track => "track",
+        }
+    }
+}
+
+/// A validated consume, check or track request.
+#[derive(Debug, Clone)]
+pub struct DecisionInput {
+    /// The user.
+    pub user: Uuid,
+    /// The usage type (configured).
+    pub usage_type: String,
+    /// How much, 1..=1,000,000.
+    pub amount: u64,
+    /// Makes a retried consume or track count once.
+    pub idempotency_key: Option<String>,
+    /// A plan the caller vouches for, overriding the stored one.
+    pub plan: Option<String>,
+    /// Numeric values are summed per counter; others kept as the latest.
+    pub metadata: Vec<(String, MetaValue)>,
+}
+
+/// A counter as the API shows it.
+#[derive(Debug, Clone)]
+pub struct CounterView {
+    /// Units used in the period; `None` when Redis could not be asked (degraded).
+    pub used: Option<u64>,
+    /// The limit; `None` = unlimited (or unknown, when degraded).
+    pub limit: Option<u64>,
+    /// Whether the plan sets no limit.
+    pub unlimited: bool,
+    /// The period counted in.
+    pub period: Period,
+}
+
+impl CounterView {
+    /// What is left: `None` when unlimited or unknown.
+    pub fn remaining(&self) -> Option<u64> {
+        Some(self.limit?.saturating_sub(self.used?))
+    }
+}
+
+/// A consume, check or track decision.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Allowed (and for consume and track, counted).
+    pub allowed: bool,
+    /// The answer of an earlier call with the same idempotency key; nothing counted now.
+    pub replayed: bool,
+    /// Redis could not answer: allowed by the fail-open policy, not counted.
+    pub degraded: bool,
+    /// The user.
+    pub user: Uuid,
+    /// The usage type.
+    pub usage_type: String,
+    /// The plan the decision was made under (`None` when degraded and unknown).
+    pub plan: Option<String>,
+    /// The counter after the call.
+    pub counter: CounterView,
+    /// When it was decided.
+    pub now: DateTime<Utc>,
+}
+
+/// A successful refund.
+#[derive(Debug, Clone)]
+pub struct Refund {
+    /// The user.
+    pub user: Uuid,
+    /// The type given back.
+    pub usage_type: String,
+    /// How much was given back.
+    pub amount: u64,
+    /// The plan in force.
+    pub plan: String,
+    /// The counter after the refund.
+    pub counter: CounterView,
+}
+
+/// Every configured type's counter for one user.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    /// The user.
+    pub user: Uuid,
+    /// The plan in force.
+    pub plan: String,
+    /// Counters by type name.
+    pub counters: BTreeMap<String, (PeriodKind, CounterView)>,
+}
+
+/// A user's plan as stored.
+#[derive(Debug, Clone)]
+pub struct UserPlan {
+    /// The user.
+    pub user: Uuid,
+    /// The plan in force.
+    pub plan: String,
+    /// True when no plan is stored and the default applies.
+    pub is_default: bool,
+    /// When it was last set.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// A dependency fault on the way to a decision.
+enum Fault {
+    Redis(StoreError),
+    Db(sqlx::Error),
+    /// An answer for the client that is not an outage (e.g. a reused idempotency key).
+    Api(ApiError),
+}
+
+impl From<StoreError> for Fault {
+    fn from(e: StoreError) -> Self {
+        Fault::Redis(e)
+    }
+}
+
+impl From<sqlx::Error> for Fault {
+    fn from(e: sqlx::Error) -> Self {
+        Fault::Db(e)
+    }
+}
+
+impl From<Fault> for ApiError {
+    fn from(f: Fault) -> Self {
+        match f {
+            Fault::Redis(e) => e.into(),
+            Fault::Db(e) => ApiError::db_unavailable(&e),
+            Fault::Api(e) => e,
+        }
+    }
+}
+
+impl Fault {
+    /// Whether the fail policy applies (an outage), rather than a bug.
+    fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Fault::Redis(StoreError::Unavailable(_)) | Fault::Db(_)
+        )
+    }
+}
+
+/// The quota service: Redis for counting, Postgres for what lasts, a clock and the plans.
+#[derive(Clone)]
+pub struct Quota {
+    /// The hot counters.
+    pub store: RedisStore,
+    /// The durable record.
+    pub db: PgPool,
+    /// The plans in force.
+    pub plans: PlanBook,
+    /// What "now" is.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Quota {
+    /// Consume, check or track, as `action` says.
+    #[tracing::instrument(skip_all, fields(user = %input.user, r#type = %input.usage_type, action = action.label()))]
+    pub async fn decide(
+        &self,
+        action: Action,
+        input: &DecisionInput,
+    ) -> Result<Decision, ApiError> {
+        let plans = self.plans.current();
+        let ty = known_type(&plans, &input.usage_type)?;
+        let now = self.clock.now();
+        let period = Period::current(ty.period, now);
+        let started = std::time::Instant::now();
+        let result = self.decide_in(action, input, &plans, ty, period, now).await;
+        metrics::histogram!(m::REDIS_SCRIPT_SECONDS, "script" => action.label())
+            .record(started.elapsed());
+        let decision = match result {
+            Ok(d) => d,
+            Err(fault) if fault.is_outage() && ty.fail == FailPolicy::Open => {
+                match &fault {
+                    Fault::Db(e) => {
+                        tracing::warn!(error.message = %e, "postgres unavailable while loading a counter; failing open")
+                    }
+                    Fault::Redis(e) => {
+                        tracing::warn!(error.message = %e, "redis unavailable; failing open")
+                    }
+                    Fault::Api(_) => {}
+                }
+                Decision {
+                    allowed: true,
+                    replayed: false,
+                    degraded: true,
+                    user: input.user,
+                    usage_type: ty.name.clone(),
+                    plan: input.plan.clone(),
+                    counter: CounterView {
+                        used: None,
+                        limit: None,
+                        unlimited: false,
+                        period,
+                    },
+                    now,
+                }
+            }
+            Err(fault) => {
+                m::decision(&ty.name, "", "error");
+                return Err(fault.into());
+            }
+        };
+        let outcome = match (decision.degraded, decision.allowed) {
+            (true, _) => "degraded",
+            (false, true) => "allowed",
+            (false, false) => "denied",
+        };
+        m::decision(&ty.name, decision.plan.as_deref().unwrap_or(""), outcome);
+        Ok(decision)
+    }
+
+    async fn decide_in(
+        &self,
+        action: Action,
+        input: &DecisionInput,
+        plans: &Plans,
+        ty: &UsageType,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Result<Decision, Fault> {
+        for _ in 0..HYDRATE_ATTEMPTS {
+            let reply = match action {
+                Action::Check => {
+                    self.store
+                        .check(
+                            input.user,
+                            ty,
+                            input.amount,
+                            period,
+                            input.plan.as_deref(),
+                            &plans.default_plan,
+                        )
+                        .await?
+                }
+                Action::Consume | Action::Track => {
+                    let call = CountCall {
+                        mode: if action == Action::Consume {
+                            Mode::Consume
+                        } else {
+                            Mode::Track
+                        },
+                        user: input.user,
+                        usage_type: ty,
+                        amount: input.amount,
+                        period,
+                        plan_override: input.plan.as_deref(),
+                        default_plan: &plans.default_plan,
+                        idempotency_key: input.idempotency_key.as_deref(),
+                        metadata: &input.metadata,
+                    };
+                    self.store.count(&call).await?
+                }
+            };
+            if reply.status == Status::Hydrate {
+                self.hydrate(input.user, period).await?;
+                continue;
+            }
+            if reply.status == Status::Conflict {
+                return Err(Fault::Api(ApiError::conflict(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "This idempotency_key was used before for a different call (another endpoint, type or amount); use a new key for a new call.",
+                )));
+            }
+            return Ok(Decision {
+                allowed: reply.status != Status::Denied,
+                replayed: reply.status == Status::Replay,
+                degraded: false,
+                user: input.user,
+                usage_type: ty.name.clone(),
+                plan: Some(reply.plan),
+                counter: CounterView {
+                    used: Some(reply.used),
+                    limit: reply.limit,
+                    unlimited: reply.limit.is_none(),
+                    period: reply.period.unwrap_or(period),
+                },
+                now,
+            });
+        }
+        Err(Fault::Redis(StoreError::Unavailable(
+            "the counter vanished while it was being loaded".into(),
+        )))
+    }
+
+    /// Loads (user, period) from Postgres into Redis unless another caller already did.
+    async fn hydrate(&self, user: Uuid, period: Period) -> Result<(), Fault> {
+        let snap = db::snapshot(&self.db, user, period).await?;
+        if self.store.hydrate(user, period, &snap).await? {
+            metrics::counter!(m::HYDRATIONS).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Gives back the consume or track recorded under `key`, once.
+    #[tracing::instrument(skip_all, fields(user = %user))]
+    pub async fn refund(&self, user: Uuid, key: &str) -> Result<Refund, ApiError> {
+        for _ in 0..HYDRATE_ATTEMPTS {
+            match self.store.refund(user, key).await? {
+                RefundReply::Refunded { used, stored_plan, usage_type, amount, period } => {
+                    let plans = self.plans.current();
+                    let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
+                    let limit = plans.usage_type(&usage_type).and_then(|t| t.limit(&plan));
+                    return Ok(Refund {
+                        user,
+                        counter: CounterView { used: Some(used), limit, unlimited: limit.is_none(), period },
+                        usage_type,
+                        amount,
+                        plan,
+                    });
+                }
+                RefundReply::Missing => {
+                    return Err(ApiError::not_found(
+                        "UNKNOWN_IDEMPOTENCY_KEY",
+                        format!("No counted call of this user has idempotency_key {key:?} (refused calls are not remembered, and keys expire after 24 hours)."),
+                    ))
+                }
+                RefundReply::AlreadyRefunded => {
+                    return Err(ApiError::conflict(
+                        "ALREADY_REFUNDED",
+                        format!("The call with idempotency_key {key:?} was refunded already; a call is refunded once."),
+                    ))
+                }
+                RefundReply::Hydrate(period) => self.hydrate(user, period).await?,
+            }
+        }
+        Err(ApiError::unavailable(
+            "REDIS_UNAVAILABLE",
+            "The counter could not be loaded; retry shortly.",
+        ))
+    }
+
+    /// Lowers a lifetime counter by `amount`, never below 0.
+    #[tracing::instrument(skip_all, fields(user = %user, r#type = %usage_type))]
+    pub async fn release(
+        &self,
+        user: Uuid,
+        usage_type: &str,
+        amount: u64,
+    ) -> Result<(String, CounterView), ApiError> {
+        let plans = self.plans.current();
+        let ty = known_type(&plans, usage_type)?;
+        if ty.period != PeriodKind::Lifetime {
+            return Err(ApiError::invalid(
+                "NOT_A_LIFETIME_TYPE",
+                "type",
+                format!("{usage_type} is counted per month and resets by itself; release only lowers lifetime types. To give back one consume, use /v1/refund."),
+            ));
+        }
+        for _ in 0..HYDRATE_ATTEMPTS {
+            match self.store.release(user, usage_type, amount).await? {
+                Some((used, stored)) => {
+                    let plan = plans.effective_plan(stored.as_deref()).to_owned();
+                    let limit = ty.limit(&plan);
+                    let view = CounterView {
+                        used: Some(used),
+                        limit,
+                        unlimited: limit.is_none(),
+                        period: Period::Lifetime,
+                    };
+                    return Ok((plan, view));
+                }
+                None => self.hydrate(user, Period::Lifetime).await?,
+            }
+        }
+        Err(ApiError::unavailable(
+            "REDIS_UNAVAILABLE",
+            "The counter could not be loaded; retry shortly.",
+        ))
+    }
+
+    /// Every configured type's counter for `user`, and the plan in force.
+    #[tracing::instrument(skip_all, fields(user = %user))]
+    pub async fn usage(&self, user: Uuid) -> Result<Usage, ApiError> {
+        let plans = self.plans.current();
+        let now = self.clock.now();
+        let periods = current_periods(&plans, now);
+        let mut maps = self.store.read_counters(user, &periods).await?;
+        for _ in 0..HYDRATE_ATTEMPTS {
+            let missing: Vec<Period> = periods
+                .iter()
+                .zip(&maps)
+                .filter(|(_, m)| m.is_none())
+                .map(|(p, _)| *p)
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            for p in missing {
+                self.hydrate(user, p).await?;
+            }
+            maps = self.store.read_counters(user, &periods).await?;
+        }
+        // Every hash carries the plan; the one written by the newest plan change wins.
+        let stored = maps
+            .iter()
+            .flatten()
+            .filter_map(|m| Some((m.get("pv")?.parse::<i64>().ok()?, m.get("p")?)))
+            .max_by_key(|(pv, _)| *pv)
+            .map(|(_, p)| p.as_str());
+        let plan = plans.effective_plan(stored).to_owned();
+        let counters = plans
+            .types
+            .values()
+            .map(|ty| {
+                let period = Period::current(ty.period, now);
+                let idx = periods
+                    .iter()
+                    .position(|p| *p == period)
+                    .expect("period listed");
+                let used = maps[idx]
+                    .as_ref()
+                    .and_then(|m| m.get(&ty.name))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let limit = ty.limit(&plan);
+                (
+                    ty.name.clone(),
+                    (
+                        ty.period,
+                        CounterView {
+                            used: Some(used),
+                            limit,
+                            unlimited: limit.is_none(),
+                            period,
+                        },
+                    ),
+                )
+            })
+            .collect();
+        Ok(Usage {
+            user,
+            plan,
+            counters,
+        })
+    }
+
+    /// Stores `plan` for `user` in Postgres, then puts it into the user's live Redis counters so
+    /// that the next request on any replica counts under it.
+    #[tracing::instrument(skip_all, fields(user = %user, plan = %plan))]
+    pub async fn set_plan(&self, user: Uuid, plan: &str) -> Result<UserPlan, ApiError> {
+        let plans = self.plans.current();
+        if !plans.has_plan(plan) {
+            return Err(unknown_plan(&plans, plan));
+        }
+        let stored = db::put_plan(&self.db, user, plan).await?;
+        let periods = current_periods(&plans, self.clock.now());
+        if let Err(e) = self
+            .store
+            .set_plan(user, &stored.plan, stored.version, &periods)
+            .await
+        {
+            tracing::warn!(error.message = %e, "plan stored in postgres but not in redis");
+            return Err(ApiError::unavailable(
+                "REDIS_UNAVAILABLE",
+                "The plan is stored, but the usage store (Redis) did not take it, so it is not in force yet; repeat this request.",
+            ));
+        }
+        Ok(UserPlan {
+            user,
+            plan: stored.plan,
+            is_default: false,
+            updated_at: Some(stored.updated_at),
+        })
+    }
+
+    /// The plan stored for `user`, or the default.
+    pub async fn get_plan(&self, user: Uuid) -> Result<UserPlan, ApiError> {
+        let plans = self.plans.current();
+        Ok(match db::get_plan(&self.db, user).await? {
+            Some(p) => UserPlan {
+                user,
+                plan: p.plan,
+                is_default: false,
+                updated_at: Some(p.updated_at),
+            },
+            None => UserPlan {
+                user,
+                plan: plans.default_plan.clone(),
+                is_default: true,
+                updated_at: None,
+            },
+        })
+    }
+}
+
+/// The configured type named `name`, or a 400 that lists the configured ones.
+pub fn known_type<'a>(plans: &'a Plans, name: &str) -> Result<&'a UsageType, ApiError> {
+    plans.usage_type(name).ok_or_else(|| {
+        ApiError::invalid(
+            "UNKNOWN_TYPE",
+            "type",
+            format!(
+                "{name:?} is not a configured usage type; use one of: {}.",
+                plans.types.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })
+}
+
+/// A 400 naming the configured plans.
+pub fn unknown_plan(plans: &Plans, plan: &str) -> ApiError {
+    ApiError::invalid(
+        "UNKNOWN_PLAN",
+        "plan",
+        format!(
+            "{plan:?} is not a configured plan; use one of: {}.",
+            plans.plan_names.join(", ")
+        ),
+    )
+}
+
+/// The distinct periods in force at `now` for the configured types.
+fn current_periods(plans: &Plans, now: DateTime<Utc>) -> Vec<Period> {
+    let mut periods: Vec<Period> = Vec::with_capacity(2);
+    for ty in plans.types.values() {
+        let p = Period::current(ty.period, now);
+        if !periods.contains(&p) {
+            periods.push(p);
+        }
+    }
+    periods
+}

@@ -1,0 +1,513 @@
+//! Redis: the hot counters. [`RedisStore`] owns the connection pool, builds every key, runs the Lua
+//! scripts under a deadline, and speaks the domain (consume, check, refund…) to its callers.
+//!
+//! # Key format (schema version 1)
+//!
+//! ```text
+//! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>, s:<type>:<name>
+//! <prefix>:1:{<b>}:dirty               set of "<user>:<period>" changed since their last flush
+//! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
+//! ```
+//!
+//! `<b>` is `crc16(user) % 1024`, written in braces as a Redis Cluster hash tag: all of one user's
+//! keys, and the dirty set that lists them, live in one slot, so each script touches one slot.
+//! `<period>` is `2026-11` or `life`. The `1` is the schema version: a later layout takes a new
+//! number and migrates, instead of silently reading empty counters.
+
+pub mod scripts;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, AsyncCommands, RedisError};
+use deadpool_redis::{Pool, Runtime};
+use uuid::Uuid;
+
+use crate::period::Period;
+use crate::plans::UsageType;
+
+/// The schema version carried in every key.
+pub const SCHEMA: u32 = 1;
+/// Number of hash-tag buckets users are spread over.
+pub const BUCKETS: u16 = 1024;
+/// How long an idempotent call's answer is remembered.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
+/// How long after its month ends a counter stays in Redis (to flush and reconcile it).
+pub const GRACE_DAYS: i64 = 35;
+
+/// Why a Redis call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis did not answer in time, or could not be reached: the fail policy decides.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered with an error (a script fault, a wrong type): a bug, not an outage.
+    #[error("redis error: {0}")]
+    Redis(#[from] RedisError),
+}
+
+/// What a counting script decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Counted (consume, track), or would fit (check).
+    Ok,
+    /// Does not fit; nothing counted.
+    Denied,
+    /// An idempotent call answered before; nothing counted.
+    Replay,
+    /// An idempotency key reused for a different call.
+    Conflict,
+    /// The counter must be loaded from Postgres first.
+    Hydrate,
+}
+
+/// A counting script's answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The decision.
+    pub status: Status,
+    /// The count after the call (or as first answered, for a replay).
+    pub used: u64,
+    /// The plan the decision was made under.
+    pub plan: String,
+    /// The limit it applied; `None` = unlimited.
+    pub limit: Option<u64>,
+    /// The period counted in (for a replay: the period of the first answer).
+    pub period: Option<Period>,
+}
+
+/// Whether a consume enforces its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Check the limit, then count.
+    Consume,
+    /// Count without checking.
+    Track,
+}
+
+/// One metadata entry of a counting call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    /// Summed per counter.
+    Number(f64),
+    /// Kept as the latest value (JSON text).
+    Text(String),
+}
+
+/// A consume or track call.
+#[derive(Debug)]
+pub struct CountCall<'a> {
+    /// Consume or track.
+    pub mode: Mode,
+    /// The user.
+    pub user: Uuid,
+    /// The usage type and its plan limits.
+    pub usage_type: &'a UsageType,
+    /// How much to count.
+    pub amount: u64,
+    /// The period to count in.
+    pub period: Period,
+    /// A caller-supplied plan, overriding the stored one.
+    pub plan_override: Option<&'a str>,
+    /// The default plan.
+    pub default_plan: &'a str,
+    /// The idempotency key, if any.
+    pub idempotency_key: Option<&'a str>,
+    /// Metadata to sum or keep.
+    pub metadata: &'a [(String, MetaValue)],
+}
+
+/// A refund's outcome.
+#[derive(Debug, Clone)]
+pub enum RefundReply {
+    /// Given back; the counter's new total, the stored plan, the type and amount refunded.
+    Refunded {
+        used: u64,
+        stored_plan: Option<String>,
+        usage_type: String,
+        amount: u64,
+        period: Period,
+    },
+    /// No record under that key.
+    Missing,
+    /// Refunded before.
+    AlreadyRefunded,
+    /// The counter must be loaded from Postgres first.
+    Hydrate(Period),
+}
+
+/// What Postgres holds for one (user, period): the input of a hydration.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Highest version among the rows (0 when none).
+    pub version: i64,
+    /// Field, value pairs to load: counts by type, and metadata fields.
+    pub fields: Vec<(String, String)>,
+    /// The user's stored plan and its version, if any.
+    pub plan: Option<(String, i64)>,
+}
+
+/// The Redis side of quotad.
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: Pool,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// A store over a new pool for `url`; connects lazily.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, String> {
+        let mut cfg = deadpool_redis::Config::from_url(url);
+        let mut pool_cfg = deadpool_redis::PoolConfig::default();
+        // A caller must never wait on the pool longer than on Redis itself.
+        pool_cfg.timeouts.wait = Some(timeout);
+        pool_cfg.timeouts.create = Some(timeout.max(Duration::from_millis(500)));
+        pool_cfg.timeouts.recycle = Some(timeout);
+        cfg.pool = Some(pool_cfg);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
+        Ok(RedisStore {
+            pool,
+            prefix: prefix.to_owned(),
+            timeout,
+        })
+    }
+
+    /// The bucket of `user`: `crc16(user) % 1024`.
+    pub fn bucket(user: &Uuid) -> u16 {
+        let mut buf = Uuid::encode_buffer();
+        crc16(user.hyphenated().encode_lower(&mut buf).as_bytes()) % BUCKETS
+    }
+
+    /// The counter hash of `user` in `period`.
+    pub fn counter_key(&self, user: &Uuid, period: Period) -> String {
+        format!(
+            "{}:{SCHEMA}:{{{}}}:c:{}:{}",
+            self.prefix,
+            Self::bucket(user),
+            user,
+            period.id()
+        )
+    }
+
+    /// The dirty set of `user`'s bucket.
+    pub fn dirty_key(&self, user: &Uuid) -> String {
+        format!("{}:{SCHEMA}:{{{}}}:dirty", self.prefix, Self::bucket(user))
+    }
+
+    /// The idempotency record of `user`'s call with `key`.
+    pub fn idempotency_key(&self, user: &Uuid, key: &str) -> String {
+        format!(
+            "{}:{SCHEMA}:{{{}}}:i:{}:{}",
+            self.prefix,
+            Self::bucket(user),
+            user,
+            key
+        )
+    }
+
+    /// The dirty-set member of a counter.
+    pub fn dirty_member(user: &Uuid, period: Period) -> String {
+        format!("{user}:{}", period.id())
+    }
+
+    /// Runs `f` with a pooled connection, under the Redis deadline.
+    async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let work = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            f(conn).await.map_err(classify)
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Consume or track: one EVALSHA.
+    pub async fn count(&self, call: &CountCall<'_>) -> Result<Reply, StoreError> {
+        let mut inv = scripts::CONSUME.prepare_invoke();
+        inv.key(self.counter_key(&call.user, call.period))
+            .key(self.dirty_key(&call.user));
+        if let Some(k) = call.idempotency_key {
+            inv.key(self.idempotency_key(&call.user, k));
+        }
+        inv.arg(match call.mode {
+            Mode::Consume => "consume",
+            Mode::Track => "track",
+        })
+        .arg(&call.usage_type.name)
+        .arg(call.amount)
+        .arg(Self::dirty_member(&call.user, call.period))
+        .arg(call.plan_override.unwrap_or(""))
+        .arg(call.default_plan)
+        .arg(IDEMPOTENCY_TTL_SECS)
+        .arg(call.period.id())
+        .arg(call.metadata.len());
+        for (name, value) in call.metadata {
+            match value {
+                MetaValue::Number(n) => inv.arg("n").arg(name).arg(n.to_string()),
+                MetaValue::Text(t) => inv.arg("s").arg(name).arg(t),
+            };
+        }
+        inv.arg(&call.usage_type.script_limits);
+        let raw: (String, i64, String, i64, String) = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(to_reply(
+            raw.0.as_str(),
+            raw.1,
+            raw.2,
+            raw.3,
+            Period::parse_id(&raw.4),
+        ))
+    }
+
+    /// Check: the decision without counting.
+    pub async fn check(
+        &self,
+        user: Uuid,
+        usage_type: &UsageType,
+        amount: u64,
+        period: Period,
+        plan_override: Option<&str>,
+        default_plan: &str,
+    ) -> Result<Reply, StoreError> {
+        let mut inv = scripts::CHECK.prepare_invoke();
+        inv.key(self.counter_key(&user, period))
+            .arg(&usage_type.name)
+            .arg(amount)
+            .arg(plan_override.unwrap_or(""))
+            .arg(default_plan)
+            .arg(&usage_type.script_limits);
+        let raw: (String, i64, String, i64) = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(to_reply(raw.0.as_str(), raw.1, raw.2, raw.3, Some(period)))
+    }
+
+    /// Refund the call recorded under `key`: reads the record's period, then refunds atomically.
+    pub async fn refund(&self, user: Uuid, key: &str) -> Result<RefundReply, StoreError> {
+        let idem = self.idempotency_key(&user, key);
+        let idem_read = idem.clone();
+        let period: Option<String> = self
+            .with_conn(|mut c| async move { c.hget(idem_read, "pe").await })
+            .await?;
+        let Some(period) = period.as_deref().and_then(Period::parse_id) else {
+            return Ok(RefundReply::Missing);
+        };
+        let mut inv = scripts::REFUND.prepare_invoke();
+        inv.key(idem)
+            .key(self.counter_key(&user, period))
+            .key(self.dirty_key(&user))
+            .arg(period.id())
+            .arg(Self::dirty_member(&user, period));
+        let (status, used, plan, usage_type, amount): (String, i64, String, String, i64) = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(match status.as_str() {
+            "ok" => RefundReply::Refunded {
+                used: used.max(0) as u64,
+                stored_plan: (!plan.is_empty()).then_some(plan),
+                usage_type,
+                amount: amount.max(0) as u64,
+                period,
+            },
+            "refunded" => RefundReply::AlreadyRefunded,
+            "hydrate" => RefundReply::Hydrate(period),
+            _ => RefundReply::Missing,
+        })
+    }
+
+    /// Lower a lifetime counter by `amount`, never below 0. `None` = hydrate first; else the new
+    /// total and the stored plan.
+    pub async fn release(
+        &self,
+        user: Uuid,
+        usage_type: &str,
+        amount: u64,
+    ) -> Result<Option<(u64, Option<String>)>, StoreError> {
+        let period = Period::Lifetime;
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        inv.key(self.counter_key(&user, period))
+            .key(self.dirty_key(&user))
+            .arg(usage_type)
+            .arg(amount)
+            .arg(Self::dirty_member(&user, period));
+        let (status, used, plan): (String, i64, String) = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok((status == "ok").then(|| (used.max(0) as u64, (!plan.is_empty()).then_some(plan))))
+    }
+
+    /// Fill the counter hash of (user, period) from `snap` unless it is loaded already.
+    pub async fn hydrate(
+        &self,
+        user: Uuid,
+        period: Period,
+        snap: &Snapshot,
+    ) -> Result<bool, StoreError> {
+        let expire_at = period
+            .expire_at(chrono::Duration::days(GRACE_DAYS))
+            .unwrap_or(0);
+        let mut inv = scripts::HYDRATE.prepare_invoke();
+        let (plan, plan_version) = snap.plan.clone().unwrap_or_default();
+        inv.key(self.counter_key(&user, period))
+            .arg(expire_at)
+            .arg(snap.version)
+            .arg(plan)
+            .arg(plan_version);
+        for (field, value) in &snap.fields {
+            inv.arg(field).arg(value);
+        }
+        let filled: i64 = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(filled == 1)
+    }
+
+    /// Write a user's plan (with its Postgres version) into the counter hashes of `periods`.
+    pub async fn set_plan(
+        &self,
+        user: Uuid,
+        plan: &str,
+        version: i64,
+        periods: &[Period],
+    ) -> Result<(), StoreError> {
+        let mut inv = scripts::SET_PLAN.prepare_invoke();
+        for p in periods {
+            inv.key(self.counter_key(&user, *p));
+        }
+        inv.arg(plan).arg(version);
+        for p in periods {
+            inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
+        }
+        let _: i64 = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    /// The counter hashes of `user` in `periods`, in one pipeline; `None` where not loaded yet.
+    pub async fn read_counters(
+        &self,
+        user: Uuid,
+        periods: &[Period],
+    ) -> Result<Vec<Option<HashMap<String, String>>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for p in periods {
+            pipe.hgetall(self.counter_key(&user, *p));
+        }
+        let maps: Vec<HashMap<String, String>> = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(maps
+            .into_iter()
+            .map(|m| m.contains_key("v").then_some(m))
+            .collect())
+    }
+
+    /// PING, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(
+            |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Period>) -> Reply {
+    let status = match status {
+        "ok" => Status::Ok,
+        "denied" => Status::Denied,
+        "replay" => Status::Replay,
+        "conflict" => Status::Conflict,
+        _ => Status::Hydrate,
+    };
+    Reply {
+        status,
+        used: used.max(0) as u64,
+        plan,
+        limit: u64::try_from(limit).ok(),
+        period,
+    }
+}
+
+/// Connection-level faults are outages (the fail policy applies); server replies are bugs.
+fn classify(e: RedisError) -> StoreError {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Redis(e)
+    }
+}
+
+/// CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in bytes {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc16_matches_the_redis_cluster_reference_value() {
+        // The Redis Cluster specification gives crc16("123456789") = 0x31C3.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+    }
+
+    #[test]
+    fn keys_carry_prefix_schema_and_bucket_tag() {
+        let store = RedisStore::new("redis://127.0.0.1:1", "q", Duration::from_millis(10)).unwrap();
+        let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
+        let b = RedisStore::bucket(&user);
+        assert!(b < BUCKETS);
+        let month = Period::Month {
+            year: 2026,
+            month: 11,
+        };
+        assert_eq!(
+            store.counter_key(&user, month),
+            format!("q:1:{{{b}}}:c:{user}:2026-11")
+        );
+        assert_eq!(
+            store.counter_key(&user, Period::Lifetime),
+            format!("q:1:{{{b}}}:c:{user}:life")
+        );
+        assert_eq!(store.dirty_key(&user), format!("q:1:{{{b}}}:dirty"));
+        assert_eq!(
+            store.idempotency_key(&user, "req-1"),
+            format!("q:1:{{{b}}}:i:{user}:req-1")
+        );
+        assert_eq!(
+            RedisStore::dirty_member(&user, month),
+            format!("{user}:2026-11")
+        );
+    }
+}

@@ -1,0 +1,32 @@
+//! The Lua scripts, compiled in from `lua/`. Each script that counts gets `lua/common.lua`
+//! prepended, so shared helpers stay in one place while every call stays one EVALSHA.
+//! `Script::invoke_async` sends EVALSHA and, on NOSCRIPT (a restarted Redis), loads and retries.
+
+use std::sync::LazyLock;
+
+use deadpool_redis::redis::Script;
+
+macro_rules! with_common {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../lua/common.lua"),
+            "\n",
+            include_str!(concat!("../../lua/", $file))
+        )
+    };
+}
+
+/// consume and track: check, count, version bump, dirty mark and idempotency record in one step.
+pub static CONSUME: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("consume.lua")));
+/// check: consume's decision without counting.
+pub static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("check.lua")));
+/// refund: give back one idempotent consume, once.
+pub static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("refund.lua")));
+/// release: lower a lifetime counter.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("release.lua")));
+/// hydrate: fill a missing counter hash from Postgres' totals.
+pub static HYDRATE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/hydrate.lua")));
+/// set_plan: write a user's new plan into their live counter hashes.
+pub static SET_PLAN: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/set_plan.lua")));

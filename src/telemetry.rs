@@ -1,0 +1,32 @@
+//! tracing to stdout: readable text by default, one JSON object per line in production.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. `filter` is a tracing filter such as `info` or `quotad=debug`.
+pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
+    let mut env_filter = EnvFilter::try_new(filter)
+        .map_err(|e| format!("QUOTAD_LOG={filter:?} is not a valid filter: {e}"))?;
+    // Postgres NOTICEs (e.g. "column already exists, skipping" from idempotent migrations) are
+    // not worth an info line; a filter that names sqlx decides for itself.
+    if !filter.contains("sqlx") {
+        env_filter = env_filter.add_directive(
+            "sqlx::postgres::notice=warn"
+                .parse()
+                .expect("valid directive"),
+        );
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stdout);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
+    result.map_err(|e| format!("cannot install the log subscriber: {e}"))
+}
