@@ -216,6 +216,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 )
             }
         })?;
+        // serde would read a struct from an array too; a request body is an object.
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some_and(|b| *b != b'{')
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok()
+        {
+            return Err(ApiError::invalid(
+                "NOT_AN_OBJECT",
+                "body",
+                "The body must be a JSON object, e.g. {\"user_id\": \"…\", \"type\": \"…\"}.",
+            ));
+        }
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
         de.end().map_err(|e| {

@@ -1,0 +1,204 @@
+//! Idempotent retries and refunds.
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn a_retried_consume_returns_the_first_answer_and_counts_once() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let body = json!({"user_id": user, "type": "ai_generation", "idempotency_key": "req-123"});
+
+    let first = app.post("/v1/consume", body.clone()).await;
+    app.consume(user, "ai_generation").await; // someone else's consume in between
+    let retry = app.post("/v1/consume", body).await;
+
+    assert_eq!(first.status, 200);
+    assert_eq!(retry.status, first.status);
+    assert_eq!(retry.body, first.body, "same body, status and all");
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(app.used(user, "ai_generation").await, 2);
+}
+
+#[tokio::test]
+async fn a_refused_consume_is_not_remembered() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    app.post(
+        "/v1/track",
+        json!({"user_id": user, "type": "export", "amount": 10}),
+    )
+    .await;
+    let body = json!({"user_id": user, "type": "export", "idempotency_key": "k1"});
+    assert_eq!(app.post("/v1/consume", body.clone()).await.status, 402);
+
+    app.set_plan(user, "PRO").await;
+    let retry = app.post("/v1/consume", body).await;
+
+    assert_eq!(
+        (retry.status, &retry.body["used"]),
+        (200, &json!(11)),
+        "the retry is decided afresh"
+    );
+}
+
+#[tokio::test]
+async fn a_key_reused_for_a_different_call_is_a_conflict_and_counts_nothing() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    app.post(
+        "/v1/consume",
+        json!({"user_id": user, "type": "export", "idempotency_key": "k"}),
+    )
+    .await;
+
+    let other_amount = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "type": "export", "amount": 2, "idempotency_key": "k"}),
+        )
+        .await;
+    let other_type = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "type": "ai_generation", "idempotency_key": "k"}),
+        )
+        .await;
+
+    assert_eq!(
+        (other_amount.status, &other_amount.body["code"]),
+        (409, &json!("IDEMPOTENCY_KEY_REUSED"))
+    );
+    assert_eq!(other_type.status, 409);
+    assert_eq!(app.used(user, "export").await, 1);
+    assert_eq!(app.used(user, "ai_generation").await, 0);
+}
+
+#[tokio::test]
+async fn keys_belong_to_their_user() {
+    let app = TestApp::spawn().await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    app.post(
+        "/v1/consume",
+        json!({"user_id": alice, "type": "export", "idempotency_key": "same"}),
+    )
+    .await;
+
+    let bobs = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": bob, "type": "export", "idempotency_key": "same"}),
+        )
+        .await;
+
+    assert_eq!((bobs.status, &bobs.body["used"]), (200, &json!(1)));
+    assert!(bobs.header("idempotent-replayed").is_none());
+}
+
+#[tokio::test]
+async fn a_refund_gives_the_unit_back_once_then_409_and_an_unknown_key_is_404() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    for i in 0..3 {
+        app.post("/v1/consume", json!({"user_id": user, "type": "ai_generation", "amount": 2, "idempotency_key": format!("gen-{i}")}))
+            .await;
+    }
+
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "gen-1"}),
+        )
+        .await;
+    let again = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "gen-1"}),
+        )
+        .await;
+    let unknown = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "never-sent"}),
+        )
+        .await;
+    let other_user = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": Uuid::new_v4(), "idempotency_key": "gen-2"}),
+        )
+        .await;
+
+    assert_eq!(refund.status, 200, "{:?}", refund.body);
+    assert_eq!(refund.body["refunded"], 2);
+    assert_eq!(refund.body["type"], "ai_generation");
+    assert_eq!(refund.body["used"], 4);
+    assert_eq!(refund.body["remaining"], 46);
+    assert_eq!(
+        (again.status, &again.body["code"]),
+        (409, &json!("ALREADY_REFUNDED"))
+    );
+    assert_eq!(
+        (unknown.status, &unknown.body["code"]),
+        (404, &json!("UNKNOWN_IDEMPOTENCY_KEY"))
+    );
+    assert_eq!(other_user.status, 404);
+    assert_eq!(app.used(user, "ai_generation").await, 4);
+}
+
+#[tokio::test]
+async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_in() {
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        now: "2026-11-30T23:59:00Z".parse().unwrap(),
+        ..Default::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.post(
+        "/v1/consume",
+        json!({"user_id": user, "type": "ai_generation", "idempotency_key": "late"}),
+    )
+    .await;
+    app.set_now("2026-12-01T00:01:00Z");
+    app.consume(user, "ai_generation").await;
+
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "late"}),
+        )
+        .await;
+
+    assert_eq!(refund.status, 200);
+    assert_eq!(refund.body["period_start"], "2026-11-01T00:00:00Z");
+    assert_eq!(refund.body["used"], 0);
+    assert_eq!(
+        app.used(user, "ai_generation").await,
+        1,
+        "December is untouched"
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_refused_then_refunded_consume_is_not_counted_again() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let body = json!({"user_id": user, "type": "export", "idempotency_key": "once"});
+    app.post("/v1/consume", body.clone()).await;
+    app.post(
+        "/v1/refund",
+        json!({"user_id": user, "idempotency_key": "once"}),
+    )
+    .await;
+
+    let retry = app.post("/v1/consume", body).await;
+
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        app.used(user, "export").await,
+        0,
+        "a refunded call retried stays refunded"
+    );
+}

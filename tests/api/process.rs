@@ -1,0 +1,265 @@
+//! The real `quotad` binary: version, refused settings, `migrate`, and plans reload on SIGHUP.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::helpers::{free_port, postgres_url, redis_url};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quotad");
+
+/// A daemon process with its output in a file; killed and its database dropped on drop.
+struct Daemon {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    db_name: String,
+}
+
+impl Daemon {
+    fn start(plans: &Path) -> Daemon {
+        let port = free_port();
+        let id = Uuid::new_v4().simple().to_string()[..16].to_owned();
+        let db_name = format!("quotad_t_{id}");
+        let log = std::env::temp_dir().join(format!("quotad-{id}.log"));
+        let child = Command::new(BIN)
+            .arg("serve")
+            .env("QUOTAD_LISTEN", format!("127.0.0.1:{port}"))
+            .env("QUOTAD_REDIS_URL", redis_url())
+            .env(
+                "QUOTAD_DATABASE_URL",
+                format!("{}/{db_name}", postgres_url()),
+            )
+            .env("QUOTAD_KEY_PREFIX", format!("t{id}"))
+            .env("QUOTAD_PLANS", plans)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("quotad binary starts");
+        Daemon {
+            child,
+            port,
+            log,
+            db_name,
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<(u16, serde_json::Value)> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let status = text.get(9..12)?.parse().ok()?;
+        let body = text.split("\r\n\r\n").nth(1)?;
+        Some((status, serde_json::from_str(body).unwrap_or_default()))
+    }
+
+    fn wait_for(&self, what: &str, mut ok: impl FnMut(&Daemon) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ok(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn free_limit(&self) -> Option<i64> {
+        self.get("/v1/plans")
+            .and_then(|(_, b)| b["plans"]["FREE"]["ai_generation"].as_i64())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+        drop_database(&self.db_name);
+    }
+}
+
+fn drop_database(name: &str) {
+    let _ = Command::new("psql")
+        .arg(format!("{}/postgres", postgres_url()))
+        .args([
+            "-q",
+            "-c",
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn plans_file(free_ai_limit: &str) -> tempfile_path::TempPath {
+    let text = quotad::plans::BUILT_IN.replace(
+        "ai_generation = 50",
+        &format!("ai_generation = {free_ai_limit}"),
+    );
+    tempfile_path::write(&text)
+}
+
+/// A file in the temp dir, removed on drop.
+mod tempfile_path {
+    use std::path::PathBuf;
+
+    pub struct TempPath(pub PathBuf);
+
+    impl std::ops::Deref for TempPath {
+        type Target = std::path::Path;
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    pub fn write(text: &str) -> TempPath {
+        let path = std::env::temp_dir().join(format!(
+            "quotad-plans-{}.toml",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&path, text).unwrap();
+        TempPath(path)
+    }
+
+    pub fn rewrite(path: &TempPath, text: &str) {
+        std::fs::write(&path.0, text).unwrap();
+    }
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("quotad {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn an_open_listener_without_tokens_is_refused_at_start() {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("QUOTAD_LISTEN", "0.0.0.0:0")
+        .env_remove("QUOTAD_GATEWAY_TOKENS")
+        .env_remove("QUOTAD_ADMIN_TOKENS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("QUOTAD_GATEWAY_TOKENS"), "{err}");
+}
+
+#[test]
+fn a_bad_plans_file_at_start_is_refused_naming_the_file_plan_and_type() {
+    let plans = plans_file("-7");
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("QUOTAD_PLANS", &*plans)
+        .env("QUOTAD_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&plans.display().to_string()), "{err}");
+    assert!(
+        err.contains("plan FREE: type ai_generation: limit -7"),
+        "{err}"
+    );
+}
+
+#[test]
+fn migrate_creates_the_database_and_applies_migrations() {
+    let name = format!("quotad_t_{}", &Uuid::new_v4().simple().to_string()[..16]);
+    let out = Command::new(BIN)
+        .arg("migrate")
+        .env("QUOTAD_DATABASE_URL", format!("{}/{name}", postgres_url()))
+        .output()
+        .unwrap();
+    let tables = Command::new("psql")
+        .arg(format!("{}/{name}", postgres_url()))
+        .args(["-Atc", "SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables WHERE table_schema = 'public'"])
+        .output()
+        .unwrap();
+    drop_database(&name);
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&tables.stdout).trim(),
+        "_sqlx_migrations,usage_tracking,user_plans"
+    );
+}
+
+#[test]
+fn sighup_reloads_the_plans_and_a_bad_file_keeps_the_last_good_one() {
+    let plans = plans_file("50");
+    let daemon = Daemon::start(&plans);
+    daemon.wait_for("readiness", |d| {
+        d.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    assert_eq!(daemon.free_limit(), Some(50));
+
+    tempfile_path::rewrite(
+        &plans,
+        &quotad::plans::BUILT_IN.replace("ai_generation = 50", "ai_generation = 70"),
+    );
+    daemon.signal("-HUP");
+    daemon.wait_for("the new limit", |d| d.free_limit() == Some(70));
+
+    tempfile_path::rewrite(
+        &plans,
+        "default_plan = \"FREE\"\n[plans.FREE]\nexport = 1\n",
+    );
+    daemon.signal("-HUP");
+    daemon.wait_for("the refusal in the log", |d| {
+        d.log_text().contains("plans reload refused")
+    });
+
+    assert_eq!(
+        daemon.free_limit(),
+        Some(70),
+        "the last good plans stay in force"
+    );
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("plans reload refused"))
+        .unwrap();
+    assert!(
+        line.contains(&plans.display().to_string()),
+        "the log line names the file: {line}"
+    );
+}
