@@ -3,8 +3,8 @@
 --
 -- A counter hash holds one field per usage type (its count), `v` (the version: it grows on every
 -- change, so Postgres can refuse an older total), `p`/`pv` (the user's plan and its version in
--- Postgres' user_plans), and `m:<type>:<name>` / `s:<type>:<name>` (summed numeric metadata and
--- latest text metadata). A hash without `v` has not been loaded from Postgres yet: every script
+-- Postgres' user_plans), `m:<type>:<name>` / `s:<type>:<name>` (summed numeric metadata and
+-- latest other metadata, as JSON text) and `n:<type>` (how many metadata names the type has). A hash without `v` has not been loaded from Postgres yet: every script
 -- that reads or writes counts answers "hydrate" for it and changes nothing.
 
 -- The plan in force and its limit for one type. `override` wins when not empty; else the stored
@@ -27,6 +27,14 @@ local function resolve_plan(hash, override, default, first)
   return default, default_limit
 end
 
+-- Marks a counter as changed since its last flush. The dirty set is a sorted set scored by the
+-- Redis server's time (ms) of the first unflushed change: the flusher takes the oldest first, and
+-- the score tells how far behind Postgres is. NX keeps the first time.
+local function mark_dirty(dirty, member)
+  local t = redis.call('TIME')
+  redis.call('ZADD', dirty, 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), member)
+end
+
 -- Lowers a count by `amount`, never below 0, and records the change like any other: version bump
 -- and dirty mark in the same step. Returns the new count.
 local function lower(hash, field, amount, dirty, member)
@@ -37,6 +45,6 @@ local function lower(hash, field, amount, dirty, member)
   end
   redis.call('HSET', hash, field, new)
   redis.call('HINCRBY', hash, 'v', 1)
-  redis.call('SADD', dirty, member)
+  mark_dirty(dirty, member)
   return new
 end

@@ -11,15 +11,17 @@
 -- ARGV[6]  default plan
 -- ARGV[7]  idempotency record lifetime, seconds
 -- ARGV[8]  period id, kept in the idempotency record so a refund finds the right counter
--- ARGV[9]  n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
--- ARGV[10 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[9]  most metadata names one counter may collect
+-- ARGV[10] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
+-- ARGV[11 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
 --
 -- Returns {status, used, plan, limit, period}:
---   "ok"       counted; used is the new total
---   "denied"   consume only: the amount does not fit; nothing counted, nothing remembered
---   "replay"   the idempotency key was answered before: the stored answer, nothing counted
---   "conflict" the idempotency key was used before for another mode, type or amount
---   "hydrate"  the counter is not loaded from Postgres yet; nothing done
+--   "ok"         counted; used is the new total
+--   "denied"     consume only: the amount does not fit; nothing counted, nothing remembered
+--   "replay"     the idempotency key was answered before: the stored answer, nothing counted
+--   "conflict"   the idempotency key was used before for another mode, type or amount
+--   "meta_limit" the call's metadata would take the counter past ARGV[9] names; nothing counted
+--   "hydrate"    the counter is not loaded from Postgres yet; nothing done
 local hash, dirty, idem = KEYS[1], KEYS[2], KEYS[3]
 local mode, field, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
@@ -37,24 +39,42 @@ if redis.call('HEXISTS', hash, 'v') == 0 then
   return {'hydrate', 0, '', 0, ''}
 end
 
-local nmeta = tonumber(ARGV[9])
-local plan, limit = resolve_plan(hash, ARGV[5], ARGV[6], 10 + 3 * nmeta)
+local nmeta = tonumber(ARGV[10])
+local first_meta, last_meta = 11, 10 + 3 * nmeta
+local plan, limit = resolve_plan(hash, ARGV[5], ARGV[6], last_meta + 1)
 local used = tonumber(redis.call('HGET', hash, field) or '0')
 
 if mode == 'consume' and limit >= 0 and used + amount > limit then
   return {'denied', used, plan, limit, ARGV[8]}
 end
 
+-- Metadata names are bounded per counter, so a caller cannot grow a hash (and its Postgres row)
+-- without end. Checked before any write: a refused call changes nothing.
+local fresh = 0
+for i = first_meta, last_meta, 3 do
+  local name = field .. ':' .. ARGV[i + 1]
+  if redis.call('HEXISTS', hash, 'm:' .. name) == 0 and redis.call('HEXISTS', hash, 's:' .. name) == 0 then
+    fresh = fresh + 1
+  end
+end
+if fresh > 0 then
+  local have = tonumber(redis.call('HGET', hash, 'n:' .. field) or '0')
+  if have + fresh > tonumber(ARGV[9]) then
+    return {'meta_limit', used, plan, limit, ARGV[8]}
+  end
+  redis.call('HINCRBY', hash, 'n:' .. field, fresh)
+end
+
 used = redis.call('HINCRBY', hash, field, amount)
 redis.call('HINCRBY', hash, 'v', 1)
-for i = 10, 9 + 3 * nmeta, 3 do
+for i = first_meta, last_meta, 3 do
   if ARGV[i] == 'n' then
     redis.call('HINCRBYFLOAT', hash, 'm:' .. field .. ':' .. ARGV[i + 1], ARGV[i + 2])
   else
     redis.call('HSET', hash, 's:' .. field .. ':' .. ARGV[i + 1], ARGV[i + 2])
   end
 end
-redis.call('SADD', dirty, ARGV[4])
+mark_dirty(dirty, ARGV[4])
 
 if idem then
   redis.call('HSET', idem, 'k', mode, 't', field, 'a', amount, 'u', used, 'pl', plan, 'l', limit,

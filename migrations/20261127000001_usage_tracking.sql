@@ -20,10 +20,30 @@ ALTER TABLE usage_tracking ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT N
 ALTER TABLE usage_tracking ADD COLUMN IF NOT EXISTS metadata   jsonb       NOT NULL DEFAULT '{}'::jsonb;
 -- Lifetime counters have no end.
 ALTER TABLE usage_tracking ALTER COLUMN period_end DROP NOT NULL;
+-- Totals can pass 2^31 (token sums do; counts may); a no-op where it is bigint already.
+ALTER TABLE usage_tracking ALTER COLUMN count TYPE bigint;
 
 -- One row per (user, type, period): the upsert target of the flusher, and the hydration lookup.
-CREATE UNIQUE INDEX IF NOT EXISTS usage_tracking_user_type_period
-    ON usage_tracking (user_id, type, period_start);
+-- The original table may carry such a unique constraint already (under another name): then it
+-- serves, and a second index would only slow writes.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1
+        FROM pg_index i
+        WHERE i.indrelid = 'usage_tracking'::regclass
+          AND i.indisunique
+          AND i.indnkeyatts = 3
+          AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+               FROM pg_attribute a
+               WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey))
+              = ARRAY['period_start', 'type', 'user_id']
+    ) THEN
+        CREATE UNIQUE INDEX usage_tracking_user_type_period
+            ON usage_tracking (user_id, type, period_start);
+    END IF;
+END
+$$;
 
 -- A user's plan. `version` grows on every change, so Redis never takes an older plan over a newer.
 CREATE TABLE IF NOT EXISTS user_plans (

@@ -8,13 +8,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::db;
+use crate::flusher::Flusher;
 use crate::http::{self, AppState, Tokens};
 use crate::metrics as m;
 use crate::plans::PlanBook;
@@ -33,64 +35,130 @@ pub enum RunError {
     /// The listener failed.
     #[error("serving HTTP: {0}")]
     Io(#[from] std::io::Error),
+    /// Shutdown ran out of time with counters not yet in Postgres. They are not lost: they stay
+    /// dirty in Redis, and the next flusher (another replica, or this one restarted) writes them.
+    #[error("shutdown bound reached with {0} counters not yet flushed to Postgres (they stay dirty in Redis for the next flusher)")]
+    Incomplete(u64),
 }
 
-/// Builds the state for `config`; connects nothing yet.
-pub fn state(config: &Config, clock: Arc<dyn Clock>) -> Result<AppState, RunError> {
-    let plans = PlanBook::open(config.plans.clone())?;
-    let store = RedisStore::new(
-        &config.redis_url,
-        &config.key_prefix,
-        config.redis_timeout(),
-    )
-    .map_err(RunError::Config)?;
-    let db = db::lazy_pool(&config.database_url)
-        .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
-    Ok(AppState {
-        quota: Quota {
-            store,
-            db,
-            plans,
-            clock,
-        },
-        tokens: Arc::new(Tokens {
-            gateway: config.gateway_tokens().map(str::to_owned).collect(),
-            admin: config.admin_tokens().map(str::to_owned).collect(),
-        }),
-        ready: Arc::new(AtomicBool::new(false)),
-        metrics: m::install(),
-    })
+/// A configured daemon, not yet serving. Tests reach its state (and its flusher) through it.
+pub struct App {
+    config: Config,
+    state: AppState,
+    flusher: Flusher,
 }
 
-/// Serves on `listener` until `shutdown` completes, then stops accepting and finishes in-flight
-/// requests.
+impl App {
+    /// Builds pools and state for `config`; connects nothing yet.
+    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<App, RunError> {
+        config.validate().map_err(RunError::Config)?;
+        let plans = PlanBook::open(config.plans.clone())?;
+        let store = RedisStore::new(
+            &config.redis_url,
+            &config.key_prefix,
+            config.redis_timeout(),
+        )
+        .map_err(RunError::Config)?;
+        let db = db::lazy_pool(&config.database_url)
+            .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
+        let flusher = Flusher::new(&store, db.clone());
+        let state = AppState {
+            quota: Quota {
+                store,
+                db,
+                plans,
+                clock,
+            },
+            tokens: Arc::new(Tokens {
+                gateway: config.gateway_tokens().map(str::to_owned).collect(),
+                admin: config.admin_tokens().map(str::to_owned).collect(),
+            }),
+            ready: Arc::new(AtomicBool::new(false)),
+            metrics: m::install(),
+        };
+        Ok(App {
+            config,
+            state,
+            flusher,
+        })
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The flusher (tests run passes by hand).
+    pub fn flusher(&self) -> &Flusher {
+        &self.flusher
+    }
+
+    /// Serves on `listener` until `shutdown` completes; then stops accepting, finishes in-flight
+    /// requests, flushes everything dirty to Postgres and returns, all within the shutdown bound.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let App {
+            config,
+            state,
+            flusher,
+        } = self;
+        let plans = state.quota.plans.current();
+        tracing::info!(config = ?config, plans = %plans.source, types = plans.types.len(), "quotad starting");
+
+        let startup = tokio::spawn(prepare(config.database_url.clone(), state.clone()));
+        let reloader = tokio::spawn(reload_on_sighup(state.quota.plans.clone()));
+        let (stop_flusher, stopped) = watch::channel(false);
+        let flushing = tokio::spawn(flusher.clone().run(config.flush_interval(), stopped));
+
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        let bound = config.shutdown_timeout();
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<Instant>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = began_tx.send(Instant::now());
+        };
+        let app = http::router(state.clone());
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        let began = began_rx.await.unwrap_or_else(|_| Instant::now());
+        startup.abort();
+        reloader.abort();
+        let _ = stop_flusher.send(true);
+        let _ = flushing.await;
+        served?;
+
+        // Everything counted is in Redis; write what Postgres does not have yet.
+        let left = if state.ready.load(Ordering::Acquire) {
+            flusher.drain(bound.saturating_sub(began.elapsed())).await
+        } else {
+            0
+        };
+        if left > 0 {
+            return Err(RunError::Incomplete(left));
+        }
+        tracing::info!(
+            took_ms = began.elapsed().as_millis() as u64,
+            "quotad stopped; everything flushed"
+        );
+        Ok(())
+    }
+}
+
+/// Serves `config` until `shutdown`: [`App::new`] then [`App::run`].
 pub async fn run(
     config: Config,
     clock: Arc<dyn Clock>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    config.validate().map_err(RunError::Config)?;
-    let state = state(&config, clock)?;
-    let plans = state.quota.plans.current();
-    tracing::info!(config = ?config, plans = %plans.source, types = plans.types.len(), "quotad starting");
-
-    let startup = tokio::spawn(prepare(config.database_url.clone(), state.clone()));
-    let reloader = tokio::spawn(reload_on_sighup(state.quota.plans.clone()));
-
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    let app = http::router(state);
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
-    startup.abort();
-    reloader.abort();
-    served?;
-    tracing::info!("quotad stopped");
-    Ok(())
+    App::new(config, clock)?.run(listener, shutdown).await
 }
 
 /// Creates and migrates the database and waits for Redis, retrying with backoff, then marks the

@@ -24,6 +24,36 @@ pub enum Command {
     Serve(Config),
     /// Create the database if missing, apply migrations, and exit.
     Migrate(Config),
+    /// Compare Redis with Postgres for one period, print the drift, optionally repair it.
+    /// Exits 1 when drift remains, 0 when there is none (or all of it was repaired).
+    Reconcile(ReconcileArgs),
+}
+
+/// Arguments of `quotad reconcile`.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The period: a month such as `2026-11`, or `lifetime`. Default: the current month (UTC).
+    #[arg(long)]
+    pub period: Option<String>,
+    /// Write the newer side over the older.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to connect.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+impl Command {
+    /// The configuration every subcommand carries.
+    pub fn config(&self) -> &Config {
+        match self {
+            Command::Serve(c) | Command::Migrate(c) => c,
+            Command::Reconcile(r) => &r.config,
+        }
+    }
 }
 
 /// Log line format.
@@ -83,6 +113,9 @@ pub struct Config {
     /// Deadline of one Redis call, in milliseconds; past it the type's fail policy decides.
     #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
+    /// How long shutdown may take to finish requests and flush everything dirty, in milliseconds.
+    #[arg(long, env = "QUOTAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
     /// tracing filter, e.g. `info` or `quotad=debug`.
     #[arg(long, env = "QUOTAD_LOG", default_value = "info")]
     pub log: String,
@@ -133,6 +166,11 @@ impl Config {
         Duration::from_millis(self.flush_interval_ms)
     }
 
+    /// The shutdown bound.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
     /// Refuses settings that parse but must not run: an open listener without tokens.
     pub fn validate(&self) -> Result<(), String> {
         if !self.auth_enabled() && !self.listen.ip().is_loopback() {
@@ -163,6 +201,7 @@ impl fmt::Debug for Config {
                 &format_args!("[{} hidden]", self.admin_tokens().count()),
             )
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .finish()

@@ -14,6 +14,7 @@
 //! - [`store`]: Redis keys and the Lua scripts in `lua/`.
 //! - [`db`]: Postgres queries and migrations.
 //! - [`quota`]: decisions in domain terms, with hydration and fail policies.
+//! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`http`]: the v1 API.
 //! - [`app`]: wiring, start-up and shutdown.
 
@@ -22,10 +23,12 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod flusher;
 pub mod http;
 pub mod metrics;
 pub mod period;
 pub mod plans;
 pub mod quota;
+pub mod reconcile;
 pub mod store;
 pub mod telemetry;

@@ -10,7 +10,7 @@ use quotad::{app, clock::SystemClock, db, telemetry};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Serve(config) | Command::Migrate(config)) = &cli.command;
+    let config = cli.command.config();
     if let Err(e) = telemetry::init(&config.log, config.log_format) {
         eprintln!("quotad: {e}");
         return ExitCode::from(2);
@@ -18,13 +18,18 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(config) => serve(config).await,
         Command::Migrate(config) => migrate(&config.database_url).await,
+        Command::Reconcile(args) => match reconcile(args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("quotad: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -51,4 +56,35 @@ async fn migrate(url: &str) -> Result<(), String> {
         .map_err(|e| format!("migrating {url}: {e}"))?;
     tracing::info!("migrations applied");
     Ok(())
+}
+
+/// Runs one reconcile and prints its report; `Ok(true)` when no drift remains.
+async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, String> {
+    use quotad::clock::Clock;
+    let now = SystemClock.now();
+    let period = match &args.period {
+        Some(p) => quotad::reconcile::parse_period(p)
+            .ok_or_else(|| format!("--period {p:?}: use a month such as 2026-11, or lifetime"))?,
+        None => quotad::period::Period::current(quotad::period::PeriodKind::Month, now),
+    };
+    let config = &args.config;
+    let store = quotad::store::RedisStore::new(
+        &config.redis_url,
+        &config.key_prefix,
+        config.redis_timeout(),
+    )?;
+    let pool =
+        db::lazy_pool(&config.database_url).map_err(|e| format!("QUOTAD_DATABASE_URL: {e}"))?;
+    let report = quotad::reconcile::reconcile(&store, &pool, period, args.repair, now)
+        .await
+        .map_err(|e| format!("reconcile: {e}"))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(report.drift.is_empty() || (args.repair && report.repaired as usize == report.drift.len()))
 }

@@ -13,6 +13,18 @@ pub const REQUEST_SECONDS: &str = "quotad_http_request_duration_seconds";
 pub const REDIS_SCRIPT_SECONDS: &str = "quotad_redis_script_duration_seconds";
 /// Counters loaded from Postgres into Redis.
 pub const HYDRATIONS: &str = "quotad_hydrations_total";
+/// Postgres rows written by the flusher.
+pub const FLUSH_ROWS: &str = "quotad_flush_rows_total";
+/// Failed flusher passes.
+pub const FLUSH_ERRORS: &str = "quotad_flush_errors_total";
+/// Counters read per flusher pass.
+pub const FLUSH_BATCH: &str = "quotad_flush_batch_counters";
+/// Duration of one flusher pass.
+pub const FLUSH_SECONDS: &str = "quotad_flush_duration_seconds";
+/// Counters changed in Redis and not yet written to Postgres.
+pub const FLUSH_BACKLOG: &str = "quotad_flush_backlog_counters";
+/// Age of the oldest change not yet written to Postgres.
+pub const FLUSH_OLDEST_SECONDS: &str = "quotad_flush_oldest_dirty_age_seconds";
 /// Plans-file reloads, by `result` (ok, error).
 pub const PLAN_RELOADS: &str = "quotad_plan_reloads_total";
 
@@ -53,6 +65,23 @@ fn describe() {
     );
     metrics::describe_counter!(HYDRATIONS, "Counters loaded from Postgres into Redis.");
     metrics::describe_counter!(PLAN_RELOADS, "Plans-file reloads by result.");
+    metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");
+    metrics::describe_counter!(FLUSH_ERRORS, "Failed flusher passes.");
+    metrics::describe_histogram!(FLUSH_BATCH, "Counters read per flusher pass.");
+    metrics::describe_histogram!(
+        FLUSH_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of one flusher pass."
+    );
+    metrics::describe_gauge!(
+        FLUSH_BACKLOG,
+        "Counters changed in Redis and not yet in Postgres."
+    );
+    metrics::describe_gauge!(
+        FLUSH_OLDEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Age of the oldest unflushed change."
+    );
 }
 
 /// Counts one decision.

@@ -296,6 +296,16 @@ impl Quota {
                 self.hydrate(input.user, period).await?;
                 continue;
             }
+            if reply.status == Status::MetaLimit {
+                return Err(Fault::Api(ApiError::invalid(
+                    "TOO_MANY_METADATA_KEYS",
+                    "metadata",
+                    format!(
+                        "This counter already holds the most metadata names it may ({}); send metadata under names it already has, or none.",
+                        crate::store::MAX_METADATA_NAMES
+                    ),
+                )));
+            }
             if reply.status == Status::Conflict {
                 return Err(Fault::Api(ApiError::conflict(
                     "IDEMPOTENCY_KEY_REUSED",

@@ -1,6 +1,7 @@
 //! The HTTP API: the router, shared state, authentication, and the JSON body extractor that turns
 //! every malformed request into a clear 4xx.
 
+mod admin;
 mod health;
 mod quota;
 
@@ -75,6 +76,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/users/{user_id}/plan",
             get(quota::get_plan).put(quota::put_plan),
         )
+        .route("/v1/admin/reconcile", post(admin::reconcile))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), Scope::Admin),
             authorize,

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>, s:<type>:<name>
-//! <prefix>:1:{<b>}:dirty               set of "<user>:<period>" changed since their last flush
+//! <prefix>:1:{<b>}:dirty               sorted set of "<user>:<period>" changed since their last
+//!                                      flush, scored by the time (ms) of the first such change
 //! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
 //! ```
 //!
@@ -14,7 +15,12 @@
 //! `<period>` is `2026-11` or `life`. The `1` is the schema version: a later layout takes a new
 //! number and migrates, instead of silently reading empty counters.
 
+mod dirty;
+mod scan;
 pub mod scripts;
+
+pub use dirty::{DirtyMember, DirtyScan};
+pub use scan::LiveCounter;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,6 +41,8 @@ pub const BUCKETS: u16 = 1024;
 pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 /// How long after its month ends a counter stays in Redis (to flush and reconcile it).
 pub const GRACE_DAYS: i64 = 35;
+/// Most distinct metadata names one counter (user, type, period) may collect.
+pub const MAX_METADATA_NAMES: usize = 64;
 
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +66,8 @@ pub enum Status {
     Replay,
     /// An idempotency key reused for a different call.
     Conflict,
+    /// The call's metadata would take the counter past [`MAX_METADATA_NAMES`]; nothing counted.
+    MetaLimit,
     /// The counter must be loaded from Postgres first.
     Hydrate,
 }
@@ -256,6 +266,7 @@ impl RedisStore {
         .arg(call.default_plan)
         .arg(IDEMPOTENCY_TTL_SECS)
         .arg(call.period.id())
+        .arg(MAX_METADATA_NAMES)
         .arg(call.metadata.len());
         for (name, value) in call.metadata {
             match value {
@@ -436,6 +447,7 @@ fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Pe
         "denied" => Status::Denied,
         "replay" => Status::Replay,
         "conflict" => Status::Conflict,
+        "meta_limit" => Status::MetaLimit,
         _ => Status::Hydrate,
     };
     Reply {

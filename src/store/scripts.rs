@@ -30,3 +30,11 @@ pub static HYDRATE: LazyLock<Script> =
 /// set_plan: write a user's new plan into their live counter hashes.
 pub static SET_PLAN: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/set_plan.lua")));
+/// unmark: take flushed counters off the dirty set unless they changed meanwhile.
+pub static UNMARK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/unmark.lua")));
+/// touch: bump a counter's version and mark it dirty (reconcile repair).
+pub static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("touch.lua")));
+/// overwrite: replace an older Redis counter with Postgres' counts (reconcile repair).
+pub static OVERWRITE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/overwrite.lua")));

@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use quotad::app::App;
 use quotad::clock::ManualClock;
 use quotad::config::Config;
+use quotad::flusher::Flusher;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -53,6 +55,12 @@ pub struct Options {
     pub redis_url: String,
     /// Share this daemon's Redis prefix and database (a second replica).
     pub replica_of: Option<(String, String)>,
+    /// Postgres server URL (no database); the shared test server by default.
+    pub postgres_url: String,
+    /// How often the flusher runs. Tests flush by hand ([`TestApp::flush`]) unless they set this.
+    pub flush_interval_ms: u64,
+    /// The shutdown bound.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for Options {
@@ -63,6 +71,9 @@ impl Default for Options {
             now: mid_november(),
             redis_url: redis_url(),
             replica_of: None,
+            postgres_url: postgres_url(),
+            flush_interval_ms: 3_600_000,
+            shutdown_timeout_ms: 10_000,
         }
     }
 }
@@ -75,7 +86,11 @@ pub struct TestApp {
     pub prefix: String,
     pub db_name: String,
     pub redis_url: String,
+    pub postgres_url: String,
+    pub flusher: Flusher,
+    pub flush_interval_ms: u64,
     shutdown: Option<oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<Result<(), quotad::app::RunError>>>,
     owner: bool,
 }
 
@@ -89,6 +104,8 @@ impl TestApp {
         Self::spawn_with(Options {
             replica_of: Some((self.prefix.clone(), self.db_name.clone())),
             redis_url: self.redis_url.clone(),
+            postgres_url: self.postgres_url.clone(),
+            flush_interval_ms: self.flush_interval_ms,
             now: self.clock_now(),
             ..Options::default()
         })
@@ -109,7 +126,9 @@ impl TestApp {
         let mut config = Config::defaults();
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.redis_url = opts.redis_url.clone();
-        config.database_url = format!("{}/{db_name}", postgres_url());
+        config.database_url = format!("{}/{db_name}", opts.postgres_url);
+        config.flush_interval_ms = opts.flush_interval_ms;
+        config.shutdown_timeout_ms = opts.shutdown_timeout_ms;
         config.key_prefix = prefix.clone();
         config.gateway_tokens = opts.gateway_tokens;
         config.admin_tokens = opts.admin_tokens;
@@ -119,14 +138,11 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(quotad::app::run(
-            config,
-            Arc::new(clock.clone()),
-            listener,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let daemon = App::new(config, Arc::new(clock.clone())).expect("valid test configuration");
+        let flusher = daemon.flusher().clone();
+        let running = tokio::spawn(daemon.run(listener, async {
+            let _ = rx.await;
+        }));
         let app = TestApp {
             base: format!("http://{addr}"),
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
@@ -134,7 +150,11 @@ impl TestApp {
             prefix,
             db_name,
             redis_url: opts.redis_url,
+            postgres_url: opts.postgres_url,
+            flusher,
+            flush_interval_ms: opts.flush_interval_ms,
             shutdown: Some(tx),
+            running: Some(running),
             owner,
         };
         app.wait_ready().await;
@@ -161,8 +181,28 @@ impl TestApp {
             "quotad did not become ready within 30 s (Redis {}, Postgres {}); last /readyz: {last}. \
              Start them with deploy/ensure-services.sh.",
             self.redis_url,
-            postgres_url()
+            self.postgres_url
         );
+    }
+
+    /// Runs flusher passes until nothing is dirty.
+    pub async fn flush(&self) {
+        for _ in 0..100 {
+            let out = self.flusher.flush_once().await.expect("flush");
+            if out.counters == 0 {
+                return;
+            }
+        }
+        panic!("still dirty after 100 flush passes");
+    }
+
+    /// Stops the daemon as SIGTERM would and returns how its run ended. Its database and keys
+    /// stay until the `TestApp` is dropped.
+    pub async fn stop(&mut self) -> Result<(), quotad::app::RunError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.running.take().unwrap().await.expect("daemon task")
     }
 
     pub fn set_now(&self, at: &str) {
@@ -239,7 +279,7 @@ impl TestApp {
 
     /// A pool on this app's database, for looking at or seeding Postgres directly.
     pub async fn db(&self) -> sqlx::PgPool {
-        sqlx::PgPool::connect(&format!("{}/{}", postgres_url(), self.db_name))
+        sqlx::PgPool::connect(&format!("{}/{}", self.postgres_url, self.db_name))
             .await
             .expect("test database")
     }
@@ -277,10 +317,11 @@ impl Drop for TestApp {
             return;
         }
         // Clean up on a thread of its own: Drop cannot await, and this runs on panics too.
-        let (prefix, db_name, redis_url) = (
+        let (prefix, db_name, redis_url, pg) = (
             self.prefix.clone(),
             self.db_name.clone(),
             self.redis_url.clone(),
+            self.postgres_url.clone(),
         );
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -288,8 +329,10 @@ impl Drop for TestApp {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                if let Ok(pool) =
-                    sqlx::PgPool::connect(&format!("{}/postgres", postgres_url())).await
+                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect(&format!("{pg}/postgres"))
+                    .await
                 {
                     // The name is made by this harness: letters, digits and underscores only.
                     let sql = format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)");
@@ -392,4 +435,367 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A PostgreSQL server of the test's own (initdb in a temporary folder, on a free port), for
+/// outage tests: stop it, start it, kill it. Removed on drop.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql (deploy/ensure-services.sh installs them)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("quotad-pg-{port}-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pg = PrivatePostgres { port, dir, bin };
+        // initdb and the server refuse to run as root; run them as the postgres user then.
+        if is_root() {
+            run(Command::new("chown").arg("postgres:postgres").arg(&pg.dir));
+        }
+        run(pg
+            .as_owner("initdb")
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(pg.dir.join("data")));
+        pg.resume();
+        pg
+    }
+
+    fn as_owner(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or starts again) the server and waits until it accepts connections.
+    pub fn resume(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        run(self
+            .as_owner("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-o", &opts, "-l"])
+            .arg(self.dir.join("log"))
+            .args(["-w", "start"]));
+    }
+
+    /// Stops the server: `fast` ends sessions cleanly, `immediate` is a crash.
+    pub fn stop(&self, mode: &str) {
+        run(self
+            .as_owner("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", mode, "-w", "stop"]));
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_owner("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What a load run saw, per user: answers allowed and counted, refused, and anything else.
+#[derive(Debug, Default, Clone)]
+pub struct LoadTally {
+    pub allowed: std::collections::HashMap<Uuid, u64>,
+    pub refused: u64,
+    pub degraded: u64,
+    pub failed: u64,
+}
+
+impl LoadTally {
+    pub fn total_allowed(&self) -> u64 {
+        self.allowed.values().sum()
+    }
+}
+
+/// `clients` concurrent clients, each sending consumes one after another for `users` (round
+/// robin) to `base` until `stop` is set or `limit` passes. Bounded in time; stops by itself.
+pub async fn consume_load(
+    base: String,
+    users: Vec<Uuid>,
+    usage_type: &'static str,
+    clients: usize,
+    limit: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> LoadTally {
+    use std::sync::atomic::Ordering;
+    let deadline = Instant::now() + limit;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (base, users, stop) = (base.clone(), users.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                let mut tally = LoadTally::default();
+                let mut i = c;
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    let user = users[i % users.len()];
+                    i += clients;
+                    let sent = client
+                        .post(format!("{base}/v1/consume"))
+                        .json(&serde_json::json!({"user_id": user, "type": usage_type}))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let body: Value = r.json().await.unwrap_or(Value::Null);
+                            match (status, body["degraded"].as_bool()) {
+                                (200, Some(true)) => tally.degraded += 1,
+                                (200, _) => *tally.allowed.entry(user).or_default() += 1,
+                                (402, _) => tally.refused += 1,
+                                _ => tally.failed += 1,
+                            }
+                        }
+                        Err(_) => {
+                            tally.failed += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut all = LoadTally::default();
+    for t in tasks {
+        let t = t.await.unwrap();
+        for (u, n) in t.allowed {
+            *all.allowed.entry(u).or_default() += n;
+        }
+        all.refused += t.refused;
+        all.degraded += t.degraded;
+        all.failed += t.failed;
+    }
+    all
+}
+
+/// Postgres' totals of `usage_type` per user, in the database at `url`.
+pub async fn postgres_totals(url: &str, usage_type: &str) -> std::collections::HashMap<Uuid, u64> {
+    let pool = sqlx::PgPool::connect(url).await.expect("test database");
+    let rows: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT user_id, count FROM usage_tracking WHERE type = $1")
+            .bind(usage_type)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    rows.into_iter().map(|(u, c)| (u, c as u64)).collect()
+}
+
+/// The real `quotad` binary as a child process, with its own port, key prefix and database
+/// (unless the caller names them), its output in a file. Killed on drop; the owner of the
+/// database drops it.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    pub prefix: String,
+    pub db_name: String,
+    pub postgres_url: String,
+    owner: bool,
+}
+
+impl Daemon {
+    /// Starts a daemon with `vars` set on top of test defaults (shared Redis and Postgres, a
+    /// fresh prefix and database, a 50 ms flush interval).
+    pub fn spawn(vars: &[(&str, String)]) -> Daemon {
+        let id = Uuid::new_v4().simple().to_string()[..16].to_owned();
+        let get = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let prefix = get("QUOTAD_KEY_PREFIX").unwrap_or(format!("t{id}"));
+        let owner = get("QUOTAD_DATABASE_URL").is_none();
+        let postgres_url = get("QUOTAD_TEST_POSTGRES").unwrap_or_else(postgres_url);
+        let db_name = format!("quotad_t_{id}");
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("quotad-{id}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotad"));
+        cmd.arg("serve")
+            .env("QUOTAD_LISTEN", format!("127.0.0.1:{port}"))
+            .env("QUOTAD_REDIS_URL", redis_url())
+            .env("QUOTAD_DATABASE_URL", format!("{postgres_url}/{db_name}"))
+            .env("QUOTAD_KEY_PREFIX", &prefix)
+            .env("QUOTAD_FLUSH_INTERVAL_MS", "50")
+            .env("QUOTAD_REDIS_TIMEOUT_MS", "2000")
+            .env_remove("QUOTAD_GATEWAY_TOKENS")
+            .env_remove("QUOTAD_ADMIN_TOKENS")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit());
+        for (k, v) in vars.iter().filter(|(k, _)| *k != "QUOTAD_TEST_POSTGRES") {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("quotad binary starts");
+        let db_name = get("QUOTAD_DATABASE_URL")
+            .map_or(db_name, |u| u.rsplit('/').next().unwrap().to_owned());
+        Daemon {
+            child,
+            port,
+            log,
+            prefix,
+            db_name,
+            postgres_url,
+            owner,
+        }
+    }
+
+    /// Another daemon on this one's prefix and database.
+    pub fn replica(&self) -> Daemon {
+        Daemon::spawn(&[
+            ("QUOTAD_KEY_PREFIX", self.prefix.clone()),
+            ("QUOTAD_DATABASE_URL", self.database_url()),
+            ("QUOTAD_TEST_POSTGRES", self.postgres_url.clone()),
+        ])
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("{}/{}", self.postgres_url, self.db_name)
+    }
+
+    /// A plain HTTP/1.1 GET (no async runtime needed): status and JSON body.
+    pub fn get(&self, path: &str) -> Option<(u16, Value)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let status = text.get(9..12)?.parse().ok()?;
+        let body = text.split("\r\n\r\n").nth(1)?;
+        Some((status, serde_json::from_str(body).unwrap_or_default()))
+    }
+
+    pub fn wait_for(&self, what: &str, mut ok: impl FnMut(&Daemon) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ok(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_ready(&self) {
+        self.wait_for("readiness", |d| {
+            d.get("/readyz").is_some_and(|(s, _)| s == 200)
+        });
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`, `-HUP`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to end, at most `limit`; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+        if self.owner {
+            let _ = Command::new("psql")
+                .arg(format!("{}/postgres", self.postgres_url))
+                .args([
+                    "-q",
+                    "-c",
+                    &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }

@@ -2,7 +2,9 @@
 
 mod auth;
 mod consume;
+mod durability;
 mod errors;
+mod faults;
 mod idempotency;
 mod outages;
 mod periods;

@@ -1,107 +1,14 @@
 //! The real `quotad` binary: version, refused settings, `migrate`, and plans reload on SIGHUP.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use uuid::Uuid;
 
-use crate::helpers::{free_port, postgres_url, redis_url};
+use crate::helpers::{postgres_url, Daemon};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quotad");
 
-/// A daemon process with its output in a file; killed and its database dropped on drop.
-struct Daemon {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    db_name: String,
-}
-
-impl Daemon {
-    fn start(plans: &Path) -> Daemon {
-        let port = free_port();
-        let id = Uuid::new_v4().simple().to_string()[..16].to_owned();
-        let db_name = format!("quotad_t_{id}");
-        let log = std::env::temp_dir().join(format!("quotad-{id}.log"));
-        let child = Command::new(BIN)
-            .arg("serve")
-            .env("QUOTAD_LISTEN", format!("127.0.0.1:{port}"))
-            .env("QUOTAD_REDIS_URL", redis_url())
-            .env(
-                "QUOTAD_DATABASE_URL",
-                format!("{}/{db_name}", postgres_url()),
-            )
-            .env("QUOTAD_KEY_PREFIX", format!("t{id}"))
-            .env("QUOTAD_PLANS", plans)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("quotad binary starts");
-        Daemon {
-            child,
-            port,
-            log,
-            db_name,
-        }
-    }
-
-    fn get(&self, path: &str) -> Option<(u16, serde_json::Value)> {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let status = text.get(9..12)?.parse().ok()?;
-        let body = text.split("\r\n\r\n").nth(1)?;
-        Some((status, serde_json::from_str(body).unwrap_or_default()))
-    }
-
-    fn wait_for(&self, what: &str, mut ok: impl FnMut(&Daemon) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ok(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn free_limit(&self) -> Option<i64> {
-        self.get("/v1/plans")
-            .and_then(|(_, b)| b["plans"]["FREE"]["ai_generation"].as_i64())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-        drop_database(&self.db_name);
-    }
-}
-
-fn drop_database(name: &str) {
+pub fn drop_database(name: &str) {
     let _ = Command::new("psql")
         .arg(format!("{}/postgres", postgres_url()))
         .args([
@@ -226,18 +133,18 @@ fn migrate_creates_the_database_and_applies_migrations() {
 #[test]
 fn sighup_reloads_the_plans_and_a_bad_file_keeps_the_last_good_one() {
     let plans = plans_file("50");
-    let daemon = Daemon::start(&plans);
+    let daemon = Daemon::spawn(&[("QUOTAD_PLANS", plans.display().to_string())]);
     daemon.wait_for("readiness", |d| {
         d.get("/readyz").is_some_and(|(s, _)| s == 200)
     });
-    assert_eq!(daemon.free_limit(), Some(50));
+    assert_eq!(free_limit(&daemon), Some(50));
 
     tempfile_path::rewrite(
         &plans,
         &quotad::plans::BUILT_IN.replace("ai_generation = 50", "ai_generation = 70"),
     );
     daemon.signal("-HUP");
-    daemon.wait_for("the new limit", |d| d.free_limit() == Some(70));
+    daemon.wait_for("the new limit", |d| free_limit(d) == Some(70));
 
     tempfile_path::rewrite(
         &plans,
@@ -249,7 +156,7 @@ fn sighup_reloads_the_plans_and_a_bad_file_keeps_the_last_good_one() {
     });
 
     assert_eq!(
-        daemon.free_limit(),
+        free_limit(&daemon),
         Some(70),
         "the last good plans stay in force"
     );
@@ -262,4 +169,9 @@ fn sighup_reloads_the_plans_and_a_bad_file_keeps_the_last_good_one() {
         line.contains(&plans.display().to_string()),
         "the log line names the file: {line}"
     );
+}
+
+fn free_limit(d: &Daemon) -> Option<i64> {
+    d.get("/v1/plans")
+        .and_then(|(_, b)| b["plans"]["FREE"]["ai_generation"].as_i64())
 }

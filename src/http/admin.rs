@@ -1,0 +1,55 @@
+//! Admin calls beyond plans: reconcile.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{ApiJson, AppState};
+use crate::error::ApiError;
+use crate::period::{Period, PeriodKind};
+use crate::reconcile::{self, ReconcileError};
+
+/// Body of `POST /v1/admin/reconcile`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileRequest {
+    /// `2026-11` or `lifetime`; the current month when absent.
+    #[serde(default)]
+    period: Option<String>,
+    /// Write the newer side over the older.
+    #[serde(default)]
+    repair: bool,
+}
+
+/// `POST /v1/admin/reconcile`: the drift between Redis and Postgres for one period.
+pub async fn reconcile(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<ReconcileRequest>,
+) -> Result<Response, ApiError> {
+    let now = state.quota.clock.now();
+    let period = match &body.period {
+        Some(p) => reconcile::parse_period(p).ok_or_else(|| {
+            ApiError::invalid(
+                "INVALID_PERIOD",
+                "period",
+                format!("period {p:?} is not a month such as \"2026-11\", or \"lifetime\"."),
+            )
+        })?,
+        None => Period::current(PeriodKind::Month, now),
+    };
+    let report = reconcile::reconcile(
+        &state.quota.store,
+        &state.quota.db,
+        period,
+        body.repair,
+        now,
+    )
+    .await
+    .map_err(|e| match e {
+        ReconcileError::Redis(e) => ApiError::from(e),
+        ReconcileError::Db(e) => ApiError::from(e),
+        ReconcileError::Flush(e) => ApiError::internal(&e),
+    })?;
+    Ok(Json(report).into_response())
+}

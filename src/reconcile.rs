@@ -1,0 +1,289 @@
+//! Reconcile: compare Redis' counters with Postgres' rows for one period, report the drift, and
+//! optionally repair it by writing the newer side over the older.
+//!
+//! A counter that differs only because the flusher has not written it yet (it waits in a dirty
+//! set, and Redis' version is ahead) is *unflushed*, not drift. Rows of a month whose Redis hashes
+//! have expired (35 days after the month) are *expired*, not drift.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db;
+use crate::flusher::{FlushError, Flusher};
+use crate::period::Period;
+use crate::store::{RedisStore, StoreError, GRACE_DAYS};
+
+/// What reconcile found wrong with one counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// Redis has it (and it is not waiting to be flushed); Postgres does not.
+    MissingInPostgres,
+    /// Postgres has it; Redis has no counter for this user and period.
+    MissingInRedis,
+    /// Both have it with different counts, and the difference is not an unflushed change.
+    Different,
+}
+
+/// One side's view of a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Side {
+    /// The count.
+    pub count: i64,
+    /// The version (Redis: the hash's `v`; Postgres: the row's `version`).
+    pub version: i64,
+}
+
+/// One drifting counter.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drift {
+    /// The user.
+    pub user_id: Uuid,
+    /// The usage type.
+    #[serde(rename = "type")]
+    pub usage_type: String,
+    /// What is wrong.
+    pub kind: DriftKind,
+    /// Redis' side, if it has one.
+    pub redis: Option<Side>,
+    /// Postgres' side, if it has one.
+    pub postgres: Option<Side>,
+}
+
+/// The result of one reconcile.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `2026-11` or `lifetime`.
+    pub period: String,
+    /// Counters looked at (the union of both sides).
+    pub compared: u64,
+    /// Counters equal on both sides.
+    pub in_sync: u64,
+    /// Counters ahead in Redis and waiting for the flusher.
+    pub unflushed: u64,
+    /// Postgres rows whose Redis hash has expired with its month.
+    pub expired: u64,
+    /// Everything else.
+    pub drift: Vec<Drift>,
+    /// Counters repaired (with `--repair`).
+    pub repaired: u64,
+}
+
+/// Why reconcile could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Redis failed.
+    #[error(transparent)]
+    Redis(#[from] StoreError),
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The repair's flush failed.
+    #[error("flushing repairs: {0}")]
+    Flush(#[from] FlushError),
+}
+
+/// Parses `2026-11` or `lifetime`.
+pub fn parse_period(s: &str) -> Option<Period> {
+    if s == "lifetime" {
+        return Some(Period::Lifetime);
+    }
+    Period::parse_id(s).filter(|p| *p != Period::Lifetime)
+}
+
+/// The name reconcile reports a period by.
+pub fn period_name(p: Period) -> String {
+    match p {
+        Period::Lifetime => "lifetime".into(),
+        month => month.id(),
+    }
+}
+
+/// Compares Redis and Postgres for `period`; with `repair`, makes the older side match the newer.
+pub async fn reconcile(
+    store: &RedisStore,
+    pool: &PgPool,
+    period: Period,
+    repair: bool,
+    now: DateTime<Utc>,
+) -> Result<Report, ReconcileError> {
+    let store = store.with_timeout(Duration::from_secs(30));
+    let live = store.scan_period(period).await?;
+    let rows: Vec<(Uuid, String, i64, i64)> =
+        sqlx::query_as("SELECT user_id, type, COALESCE(count, 0), version FROM usage_tracking WHERE period_start = $1")
+            .bind(period.start())
+            .fetch_all(pool)
+            .await?;
+
+    let mut pg: HashMap<Uuid, BTreeMap<String, Side>> = HashMap::new();
+    for (user, ty, count, version) in rows {
+        pg.entry(user)
+            .or_default()
+            .insert(ty, Side { count, version });
+    }
+    let expired = period
+        .expire_at(chrono::Duration::days(GRACE_DAYS))
+        .is_some_and(|at| at <= now.timestamp());
+    let mut report = Report {
+        period: period_name(period),
+        compared: 0,
+        in_sync: 0,
+        unflushed: 0,
+        expired: 0,
+        drift: Vec::new(),
+        repaired: 0,
+    };
+    let mut seen = BTreeSet::new();
+    for counter in &live {
+        seen.insert(counter.user);
+        let v: i64 = counter
+            .fields
+            .get("v")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let theirs = pg.get(&counter.user);
+        let mut types: BTreeSet<&str> = counter
+            .fields
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !k.contains(':') && !matches!(*k, "v" | "p" | "pv"))
+            .collect();
+        types.extend(theirs.iter().flat_map(|m| m.keys().map(String::as_str)));
+        for ty in types {
+            report.compared += 1;
+            let count = counter
+                .fields
+                .get(ty)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let redis = Side { count, version: v };
+            let postgres = theirs.and_then(|m| m.get(ty)).copied();
+            let kind = match postgres {
+                Some(p) if p.count == redis.count => None,
+                _ if counter.dirty && postgres.is_none_or(|p| v > p.version) => {
+                    report.unflushed += 1;
+                    continue;
+                }
+                None => Some(DriftKind::MissingInPostgres),
+                Some(_) => Some(DriftKind::Different),
+            };
+            match kind {
+                None => report.in_sync += 1,
+                Some(kind) => report.drift.push(Drift {
+                    user_id: counter.user,
+                    usage_type: ty.to_owned(),
+                    kind,
+                    redis: Some(redis),
+                    postgres,
+                }),
+            }
+        }
+    }
+    for (user, types) in &pg {
+        if seen.contains(user) {
+            continue;
+        }
+        for (ty, side) in types {
+            report.compared += 1;
+            if expired {
+                report.expired += 1;
+                continue;
+            }
+            report.drift.push(Drift {
+                user_id: *user,
+                usage_type: ty.clone(),
+                kind: DriftKind::MissingInRedis,
+                redis: None,
+                postgres: Some(*side),
+            });
+        }
+    }
+    if repair && !report.drift.is_empty() {
+        report.repaired = self::repair(&store, pool, period, &report.drift).await?;
+    }
+    Ok(report)
+}
+
+/// Writes the newer side over the older, per (user, period): Redis missing → load from Postgres;
+/// Postgres newer → overwrite Redis; otherwise (Redis newer, or a tie) → bump Redis' version and
+/// flush it, so Postgres takes Redis' counts.
+async fn repair(
+    store: &RedisStore,
+    pool: &PgPool,
+    period: Period,
+    drift: &[Drift],
+) -> Result<u64, ReconcileError> {
+    let mut by_user: BTreeMap<Uuid, Vec<&Drift>> = BTreeMap::new();
+    for d in drift {
+        by_user.entry(d.user_id).or_default().push(d);
+    }
+    let mut repaired = 0;
+    let mut touched = false;
+    for (user, items) in by_user {
+        let snap = db::snapshot(pool, user, period).await?;
+        let redis_v = items
+            .iter()
+            .filter_map(|d| d.redis.map(|s| s.version))
+            .max();
+        let done = match redis_v {
+            None => store.hydrate(user, period, &snap).await?,
+            Some(v) if snap.version > v => {
+                // Every type Redis has must be set, so a type Postgres lacks goes to 0.
+                let mut fields = snap.fields.clone();
+                for d in &items {
+                    if d.postgres.is_none() {
+                        fields.push((d.usage_type.clone(), "0".into()));
+                    }
+                }
+                store.overwrite(user, period, snap.version, &fields).await?
+            }
+            Some(_) => {
+                touched = true;
+                store.touch(user, period).await?
+            }
+        };
+        if done {
+            repaired += items.len() as u64;
+        }
+    }
+    if touched {
+        Flusher::new(store, pool.clone()).flush_once().await?;
+    }
+    Ok(repaired)
+}
+
+impl Report {
+    /// A table for people: one line per drifting counter, then the totals.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for d in &self.drift {
+            let side = |s: Option<Side>| {
+                s.map_or("-".to_owned(), |s| format!("{} (v{})", s.count, s.version))
+            };
+            out.push_str(&format!(
+                "{}  {:<20} {:<20} redis {:<14} postgres {}\n",
+                d.user_id,
+                d.usage_type,
+                format!("{:?}", d.kind),
+                side(d.redis),
+                side(d.postgres)
+            ));
+        }
+        out.push_str(&format!(
+            "period {}: {} compared, {} in sync, {} unflushed, {} expired in Redis, {} drifting, {} repaired\n",
+            self.period,
+            self.compared,
+            self.in_sync,
+            self.unflushed,
+            self.expired,
+            self.drift.len(),
+            self.repaired
+        ));
+        out
+    }
+}

@@ -1,0 +1,169 @@
+//! The flusher's side of Redis: reading the dirty sets oldest first, reading the counters they
+//! name, and taking members off only when their counter did not change meanwhile.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deadpool_redis::redis;
+use uuid::Uuid;
+
+use super::{scripts, RedisStore, StoreError, BUCKETS, SCHEMA};
+use crate::period::Period;
+
+/// One dirty counter, as listed in its bucket's dirty set.
+#[derive(Debug, Clone)]
+pub struct DirtyMember {
+    /// The bucket (and so the slot) it lives in.
+    pub bucket: u16,
+    /// The member text, `<user>:<period>`.
+    pub member: String,
+    /// The user.
+    pub user: Uuid,
+    /// The period.
+    pub period: Period,
+    /// Redis server time (ms) of its first unflushed change.
+    pub since_ms: i64,
+}
+
+/// What a scan of some buckets' dirty sets found.
+#[derive(Debug, Default)]
+pub struct DirtyScan {
+    /// Up to the asked number of members per bucket, oldest first.
+    pub members: Vec<DirtyMember>,
+    /// How many members the scanned dirty sets hold in all.
+    pub backlog: u64,
+    /// Members that could not be parsed (not written by quotad); removed so they cannot block.
+    pub garbage: Vec<(u16, String)>,
+}
+
+impl RedisStore {
+    /// The same store with another deadline: the flusher's batches need longer than one request.
+    pub fn with_timeout(&self, timeout: Duration) -> RedisStore {
+        RedisStore {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    /// The dirty set of bucket `b`.
+    pub fn dirty_key_of(&self, bucket: u16) -> String {
+        format!("{}:{SCHEMA}:{{{bucket}}}:dirty", self.prefix)
+    }
+
+    /// The oldest `per_bucket` members of each dirty set in `buckets`, and the sets' sizes, in
+    /// one pipeline.
+    pub async fn scan_dirty(
+        &self,
+        buckets: std::ops::Range<u16>,
+        per_bucket: usize,
+    ) -> Result<DirtyScan, StoreError> {
+        let buckets: Vec<u16> = buckets.filter(|b| *b < BUCKETS).collect();
+        let mut pipe = redis::pipe();
+        for b in &buckets {
+            let key = self.dirty_key_of(*b);
+            pipe.zcard(&key)
+                .zrange_withscores(&key, 0, per_bucket as isize - 1);
+        }
+        let replies: Vec<redis::Value> = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let mut scan = DirtyScan::default();
+        for (b, pair) in buckets.iter().zip(replies.chunks(2)) {
+            let card: u64 =
+                redis::from_redis_value_ref(&pair[0]).map_err(|e| StoreError::Redis(e.into()))?;
+            let listed: Vec<(String, f64)> =
+                redis::from_redis_value_ref(&pair[1]).map_err(|e| StoreError::Redis(e.into()))?;
+            scan.backlog += card;
+            for (member, score) in listed {
+                match parse_member(&member) {
+                    Some((user, period)) => scan.members.push(DirtyMember {
+                        bucket: *b,
+                        member,
+                        user,
+                        period,
+                        since_ms: score as i64,
+                    }),
+                    None => scan.garbage.push((*b, member)),
+                }
+            }
+        }
+        Ok(scan)
+    }
+
+    /// How many counters wait in all dirty sets.
+    pub async fn backlog(&self) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        for b in 0..BUCKETS {
+            pipe.zcard(self.dirty_key_of(b));
+        }
+        let cards: Vec<u64> = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(cards.into_iter().sum())
+    }
+
+    /// The counter hashes of `members`, in one pipeline (empty maps for hashes that are gone).
+    pub async fn read_dirty(
+        &self,
+        members: &[DirtyMember],
+    ) -> Result<Vec<HashMap<String, String>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for m in members {
+            pipe.hgetall(self.counter_key(&m.user, m.period));
+        }
+        self.with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    /// Takes flushed members off their dirty sets where the counter's version is still the one
+    /// written (`None` = the hash was gone). One script per bucket, all in one pipeline.
+    pub async fn unmark(&self, flushed: &[(&DirtyMember, Option<i64>)]) -> Result<u64, StoreError> {
+        let mut by_bucket: HashMap<u16, Vec<&(&DirtyMember, Option<i64>)>> = HashMap::new();
+        for f in flushed {
+            by_bucket.entry(f.0.bucket).or_default().push(f);
+        }
+        if by_bucket.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        // A pipeline cannot retry on NOSCRIPT, so it loads the script first (cheap when loaded).
+        pipe.load_script(&scripts::UNMARK).ignore();
+        for (bucket, items) in &by_bucket {
+            let mut inv = scripts::UNMARK.prepare_invoke();
+            inv.key(self.dirty_key_of(*bucket));
+            for (m, _) in items.iter().map(|x| (x.0, x.1)) {
+                inv.key(self.counter_key(&m.user, m.period));
+            }
+            for (m, _) in items.iter().map(|x| (x.0, x.1)) {
+                inv.arg(&m.member);
+            }
+            for (_, v) in items.iter().map(|x| (x.0, x.1)) {
+                inv.arg(v.map(|v| v.to_string()).unwrap_or_default());
+            }
+            pipe.invoke_script(&inv);
+        }
+        let removed: Vec<i64> = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(removed.into_iter().sum::<i64>().max(0) as u64)
+    }
+
+    /// Removes members that quotad did not write (they would otherwise sit first in line forever).
+    pub async fn drop_garbage(&self, garbage: &[(u16, String)]) -> Result<(), StoreError> {
+        if garbage.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (b, member) in garbage {
+            pipe.zrem(self.dirty_key_of(*b), member).ignore();
+        }
+        self.with_conn(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+}
+
+/// `<uuid>:<period id>` → parts.
+fn parse_member(member: &str) -> Option<(Uuid, Period)> {
+    let (user, period) = member.split_once(':')?;
+    Some((Uuid::parse_str(user).ok()?, Period::parse_id(period)?))
+}

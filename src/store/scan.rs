@@ -1,0 +1,100 @@
+//! Reading every counter of a period, for reconcile, and the two repair writes.
+
+use std::collections::HashMap;
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use uuid::Uuid;
+
+use super::{scripts, RedisStore, StoreError, SCHEMA};
+use crate::period::Period;
+
+/// One counter hash as reconcile sees it.
+#[derive(Debug, Clone)]
+pub struct LiveCounter {
+    /// The user.
+    pub user: Uuid,
+    /// Its fields.
+    pub fields: HashMap<String, String>,
+    /// Whether it waits in a dirty set (changed since its last flush).
+    pub dirty: bool,
+}
+
+impl RedisStore {
+    /// Every loaded counter hash of `period` (SCAN, so it does not block Redis).
+    pub async fn scan_period(&self, period: Period) -> Result<Vec<LiveCounter>, StoreError> {
+        let pattern = format!("{}:{SCHEMA}:{{*}}:c:*:{}", self.prefix, period.id());
+        let keys: Vec<String> = self
+            .with_conn(|mut c| async move {
+                let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
+                let mut keys = Vec::new();
+                while let Some(k) = iter.next_item().await {
+                    keys.push(k?);
+                }
+                Ok(keys)
+            })
+            .await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(1000) {
+            let users: Vec<Uuid> = chunk.iter().filter_map(|k| user_of(k)).collect();
+            let mut pipe = redis::pipe();
+            for u in &users {
+                pipe.hgetall(self.counter_key(u, period));
+                pipe.zscore(self.dirty_key(u), Self::dirty_member(u, period));
+            }
+            let replies: Vec<redis::Value> = self
+                .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+                .await?;
+            for (user, pair) in users.into_iter().zip(replies.chunks(2)) {
+                let fields: HashMap<String, String> = redis::from_redis_value_ref(&pair[0])
+                    .map_err(|e| StoreError::Redis(e.into()))?;
+                let score: Option<f64> = redis::from_redis_value_ref(&pair[1])
+                    .map_err(|e| StoreError::Redis(e.into()))?;
+                if fields.contains_key("v") {
+                    out.push(LiveCounter {
+                        user,
+                        fields,
+                        dirty: score.is_some(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bumps a loaded counter's version and marks it dirty, so the next flush overwrites Postgres.
+    pub async fn touch(&self, user: Uuid, period: Period) -> Result<bool, StoreError> {
+        let mut inv = scripts::TOUCH.prepare_invoke();
+        inv.key(self.counter_key(&user, period))
+            .key(self.dirty_key(&user))
+            .arg(Self::dirty_member(&user, period));
+        let v: i64 = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(v > 0)
+    }
+
+    /// Replaces a loaded counter with `fields` at `version` if Redis' version is older.
+    pub async fn overwrite(
+        &self,
+        user: Uuid,
+        period: Period,
+        version: i64,
+        fields: &[(String, String)],
+    ) -> Result<bool, StoreError> {
+        let mut inv = scripts::OVERWRITE.prepare_invoke();
+        inv.key(self.counter_key(&user, period)).arg(version);
+        for (f, v) in fields {
+            inv.arg(f).arg(v);
+        }
+        let done: i64 = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(done == 1)
+    }
+}
+
+/// The user of a counter key `<prefix>:1:{b}:c:<user>:<period>`.
+fn user_of(key: &str) -> Option<Uuid> {
+    let rest = &key[key.find("}:c:")? + 4..];
+    Uuid::parse_str(rest.rsplit_once(':')?.0).ok()
+}
