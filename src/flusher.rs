@@ -128,20 +128,31 @@ impl Flusher {
         Ok(out)
     }
 
-    /// Runs a pass every `interval` until `stop` turns true; after an error it waits longer each
-    /// time (up to 30 s), and a pass that left work behind is followed at once by another.
+    /// Starts a pass every `interval` (measured from the start of the last, so the lag bound is
+    /// one interval plus one pass) until `stop` turns true. After an error it waits longer each
+    /// time (up to 30 s); a pass that left work behind is followed at once by another.
     pub async fn run(self, interval: Duration, mut stop: watch::Receiver<bool>) {
-        let mut wait = interval;
+        let mut next = tokio::time::Instant::now() + interval;
+        let mut backoff = interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            let started = tokio::time::Instant::now();
             match self.flush_once().await {
-                Ok(out) => wait = if out.more { Duration::ZERO } else { interval },
+                Ok(out) => {
+                    backoff = interval;
+                    next = if out.more {
+                        tokio::time::Instant::now()
+                    } else {
+                        started + interval
+                    };
+                }
                 Err(e) => {
-                    wait = (wait * 2).clamp(interval, MAX_BACKOFF);
-                    tracing::warn!(error.message = %e, retry_in_ms = wait.as_millis() as u64, "flush failed; will retry");
+                    backoff = (backoff * 2).clamp(interval, MAX_BACKOFF);
+                    next = tokio::time::Instant::now() + backoff;
+                    tracing::warn!(error.message = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed; will retry");
                 }
             }
         }

@@ -175,3 +175,62 @@ fn free_limit(d: &Daemon) -> Option<i64> {
     d.get("/v1/plans")
         .and_then(|(_, b)| b["plans"]["FREE"]["ai_generation"].as_i64())
 }
+
+#[tokio::test]
+async fn reconcile_exits_1_on_drift_and_0_once_repaired() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    app.consume(user, "ai_generation").await;
+    app.flush().await;
+    sqlx::query("UPDATE usage_tracking SET count = 7 WHERE user_id = $1")
+        .bind(user)
+        .execute(&app.db().await)
+        .await
+        .unwrap();
+    let reconcile = |extra: &[&str]| {
+        Command::new(BIN)
+            .arg("reconcile")
+            .args(extra)
+            .env("QUOTAD_REDIS_URL", &app.redis_url)
+            .env(
+                "QUOTAD_DATABASE_URL",
+                format!("{}/{}", app.postgres_url, app.db_name),
+            )
+            .env("QUOTAD_KEY_PREFIX", &app.prefix)
+            .env("QUOTAD_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+
+    let found = reconcile(&["--period", "2026-11", "--json"]);
+    let repaired = reconcile(&["--period", "2026-11", "--repair"]);
+    let clean = reconcile(&["--period", "2026-11"]);
+    let bad = reconcile(&["--period", "Nov"]);
+
+    assert_eq!(
+        found.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    assert_eq!(report["drift"][0]["kind"], "different");
+    assert_eq!(report["drift"][0]["redis"]["count"], 1);
+    assert_eq!(report["drift"][0]["postgres"]["count"], 7);
+    assert_eq!(
+        repaired.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&repaired.stdout)
+    );
+    assert!(String::from_utf8_lossy(&repaired.stdout).contains("1 repaired"));
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("--period \"Nov\": use a month such as 2026-11, or lifetime"));
+}
