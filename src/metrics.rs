@@ -7,10 +7,16 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Decisions, by `type`, `plan` and `outcome` (allowed, denied, error, degraded).
 pub const DECISIONS: &str = "quotad_decisions_total";
+/// Decisions that left a limited counter at 80 % or more of its limit, by `type` and `plan`.
+pub const NEAR_LIMIT: &str = "quotad_near_limit_decisions_total";
+/// Drifting counters found by the last reconcile, by `period` and `kind`.
+pub const RECONCILE_DRIFT: &str = "quotad_reconcile_drift_counters";
 /// HTTP request latency, by `route`, `method` and `status`.
 pub const REQUEST_SECONDS: &str = "quotad_http_request_duration_seconds";
 /// Time spent in Redis for one decision (including any hydration), by `script`.
 pub const REDIS_SCRIPT_SECONDS: &str = "quotad_redis_script_duration_seconds";
+/// Failed Redis calls, by `kind` (unavailable: timeout or connection; error: Redis answered an error).
+pub const REDIS_ERRORS: &str = "quotad_redis_errors_total";
 /// Counters loaded from Postgres into Redis.
 pub const HYDRATIONS: &str = "quotad_hydrations_total";
 /// Postgres rows written by the flusher.
@@ -64,6 +70,15 @@ fn describe() {
         "Redis time of one decision."
     );
     metrics::describe_counter!(HYDRATIONS, "Counters loaded from Postgres into Redis.");
+    metrics::describe_counter!(REDIS_ERRORS, "Failed Redis calls by kind.");
+    metrics::describe_counter!(
+        NEAR_LIMIT,
+        "Decisions leaving a limited counter at 80 % or more of its limit."
+    );
+    metrics::describe_gauge!(
+        RECONCILE_DRIFT,
+        "Drifting counters found by the last reconcile, by period and kind."
+    );
     metrics::describe_counter!(PLAN_RELOADS, "Plans-file reloads by result.");
     metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");
     metrics::describe_counter!(FLUSH_ERRORS, "Failed flusher passes.");
@@ -87,5 +102,11 @@ fn describe() {
 /// Counts one decision.
 pub fn decision(usage_type: &str, plan: &str, outcome: &'static str) {
     metrics::counter!(DECISIONS, "type" => usage_type.to_owned(), "plan" => plan.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// Counts one decision that left a counter at 80 % or more of its limit.
+pub fn near_limit(usage_type: &str, plan: &str) {
+    metrics::counter!(NEAR_LIMIT, "type" => usage_type.to_owned(), "plan" => plan.to_owned())
         .increment(1);
 }

@@ -246,7 +246,14 @@ impl Quota {
             (false, true) => "allowed",
             (false, false) => "denied",
         };
-        m::decision(&ty.name, decision.plan.as_deref().unwrap_or(""), outcome);
+        let plan = decision.plan.as_deref().unwrap_or("");
+        m::decision(&ty.name, plan, outcome);
+        // Near the limit: 80 % or more used after this decision (a signal to nudge an upgrade).
+        if let (Some(used), Some(limit)) = (decision.counter.used, decision.counter.limit) {
+            if limit > 0 && used * 5 >= limit * 4 {
+                m::near_limit(&ty.name, plan);
+            }
+        }
         Ok(decision)
     }
 

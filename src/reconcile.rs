@@ -203,6 +203,18 @@ pub async fn reconcile(
             });
         }
     }
+    for kind in [
+        DriftKind::MissingInPostgres,
+        DriftKind::MissingInRedis,
+        DriftKind::Different,
+    ] {
+        let n = report.drift.iter().filter(|d| d.kind == kind).count();
+        let label = serde_json::to_value(kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        metrics::gauge!(crate::metrics::RECONCILE_DRIFT, "period" => report.period.clone(), "kind" => label).set(n as f64);
+    }
     if repair && !report.drift.is_empty() {
         report.repaired = self::repair(&store, pool, period, &report.drift).await?;
     }

@@ -285,12 +285,8 @@ pub struct RefundRequest {
 #[derive(Serialize)]
 struct RefundJson<'a> {
     refunded: u64,
-    user_id: Uuid,
-    #[serde(rename = "type")]
-    usage_type: &'a str,
-    plan: &'a str,
     #[serde(flatten)]
-    counter: CounterJson,
+    counter: CounterOfUser<'a>,
 }
 
 /// `POST /v1/refund`: give back one earlier consume, once.
@@ -302,10 +298,12 @@ pub async fn refund(
     let r = state.quota.refund(user, &body.idempotency_key).await?;
     let json = RefundJson {
         refunded: r.amount,
-        user_id: r.user,
-        usage_type: &r.usage_type,
-        plan: &r.plan,
-        counter: (&r.counter).into(),
+        counter: CounterOfUser {
+            user_id: r.user,
+            usage_type: &r.usage_type,
+            plan: &r.plan,
+            counter: (&r.counter).into(),
+        },
     };
     Ok(Json(json).into_response())
 }
@@ -321,6 +319,7 @@ pub struct ReleaseRequest {
     amount: Option<Value>,
 }
 
+/// One user's counter of one type, as refund and release answer it.
 #[derive(Serialize)]
 struct CounterOfUser<'a> {
     user_id: Uuid,

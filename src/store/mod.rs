@@ -238,13 +238,21 @@ impl RedisStore {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             f(conn).await.map_err(classify)
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        let result = match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {} ms",
                 self.timeout.as_millis()
             ))),
+        };
+        if let Err(e) = &result {
+            let kind = match e {
+                StoreError::Unavailable(_) => "unavailable",
+                StoreError::Redis(_) => "error",
+            };
+            metrics::counter!(crate::metrics::REDIS_ERRORS, "kind" => kind).increment(1);
         }
+        result
     }
 
     /// Consume or track: one EVALSHA.

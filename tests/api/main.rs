@@ -10,5 +10,6 @@ mod outages;
 mod periods;
 mod plans;
 mod process;
+mod prometheus;
 
 pub mod helpers;
