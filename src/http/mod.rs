@@ -12,18 +12,22 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::quota::Quota;
+
+/// The header a request id travels in.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -91,7 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(record_latency))
+        .layer(middleware::from_fn(trace_request))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -166,21 +170,47 @@ async fn ready_gate(State(state): State<AppState>, request: Request, next: Next)
     next.run(request).await
 }
 
-async fn record_latency(request: Request, next: Next) -> Response {
+/// One span per request (method, route, request id; user, status and latency recorded as they
+/// become known), one `quotad::access` line when it ends, the latency histogram, and the
+/// `x-request-id` header: the caller's when it sent a sane one, else a new UUID, echoed back.
+async fn trace_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().clone();
-    let response = next.run(request).await;
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned);
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        route = %route,
+        request_id = %request_id,
+        user = tracing::field::Empty,
+        status = tracing::field::Empty,
+        latency_us = tracing::field::Empty,
+    );
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    span.record("status", status);
+    span.record("latency_us", elapsed.as_micros() as u64);
+    span.in_scope(|| tracing::info!(target: "quotad::access", "request"));
     metrics::histogram!(
         m::REQUEST_SECONDS,
         "route" => route,
         "method" => method.to_string(),
-        "status" => response.status().as_u16().to_string()
+        "status" => status.to_string()
     )
-    .record(started.elapsed());
+    .record(elapsed);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
     response
 }
 
@@ -276,9 +306,13 @@ fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     )
 }
 
-/// Parses a user id, in any of the usual UUID spellings.
+/// Parses a user id, in any of the usual UUID spellings, and records it on the request's span.
 pub fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw.trim()).map_err(|_| {
+    let parsed = Uuid::parse_str(raw.trim());
+    if let Ok(user) = &parsed {
+        tracing::Span::current().record("user", tracing::field::display(user));
+    }
+    parsed.map_err(|_| {
         ApiError::invalid(
             "INVALID_USER_ID",
             "user_id",

@@ -6,6 +6,7 @@ mod durability;
 mod errors;
 mod faults;
 mod idempotency;
+mod observability;
 mod outages;
 mod periods;
 mod plans;
