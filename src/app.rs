@@ -17,6 +17,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::db;
 use crate::flusher::Flusher;
+use crate::http::ui::LinkSigner;
 use crate::http::{self, AppState, Tokens};
 use crate::metrics as m;
 use crate::plans::PlanBook;
@@ -75,6 +76,7 @@ impl App {
             }),
             ready: Arc::new(AtomicBool::new(false)),
             metrics: m::install(),
+            links: Arc::new(LinkSigner::new(&link_secret(&config))),
         };
         Ok(App {
             config,
@@ -148,6 +150,19 @@ impl App {
             "quotad stopped; everything flushed"
         );
         Ok(())
+    }
+}
+
+/// The configured link key, or a random one (links then work on this replica only).
+fn link_secret(config: &Config) -> Vec<u8> {
+    match config.link_secret.as_deref().filter(|s| !s.is_empty()) {
+        Some(secret) => secret.as_bytes().to_vec(),
+        None => {
+            tracing::warn!("QUOTAD_LINK_SECRET is not set: usage-page links will only work on this replica, until it restarts");
+            let mut key = uuid::Uuid::new_v4().as_bytes().to_vec();
+            key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+            key
+        }
     }
 }
 

@@ -110,6 +110,10 @@ pub struct Config {
         hide_env_values = true
     )]
     pub admin_tokens: Vec<String>,
+    /// Key that signs usage-page links. Set the same on every replica; when unset, a random key
+    /// is made at start-up and links work only on the replica that issued them.
+    #[arg(long, env = "QUOTAD_LINK_SECRET", hide_env_values = true)]
+    pub link_secret: Option<String>,
     /// Deadline of one Redis call, in milliseconds; past it the type's fail policy decides.
     #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
@@ -199,6 +203,10 @@ impl fmt::Debug for Config {
             .field(
                 "admin_tokens",
                 &format_args!("[{} hidden]", self.admin_tokens().count()),
+            )
+            .field(
+                "link_secret",
+                &self.link_secret.as_ref().map(|_| "[hidden]"),
             )
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)

@@ -17,9 +17,9 @@ pub const BUILT_IN: &str = r#"upgrade_url = "/settings/billing"
 default_plan = "FREE"
 
 [types]
-ai_generation = { period = "month" }                     # when Redis fails: fail = "open" (default)
-export        = { period = "month" }
-kb_file       = { period = "lifetime", fail = "closed" }
+ai_generation = { period = "month", label = "AI generations" }   # when Redis fails: fail = "open" (default)
+export        = { period = "month", label = "Exports" }
+kb_file       = { period = "lifetime", fail = "closed", label = "Knowledge-base files" }
 
 [plans.FREE]
 ai_generation = 50
@@ -62,6 +62,8 @@ pub struct UsageType {
     pub period: PeriodKind,
     /// What to answer when Redis fails.
     pub fail: FailPolicy,
+    /// How the usage page names it, e.g. "AI generations" (default: the name, spaced).
+    pub label: String,
     /// Limit per plan name; `None` is unlimited.
     pub limits: BTreeMap<String, Option<u64>>,
     /// The limits flattened as the counting scripts take them: plan, limit, plan, limit…
@@ -107,6 +109,8 @@ struct TypeFile {
     period: PeriodKind,
     #[serde(default)]
     fail: FailPolicy,
+    #[serde(default)]
+    label: Option<String>,
 }
 
 impl Plans {
@@ -205,6 +209,7 @@ impl Plans {
                     name: name.clone(),
                     period: spec.period,
                     fail: spec.fail,
+                    label: spec.label.clone().unwrap_or_else(|| default_label(name)),
                     limits,
                     script_limits,
                 };
@@ -248,6 +253,16 @@ impl UsageType {
     pub fn limit(&self, plan: &str) -> Option<u64> {
         self.limits.get(plan).copied().flatten()
     }
+}
+
+/// `ai_generation` → `Ai generation`.
+fn default_label(name: &str) -> String {
+    let spaced = name.replace('_', " ");
+    let mut chars = spaced.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 fn valid_type_name(name: &str) -> bool {

@@ -4,6 +4,7 @@
 mod admin;
 mod health;
 mod quota;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Renders /metrics.
     pub metrics: PrometheusHandle,
+    /// Signs usage-page links.
+    pub links: Arc<ui::LinkSigner>,
 }
 
 /// Bearer tokens of the two scopes. With none, quotad serves loopback peers only.
@@ -71,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/release", post(quota::release))
         .route("/v1/users/{user_id}/usage", get(quota::usage))
         .route("/v1/plans", get(quota::plans))
+        .route("/v1/users/{user_id}/usage-link", post(ui::issue_link))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), Scope::Gateway),
             authorize,
@@ -85,8 +89,11 @@ pub fn router(state: AppState) -> Router {
             (state.clone(), Scope::Admin),
             authorize,
         ));
+    // The page checks its own access: an admin token or a signed link.
+    let page = Router::new().route("/ui/users/{user_id}", get(ui::usage_page));
     let api = gateway
         .merge(admin)
+        .merge(page)
         .route_layer(middleware::from_fn_with_state(state.clone(), ready_gate));
     Router::new()
         .merge(api)
@@ -151,7 +158,7 @@ async fn authorize(
 }
 
 /// Compares without an early exit, so response time does not reveal how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

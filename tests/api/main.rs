@@ -12,5 +12,6 @@ mod periods;
 mod plans;
 mod process;
 mod prometheus;
+mod ui;
 
 pub mod helpers;

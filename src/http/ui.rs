@@ -1,0 +1,311 @@
+//! The usage page (`GET /ui/users/{id}`): server-rendered HTML, no external assets, readable at
+//! phone width. Shown to an admin token, or to anyone holding a signed link that
+//! `POST /v1/users/{id}/usage-link` issues (HMAC-SHA256 over the user and an expiry), so an app
+//! can show its user their own page without giving out a token.
+
+use std::fmt::Write as _;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use uuid::Uuid;
+
+use super::{parse_user_id, ApiJson, AppState};
+use crate::error::ApiError;
+use crate::quota::Usage;
+
+/// Default and longest life of a signed link.
+const DEFAULT_TTL_SECS: i64 = 3600;
+const MAX_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// Signs and checks usage-page links.
+pub struct LinkSigner {
+    key: Vec<u8>,
+}
+
+impl LinkSigner {
+    /// A signer over `secret`.
+    pub fn new(secret: &[u8]) -> LinkSigner {
+        LinkSigner {
+            key: secret.to_vec(),
+        }
+    }
+
+    fn mac(&self, user: &Uuid, expires: i64) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+            .expect("HMAC takes any key length");
+        mac.update(format!("{user}:{expires}").as_bytes());
+        mac
+    }
+
+    /// The signature of a link to `user`'s page valid until `expires` (unix seconds).
+    pub fn sign(&self, user: &Uuid, expires: i64) -> String {
+        hex(&self.mac(user, expires).finalize().into_bytes())
+    }
+
+    /// Whether `sig` is the signature of (`user`, `expires`); compared in constant time.
+    pub fn verify(&self, user: &Uuid, expires: i64, sig: &str) -> bool {
+        unhex(sig).is_some_and(|bytes| self.mac(user, expires).verify_slice(&bytes).is_ok())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Body of `POST /v1/users/{id}/usage-link`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRequest {
+    /// How long the link works, in seconds (60 to 604800; default 3600).
+    #[serde(default)]
+    ttl_seconds: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct LinkJson {
+    url: String,
+    expires_at: DateTime<Utc>,
+}
+
+/// `POST /v1/users/{user_id}/usage-link`: a signed link to the user's usage page.
+pub async fn issue_link(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    ApiJson(body): ApiJson<LinkRequest>,
+) -> Result<Response, ApiError> {
+    let user = parse_user_id(&user_id)?;
+    let ttl = body.ttl_seconds.unwrap_or(DEFAULT_TTL_SECS);
+    if !(60..=MAX_TTL_SECS).contains(&ttl) {
+        return Err(ApiError::invalid(
+            "INVALID_TTL",
+            "ttl_seconds",
+            format!("ttl_seconds must be from 60 to {MAX_TTL_SECS} (7 days); got {ttl}."),
+        ));
+    }
+    let expires = state.quota.clock.now().timestamp() + ttl;
+    let sig = state.links.sign(&user, expires);
+    let json = LinkJson {
+        url: format!("/ui/users/{user}?expires={expires}&sig={sig}"),
+        expires_at: DateTime::from_timestamp(expires, 0).unwrap_or_default(),
+    };
+    Ok(Json(json).into_response())
+}
+
+/// Query of a signed link.
+#[derive(Debug, Deserialize)]
+pub struct LinkQuery {
+    expires: Option<i64>,
+    sig: Option<String>,
+}
+
+/// `GET /ui/users/{user_id}`: the usage page.
+pub async fn usage_page(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    Query(link): Query<LinkQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(user) = parse_user_id(&user_id) else {
+        return page_error(
+            StatusCode::BAD_REQUEST,
+            "This is not a user's usage page: the user id is not a UUID.",
+        );
+    };
+    if let Err(refusal) = admit(&state, &user, &link, &headers) {
+        return refusal;
+    }
+    match state.quota.usage(user).await {
+        Ok(usage) => {
+            let plans = state.quota.plans.current();
+            Html(render(&usage, &plans.upgrade_url, |ty| {
+                plans.usage_type(ty).map(|t| t.label.clone())
+            }))
+            .into_response()
+        }
+        Err(e) => page_error(
+            e.status,
+            "Usage cannot be shown right now; try again in a moment.",
+        ),
+    }
+}
+
+/// Who may see a page: anyone on loopback when quotad has no tokens; else an admin token, or a
+/// valid, unexpired signed link for this very user.
+fn admit(
+    state: &AppState,
+    user: &Uuid,
+    link: &LinkQuery,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
+    let tokens = &state.tokens;
+    if tokens.gateway.is_empty() && tokens.admin.is_empty() {
+        return Ok(()); // loopback-only mode: the authorize layer's rule applies to the listener
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if bearer.is_some_and(|b| {
+        tokens
+            .admin
+            .iter()
+            .any(|t| super::constant_time_eq(t.as_bytes(), b.as_bytes()))
+    }) {
+        return Ok(());
+    }
+    match (link.expires, link.sig.as_deref()) {
+        (Some(expires), Some(sig)) if state.links.verify(user, expires, sig) => {
+            if expires > state.quota.clock.now().timestamp() {
+                Ok(())
+            } else {
+                Err(page_error(
+                    StatusCode::FORBIDDEN,
+                    "This link has expired; ask the app for a new one.",
+                ))
+            }
+        }
+        (Some(_), Some(_)) => Err(page_error(StatusCode::FORBIDDEN, "This link is not valid.")),
+        _ => Err(page_error(
+            StatusCode::UNAUTHORIZED,
+            "This page needs a signed link or an admin token.",
+        )),
+    }
+}
+
+fn page_error(status: StatusCode, message: &str) -> Response {
+    let body = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Usage</title></head><body><main><h1>Usage</h1><p role=\"alert\">{}</p></main></body></html>",
+        escape(message)
+    );
+    (status, Html(body)).into_response()
+}
+
+/// Escapes text for HTML element content and attribute values.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+const STYLE: &str = "
+*{box-sizing:border-box}
+body{margin:0;font:16px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#111827;background:#f9fafb}
+main{max-width:36rem;margin:0 auto;padding:1.25rem}
+h1{font-size:1.4rem;margin:0 0 .25rem}
+.plan{margin:0 0 1.25rem;color:#374151}
+.row{background:#fff;border:1px solid #e5e7eb;border-radius:.6rem;padding:.85rem 1rem;margin-bottom:.75rem}
+.head{display:flex;justify-content:space-between;gap:1rem;font-weight:600}
+.count{font-variant-numeric:tabular-nums;white-space:nowrap}
+.track{height:.6rem;background:#e5e7eb;border-radius:.3rem;margin:.55rem 0 .35rem;overflow:hidden}
+.bar{height:100%;background:#2563eb;border-radius:.3rem}
+.bar.danger{background:#dc2626}
+.note{margin:0;font-size:.85rem;color:#6b7280}
+.upgrade{margin-top:1.25rem;padding:.85rem 1rem;border-radius:.6rem;background:#eff6ff}
+.upgrade a{color:#1d4ed8;font-weight:600}
+";
+
+/// The page for `usage`; `label` names a type.
+fn render(usage: &Usage, upgrade_url: &str, label: impl Fn(&str) -> Option<String>) -> String {
+    let mut rows = String::new();
+    let mut near_limit = false;
+    for (ty, (_, c)) in &usage.counters {
+        let used = c.used.unwrap_or(0);
+        let name = escape(&label(ty).unwrap_or_else(|| ty.clone()));
+        let id = format!("l-{ty}");
+        let note = match c.period.end() {
+            Some(end) => format!("resets {}", end.format("%-d %B %Y")),
+            None => "in total; does not reset".to_owned(),
+        };
+        let (count, bar) = match c.limit {
+            Some(limit) => {
+                let pct = if limit == 0 {
+                    100
+                } else {
+                    (used.saturating_mul(100) / limit).min(100)
+                };
+                near_limit |= limit == 0 || used * 5 >= limit * 4;
+                let class = if limit == 0 || used * 10 >= limit * 9 {
+                    "bar danger"
+                } else {
+                    "bar"
+                };
+                (
+                    format!("{used} / {limit}"),
+                    format!(
+                        "<div class=\"track\"><div class=\"{class}\" role=\"progressbar\" aria-labelledby=\"{id}\" aria-valuemin=\"0\" aria-valuemax=\"{limit}\" aria-valuenow=\"{}\" aria-valuetext=\"{used} of {limit} used\" style=\"width:{pct}%\"></div></div>",
+                        used.min(limit)
+                    ),
+                )
+            }
+            None => (format!("{used} / ∞"), String::new()),
+        };
+        let _ = write!(
+            rows,
+            "<div class=\"row\" data-type=\"{ty}\"><div class=\"head\"><span id=\"{id}\">{name}</span><span class=\"count\">{count}</span></div>{bar}<p class=\"note\">{note}</p></div>"
+        );
+    }
+    let upgrade = if near_limit {
+        format!(
+            "<p class=\"upgrade\">You are close to a limit of your plan. <a href=\"{}\">Upgrade your plan</a></p>",
+            escape(upgrade_url)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Your usage</title><style>{STYLE}</style></head><body><main><h1>Your usage</h1><p class=\"plan\">Plan: <strong>{}</strong></p><section aria-label=\"Usage\">{rows}</section>{upgrade}</main></body></html>",
+        escape(&usage.plan)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_verifies_for_its_user_and_expiry_only() {
+        let s = LinkSigner::new(b"secret");
+        let user = Uuid::nil();
+        let sig = s.sign(&user, 1_800_000_000);
+        assert!(s.verify(&user, 1_800_000_000, &sig));
+        assert!(!s.verify(&user, 1_800_000_001, &sig), "another expiry");
+        assert!(!s.verify(&Uuid::max(), 1_800_000_000, &sig), "another user");
+        assert!(
+            !LinkSigner::new(b"other").verify(&user, 1_800_000_000, &sig),
+            "another key"
+        );
+        assert!(!s.verify(&user, 1_800_000_000, "zz"));
+    }
+
+    #[test]
+    fn text_is_escaped() {
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+}
