@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy/ensure-services.sh
-# The usage page is checked in a real headless browser.
-deploy/ensure-browser.sh
+# Chromium for the usage page's browser test; openapi-spec-validator for /openapi.json.
+deploy/ensure-test-tools.sh
 
 # Tests read these; keep a caller's own values (e.g. a different Redis in CI).
 export QUOTAD_TEST_REDIS_URL="${QUOTAD_TEST_REDIS_URL:-redis://127.0.0.1:6379}"

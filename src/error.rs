@@ -21,10 +21,15 @@ pub struct ApiError {
     pub field: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// Every error's body.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": "amount must be a whole number from 1 to 1000000; got 0.", "code": "INVALID_AMOUNT", "field": "amount"}))]
+pub struct ErrorBody<'a> {
+    /// A sentence a person can act on.
     error: &'a str,
+    /// A stable machine-readable code.
     code: &'a str,
+    /// The request field at fault, if one is.
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
 }
@@ -141,7 +146,7 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
+        let body = ErrorBody {
             error: &self.message,
             code: self.code,
             field: self.field.as_deref(),

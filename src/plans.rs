@@ -43,7 +43,7 @@ const RESERVED_TYPE_NAMES: [&str; 3] = ["v", "p", "pv"];
 const MAX_LIMIT: i64 = 1_000_000_000_000_000;
 
 /// What to answer for a type when Redis cannot be reached in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FailPolicy {
     /// Allow the action and mark the answer `degraded`.

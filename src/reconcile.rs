@@ -19,7 +19,7 @@ use crate::period::Period;
 use crate::store::{RedisStore, StoreError, GRACE_DAYS};
 
 /// What reconcile found wrong with one counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DriftKind {
     /// Redis has it (and it is not waiting to be flushed); Postgres does not.
@@ -31,7 +31,7 @@ pub enum DriftKind {
 }
 
 /// One side's view of a counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Side {
     /// The count.
     pub count: i64,
@@ -40,7 +40,7 @@ pub struct Side {
 }
 
 /// One drifting counter.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Drift {
     /// The user.
     pub user_id: Uuid,
@@ -56,7 +56,7 @@ pub struct Drift {
 }
 
 /// The result of one reconcile.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Report {
     /// `2026-11` or `lifetime`.
     pub period: String,

@@ -6,13 +6,14 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::{ApiJson, AppState};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::period::{Period, PeriodKind};
-use crate::reconcile::{self, ReconcileError};
+use crate::reconcile::{self, ReconcileError, Report};
 
 /// Body of `POST /v1/admin/reconcile`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"period": "2026-11", "repair": false}))]
 pub struct ReconcileRequest {
     /// `2026-11` or `lifetime`; the current month when absent.
     #[serde(default)]
@@ -23,6 +24,20 @@ pub struct ReconcileRequest {
 }
 
 /// `POST /v1/admin/reconcile`: the drift between Redis and Postgres for one period.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/reconcile",
+    tag = "admin",
+    description = "Compare Redis with Postgres for one period (admin); with repair, write the newer side over the older.",
+    request_body = ReconcileRequest,
+    responses(
+        (status = 200, description = "The report", body = Report),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "Needs an admin token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn reconcile(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<ReconcileRequest>,

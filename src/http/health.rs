@@ -12,11 +12,21 @@ use super::AppState;
 use crate::db;
 
 /// `GET /healthz`: the process is alive and serving HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "ops", description = "Alive.",
+    responses((status = 200, description = "Alive", body = Object, example = json!({"status": "ok"}))))]
 pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
 /// `GET /readyz`: Redis answers, Postgres answers, and every migration is applied.
+#[utoipa::path(get, path = "/readyz", tag = "ops", description = "Ready: Redis and Postgres answer and migrations are applied.",
+    responses(
+        (status = 200, description = "Ready", body = Object,
+            example = json!({"status": "ready", "redis": "ok", "postgres": "ok", "started": true})),
+        (status = 503, description = "Not ready; the fields say which dependency", body = Object,
+            example = json!({"status": "not ready", "redis": "redis unavailable: no answer within 100 ms", "postgres": "ok",
+                "started": true, "code": "NOT_READY", "error": "quotad is not ready: see the redis and postgres fields."})),
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let redis = match state.quota.store.ping().await {
         Ok(()) => "ok".to_owned(),
@@ -46,6 +56,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "ops", description = "Prometheus text format.",
+    responses((status = 200, description = "Metrics", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(

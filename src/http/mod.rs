@@ -3,6 +3,7 @@
 
 mod admin;
 mod health;
+pub mod openapi;
 mod quota;
 pub mod ui;
 
@@ -100,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(trace_request))

@@ -9,10 +9,11 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{parse_user_id, ApiJson, AppState};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::period::PeriodKind;
 use crate::plans::{FailPolicy, Plans};
 use crate::quota::{known_type, unknown_plan, Action, CounterView, Decision, DecisionInput};
@@ -27,19 +28,31 @@ const MAX_META_NAME: usize = 64;
 const MAX_META_TEXT: usize = 1024;
 
 /// Body of consume, check and track.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "type": "ai_generation", "amount": 1,
+    "idempotency_key": "req-123", "metadata": {"prompt_tokens": 812, "completion_tokens": 240, "model": "m-1"}}))]
 pub struct DecisionRequest {
+    /// The user, a UUID.
+    #[schema(format = Uuid)]
     user_id: String,
+    /// A configured usage type (see `GET /v1/plans`).
     #[serde(rename = "type")]
     usage_type: String,
+    /// How much, 1 to 1,000,000; default 1.
     #[serde(default)]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000000)]
     amount: Option<Value>,
+    /// Makes a retry count once: the same key for the same user within 24 h returns the first answer.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255)]
     idempotency_key: Option<String>,
+    /// A plan the caller vouches for, overriding the stored one for this call.
     #[serde(default)]
     plan: Option<String>,
+    /// At most 16 entries; numbers are summed per counter, other values kept as the latest.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<serde_json::Map<String, Value>>,
 }
 
@@ -129,14 +142,21 @@ fn parse_metadata(
 }
 
 /// A counter in JSON: used, limit, remaining, unlimited and the period bounds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CounterJson {
+    /// Units used in the period; null when Redis could not be asked (degraded).
     used: Option<u64>,
+    /// The plan's limit; null when unlimited.
     limit: Option<u64>,
+    /// What is left; null when unlimited.
     remaining: Option<u64>,
+    /// The plan sets no limit (still counted).
     unlimited: bool,
+    /// First instant of the month; null for lifetime types.
     period_start: Option<DateTime<Utc>>,
+    /// First instant after the month (exclusive); null for lifetime types.
     period_end: Option<DateTime<Utc>>,
+    /// When the count starts again from 0; null for lifetime types.
     resets_at: Option<DateTime<Utc>>,
 }
 
@@ -155,8 +175,13 @@ impl From<&CounterView> for CounterJson {
     }
 }
 
-#[derive(Serialize)]
-struct DecisionJson<'a> {
+/// A decision. A refused consume (402) adds `code`, `upgrade_url` and `error`.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"allowed": true, "user_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "type": "ai_generation",
+    "plan": "FREE", "used": 12, "limit": 50, "remaining": 38, "unlimited": false,
+    "period_start": "2026-11-01T00:00:00Z", "period_end": "2026-12-01T00:00:00Z", "resets_at": "2026-12-01T00:00:00Z"}))]
+pub(crate) struct DecisionJson<'a> {
+    /// Allowed (and, for consume and track, counted).
     allowed: bool,
     user_id: Uuid,
     #[serde(rename = "type")]
@@ -164,12 +189,16 @@ struct DecisionJson<'a> {
     plan: Option<&'a str>,
     #[serde(flatten)]
     counter: CounterJson,
+    /// Present and true when Redis could not answer and the type fails open: allowed, not counted.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     degraded: bool,
+    /// `USAGE_LIMIT_EXCEEDED` on a refused consume.
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<&'static str>,
+    /// Where to upgrade, on a refused consume.
     #[serde(skip_serializing_if = "Option::is_none")]
     upgrade_url: Option<&'a str>,
+    /// A sentence for the user, on a refused consume.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -251,6 +280,15 @@ fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -
 }
 
 /// `POST /v1/consume`: check the limit and, if allowed, count.
+#[utoipa::path(
+    post,
+    path = "/v1/consume",
+    tag = "quota",
+    description = "Atomically check the limit and, if allowed, count. The one call a gateway makes before the action.",
+    request_body = DecisionRequest,
+    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "Idempotency key reused for a different call", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn consume(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<DecisionRequest>,
@@ -259,6 +297,15 @@ pub async fn consume(
 }
 
 /// `POST /v1/check`: the same decision, counting nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/check",
+    tag = "quota",
+    description = "The decision consume would make, counting nothing. Always 200; `allowed` says it.",
+    request_body = DecisionRequest,
+    responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn check(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<DecisionRequest>,
@@ -267,6 +314,15 @@ pub async fn check(
 }
 
 /// `POST /v1/track`: count without enforcing.
+#[utoipa::path(
+    post,
+    path = "/v1/track",
+    tag = "quota",
+    description = "Count without enforcing, for actions that already happened; `used` may exceed `limit`.",
+    request_body = DecisionRequest,
+    responses((status = 200, description = "Counted", body = DecisionJson), (status = 409, description = "Idempotency key reused for a different call", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn track(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<DecisionRequest>,
@@ -275,21 +331,36 @@ pub async fn track(
 }
 
 /// Body of refund.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "idempotency_key": "req-123"}))]
 pub struct RefundRequest {
+    /// The user, a UUID.
+    #[schema(format = Uuid)]
     user_id: String,
+    /// The key the consume (or track) was sent with.
     idempotency_key: String,
 }
 
-#[derive(Serialize)]
-struct RefundJson<'a> {
+/// A refund: the amount given back and the counter after it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RefundJson<'a> {
+    /// How much was given back.
     refunded: u64,
     #[serde(flatten)]
     counter: CounterOfUser<'a>,
 }
 
 /// `POST /v1/refund`: give back one earlier consume, once.
+#[utoipa::path(
+    post,
+    path = "/v1/refund",
+    tag = "quota",
+    description = "Give back exactly one earlier consume or track, named by its idempotency key. Once only.",
+    request_body = RefundRequest,
+    responses((status = 200, description = "Given back", body = RefundJson), (status = 404, description = "Unknown or expired key", body = ErrorBody), (status = 409, description = "Refunded before", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn refund(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefundRequest>,
@@ -309,28 +380,46 @@ pub async fn refund(
 }
 
 /// Body of release.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "type": "kb_file", "amount": 1}))]
 pub struct ReleaseRequest {
+    /// The user, a UUID.
+    #[schema(format = Uuid)]
     user_id: String,
+    /// A lifetime usage type.
     #[serde(rename = "type")]
     usage_type: String,
+    /// How much, 1 to 1,000,000; default 1.
     #[serde(default)]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000000)]
     amount: Option<Value>,
 }
 
 /// One user's counter of one type, as refund and release answer it.
-#[derive(Serialize)]
-struct CounterOfUser<'a> {
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CounterOfUser<'a> {
+    /// The user.
     user_id: Uuid,
+    /// The usage type.
     #[serde(rename = "type")]
     usage_type: &'a str,
+    /// The plan in force.
     plan: &'a str,
     #[serde(flatten)]
     counter: CounterJson,
 }
 
 /// `POST /v1/release`: lower a lifetime counter.
+#[utoipa::path(
+    post,
+    path = "/v1/release",
+    tag = "quota",
+    description = "Lower a lifetime counter by amount (a stored thing was deleted), never below 0. A month type is 400.",
+    request_body = ReleaseRequest,
+    responses((status = 200, description = "The counter after release", body = CounterOfUser), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn release(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<ReleaseRequest>,
@@ -347,21 +436,36 @@ pub async fn release(
     Ok(Json(json).into_response())
 }
 
-#[derive(Serialize)]
-struct UsageEntry {
+/// One type's counter on the usage read.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct UsageEntry {
+    /// `month` or `lifetime`.
     period: PeriodKind,
     #[serde(flatten)]
     counter: CounterJson,
 }
 
-#[derive(Serialize)]
-struct UsageJson {
+/// Every configured type's counter for one user.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct UsageJson {
+    /// The user.
     user_id: Uuid,
+    /// The plan in force.
     plan: String,
+    /// Counters by type name.
     usage: BTreeMap<String, UsageEntry>,
 }
 
 /// `GET /v1/users/{user_id}/usage`: every configured type's counter.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/usage",
+    tag = "quota",
+    description = "Every configured type: used, limit, remaining, period, resets_at; and the plan.",
+    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
+    responses((status = 200, description = "The usage", body = UsageJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn usage(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -388,22 +492,37 @@ pub async fn usage(
     Ok(Json(json).into_response())
 }
 
-#[derive(Serialize)]
-struct TypeJson {
+/// A usage type.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TypeJson {
+    /// `month` or `lifetime`.
     period: PeriodKind,
+    /// What happens when Redis does not answer: `open` or `closed`.
     fail: FailPolicy,
 }
 
-#[derive(Serialize)]
-struct PlansJson<'a> {
+/// The plans and types in force.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PlansJson<'a> {
+    /// The plan of a user with none stored.
     default_plan: &'a str,
+    /// Where refused users are sent.
     upgrade_url: &'a str,
+    /// Usage types by name.
     types: BTreeMap<&'a str, TypeJson>,
     /// Limit per plan and type; `null` = unlimited.
     plans: BTreeMap<&'a str, BTreeMap<&'a str, Option<u64>>>,
 }
 
 /// `GET /v1/plans`: the plans and types in force.
+#[utoipa::path(
+    get,
+    path = "/v1/plans",
+    tag = "quota",
+    description = "The plans and usage types in force.",
+    responses((status = 200, description = "The plans", body = PlansJson), (status = 401, description = "No or unknown token", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn plans(State(state): State<AppState>) -> Response {
     let plans = state.quota.plans.current();
     let json = PlansJson {
@@ -441,21 +560,38 @@ pub async fn plans(State(state): State<AppState>) -> Response {
 }
 
 /// Body of a plan change.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"plan": "PRO"}))]
 pub struct PlanRequest {
+    /// A configured plan.
     plan: String,
 }
 
-#[derive(Serialize)]
-struct PlanJson {
+/// A user's plan.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PlanJson {
+    /// The user.
     user_id: Uuid,
+    /// The plan in force.
     plan: String,
+    /// No plan is stored; the default applies.
     is_default: bool,
+    /// When it was last set.
     updated_at: Option<DateTime<Utc>>,
 }
 
 /// `PUT /v1/users/{user_id}/plan`: set a user's plan; in force on the next request everywhere.
+#[utoipa::path(
+    put,
+    path = "/v1/users/{user_id}/plan",
+    tag = "admin",
+    description = "Set a user's plan (admin). In force on the next request, on every replica.",
+    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
+    request_body = PlanRequest,
+    responses((status = 200, description = "Stored and in force", body = PlanJson), (status = 403, description = "Needs an admin token", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn put_plan(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -473,6 +609,15 @@ pub async fn put_plan(
 }
 
 /// `GET /v1/users/{user_id}/plan`: a user's plan.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/plan",
+    tag = "admin",
+    description = "Read a user's plan (admin).",
+    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
+    responses((status = 200, description = "The plan", body = PlanJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "Needs an admin token", body = ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn get_plan(
     State(state): State<AppState>,
     Path(user_id): Path<String>,

@@ -16,7 +16,7 @@ use sha2::Sha256;
 use uuid::Uuid;
 
 use super::{parse_user_id, ApiJson, AppState};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::quota::Usage;
 
 /// Default and longest life of a signed link.
@@ -74,21 +74,39 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Body of `POST /v1/users/{id}/usage-link`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"ttl_seconds": 3600}))]
 pub struct LinkRequest {
     /// How long the link works, in seconds (60 to 604800; default 3600).
     #[serde(default)]
     ttl_seconds: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct LinkJson {
+/// A signed link to a usage page.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct LinkJson {
+    /// Path of the page, with its expiry and signature.
     url: String,
+    /// When the link stops working.
     expires_at: DateTime<Utc>,
 }
 
 /// `POST /v1/users/{user_id}/usage-link`: a signed link to the user's usage page.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user_id}/usage-link",
+    tag = "ui",
+    description = "A signed link (HMAC, with an expiry) to the user's usage page, for an app to show its own user.",
+    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
+    request_body = LinkRequest,
+    responses(
+        (status = 200, description = "The link", body = LinkJson),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn issue_link(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -120,6 +138,23 @@ pub struct LinkQuery {
 }
 
 /// `GET /ui/users/{user_id}`: the usage page.
+#[utoipa::path(
+    get,
+    path = "/ui/users/{user_id}",
+    tag = "ui",
+    description = "The usage page: HTML, one bar per type. Needs an admin token or a signed link (expires and sig).",
+    params(
+        ("user_id" = String, Path, description = "The user, a UUID", format = Uuid),
+        ("expires" = Option<i64>, Query, description = "Unix time the link expires (from usage-link)"),
+        ("sig" = Option<String>, Query, description = "The link's signature (from usage-link)"),
+    ),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 401, description = "Neither a link nor an admin token", content_type = "text/html", body = String),
+        (status = 403, description = "A forged or expired link", content_type = "text/html", body = String),
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn usage_page(
     State(state): State<AppState>,
     Path(user_id): Path<String>,

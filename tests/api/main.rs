@@ -7,6 +7,7 @@ mod errors;
 mod faults;
 mod idempotency;
 mod observability;
+mod openapi;
 mod outages;
 mod periods;
 mod plans;

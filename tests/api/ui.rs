@@ -126,7 +126,7 @@ fn chromium(url: &str, shot: &PathBuf) -> String {
             .args(extra)
             .arg(url)
             .output()
-            .expect("chromium is installed (deploy/ensure-browser.sh installs it)");
+            .expect("chromium is installed (deploy/ensure-test-tools.sh installs it)");
         assert!(
             out.status.success(),
             "chromium failed: {}",
