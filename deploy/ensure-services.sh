@@ -2,6 +2,8 @@
 # Make sure the Redis and PostgreSQL that quotad's tests and local runs use are installed,
 # running and answering: Redis on 127.0.0.1:6379, Postgres on 127.0.0.1:5432 with password-less
 # (trust) TCP login as `postgres`. Idempotent: when both already answer, it only checks.
+# Also installs Prometheus, without using its service: tests/api/prometheus.rs runs
+# /usr/bin/prometheus itself on a free port, and CI checks deploy/prometheus/ with promtool.
 # Works without systemd (containers, CI), so services are started directly.
 set -euo pipefail
 
@@ -44,12 +46,19 @@ for bin in psql pg_isready pg_ctlcluster pg_lsclusters pg_createcluster; do
 done
 # postgresql-common can be present without any server version installed.
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || packages+=(postgresql)
-if ((${#packages[@]})); then
-  ((EUID == 0)) || die "missing ${packages[*]}; install them (needs root): apt-get install ${packages[*]}"
-  log "installing ${packages[*]}"
+# Debian's prometheus package provides /usr/bin/prometheus and /usr/bin/promtool. Its
+# recommends (node exporter, smartmontools, ...) are not wanted here. Nothing uses its service:
+# without systemd it is normally not started, and if it is, tests do not depend on port 9090.
+extra=()
+command -v promtool >/dev/null && [[ -x /usr/bin/prometheus ]] || extra+=(prometheus)
+wanted=("${packages[@]}" "${extra[@]}")
+if ((${#wanted[@]})); then
+  ((EUID == 0)) || die "missing ${wanted[*]}; install them (needs root): apt-get install ${wanted[*]}"
+  log "installing ${wanted[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${packages[@]}" >/dev/null
+  ((${#packages[@]} == 0)) || apt-get install -y -qq "${packages[@]}" >/dev/null
+  ((${#extra[@]} == 0)) || apt-get install -y -qq --no-install-recommends "${extra[@]}" >/dev/null
 fi
 
 # --- 2. Redis ---------------------------------------------------------------------------------

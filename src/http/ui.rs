@@ -64,7 +64,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -167,8 +167,8 @@ pub async fn usage_page(
             "This is not a user's usage page: the user id is not a UUID.",
         );
     };
-    if let Err(refusal) = admit(&state, &user, &link, &headers) {
-        return refusal;
+    if let Err((status, why)) = admit(&state, &user, &link, &headers) {
+        return page_error(status, why);
     }
     match state.quota.usage(user).await {
         Ok(usage) => {
@@ -192,7 +192,7 @@ fn admit(
     user: &Uuid,
     link: &LinkQuery,
     headers: &HeaderMap,
-) -> Result<(), Response> {
+) -> Result<(), (StatusCode, &'static str)> {
     let tokens = &state.tokens;
     if tokens.gateway.is_empty() && tokens.admin.is_empty() {
         return Ok(()); // loopback-only mode: the authorize layer's rule applies to the listener
@@ -215,14 +215,14 @@ fn admit(
             if expires > state.quota.clock.now().timestamp() {
                 Ok(())
             } else {
-                Err(page_error(
+                Err((
                     StatusCode::FORBIDDEN,
                     "This link has expired; ask the app for a new one.",
                 ))
             }
         }
-        (Some(_), Some(_)) => Err(page_error(StatusCode::FORBIDDEN, "This link is not valid.")),
-        _ => Err(page_error(
+        (Some(_), Some(_)) => Err((StatusCode::FORBIDDEN, "This link is not valid.")),
+        _ => Err((
             StatusCode::UNAUTHORIZED,
             "This page needs a signed link or an admin token.",
         )),
@@ -277,11 +277,10 @@ fn render(usage: &Usage, upgrade_url: &str, label: impl Fn(&str) -> Option<Strin
         };
         let (count, bar) = match c.limit {
             Some(limit) => {
-                let pct = if limit == 0 {
-                    100
-                } else {
-                    (used.saturating_mul(100) / limit).min(100)
-                };
+                let pct = used
+                    .saturating_mul(100)
+                    .checked_div(limit)
+                    .map_or(100, |p| p.min(100));
                 near_limit |= limit == 0 || used * 5 >= limit * 4;
                 let class = if limit == 0 || used * 10 >= limit * 9 {
                     "bar danger"

@@ -105,7 +105,7 @@ async fn a_link_request_with_a_bad_ttl_is_refused() {
 }
 
 /// Runs headless Chromium on `url`: the DOM after load, and a phone-width screenshot at `shot`.
-fn chromium(url: &str, shot: &PathBuf) -> String {
+fn chromium(url: &str, shot: &std::path::Path) -> String {
     let profile = std::env::temp_dir().join(format!("quotad-chromium-{}", Uuid::new_v4().simple()));
     let common = [
         "--headless",
