@@ -27,6 +27,8 @@ pub enum Command {
     /// Compare Redis with Postgres for one period, print the drift, optionally repair it.
     /// Exits 1 when drift remains, 0 when there is none (or all of it was repaired).
     Reconcile(ReconcileArgs),
+    /// Load-test a running quotad's consume, against the raw-Redis ceiling in the same run.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Arguments of `quotad reconcile`.
@@ -52,6 +54,10 @@ impl Command {
         match self {
             Command::Serve(c) | Command::Migrate(c) => c,
             Command::Reconcile(r) => &r.config,
+            Command::Bench(_) => {
+                static DEFAULTS: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+                DEFAULTS.get_or_init(Config::defaults)
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(config) => serve(config).await,
         Command::Migrate(config) => migrate(&config.database_url).await,
+        Command::Bench(args) => quotad::bench::run(&args).await.map(|_| ()),
         Command::Reconcile(args) => match reconcile(args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -64,9 +64,7 @@ impl RedisStore {
             pipe.zcard(&key)
                 .zrange_withscores(&key, 0, per_bucket as isize - 1);
         }
-        let replies: Vec<redis::Value> = self
-            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
         let mut scan = DirtyScan::default();
         for (b, pair) in buckets.iter().zip(replies.chunks(2)) {
             let card: u64 =
@@ -96,9 +94,7 @@ impl RedisStore {
         for b in 0..BUCKETS {
             pipe.zcard(self.dirty_key_of(b));
         }
-        let cards: Vec<u64> = self
-            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let cards: Vec<u64> = self.run_pipe(&pipe).await?;
         Ok(cards.into_iter().sum())
     }
 
@@ -111,8 +107,7 @@ impl RedisStore {
         for m in members {
             pipe.hgetall(self.counter_key(&m.user, m.period));
         }
-        self.with_conn(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        self.run_pipe(&pipe).await
     }
 
     /// Takes flushed members off their dirty sets where the counter's version is still the one
@@ -142,9 +137,7 @@ impl RedisStore {
             }
             pipe.invoke_script(&inv);
         }
-        let removed: Vec<i64> = self
-            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let removed: Vec<i64> = self.run_pipe(&pipe).await?;
         Ok(removed.into_iter().sum::<i64>().max(0) as u64)
     }
 
@@ -157,8 +150,7 @@ impl RedisStore {
         for (b, member) in garbage {
             pipe.zrem(self.dirty_key_of(*b), member).ignore();
         }
-        self.with_conn(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
+        self.run_pipe::<()>(&pipe).await
     }
 }
 

@@ -1,4 +1,4 @@
-//! Redis: the hot counters. [`RedisStore`] owns the connection pool, builds every key, runs the Lua
+//! Redis: the hot counters. [`RedisStore`] owns the connections, builds every key, runs the Lua
 //! scripts under a deadline, and speaks the domain (consume, check, refund…) to its callers.
 //!
 //! # Key format (schema version 1)
@@ -26,8 +26,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use deadpool_redis::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use deadpool_redis::redis::{self, AsyncCommands, RedisError};
-use deadpool_redis::{Pool, Runtime};
 use uuid::Uuid;
 
 use crate::period::Period;
@@ -158,29 +161,38 @@ pub struct Snapshot {
     pub plan: Option<(String, i64)>,
 }
 
+/// Multiplexed connections per store. Each pipelines every concurrent request over one socket;
+/// a few spread the client-side work over cores.
+const CONNECTIONS: usize = 4;
+
 /// The Redis side of quotad.
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool,
+    conns: Arc<[ConnectionManager]>,
+    next: Arc<AtomicUsize>,
     prefix: String,
     timeout: Duration,
 }
 
 impl RedisStore {
-    /// A store over a new pool for `url`; connects lazily.
+    /// A store for `url`; connects lazily, and reconnects by itself after Redis comes back.
+    ///
+    /// Not a checkout pool: a pool would check each connection on checkout (deadpool-redis sends
+    /// UNWATCH and PING), which made every consume three commands instead of one.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, String> {
-        let mut cfg = deadpool_redis::Config::from_url(url);
-        let mut pool_cfg = deadpool_redis::PoolConfig::default();
-        // A caller must never wait on the pool longer than on Redis itself.
-        pool_cfg.timeouts.wait = Some(timeout);
-        pool_cfg.timeouts.create = Some(timeout.max(Duration::from_millis(500)));
-        pool_cfg.timeouts.recycle = Some(timeout);
-        cfg.pool = Some(pool_cfg);
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
+        let client = redis::Client::open(url).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let conns = (0..CONNECTIONS)
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
         Ok(RedisStore {
-            pool,
+            conns: conns.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             prefix: prefix.to_owned(),
             timeout,
         })
@@ -224,35 +236,83 @@ impl RedisStore {
         format!("{user}:{}", period.id())
     }
 
-    /// Runs `f` with a pooled connection, under the Redis deadline.
+    /// Runs `f` with one of the connections (in turn), under the Redis deadline, once.
     async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let work = async {
-            let conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            f(conn).await.map_err(classify)
-        };
-        let result = match tokio::time::timeout(self.timeout, work).await {
-            Ok(result) => result,
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let result = self.attempt(deadline, f(self.conns[i].clone())).await;
+        self.count_error(&result);
+        result
+    }
+
+    /// Like [`Self::with_conn`], but a call that failed at the connection (typically one Redis
+    /// had already closed: a restarted or failed-over server) is sent once more, on a reconnected
+    /// connection, within the same deadline. Without this the first request after a Redis restart
+    /// would get the fail policy's answer. The resend could double a count only if Redis ran the
+    /// first send and then lost the connection before answering; a Redis that crashes there
+    /// loses the write too unless it persists every write (appendfsync always).
+    async fn with_retry<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let mut result = self.attempt(deadline, f(self.conns[i].clone())).await;
+        if matches!(&result, Err(StoreError::Unavailable(_)))
+            && tokio::time::Instant::now() < deadline
+        {
+            // The manager reconnects in the background; this send waits for it.
+            result = self.attempt(deadline, f(self.conns[i].clone())).await;
+        }
+        self.count_error(&result);
+        result
+    }
+
+    async fn attempt<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        work: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => result.map_err(classify),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {} ms",
                 self.timeout.as_millis()
             ))),
-        };
-        if let Err(e) = &result {
+        }
+    }
+
+    fn count_error<T>(&self, result: &Result<T, StoreError>) {
+        if let Err(e) = result {
             let kind = match e {
                 StoreError::Unavailable(_) => "unavailable",
                 StoreError::Redis(_) => "error",
             };
             metrics::counter!(crate::metrics::REDIS_ERRORS, "kind" => kind).increment(1);
         }
-        result
+    }
+
+    /// Runs a script invocation (EVALSHA; on NOSCRIPT it loads the script and runs it again).
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.with_retry(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await
+    }
+
+    /// Sends a pipeline, one round trip.
+    async fn run_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        self.with_retry(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
     }
 
     /// Consume or track: one EVALSHA.
@@ -283,9 +343,7 @@ impl RedisStore {
             };
         }
         inv.arg(&call.usage_type.script_limits);
-        let raw: (String, i64, String, i64, String) = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let raw: (String, i64, String, i64, String) = self.run_script(&inv).await?;
         Ok(to_reply(
             raw.0.as_str(),
             raw.1,
@@ -312,9 +370,7 @@ impl RedisStore {
             .arg(plan_override.unwrap_or(""))
             .arg(default_plan)
             .arg(&usage_type.script_limits);
-        let raw: (String, i64, String, i64) = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let raw: (String, i64, String, i64) = self.run_script(&inv).await?;
         Ok(to_reply(raw.0.as_str(), raw.1, raw.2, raw.3, Some(period)))
     }
 
@@ -334,9 +390,8 @@ impl RedisStore {
             .key(self.dirty_key(&user))
             .arg(period.id())
             .arg(Self::dirty_member(&user, period));
-        let (status, used, plan, usage_type, amount): (String, i64, String, String, i64) = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let (status, used, plan, usage_type, amount): (String, i64, String, String, i64) =
+            self.run_script(&inv).await?;
         Ok(match status.as_str() {
             "ok" => RefundReply::Refunded {
                 used: used.max(0) as u64,
@@ -366,9 +421,7 @@ impl RedisStore {
             .arg(usage_type)
             .arg(amount)
             .arg(Self::dirty_member(&user, period));
-        let (status, used, plan): (String, i64, String) = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let (status, used, plan): (String, i64, String) = self.run_script(&inv).await?;
         Ok((status == "ok").then(|| (used.max(0) as u64, (!plan.is_empty()).then_some(plan))))
     }
 
@@ -392,9 +445,7 @@ impl RedisStore {
         for (field, value) in &snap.fields {
             inv.arg(field).arg(value);
         }
-        let filled: i64 = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let filled: i64 = self.run_script(&inv).await?;
         Ok(filled == 1)
     }
 
@@ -414,9 +465,7 @@ impl RedisStore {
         for p in periods {
             inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
         }
-        let _: i64 = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let _: i64 = self.run_script(&inv).await?;
         Ok(())
     }
 
@@ -430,9 +479,7 @@ impl RedisStore {
         for p in periods {
             pipe.hgetall(self.counter_key(&user, *p));
         }
-        let maps: Vec<HashMap<String, String>> = self
-            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let maps: Vec<HashMap<String, String>> = self.run_pipe(&pipe).await?;
         Ok(maps
             .into_iter()
             .map(|m| m.contains_key("v").then_some(m))
@@ -502,8 +549,8 @@ mod tests {
         assert_eq!(crc16(b"123456789"), 0x31C3);
     }
 
-    #[test]
-    fn keys_carry_prefix_schema_and_bucket_tag() {
+    #[tokio::test]
+    async fn keys_carry_prefix_schema_and_bucket_tag() {
         let store = RedisStore::new("redis://127.0.0.1:1", "q", Duration::from_millis(10)).unwrap();
         let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
         let b = RedisStore::bucket(&user);

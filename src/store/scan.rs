@@ -41,9 +41,7 @@ impl RedisStore {
                 pipe.hgetall(self.counter_key(u, period));
                 pipe.zscore(self.dirty_key(u), Self::dirty_member(u, period));
             }
-            let replies: Vec<redis::Value> = self
-                .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
-                .await?;
+            let replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
             for (user, pair) in users.into_iter().zip(replies.chunks(2)) {
                 let fields: HashMap<String, String> = redis::from_redis_value_ref(&pair[0])
                     .map_err(|e| StoreError::Redis(e.into()))?;
@@ -67,9 +65,7 @@ impl RedisStore {
         inv.key(self.counter_key(&user, period))
             .key(self.dirty_key(&user))
             .arg(Self::dirty_member(&user, period));
-        let v: i64 = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let v: i64 = self.run_script(&inv).await?;
         Ok(v > 0)
     }
 
@@ -86,9 +82,7 @@ impl RedisStore {
         for (f, v) in fields {
             inv.arg(f).arg(v);
         }
-        let done: i64 = self
-            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let done: i64 = self.run_script(&inv).await?;
         Ok(done == 1)
     }
 }

@@ -9,6 +9,7 @@ mod idempotency;
 mod observability;
 mod openapi;
 mod outages;
+mod performance;
 mod periods;
 mod plans;
 mod process;

@@ -1,0 +1,672 @@
+//! `quotad bench`: a load generator that ships with quotad, as `redis-benchmark` ships with Redis.
+//!
+//! It drives a running quotad's `POST /v1/consume` with N distinct users over C keep-alive
+//! connections, closed loop (each connection sends its next request when the last is answered)
+//! or, with `--rate`, open loop at a constant offered load, where each request's latency is
+//! measured from its *intended* start so a stall is not hidden (no coordinated omission). In the
+//! same run it measures the ceiling: the same consume script sent straight to Redis by EVALSHA at
+//! the same concurrency, one connection per client and no pipelining. `--seed` also measures the
+//! original design: per request a `SELECT` of the count and a call of `increment_usage()` in
+//! Postgres (made in a scratch schema, dropped afterwards).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use deadpool_redis::redis;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+use crate::period::Period;
+use crate::plans::Plans;
+use crate::store::{scripts, RedisStore};
+
+/// Arguments of `quotad bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// quotad's base URL (http only).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Distinct users, taken in turn.
+    #[arg(long, default_value_t = 10_000)]
+    pub users: usize,
+    /// Concurrent connections (clients).
+    #[arg(long, short = 'c', default_value_t = 50)]
+    pub connections: usize,
+    /// How long each measurement runs, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Offer a constant load of this many requests/s instead of a closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Usage type to consume.
+    #[arg(long = "type", default_value = "ai_generation")]
+    pub usage_type: String,
+    /// Plan sent with each call (an unlimited plan measures allowed answers); "" sends none.
+    #[arg(long, default_value = "PRO")]
+    pub plan: String,
+    /// Bearer token, when quotad has tokens configured.
+    #[arg(long, env = "QUOTAD_BENCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Skip the first-use request per user (then first uses, with their hydration, are measured).
+    #[arg(long)]
+    pub no_warmup: bool,
+    /// Redis for the ceiling measurement.
+    #[arg(
+        long,
+        env = "QUOTAD_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Skip the raw-Redis ceiling.
+    #[arg(long)]
+    pub no_redis: bool,
+    /// Also measure the original design (SELECT + increment_usage() per request) in Postgres.
+    #[arg(long)]
+    pub seed: bool,
+    /// Postgres for `--seed`.
+    #[arg(
+        long,
+        env = "QUOTAD_DATABASE_URL",
+        default_value = "postgres://127.0.0.1:5432/quotad"
+    )]
+    pub database_url: String,
+}
+
+/// The figures of one measurement.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    /// What was measured.
+    pub name: String,
+    /// Answered requests per second.
+    pub rate: f64,
+    /// Latency percentiles in microseconds: p50, p90, p99, p99.9.
+    pub percentiles: [f64; 4],
+    /// Requests answered.
+    pub ok: u64,
+    /// Requests that failed (connection errors, unexpected statuses).
+    pub errors: u64,
+}
+
+impl Figures {
+    fn from_samples(name: &str, mut micros: Vec<u32>, errors: u64, elapsed: Duration) -> Figures {
+        micros.sort_unstable();
+        let pick = |p: f64| {
+            if micros.is_empty() {
+                0.0
+            } else {
+                micros[((micros.len() - 1) as f64 * p).round() as usize] as f64
+            }
+        };
+        Figures {
+            name: name.to_owned(),
+            rate: micros.len() as f64 / elapsed.as_secs_f64(),
+            percentiles: [pick(0.5), pick(0.9), pick(0.99), pick(0.999)],
+            ok: micros.len() as u64,
+            errors,
+        }
+    }
+
+    /// One line: rate, percentiles in ms, errors.
+    pub fn line(&self) -> String {
+        let ms = |us: f64| us / 1000.0;
+        format!(
+            "{:<38} {:>9.0} req/s   p50 {:>6.3} ms  p90 {:>6.3} ms  p99 {:>6.3} ms  p99.9 {:>6.3} ms   errors {}",
+            self.name,
+            self.rate,
+            ms(self.percentiles[0]),
+            ms(self.percentiles[1]),
+            ms(self.percentiles[2]),
+            ms(self.percentiles[3]),
+            self.errors
+        )
+    }
+}
+
+/// Runs the benchmark and prints its figures; returns them (quotad first).
+pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
+    let addr = args
+        .url
+        .strip_prefix("http://")
+        .ok_or("--url must start with http://")?
+        .trim_end_matches('/')
+        .to_owned();
+    let users: Arc<Vec<Uuid>> = Arc::new((0..args.users.max(1)).map(|_| Uuid::new_v4()).collect());
+    let load = match args.rate {
+        Some(r) => format!("open loop at {r:.0} req/s"),
+        None => "closed loop".to_owned(),
+    };
+    println!(
+        "quotad bench: {} users, {} connections, {:.0} s each, {load}",
+        users.len(),
+        args.connections,
+        args.duration
+    );
+    let mut all = Vec::new();
+
+    let requests: Arc<Vec<Vec<u8>>> =
+        Arc::new(users.iter().map(|u| http_request(&addr, args, u)).collect());
+    if !args.no_warmup {
+        let started = Instant::now();
+        drive(args.connections, None, Duration::ZERO, Some(users.len()), {
+            let (addr, requests) = (addr.clone(), requests.clone());
+            move |_| HttpClient::new(addr.clone(), requests.clone())
+        })
+        .await?;
+        println!(
+            "  (warm-up: one call per user in {:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let f = measure("quotad HTTP consume", args, {
+        let (addr, requests) = (addr.clone(), requests.clone());
+        move |_| HttpClient::new(addr.clone(), requests.clone())
+    })
+    .await?;
+    println!("{}", f.line());
+    all.push(f);
+
+    if !args.no_redis {
+        let raw = RawRedis::prepare(&args.redis_url, &users, &args.usage_type).await?;
+        let f = measure("raw Redis EVALSHA (same script)", args, {
+            let raw = raw.clone();
+            move |_| raw.client()
+        })
+        .await;
+        raw.cleanup().await;
+        let f = f?;
+        println!("{}", f.line());
+        println!(
+            "  quotad / raw Redis: {:.2}x the rate",
+            all[0].rate / f.rate
+        );
+        all.push(f);
+    }
+    if args.seed {
+        let seed = seed::Seed::prepare(
+            &args.database_url,
+            args.connections,
+            &users,
+            &args.usage_type,
+        )
+        .await?;
+        let f = measure("seed design (SELECT + increment_usage)", args, {
+            let seed = seed.clone();
+            move |i| seed.client(i)
+        })
+        .await;
+        seed.cleanup().await;
+        let f = f?;
+        println!("{}", f.line());
+        println!(
+            "  quotad / seed design: {:.1}x the rate",
+            all[0].rate / f.rate
+        );
+        all.push(f);
+    }
+    Ok(all)
+}
+
+/// A client that makes one request at a time.
+trait Client: Send + 'static {
+    /// Makes request number `n` (users are taken in turn); Ok(true) if answered as expected.
+    fn call(&mut self, n: usize) -> impl std::future::Future<Output = Result<bool, String>> + Send;
+}
+
+async fn measure<C, F>(name: &str, args: &BenchArgs, make: F) -> Result<Figures, String>
+where
+    C: Client,
+    F: Fn(usize) -> futures_lite::BoxFut<C> + Send + Sync + 'static,
+{
+    let duration = Duration::from_secs_f64(args.duration);
+    let started = Instant::now();
+    let (samples, errors) = drive(args.connections, args.rate, duration, None, make).await?;
+    Ok(Figures::from_samples(
+        name,
+        samples,
+        errors,
+        started.elapsed(),
+    ))
+}
+
+/// Runs `clients` clients for `duration` (or until `total` calls are made), closed loop or at
+/// `rate` requests/s in all; returns latency samples (µs) and the error count.
+async fn drive<C, F>(
+    clients: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    total: Option<usize>,
+    make: F,
+) -> Result<(Vec<u32>, u64), String>
+where
+    C: Client,
+    F: Fn(usize) -> futures_lite::BoxFut<C> + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let clients = clients.max(1);
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let end = start + duration;
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let make = make.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = make(i).await?;
+            let mut samples = Vec::new();
+            let mut errors = 0u64;
+            let interval = rate.map(|r| Duration::from_secs_f64(clients as f64 / r));
+            let mut n = i;
+            let mut k = 0u32;
+            tokio::time::sleep_until(start).await;
+            loop {
+                if let Some(total) = total {
+                    if n >= total {
+                        break;
+                    }
+                } else if tokio::time::Instant::now() >= end {
+                    break;
+                }
+                // Open loop: the intended start; a late request still counts from it.
+                let intended = match interval {
+                    Some(iv) => {
+                        let at = start + iv * k + iv.mul_f64(i as f64 / clients as f64);
+                        if at >= end {
+                            break;
+                        }
+                        tokio::time::sleep_until(at).await;
+                        at
+                    }
+                    None => tokio::time::Instant::now(),
+                };
+                match client.call(n).await {
+                    Ok(true) => {
+                        samples.push(intended.elapsed().as_micros().min(u32::MAX as u128) as u32)
+                    }
+                    Ok(false) => errors += 1,
+                    Err(e) => return Err(e),
+                }
+                n += clients;
+                k += 1;
+            }
+            Ok::<_, String>((samples, errors))
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (s, e) = t.await.map_err(|e| e.to_string())??;
+        samples.extend(s);
+        errors += e;
+    }
+    Ok((samples, errors))
+}
+
+/// Boxed futures without another crate.
+mod futures_lite {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    /// A boxed, sendable future that makes a client.
+    pub type BoxFut<C> = Pin<Box<dyn Future<Output = Result<C, String>> + Send>>;
+
+    /// Boxes `f`.
+    pub fn boxed<C, F: Future<Output = Result<C, String>> + Send + 'static>(f: F) -> BoxFut<C> {
+        Box::pin(f)
+    }
+}
+
+fn http_request(addr: &str, args: &BenchArgs, user: &Uuid) -> Vec<u8> {
+    let mut body = format!(r#"{{"user_id":"{user}","type":"{}""#, args.usage_type);
+    if !args.plan.is_empty() {
+        body.push_str(&format!(r#","plan":"{}""#, args.plan));
+    }
+    body.push('}');
+    let auth = args
+        .token
+        .as_ref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "POST /v1/consume HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A minimal HTTP/1.1 keep-alive client: sends prepared requests, reads status and body.
+struct HttpClient {
+    stream: TcpStream,
+    requests: Arc<Vec<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl HttpClient {
+    fn new(addr: String, requests: Arc<Vec<Vec<u8>>>) -> futures_lite::BoxFut<HttpClient> {
+        futures_lite::boxed(async move {
+            let stream = TcpStream::connect(&addr)
+                .await
+                .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            Ok(HttpClient {
+                stream,
+                requests,
+                buf: Vec::with_capacity(4096),
+            })
+        })
+    }
+}
+
+impl Client for HttpClient {
+    async fn call(&mut self, n: usize) -> Result<bool, String> {
+        let req = &self.requests[n % self.requests.len()];
+        self.stream
+            .write_all(req)
+            .await
+            .map_err(|e| format!("sending: {e}"))?;
+        self.buf.clear();
+        let (head_end, status, length) = loop {
+            let mut chunk = [0u8; 4096];
+            let read = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("reading: {e}"))?;
+            if read == 0 {
+                return Err("quotad closed the connection".into());
+            }
+            self.buf.extend_from_slice(&chunk[..read]);
+            if let Some(pos) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..pos]).map_err(|e| e.to_string())?;
+                let status: u16 = head
+                    .get(9..12)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("no status line")?;
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                break (pos + 4, status, length);
+            }
+        };
+        while self.buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            let read = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("reading: {e}"))?;
+            if read == 0 {
+                return Err("quotad closed the connection".into());
+            }
+            self.buf.extend_from_slice(&chunk[..read]);
+        }
+        Ok(status == 200)
+    }
+}
+
+/// The ceiling: the consume script straight to Redis, one connection per client.
+#[derive(Clone)]
+struct RawRedis {
+    client: redis::Client,
+    store: RedisStore,
+    prefix: String,
+    users: Arc<Vec<Uuid>>,
+    usage_type: String,
+    limits: Arc<Vec<String>>,
+}
+
+struct RawRedisClient {
+    conn: redis::aio::MultiplexedConnection,
+    raw: RawRedis,
+    keys: Vec<(String, String, String)>,
+}
+
+const BENCH_PERIOD: Period = Period::Month {
+    year: 2026,
+    month: 11,
+};
+
+impl RawRedis {
+    async fn prepare(
+        url: &str,
+        users: &Arc<Vec<Uuid>>,
+        usage_type: &str,
+    ) -> Result<RawRedis, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("--redis-url: {e}"))?;
+        let prefix = format!("qbench{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let store = RedisStore::new(url, &prefix, Duration::from_secs(5))?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        // Loaded counters, as quotad's are after their first use.
+        for chunk in users.chunks(10_000) {
+            let mut pipe = redis::pipe();
+            for u in chunk {
+                pipe.hset(store.counter_key(u, BENCH_PERIOD), "v", 0)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+        }
+        let plans = Plans::built_in();
+        let limits = plans
+            .usage_type(usage_type)
+            .map(|t| t.script_limits.clone())
+            .unwrap_or_default();
+        Ok(RawRedis {
+            client,
+            store,
+            prefix,
+            users: users.clone(),
+            usage_type: usage_type.to_owned(),
+            limits: Arc::new(limits),
+        })
+    }
+
+    fn client(&self) -> futures_lite::BoxFut<RawRedisClient> {
+        let raw = self.clone();
+        futures_lite::boxed(async move {
+            // Its own connection: no pipelining across clients.
+            let conn = raw
+                .client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            let keys = raw
+                .users
+                .iter()
+                .map(|u| {
+                    (
+                        raw.store.counter_key(u, BENCH_PERIOD),
+                        raw.store.dirty_key(u),
+                        RedisStore::dirty_member(u, BENCH_PERIOD),
+                    )
+                })
+                .collect();
+            Ok(RawRedisClient { conn, raw, keys })
+        })
+    }
+
+    async fn cleanup(&self) {
+        if let Ok(mut conn) = self.client.get_multiplexed_async_connection().await {
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = match redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{}:*", self.prefix))
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query_async(&mut conn)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                if !keys.is_empty() {
+                    let _: Result<i64, _> =
+                        redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await;
+                }
+                if next == 0 {
+                    return;
+                }
+                cursor = next;
+            }
+        }
+    }
+}
+
+impl Client for RawRedisClient {
+    async fn call(&mut self, n: usize) -> Result<bool, String> {
+        let (hash, dirty, member) = &self.keys[n % self.keys.len()];
+        let mut inv = scripts::CONSUME.prepare_invoke();
+        inv.key(hash)
+            .key(dirty)
+            .arg("consume")
+            .arg(&self.raw.usage_type)
+            .arg(1)
+            .arg(member)
+            .arg("PRO")
+            .arg("FREE")
+            .arg(86_400)
+            .arg(BENCH_PERIOD.id())
+            .arg(crate::store::MAX_METADATA_NAMES)
+            .arg(0)
+            .arg(self.raw.limits.as_slice());
+        let reply: Result<(String, i64, String, i64, String), _> =
+            inv.invoke_async(&mut self.conn).await;
+        Ok(reply.is_ok_and(|r| r.0 == "ok"))
+    }
+}
+
+mod seed {
+    //! The original design, for comparison: per request a SELECT of the count, then the
+    //! `increment_usage()` function of the original migration, in a scratch schema.
+
+    use std::sync::Arc;
+
+    use chrono::{DateTime, Utc};
+    use sqlx::postgres::PgPoolOptions;
+    use sqlx::PgPool;
+    use uuid::Uuid;
+
+    use super::{futures_lite, Client, BENCH_PERIOD};
+
+    #[derive(Clone)]
+    pub struct Seed {
+        pool: PgPool,
+        schema: String,
+        users: Arc<Vec<Uuid>>,
+        usage_type: String,
+    }
+
+    pub struct SeedClient {
+        seed: Seed,
+        select: String,
+        increment: String,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    }
+
+    impl Seed {
+        pub async fn prepare(
+            url: &str,
+            clients: usize,
+            users: &Arc<Vec<Uuid>>,
+            usage_type: &str,
+        ) -> Result<Seed, String> {
+            let pool = PgPoolOptions::new()
+                .max_connections(clients as u32)
+                .connect(url)
+                .await
+                .map_err(|e| format!("--database-url: {e}"))?;
+            let schema = format!(
+                "quotad_bench_seed_{}",
+                &Uuid::new_v4().simple().to_string()[..8]
+            );
+            let ddl = format!(
+                r#"CREATE SCHEMA {schema};
+                CREATE TABLE {schema}.usage_tracking (
+                    id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, type text NOT NULL,
+                    count integer NOT NULL DEFAULT 0, period_start timestamptz NOT NULL, period_end timestamptz NOT NULL,
+                    metadata jsonb DEFAULT '{{}}'::jsonb, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now(),
+                    UNIQUE (user_id, type, period_start));
+                CREATE FUNCTION {schema}.increment_usage(p_user_id uuid, p_type text, p_period_start timestamptz,
+                    p_period_end timestamptz, p_metadata jsonb DEFAULT '{{}}'::jsonb) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN
+                  INSERT INTO {schema}.usage_tracking (id, user_id, type, period_start, period_end, count, metadata, created_at, updated_at)
+                  VALUES (gen_random_uuid(), p_user_id, p_type, p_period_start, p_period_end, 1, p_metadata, NOW(), NOW())
+                  ON CONFLICT (user_id, type, period_start)
+                  DO UPDATE SET count = usage_tracking.count + 1, metadata = p_metadata, updated_at = NOW();
+                END; $$;"#
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
+                .execute(&pool)
+                .await
+                .map_err(|e| format!("seed schema: {e}"))?;
+            Ok(Seed {
+                pool,
+                schema,
+                users: users.clone(),
+                usage_type: usage_type.to_owned(),
+            })
+        }
+
+        pub fn client(&self, _: usize) -> futures_lite::BoxFut<SeedClient> {
+            let seed = self.clone();
+            futures_lite::boxed(async move {
+                let s = &seed.schema;
+                Ok(SeedClient {
+                    select: format!(
+                        "SELECT count FROM {s}.usage_tracking WHERE user_id = $1 AND type = $2 AND period_start >= $3"
+                    ),
+                    increment: format!("SELECT {s}.increment_usage($1, $2, $3, $4, '{{}}'::jsonb)"),
+                    start: BENCH_PERIOD.start(),
+                    end: BENCH_PERIOD.end().expect("a month ends"),
+                    seed,
+                })
+            })
+        }
+
+        pub async fn cleanup(&self) {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA {} CASCADE",
+                self.schema
+            )))
+            .execute(&self.pool)
+            .await;
+            self.pool.close().await;
+        }
+    }
+
+    impl Client for SeedClient {
+        async fn call(&mut self, n: usize) -> Result<bool, String> {
+            let user = self.seed.users[n % self.seed.users.len()];
+            let pool = &self.seed.pool;
+            let current: Result<Option<i32>, _> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(self.select.as_str()))
+                    .bind(user)
+                    .bind(&self.seed.usage_type)
+                    .bind(self.start)
+                    .fetch_optional(pool)
+                    .await;
+            if current.is_err() {
+                return Ok(false);
+            }
+            let done = sqlx::query(sqlx::AssertSqlSafe(self.increment.as_str()))
+                .bind(user)
+                .bind(&self.seed.usage_type)
+                .bind(self.start)
+                .bind(self.end)
+                .execute(pool)
+                .await;
+            Ok(done.is_ok())
+        }
+    }
+}
