@@ -65,6 +65,9 @@ pub struct BenchArgs {
     /// Also measure the original design (SELECT + increment_usage() per request) in Postgres.
     #[arg(long)]
     pub seed: bool,
+    /// Repeat the measurements this many times and print the median of each.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
     /// Postgres for `--seed`.
     #[arg(
         long,
@@ -143,8 +146,6 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         args.connections,
         args.duration
     );
-    let mut all = Vec::new();
-
     let requests: Arc<Vec<Vec<u8>>> =
         Arc::new(users.iter().map(|u| http_request(&addr, args, u)).collect());
     if !args.no_warmup {
@@ -159,53 +160,110 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             started.elapsed().as_secs_f64()
         );
     }
-    let f = measure("quotad HTTP consume", args, {
-        let (addr, requests) = (addr.clone(), requests.clone());
-        move |_| HttpClient::new(addr.clone(), requests.clone())
-    })
-    .await?;
-    println!("{}", f.line());
-    all.push(f);
-
-    if !args.no_redis {
-        let raw = RawRedis::prepare(&args.redis_url, &users, &args.usage_type).await?;
-        let f = measure("raw Redis EVALSHA (same script)", args, {
-            let raw = raw.clone();
-            move |_| raw.client()
-        })
-        .await;
+    let raw = match args.no_redis {
+        true => None,
+        false => Some(RawRedis::prepare(&args.redis_url, &users, &args.usage_type).await?),
+    };
+    let seed = match args.seed {
+        true => Some(
+            seed::Seed::prepare(
+                &args.database_url,
+                args.connections,
+                &users,
+                &args.usage_type,
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    let mut runs: Vec<Vec<Figures>> = Vec::new();
+    let outcome = async {
+        for run in 1..=args.runs.max(1) {
+            if args.runs > 1 {
+                println!("run {run}/{}:", args.runs);
+            }
+            let mut figures = vec![
+                measure("quotad HTTP consume", args, {
+                    let (addr, requests) = (addr.clone(), requests.clone());
+                    move |_| HttpClient::new(addr.clone(), requests.clone())
+                })
+                .await?,
+            ];
+            if let Some(raw) = &raw {
+                let raw = raw.clone();
+                figures.push(
+                    measure("raw Redis EVALSHA (same script)", args, move |_| {
+                        raw.client()
+                    })
+                    .await?,
+                );
+            }
+            if let Some(seed) = &seed {
+                let seed = seed.clone();
+                figures.push(
+                    measure("seed design (SELECT + increment_usage)", args, move |i| {
+                        seed.client(i)
+                    })
+                    .await?,
+                );
+            }
+            report(&figures);
+            runs.push(figures);
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Some(raw) = &raw {
         raw.cleanup().await;
-        let f = f?;
-        println!("{}", f.line());
-        println!(
-            "  quotad / raw Redis: {:.2}x the rate",
-            all[0].rate / f.rate
-        );
-        all.push(f);
     }
-    if args.seed {
-        let seed = seed::Seed::prepare(
-            &args.database_url,
-            args.connections,
-            &users,
-            &args.usage_type,
-        )
-        .await?;
-        let f = measure("seed design (SELECT + increment_usage)", args, {
-            let seed = seed.clone();
-            move |i| seed.client(i)
-        })
-        .await;
+    if let Some(seed) = &seed {
         seed.cleanup().await;
-        let f = f?;
-        println!("{}", f.line());
-        println!(
-            "  quotad / seed design: {:.1}x the rate",
-            all[0].rate / f.rate
-        );
-        all.push(f);
     }
-    Ok(all)
+    outcome?;
+    if runs.len() == 1 {
+        return Ok(runs.remove(0));
+    }
+    // The median of each figure over the runs.
+    let medians: Vec<Figures> = (0..runs[0].len())
+        .map(|i| {
+            let mut by_rate: Vec<&Figures> = runs.iter().map(|r| &r[i]).collect();
+            by_rate.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+            let mut f = by_rate[by_rate.len() / 2].clone();
+            for (p, slot) in f.percentiles.iter_mut().enumerate() {
+                let mut v: Vec<f64> = runs.iter().map(|r| r[i].percentiles[p]).collect();
+                v.sort_by(f64::total_cmp);
+                *slot = v[v.len() / 2];
+            }
+            f.name = format!("median: {}", f.name);
+            f
+        })
+        .collect();
+    println!("median of {} runs:", runs.len());
+    for f in &medians {
+        println!("{}", f.line());
+    }
+    let ratios = |i: usize| {
+        let mut v: Vec<f64> = runs.iter().map(|r| r[0].rate / r[i].rate).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, other) in runs[0].iter().enumerate().skip(1) {
+        println!("  median ratio quotad / {}: {:.2}x", other.name, ratios(i));
+    }
+    Ok(medians)
+}
+
+fn report(figures: &[Figures]) {
+    for f in figures {
+        println!("{}", f.line());
+    }
+    for f in &figures[1..] {
+        println!(
+            "  quotad / {}: {:.2}x the rate",
+            f.name,
+            figures[0].rate / f.rate
+        );
+    }
 }
 
 /// A client that makes one request at a time.
@@ -243,15 +301,18 @@ where
     C: Client,
     F: Fn(usize) -> futures_lite::BoxFut<C> + Send + Sync + 'static,
 {
-    let make = Arc::new(make);
     let clients = clients.max(1);
-    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    // Every client connects first; the clock starts when all are ready, so set-up time is not
+    // counted as latency.
+    let mut ready = Vec::with_capacity(clients);
+    for i in 0..clients {
+        ready.push(make(i).await?);
+    }
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let end = start + duration;
     let mut tasks = Vec::with_capacity(clients);
-    for i in 0..clients {
-        let make = make.clone();
+    for (i, mut client) in ready.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            let mut client = make(i).await?;
             let mut samples = Vec::new();
             let mut errors = 0u64;
             let interval = rate.map(|r| Duration::from_secs_f64(clients as f64 / r));
@@ -266,15 +327,22 @@ where
                 } else if tokio::time::Instant::now() >= end {
                     break;
                 }
-                // Open loop: the intended start; a late request still counts from it.
+                // Open loop: a request the service made late (the previous answer came after
+                // this one's intended start) counts from its intended start, so a stall shows in
+                // full. A request that was only waiting for its slot counts from when it was
+                // sent: the timer's own wake-up delay (up to a millisecond) is not the service's.
                 let intended = match interval {
                     Some(iv) => {
                         let at = start + iv * k + iv.mul_f64(i as f64 / clients as f64);
                         if at >= end {
                             break;
                         }
-                        tokio::time::sleep_until(at).await;
-                        at
+                        if tokio::time::Instant::now() < at {
+                            tokio::time::sleep_until(at).await;
+                            tokio::time::Instant::now()
+                        } else {
+                            at
+                        }
                     }
                     None => tokio::time::Instant::now(),
                 };
@@ -412,17 +480,16 @@ impl Client for HttpClient {
 #[derive(Clone)]
 struct RawRedis {
     client: redis::Client,
-    store: RedisStore,
     prefix: String,
-    users: Arc<Vec<Uuid>>,
     usage_type: String,
     limits: Arc<Vec<String>>,
+    /// Per user: counter hash, dirty set, dirty member.
+    keys: Arc<Vec<(String, String, String)>>,
 }
 
 struct RawRedisClient {
     conn: redis::aio::MultiplexedConnection,
     raw: RawRedis,
-    keys: Vec<(String, String, String)>,
 }
 
 const BENCH_PERIOD: Period = Period::Month {
@@ -459,13 +526,23 @@ impl RawRedis {
             .usage_type(usage_type)
             .map(|t| t.script_limits.clone())
             .unwrap_or_default();
+        let keys = users
+            .iter()
+            .map(|u| {
+                let member = RedisStore::dirty_member(u, BENCH_PERIOD);
+                (
+                    store.counter_key(u, BENCH_PERIOD),
+                    store.dirty_key(u),
+                    member,
+                )
+            })
+            .collect();
         Ok(RawRedis {
             client,
-            store,
             prefix,
-            users: users.clone(),
             usage_type: usage_type.to_owned(),
             limits: Arc::new(limits),
+            keys: Arc::new(keys),
         })
     }
 
@@ -478,18 +555,7 @@ impl RawRedis {
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
-            let keys = raw
-                .users
-                .iter()
-                .map(|u| {
-                    (
-                        raw.store.counter_key(u, BENCH_PERIOD),
-                        raw.store.dirty_key(u),
-                        RedisStore::dirty_member(u, BENCH_PERIOD),
-                    )
-                })
-                .collect();
-            Ok(RawRedisClient { conn, raw, keys })
+            Ok(RawRedisClient { conn, raw })
         })
     }
 
@@ -524,7 +590,7 @@ impl RawRedis {
 
 impl Client for RawRedisClient {
     async fn call(&mut self, n: usize) -> Result<bool, String> {
-        let (hash, dirty, member) = &self.keys[n % self.keys.len()];
+        let (hash, dirty, member) = &self.raw.keys[n % self.raw.keys.len()];
         let mut inv = scripts::CONSUME.prepare_invoke();
         inv.key(hash)
             .key(dirty)

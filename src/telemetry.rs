@@ -1,11 +1,17 @@
-//! tracing to stdout: readable text by default, one JSON object per line in production.
+//! tracing to stdout: readable text by default, one JSON object per line in production. Lines
+//! are written by a background thread, so a request never waits on stdout; if stdout cannot keep
+//! up, lines beyond a 128,000-line buffer are dropped rather than slowing requests.
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. `filter` is a tracing filter such as `info` or `quotad=debug`.
-pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
+/// Keep the returned guard until exit: dropping it flushes what is buffered.
+pub fn init(
+    filter: &str,
+    format: LogFormat,
+) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
     let mut env_filter = EnvFilter::try_new(filter)
         .map_err(|e| format!("QUOTAD_LOG={filter:?} is not a valid filter: {e}"))?;
     // Postgres NOTICEs (e.g. "column already exists, skipping" from idempotent migrations) are
@@ -17,9 +23,10 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
                 .expect("valid directive"),
         );
     }
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
@@ -28,5 +35,6 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
             .with_current_span(true)
             .try_init(),
     };
-    result.map_err(|e| format!("cannot install the log subscriber: {e}"))
+    result.map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    Ok(guard)
 }

@@ -163,14 +163,14 @@ pub struct Snapshot {
 
 /// Multiplexed connections per store. Each pipelines every concurrent request over one socket;
 /// a few spread the client-side work over cores.
-const CONNECTIONS: usize = 4;
+const CONNECTIONS: usize = 1;
 
 /// The Redis side of quotad.
 #[derive(Clone)]
 pub struct RedisStore {
     conns: Arc<[ConnectionManager]>,
     next: Arc<AtomicUsize>,
-    prefix: String,
+    prefix: Arc<str>,
     timeout: Duration,
 }
 
@@ -193,7 +193,7 @@ impl RedisStore {
         Ok(RedisStore {
             conns: conns.into(),
             next: Arc::new(AtomicUsize::new(0)),
-            prefix: prefix.to_owned(),
+            prefix: prefix.into(),
             timeout,
         })
     }

@@ -83,3 +83,60 @@ async fn an_allowed_consume_is_exactly_one_redis_round_trip() {
         "count and version, inside the script"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotad_bench_measures_quotad_raw_redis_and_the_seed_design() {
+    let app = TestApp::spawn().await;
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_quotad"));
+    bench
+        .args([
+            "bench",
+            "--url",
+            &app.base,
+            "--users",
+            "20",
+            "--connections",
+            "2",
+            "--duration",
+            "0.5",
+        ])
+        .args(["--runs", "2", "--seed", "--redis-url", &app.redis_url])
+        .args([
+            "--database-url",
+            &format!("{}/{}", app.postgres_url, app.db_name),
+        ]);
+    // The daemon runs on this test's runtime: wait for the bench off it.
+    let out = tokio::task::spawn_blocking(move || bench.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "median: quotad HTTP consume",
+        "median: raw Redis EVALSHA",
+        "median: seed design",
+        "median ratio quotad / raw Redis",
+    ] {
+        let found = text
+            .lines()
+            .find(|l| l.starts_with(line) || l.trim_start().starts_with(line));
+        assert!(found.is_some(), "no line {line:?} in:\n{text}");
+    }
+    let quotad = text
+        .lines()
+        .find(|l| l.starts_with("median: quotad HTTP consume"))
+        .unwrap();
+    assert!(quotad.ends_with("errors 0"), "{quotad}");
+    let schemas: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'quotad_bench_seed_%'",
+    )
+    .fetch_one(&app.db().await)
+    .await
+    .unwrap();
+    assert_eq!(schemas, 0, "the seed design's scratch schema is dropped");
+}
