@@ -424,6 +424,23 @@ impl HttpClient {
     }
 }
 
+impl HttpClient {
+    /// Reads what has arrived into the buffer.
+    async fn fill(&mut self) -> Result<(), String> {
+        let mut chunk = [0u8; 4096];
+        let read = self
+            .stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading: {e}"))?;
+        if read == 0 {
+            return Err("quotad closed the connection".into());
+        }
+        self.buf.extend_from_slice(&chunk[..read]);
+        Ok(())
+    }
+}
+
 impl Client for HttpClient {
     async fn call(&mut self, n: usize) -> Result<bool, String> {
         let req = &self.requests[n % self.requests.len()];
@@ -433,16 +450,7 @@ impl Client for HttpClient {
             .map_err(|e| format!("sending: {e}"))?;
         self.buf.clear();
         let (head_end, status, length) = loop {
-            let mut chunk = [0u8; 4096];
-            let read = self
-                .stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading: {e}"))?;
-            if read == 0 {
-                return Err("quotad closed the connection".into());
-            }
-            self.buf.extend_from_slice(&chunk[..read]);
+            self.fill().await?;
             if let Some(pos) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = std::str::from_utf8(&self.buf[..pos]).map_err(|e| e.to_string())?;
                 let status: u16 = head
@@ -461,16 +469,7 @@ impl Client for HttpClient {
             }
         };
         while self.buf.len() < head_end + length {
-            let mut chunk = [0u8; 4096];
-            let read = self
-                .stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading: {e}"))?;
-            if read == 0 {
-                return Err("quotad closed the connection".into());
-            }
-            self.buf.extend_from_slice(&chunk[..read]);
+            self.fill().await?;
         }
         Ok(status == 200)
     }
