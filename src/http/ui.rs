@@ -4,9 +4,10 @@
 //! can show its user their own page without giving out a token.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use super::{parse_user_id, ApiJson, AppState};
+use super::{parse_user_id, ApiJson, AppState, Bearer};
 use crate::error::{ApiError, ErrorBody};
 use crate::quota::Usage;
 
@@ -159,6 +160,7 @@ pub async fn usage_page(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
     Query(link): Query<LinkQuery>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
     let Ok(user) = parse_user_id(&user_id) else {
@@ -167,7 +169,7 @@ pub async fn usage_page(
             "This is not a user's usage page: the user id is not a UUID.",
         );
     };
-    if let Err((status, why)) = admit(&state, &user, &link, &headers) {
+    if let Err((status, why)) = admit(&state, &peer, &user, &link, &headers) {
         return page_error(status, why);
     }
     match state.quota.usage(user).await {
@@ -189,25 +191,23 @@ pub async fn usage_page(
 /// valid, unexpired signed link for this very user.
 fn admit(
     state: &AppState,
+    peer: &SocketAddr,
     user: &Uuid,
     link: &LinkQuery,
     headers: &HeaderMap,
 ) -> Result<(), (StatusCode, &'static str)> {
     let tokens = &state.tokens;
-    if tokens.gateway.is_empty() && tokens.admin.is_empty() {
-        return Ok(()); // loopback-only mode: the authorize layer's rule applies to the listener
+    if tokens.open() {
+        // The same rule as the API's: without tokens, loopback peers only.
+        return match peer.ip().is_loopback() {
+            true => Ok(()),
+            false => Err((
+                StatusCode::FORBIDDEN,
+                "quotad serves loopback clients only.",
+            )),
+        };
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if bearer.is_some_and(|b| {
-        tokens
-            .admin
-            .iter()
-            .any(|t| super::constant_time_eq(t.as_bytes(), b.as_bytes()))
-    }) {
+    if tokens.identify(headers) == Bearer::Admin {
         return Ok(());
     }
     match (link.expires, link.sig.as_deref()) {
