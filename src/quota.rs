@@ -193,19 +193,20 @@ pub struct Quota {
 }
 
 impl Quota {
-    /// Consume, check or track, as `action` says.
+    /// Consume, check or track, as `action` says, under `plans`: the snapshot the caller
+    /// validated the input against, so one request sees one version of the plans file.
     #[tracing::instrument(skip_all, fields(user = %input.user, r#type = %input.usage_type, action = action.label()))]
     pub async fn decide(
         &self,
         action: Action,
         input: &DecisionInput,
+        plans: &Plans,
     ) -> Result<Decision, ApiError> {
-        let plans = self.plans.current();
-        let ty = known_type(&plans, &input.usage_type)?;
+        let ty = known_type(plans, &input.usage_type)?;
         let now = self.clock.now();
         let period = Period::current(ty.period, now);
         let started = std::time::Instant::now();
-        let result = self.decide_in(action, input, &plans, ty, period, now).await;
+        let result = self.decide_in(action, input, plans, ty, period, now).await;
         metrics::histogram!(m::REDIS_SCRIPT_SECONDS, "script" => action.label())
             .record(started.elapsed());
         let decision = match result {

@@ -210,7 +210,7 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     let plans = state.quota.plans.current();
     let input = body.validate(&plans)?;
-    let decision = state.quota.decide(action, &input).await?;
+    let decision = state.quota.decide(action, &input, &plans).await?;
     Ok(decision_response(&decision, action, input.amount, &plans))
 }
 
@@ -581,6 +581,17 @@ pub(crate) struct PlanJson {
     updated_at: Option<DateTime<Utc>>,
 }
 
+impl From<crate::quota::UserPlan> for PlanJson {
+    fn from(p: crate::quota::UserPlan) -> Self {
+        PlanJson {
+            user_id: p.user,
+            plan: p.plan,
+            is_default: p.is_default,
+            updated_at: p.updated_at,
+        }
+    }
+}
+
 /// `PUT /v1/users/{user_id}/plan`: set a user's plan; in force on the next request everywhere.
 #[utoipa::path(
     put,
@@ -599,13 +610,7 @@ pub async fn put_plan(
 ) -> Result<Response, ApiError> {
     let user = parse_user_id(&user_id)?;
     let p = state.quota.set_plan(user, &body.plan).await?;
-    Ok(Json(PlanJson {
-        user_id: p.user,
-        plan: p.plan,
-        is_default: p.is_default,
-        updated_at: p.updated_at,
-    })
-    .into_response())
+    Ok(Json(PlanJson::from(p)).into_response())
 }
 
 /// `GET /v1/users/{user_id}/plan`: a user's plan.
@@ -624,11 +629,5 @@ pub async fn get_plan(
 ) -> Result<Response, ApiError> {
     let user = parse_user_id(&user_id)?;
     let p = state.quota.get_plan(user).await?;
-    Ok(Json(PlanJson {
-        user_id: p.user,
-        plan: p.plan,
-        is_default: p.is_default,
-        updated_at: p.updated_at,
-    })
-    .into_response())
+    Ok(Json(PlanJson::from(p)).into_response())
 }
