@@ -276,3 +276,40 @@ async fn a_stop_with_postgres_down_ends_within_its_bound_and_says_what_it_left()
         "{ended:?}"
     );
 }
+
+#[tokio::test]
+async fn with_postgres_down_a_counter_redis_does_not_hold_follows_its_types_fail_policy() {
+    let pg = PrivatePostgres::start();
+    let app = TestApp::spawn_with(Options {
+        postgres_url: pg.url(),
+        ..Options::default()
+    })
+    .await;
+    let (known, new) = (Uuid::new_v4(), Uuid::new_v4());
+    app.consume(known, "ai_generation").await;
+
+    pg.stop("fast");
+    let loaded = app.consume(known, "ai_generation").await;
+    let open = app.consume(new, "ai_generation").await;
+    let closed = app.consume(new, "kb_file").await;
+
+    assert_eq!(
+        (loaded.status, &loaded.body["used"]),
+        (200, &serde_json::json!(2)),
+        "a loaded counter needs no Postgres"
+    );
+    assert_eq!(
+        (open.status, &open.body["degraded"]),
+        (200, &serde_json::json!(true)),
+        "{:?}",
+        open.body
+    );
+    assert_eq!(open.body["used"], serde_json::Value::Null);
+    assert_eq!(
+        (closed.status, &closed.body["code"]),
+        (503, &serde_json::json!("DATABASE_UNAVAILABLE")),
+        "{:?}",
+        closed.body
+    );
+    pg.resume();
+}
