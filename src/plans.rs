@@ -284,7 +284,8 @@ fn valid_plan_name(name: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct PlanBook {
     current: Arc<RwLock<Arc<Plans>>>,
-    path: Option<PathBuf>,
+    // Shared, so cloning the book (once per request, with the app state) allocates nothing.
+    path: Option<Arc<PathBuf>>,
 }
 
 impl PlanBook {
@@ -296,7 +297,7 @@ impl PlanBook {
         };
         Ok(PlanBook {
             current: Arc::new(RwLock::new(Arc::new(plans))),
-            path,
+            path: path.map(Arc::new),
         })
     }
 
