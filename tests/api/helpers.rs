@@ -786,16 +786,21 @@ impl Drop for Daemon {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
         if self.owner {
-            let _ = Command::new("psql")
-                .arg(format!("{}/postgres", self.postgres_url))
-                .args([
-                    "-q",
-                    "-c",
-                    &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            drop_database(&self.postgres_url, &self.db_name);
         }
     }
+}
+
+/// Drops database `name` on the Postgres server at `server`, ending its sessions; best effort.
+pub fn drop_database(server: &str, name: &str) {
+    let _ = Command::new("psql")
+        .arg(format!("{server}/postgres"))
+        .args([
+            "-q",
+            "-c",
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }

@@ -1,25 +1,12 @@
 //! The real `quotad` binary: version, refused settings, `migrate`, and plans reload on SIGHUP.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use uuid::Uuid;
 
-use crate::helpers::{postgres_url, Daemon};
+use crate::helpers::{drop_database, postgres_url, Daemon};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quotad");
-
-pub fn drop_database(name: &str) {
-    let _ = Command::new("psql")
-        .arg(format!("{}/postgres", postgres_url()))
-        .args([
-            "-q",
-            "-c",
-            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
 
 fn plans_file(free_ai_limit: &str) -> tempfile_path::TempPath {
     let text = quotad::plans::BUILT_IN.replace(
@@ -117,7 +104,7 @@ fn migrate_creates_the_database_and_applies_migrations() {
         .args(["-Atc", "SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables WHERE table_schema = 'public'"])
         .output()
         .unwrap();
-    drop_database(&name);
+    drop_database(&postgres_url(), &name);
 
     assert!(
         out.status.success(),
