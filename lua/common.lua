@@ -48,3 +48,9 @@ local function lower(hash, field, amount, dirty, member)
   mark_dirty(dirty, member)
   return new
 end
+
+-- Tells every replica that `user`'s counts may have gone down or their limits up, so their
+-- near-caches forget the user's refusals. Part of the same atomic step as the change itself.
+local function announce(channel, user)
+  redis.call('PUBLISH', channel, user)
+end

@@ -5,7 +5,9 @@
 -- ARGV[2]  version: the highest version Postgres holds for this user and period (0 if none)
 -- ARGV[3]  the user's plan in Postgres ("" = none stored)
 -- ARGV[4]  that plan's version in user_plans (0 if none)
--- ARGV[5..] field, value pairs: counts by type, and metadata fields
+-- ARGV[5]  invalidation channel; ARGV[6] the user, announced there when the hash is filled (a
+--          counter loaded again may hold less than the one Redis lost)
+-- ARGV[7..] field, value pairs: counts by type, and metadata fields
 --
 -- Returns 1 if it filled the hash, 0 if another caller had loaded it already. A plan set in Redis
 -- by a newer plan change (higher `pv`) is kept.
@@ -13,7 +15,7 @@ local hash = KEYS[1]
 if redis.call('HEXISTS', hash, 'v') == 1 then
   return 0
 end
-for i = 5, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   redis.call('HSET', hash, ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', hash, 'v', ARGV[2])
@@ -26,4 +28,5 @@ end
 if ARGV[1] ~= '0' then
   redis.call('EXPIREAT', hash, ARGV[1])
 end
+announce(ARGV[5], ARGV[6])
 return 1

@@ -5,6 +5,7 @@
 -- KEYS[3]  dirty set
 -- ARGV[1]  period id the caller read from the record
 -- ARGV[2]  dirty-set member "<user>:<period>"
+-- ARGV[3]  invalidation channel; ARGV[4] the user, announced there when a refund is made
 --
 -- Returns {status, used, stored plan, type, amount}:
 --   "ok"       the amount was given back (never below 0); used is the new total
@@ -24,4 +25,5 @@ if redis.call('HEXISTS', hash, 'v') == 0 then
 end
 local used = lower(hash, rec[1], tonumber(rec[2]), dirty, ARGV[2])
 redis.call('HSET', idem, 'r', 1)
+announce(ARGV[3], ARGV[4])
 return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], tonumber(rec[2])}

@@ -5,6 +5,7 @@
 -- ARGV[1]  usage type (the hash field)
 -- ARGV[2]  amount, a whole number > 0
 -- ARGV[3]  dirty-set member "<user>:life"
+-- ARGV[4]  invalidation channel; ARGV[5] the user, announced there
 --
 -- Returns {status, used, stored plan}: "ok" with the new total, or "hydrate" (the counter is not
 -- loaded from Postgres yet; nothing done).
@@ -13,4 +14,5 @@ if redis.call('HEXISTS', hash, 'v') == 0 then
   return {'hydrate', 0, ''}
 end
 local used = lower(hash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[3])
+announce(ARGV[4], ARGV[5])
 return {'ok', used, redis.call('HGET', hash, 'p') or ''}

@@ -5,7 +5,8 @@
 -- KEYS[1..n]  the user's counter hashes in force now (current month, lifetime)
 -- ARGV[1]     plan name
 -- ARGV[2]     plan version (user_plans.version)
--- ARGV[3..2+n] EXPIREAT of each key, unix seconds (0 = never)
+-- ARGV[3]     invalidation channel; ARGV[4] the user, announced there
+-- ARGV[5..4+n] EXPIREAT of each key, unix seconds (0 = never)
 --
 -- Returns how many hashes took the plan. A hash that did not exist yet is created with the plan
 -- only; without `v` it is still loaded from Postgres before its first count.
@@ -15,10 +16,11 @@ for i, hash in ipairs(KEYS) do
   local cur = tonumber(redis.call('HGET', hash, 'pv') or '-1')
   if cur < pv then
     redis.call('HSET', hash, 'p', ARGV[1], 'pv', pv)
-    if ARGV[2 + i] ~= '0' then
-      redis.call('EXPIREAT', hash, ARGV[2 + i])
+    if ARGV[4 + i] ~= '0' then
+      redis.call('EXPIREAT', hash, ARGV[4 + i])
     end
     n = n + 1
   end
 end
+announce(ARGV[3], ARGV[4])
 return n

@@ -22,6 +22,7 @@ use crate::http::{self, AppState, Tokens};
 use crate::metrics as m;
 use crate::plans::PlanBook;
 use crate::quota::Quota;
+use crate::refusals::Refusals;
 use crate::store::RedisStore;
 
 /// Why the daemon could not run.
@@ -69,6 +70,7 @@ impl App {
                 db,
                 plans,
                 clock,
+                refusals: Refusals::new(config.refusal_cache_ttl(), config.refusal_cache_users),
             },
             tokens: Arc::new(Tokens {
                 gateway: config.gateway_tokens().map(str::to_owned).collect(),
@@ -111,7 +113,11 @@ impl App {
         tracing::info!(config = ?config, plans = %plans.source, types = plans.types.len(), "quotad starting");
 
         let startup = tokio::spawn(prepare(config.database_url.clone(), state.clone()));
-        let reloader = tokio::spawn(reload_on_sighup(state.quota.plans.clone()));
+        let reloader = tokio::spawn(reload_on_sighup(state.quota.clone()));
+        let invalidations = tokio::spawn(state.quota.refusals.clone().listen(
+            state.quota.store.client().clone(),
+            state.quota.store.changes_channel(),
+        ));
         let (stop_flusher, stopped) = watch::channel(false);
         let flushing = tokio::spawn(flusher.clone().run(config.flush_interval(), stopped));
 
@@ -132,6 +138,7 @@ impl App {
         let began = began_rx.await.unwrap_or_else(|_| Instant::now());
         startup.abort();
         reloader.abort();
+        invalidations.abort();
         let _ = stop_flusher.send(true);
         let _ = flushing.await;
         served?;
@@ -201,7 +208,7 @@ async fn prepare(database_url: String, state: AppState) {
 }
 
 /// Re-reads the plans file on every SIGHUP; a bad file is logged and the last good one stays.
-async fn reload_on_sighup(plans: PlanBook) {
+async fn reload_on_sighup(quota: Quota) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -210,7 +217,7 @@ async fn reload_on_sighup(plans: PlanBook) {
             return;
         };
         while hangups.recv().await.is_some() {
-            match plans.reload() {
+            match quota.reload_plans() {
                 Ok(p) => {
                     metrics::counter!(m::PLAN_RELOADS, "result" => "ok").increment(1);
                     tracing::info!(plans = %p.source, types = p.types.len(), "plans reloaded");

@@ -126,6 +126,13 @@ pub struct Config {
     /// How long shutdown may take to finish requests and flush everything dirty, in milliseconds.
     #[arg(long, env = "QUOTAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
+    /// How long a refusal is answered from memory at most, in milliseconds, when no
+    /// invalidation arrives first; 0 turns the refusal cache off.
+    #[arg(long, env = "QUOTAD_REFUSAL_CACHE_TTL_MS", default_value_t = 60_000)]
+    pub refusal_cache_ttl_ms: u64,
+    /// Most users with a refusal remembered (about 150 bytes each); 0 turns the cache off.
+    #[arg(long, env = "QUOTAD_REFUSAL_CACHE_USERS", default_value_t = 200_000)]
+    pub refusal_cache_users: usize,
     /// tracing filter, e.g. `info` or `quotad=debug`.
     #[arg(long, env = "QUOTAD_LOG", default_value = "info")]
     pub log: String,
@@ -176,6 +183,11 @@ impl Config {
         Duration::from_millis(self.flush_interval_ms)
     }
 
+    /// The refusal-cache TTL.
+    pub fn refusal_cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.refusal_cache_ttl_ms)
+    }
+
     /// The shutdown bound.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
@@ -216,6 +228,8 @@ impl fmt::Debug for Config {
             )
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
+            .field("refusal_cache_ttl_ms", &self.refusal_cache_ttl_ms)
+            .field("refusal_cache_users", &self.refusal_cache_users)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .finish()

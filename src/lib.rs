@@ -14,6 +14,7 @@
 //! - [`store`]: Redis keys and the Lua scripts in `lua/`.
 //! - [`db`]: Postgres queries and migrations.
 //! - [`quota`]: decisions in domain terms, with hydration and fail policies.
+//! - [`refusals`]: the near-cache of refusals and its pub/sub invalidation.
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`http`]: the v1 API.
 //! - [`app`]: wiring, start-up and shutdown.
@@ -31,5 +32,6 @@ pub mod period;
 pub mod plans;
 pub mod quota;
 pub mod reconcile;
+pub mod refusals;
 pub mod store;
 pub mod telemetry;

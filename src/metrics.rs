@@ -31,6 +31,10 @@ pub const FLUSH_SECONDS: &str = "quotad_flush_duration_seconds";
 pub const FLUSH_BACKLOG: &str = "quotad_flush_backlog_counters";
 /// Age of the oldest change not yet written to Postgres.
 pub const FLUSH_OLDEST_SECONDS: &str = "quotad_flush_oldest_dirty_age_seconds";
+/// Refusals answered from the near-cache without a Redis call, by `type`.
+pub const REFUSAL_CACHE_HITS: &str = "quotad_refusal_cache_hits_total";
+/// 1 while the refusal cache is subscribed to invalidations (and so in use), else 0.
+pub const REFUSAL_CACHE_LIVE: &str = "quotad_refusal_cache_live";
 /// Plans-file reloads, by `result` (ok, error).
 pub const PLAN_RELOADS: &str = "quotad_plan_reloads_total";
 
@@ -78,6 +82,14 @@ fn describe() {
     metrics::describe_gauge!(
         RECONCILE_DRIFT,
         "Drifting counters found by the last reconcile, by period and kind."
+    );
+    metrics::describe_counter!(
+        REFUSAL_CACHE_HITS,
+        "Refusals answered from the near-cache without a Redis call."
+    );
+    metrics::describe_gauge!(
+        REFUSAL_CACHE_LIVE,
+        "1 while the refusal cache is subscribed to invalidations, else 0."
     );
     metrics::describe_counter!(PLAN_RELOADS, "Plans-file reloads by result.");
     metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");

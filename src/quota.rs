@@ -14,7 +14,8 @@ use crate::db;
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::period::{Period, PeriodKind};
-use crate::plans::{FailPolicy, PlanBook, Plans, UsageType};
+use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
+use crate::refusals::{Refusals, Subject};
 use crate::store::{CountCall, MetaValue, Mode, RedisStore, RefundReply, Status, StoreError};
 
 /// How often a call is re-run after loading its counter before it gives up. Two suffice unless
@@ -190,6 +191,8 @@ pub struct Quota {
     pub plans: PlanBook,
     /// What "now" is.
     pub clock: Arc<dyn Clock>,
+    /// Refusals answered from memory until something could change them.
+    pub refusals: Refusals,
 }
 
 impl Quota {
@@ -205,6 +208,11 @@ impl Quota {
         let ty = known_type(plans, &input.usage_type)?;
         let now = self.clock.now();
         let period = Period::current(ty.period, now);
+        if let Some(refused) = self.remembered_refusal(action, input, plans, ty, period, now) {
+            m::decision(&ty.name, refused.plan.as_deref().unwrap_or(""), "denied");
+            metrics::counter!(m::REFUSAL_CACHE_HITS, "type" => ty.name.clone()).increment(1);
+            return Ok(refused);
+        }
         let started = std::time::Instant::now();
         let result = self.decide_in(action, input, plans, ty, period, now).await;
         metrics::histogram!(m::REDIS_SCRIPT_SECONDS, "script" => action.label())
@@ -258,6 +266,52 @@ impl Quota {
         Ok(decision)
     }
 
+    /// A refusal answered from the near-cache: only for consume and check without an
+    /// idempotency key (a retried key must replay its first answer, which only Redis holds).
+    fn remembered_refusal(
+        &self,
+        action: Action,
+        input: &DecisionInput,
+        plans: &Plans,
+        ty: &UsageType,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Option<Decision> {
+        if !cacheable(action, input) {
+            return None;
+        }
+        let seen = self.refusals.lookup(&subject(input, ty, period))?;
+        // The limit in force now, not the one refused under: a raised limit counts at once.
+        let plan = plans.effective_plan(Some(&seen.plan));
+        let limit = ty.limit(plan)?;
+        if seen.used + input.amount <= limit {
+            return None;
+        }
+        Some(Decision {
+            allowed: false,
+            replayed: false,
+            degraded: false,
+            user: input.user,
+            usage_type: ty.name.clone(),
+            plan: Some(plan.to_owned()),
+            counter: CounterView {
+                used: Some(seen.used),
+                limit: Some(limit),
+                unlimited: false,
+                period,
+            },
+            now,
+        })
+    }
+
+    /// Re-reads the plans file; on success every remembered refusal is forgotten (the default
+    /// plan, or a plan's existence, may have changed).
+    pub fn reload_plans(&self) -> Result<Arc<Plans>, PlansError> {
+        let plans = self.plans.reload()?;
+        self.refusals.forget_all();
+        Ok(plans)
+    }
+
     async fn decide_in(
         &self,
         action: Action,
@@ -267,7 +321,13 @@ impl Quota {
         period: Period,
         now: DateTime<Utc>,
     ) -> Result<Decision, Fault> {
+        let cacheable = cacheable(action, input);
         for _ in 0..HYDRATE_ATTEMPTS {
+            let ticket = if cacheable {
+                self.refusals.ticket()
+            } else {
+                None
+            };
             let reply = match action {
                 Action::Check => {
                     self.store
@@ -319,6 +379,14 @@ impl Quota {
                     "IDEMPOTENCY_KEY_REUSED",
                     "This idempotency_key was used before for a different call (another endpoint, type or amount); use a new key for a new call.",
                 )));
+            }
+            if let (Some(ticket), Status::Denied) = (ticket, reply.status) {
+                self.refusals.remember(
+                    ticket,
+                    &subject(input, ty, period),
+                    &reply.plan,
+                    reply.used,
+                );
             }
             return Ok(Decision {
                 allowed: reply.status != Status::Denied,
@@ -539,6 +607,20 @@ impl Quota {
                 updated_at: None,
             },
         })
+    }
+}
+
+/// Whether a decision may be answered from, and kept in, the refusal cache.
+fn cacheable(action: Action, input: &DecisionInput) -> bool {
+    matches!(action, Action::Consume | Action::Check) && input.idempotency_key.is_none()
+}
+
+fn subject<'a>(input: &'a DecisionInput, ty: &'a UsageType, period: Period) -> Subject<'a> {
+    Subject {
+        user: input.user,
+        usage_type: &ty.name,
+        period,
+        plan_override: input.plan.as_deref(),
     }
 }
 

@@ -8,6 +8,8 @@
 //! <prefix>:1:{<b>}:dirty               sorted set of "<user>:<period>" changed since their last
 //!                                      flush, scored by the time (ms) of the first such change
 //! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
+//! <prefix>:1:changes                   pub/sub channel: users whose counts went down or whose
+//!                                      plan changed (refusal-cache invalidation)
 //! ```
 //!
 //! `<b>` is `crc16(user) % 1024`, written in braces as a Redis Cluster hash tag: all of one user's
@@ -168,6 +170,7 @@ const CONNECTIONS: usize = 1;
 /// The Redis side of quotad.
 #[derive(Clone)]
 pub struct RedisStore {
+    client: redis::Client,
     conns: Arc<[ConnectionManager]>,
     next: Arc<AtomicUsize>,
     prefix: Arc<str>,
@@ -191,11 +194,17 @@ impl RedisStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
         Ok(RedisStore {
+            client,
             conns: conns.into(),
             next: Arc::new(AtomicUsize::new(0)),
             prefix: prefix.into(),
             timeout,
         })
+    }
+
+    /// The client, for connections of their own (the invalidation subscription).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     /// The bucket of `user`: `crc16(user) % 1024`.
@@ -218,6 +227,12 @@ impl RedisStore {
     /// The dirty set of `user`'s bucket.
     pub fn dirty_key(&self, user: &Uuid) -> String {
         format!("{}:{SCHEMA}:{{{}}}:dirty", self.prefix, Self::bucket(user))
+    }
+
+    /// The pub/sub channel on which scripts announce users whose counts went down or whose plan
+    /// changed (see [`crate::refusals`]).
+    pub fn changes_channel(&self) -> String {
+        format!("{}:{SCHEMA}:changes", self.prefix)
     }
 
     /// The idempotency record of `user`'s call with `key`.
@@ -389,7 +404,9 @@ impl RedisStore {
             .key(self.counter_key(&user, period))
             .key(self.dirty_key(&user))
             .arg(period.id())
-            .arg(Self::dirty_member(&user, period));
+            .arg(Self::dirty_member(&user, period))
+            .arg(self.changes_channel())
+            .arg(user.to_string());
         let (status, used, plan, usage_type, amount): (String, i64, String, String, i64) =
             self.run_script(&inv).await?;
         Ok(match status.as_str() {
@@ -420,7 +437,9 @@ impl RedisStore {
             .key(self.dirty_key(&user))
             .arg(usage_type)
             .arg(amount)
-            .arg(Self::dirty_member(&user, period));
+            .arg(Self::dirty_member(&user, period))
+            .arg(self.changes_channel())
+            .arg(user.to_string());
         let (status, used, plan): (String, i64, String) = self.run_script(&inv).await?;
         Ok((status == "ok").then(|| (used.max(0) as u64, (!plan.is_empty()).then_some(plan))))
     }
@@ -441,7 +460,9 @@ impl RedisStore {
             .arg(expire_at)
             .arg(snap.version)
             .arg(plan)
-            .arg(plan_version);
+            .arg(plan_version)
+            .arg(self.changes_channel())
+            .arg(user.to_string());
         for (field, value) in &snap.fields {
             inv.arg(field).arg(value);
         }
@@ -461,7 +482,10 @@ impl RedisStore {
         for p in periods {
             inv.key(self.counter_key(&user, *p));
         }
-        inv.arg(plan).arg(version);
+        inv.arg(plan)
+            .arg(version)
+            .arg(self.changes_channel())
+            .arg(user.to_string());
         for p in periods {
             inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
         }

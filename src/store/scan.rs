@@ -78,7 +78,10 @@ impl RedisStore {
         fields: &[(String, String)],
     ) -> Result<bool, StoreError> {
         let mut inv = scripts::OVERWRITE.prepare_invoke();
-        inv.key(self.counter_key(&user, period)).arg(version);
+        inv.key(self.counter_key(&user, period))
+            .arg(version)
+            .arg(self.changes_channel())
+            .arg(user.to_string());
         for (f, v) in fields {
             inv.arg(f).arg(v);
         }

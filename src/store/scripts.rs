@@ -25,11 +25,9 @@ pub static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!(
 /// release: lower a lifetime counter.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("release.lua")));
 /// hydrate: fill a missing counter hash from Postgres' totals.
-pub static HYDRATE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/hydrate.lua")));
+pub static HYDRATE: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("hydrate.lua")));
 /// set_plan: write a user's new plan into their live counter hashes.
-pub static SET_PLAN: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/set_plan.lua")));
+pub static SET_PLAN: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("set_plan.lua")));
 /// unmark: take flushed counters off the dirty set unless they changed meanwhile.
 pub static UNMARK: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/unmark.lua")));
@@ -37,4 +35,4 @@ pub static UNMARK: LazyLock<Script> =
 pub static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("touch.lua")));
 /// overwrite: replace an older Redis counter with Postgres' counts (reconcile repair).
 pub static OVERWRITE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/overwrite.lua")));
+    LazyLock::new(|| Script::new(with_common!("overwrite.lua")));

@@ -61,6 +61,8 @@ pub struct Options {
     pub flush_interval_ms: u64,
     /// The shutdown bound.
     pub shutdown_timeout_ms: u64,
+    /// A plans file; the built-in plans when `None`.
+    pub plans: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             postgres_url: postgres_url(),
             flush_interval_ms: 3_600_000,
             shutdown_timeout_ms: 10_000,
+            plans: None,
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct TestApp {
     pub postgres_url: String,
     pub flusher: Flusher,
     pub flush_interval_ms: u64,
+    /// The daemon's shared state (its quota service, refusal cache, plans).
+    pub state: quotad::http::AppState,
     shutdown: Option<oneshot::Sender<()>>,
     running: Option<tokio::task::JoinHandle<Result<(), quotad::app::RunError>>>,
     owner: bool,
@@ -132,6 +137,7 @@ impl TestApp {
         config.key_prefix = prefix.clone();
         config.gateway_tokens = opts.gateway_tokens;
         config.admin_tokens = opts.admin_tokens;
+        config.plans = opts.plans;
         // Generous: a loaded CI machine must not turn a slow answer into a degraded one.
         config.redis_timeout_ms = 2000;
         let clock = ManualClock::new(opts.now);
@@ -140,6 +146,7 @@ impl TestApp {
         let (tx, rx) = oneshot::channel::<()>();
         let daemon = App::new(config, Arc::new(clock.clone())).expect("valid test configuration");
         let flusher = daemon.flusher().clone();
+        let state = daemon.state().clone();
         let running = tokio::spawn(daemon.run(listener, async {
             let _ = rx.await;
         }));
@@ -153,6 +160,7 @@ impl TestApp {
             postgres_url: opts.postgres_url,
             flusher,
             flush_interval_ms: opts.flush_interval_ms,
+            state,
             shutdown: Some(tx),
             running: Some(running),
             owner,
@@ -183,6 +191,18 @@ impl TestApp {
             self.redis_url,
             self.postgres_url
         );
+    }
+
+    /// Waits until the refusal cache is subscribed to invalidations (and so in use).
+    pub async fn wait_refusal_cache_live(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.state.quota.refusals.is_live() {
+            assert!(
+                Instant::now() < deadline,
+                "the refusal cache did not subscribe to invalidations within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Runs flusher passes until nothing is dirty.
@@ -803,4 +823,46 @@ pub fn drop_database(server: &str, name: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// The built-in plans with FREE's `ai_generation` limit set to `free_ai_limit`, in a temp file.
+pub fn plans_file(free_ai_limit: &str) -> tempfile_path::TempPath {
+    let text = quotad::plans::BUILT_IN.replace(
+        "ai_generation = 50",
+        &format!("ai_generation = {free_ai_limit}"),
+    );
+    tempfile_path::write(&text)
+}
+
+/// A file in the temp dir, removed on drop.
+pub mod tempfile_path {
+    use std::path::PathBuf;
+
+    pub struct TempPath(pub PathBuf);
+
+    impl std::ops::Deref for TempPath {
+        type Target = std::path::Path;
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    pub fn write(text: &str) -> TempPath {
+        let path = std::env::temp_dir().join(format!(
+            "quotad-plans-{}.toml",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&path, text).unwrap();
+        TempPath(path)
+    }
+
+    pub fn rewrite(path: &TempPath, text: &str) {
+        std::fs::write(&path.0, text).unwrap();
+    }
 }

@@ -14,6 +14,7 @@ mod periods;
 mod plans;
 mod process;
 mod prometheus;
+mod refusals;
 mod ui;
 
 pub mod helpers;

@@ -4,50 +4,9 @@ use std::process::Command;
 
 use uuid::Uuid;
 
-use crate::helpers::{drop_database, postgres_url, Daemon};
+use crate::helpers::{drop_database, plans_file, postgres_url, tempfile_path, Daemon};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quotad");
-
-fn plans_file(free_ai_limit: &str) -> tempfile_path::TempPath {
-    let text = quotad::plans::BUILT_IN.replace(
-        "ai_generation = 50",
-        &format!("ai_generation = {free_ai_limit}"),
-    );
-    tempfile_path::write(&text)
-}
-
-/// A file in the temp dir, removed on drop.
-mod tempfile_path {
-    use std::path::PathBuf;
-
-    pub struct TempPath(pub PathBuf);
-
-    impl std::ops::Deref for TempPath {
-        type Target = std::path::Path;
-        fn deref(&self) -> &Self::Target {
-            &self.0
-        }
-    }
-
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
-    pub fn write(text: &str) -> TempPath {
-        let path = std::env::temp_dir().join(format!(
-            "quotad-plans-{}.toml",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::write(&path, text).unwrap();
-        TempPath(path)
-    }
-
-    pub fn rewrite(path: &TempPath, text: &str) {
-        std::fs::write(&path.0, text).unwrap();
-    }
-}
 
 #[test]
 fn version_prints_the_crate_version() {

@@ -1,0 +1,362 @@
+//! The near-cache of refusals: a user over a limit is refused from memory, without a Redis call,
+//! until something could change the answer.
+//!
+//! Counts only rise between the events that can lower them or raise a limit, so a refusal stays
+//! true until one of them:
+//!
+//! - a new period: the period is part of the entry, so the first request of a new month misses;
+//! - a changed limit: the limit is not cached, it is read from the plans in force at each lookup,
+//!   and a plans reload forgets everything (the default plan may have changed);
+//! - a plan change, a refund, a release, a reconcile repair, or a counter loaded again from
+//!   Postgres: the Redis scripts that do these publish the user's id on `<prefix>:1:changes` in
+//!   the same atomic step, and every replica forgets that user's entries when it hears it.
+//!
+//! Pub/sub delivers at most once, so the cache is only used while this replica's subscription is
+//! up: when it drops, everything is forgotten and nothing is cached until it is back. A ticket
+//! taken before each Redis call makes sure an answer that raced with an invalidation is not
+//! remembered. Entries also expire after a TTL, a bound on any staleness nothing else catches.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis;
+use futures_util::StreamExt;
+use uuid::Uuid;
+
+use crate::metrics as m;
+use crate::period::Period;
+
+/// Independent locks, so concurrent lookups rarely wait for each other.
+const SHARDS: usize = 64;
+
+/// How often the subscription connection is pinged; a missed pong means it is dead.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// The refusals this replica remembers. Cheap to clone: clones share one cache.
+#[derive(Clone)]
+pub struct Refusals {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Vec<Mutex<HashMap<Uuid, Vec<Refusal>>>>,
+    /// Whether the invalidation subscription is up (the cache is used only then).
+    live: AtomicBool,
+    /// Bumped by every invalidation; an answer is remembered only if it did not move meanwhile.
+    generation: AtomicU64,
+    ttl: Duration,
+    per_shard: usize,
+}
+
+struct Refusal {
+    usage_type: Box<str>,
+    period: Period,
+    plan_override: Option<Box<str>>,
+    /// The plan Redis decided under.
+    plan: Box<str>,
+    /// The count Redis refused at; the true count is at least this until an invalidation.
+    used: u64,
+    until: Instant,
+}
+
+/// A remembered refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    /// The plan Redis decided under.
+    pub plan: String,
+    /// The count it refused at (the true count is at least this).
+    pub used: u64,
+}
+
+/// What identifies a decision's counter and its plan.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// The user.
+    pub user: Uuid,
+    /// The usage type.
+    pub usage_type: &'a str,
+    /// The period counted in.
+    pub period: Period,
+    /// The plan the caller vouched for, if any.
+    pub plan_override: Option<&'a str>,
+}
+
+impl Refusals {
+    /// A cache keeping refusals for `ttl`, at most `capacity` of them; a zero for either turns
+    /// it off.
+    pub fn new(ttl: Duration, capacity: usize) -> Refusals {
+        Refusals {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                live: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                ttl,
+                per_shard: capacity.div_ceil(SHARDS),
+            }),
+        }
+    }
+
+    /// Whether the cache is configured on.
+    pub fn enabled(&self) -> bool {
+        !self.inner.ttl.is_zero() && self.inner.per_shard > 0
+    }
+
+    /// Whether refusals are being served from memory now (configured on, and subscribed to
+    /// invalidations).
+    pub fn is_live(&self) -> bool {
+        self.inner.live.load(Ordering::Acquire)
+    }
+
+    /// Taken before asking Redis; [`Refusals::remember`] keeps the answer only if no
+    /// invalidation arrived in between. `None` when the cache is not in use.
+    pub fn ticket(&self) -> Option<u64> {
+        self.is_live()
+            .then(|| self.inner.generation.load(Ordering::Acquire))
+    }
+
+    /// The refusal remembered for `subject`, if any and not expired.
+    pub fn lookup(&self, subject: &Subject<'_>) -> Option<Remembered> {
+        if !self.is_live() {
+            return None;
+        }
+        let now = Instant::now();
+        let shard = self.shard(&subject.user);
+        let entries = shard.get(&subject.user)?;
+        entries
+            .iter()
+            .find(|r| r.matches(subject) && r.until > now)
+            .map(|r| Remembered {
+                plan: r.plan.to_string(),
+                used: r.used,
+            })
+    }
+
+    /// Remembers that Redis refused `subject` at `used` under `plan`, unless an invalidation
+    /// arrived since `ticket` was taken.
+    pub fn remember(&self, ticket: u64, subject: &Subject<'_>, plan: &str, used: u64) {
+        let mut shard = self.shard(&subject.user);
+        // Checked under the shard lock: an invalidation bumps the generation before it takes
+        // this lock to remove entries, so either this sees the bump or the removal sees this.
+        if !self.is_live() || self.inner.generation.load(Ordering::Acquire) != ticket {
+            return;
+        }
+        let now = Instant::now();
+        if !shard.contains_key(&subject.user) && shard.len() >= self.inner.per_shard {
+            shard.retain(|_, rs| {
+                rs.retain(|r| r.until > now);
+                !rs.is_empty()
+            });
+            if shard.len() >= self.inner.per_shard {
+                return;
+            }
+        }
+        let entries = shard.entry(subject.user).or_default();
+        entries.retain(|r| !r.matches(subject) && r.until > now);
+        entries.push(Refusal {
+            usage_type: subject.usage_type.into(),
+            period: subject.period,
+            plan_override: subject.plan_override.map(Into::into),
+            plan: plan.into(),
+            used,
+            until: now + self.inner.ttl,
+        });
+    }
+
+    /// Forgets every refusal of `user`.
+    pub fn forget(&self, user: &Uuid) {
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        self.shard(user).remove(user);
+    }
+
+    /// Forgets every refusal.
+    pub fn forget_all(&self) {
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        for shard in &self.inner.shards {
+            shard.lock().expect("refusal cache lock poisoned").clear();
+        }
+    }
+
+    /// How many users have a refusal remembered.
+    pub fn users(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.lock().expect("refusal cache lock poisoned").len())
+            .sum()
+    }
+
+    fn shard(&self, user: &Uuid) -> MutexGuard<'_, HashMap<Uuid, Vec<Refusal>>> {
+        let b = user.as_u128() as usize % SHARDS;
+        self.inner.shards[b]
+            .lock()
+            .expect("refusal cache lock poisoned")
+    }
+
+    fn set_live(&self, live: bool) {
+        // Off first, then forget: nothing is served or remembered from before the gap.
+        if !live {
+            self.inner.live.store(false, Ordering::Release);
+        }
+        self.forget_all();
+        if live {
+            self.inner.live.store(true, Ordering::Release);
+        }
+        metrics::gauge!(m::REFUSAL_CACHE_LIVE).set(if live { 1.0 } else { 0.0 });
+    }
+
+    /// Subscribes to `channel` and forgets the users named there, reconnecting with backoff
+    /// for as long as it runs. The cache is used only while subscribed.
+    pub async fn listen(self, client: redis::Client, channel: String) {
+        if !self.enabled() {
+            return;
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.subscribed(&client, &channel).await {
+                Ok(()) => delay = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "refusal cache: invalidation subscription down; refusals go to Redis")
+                }
+            }
+            self.set_live(false);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One subscription, until it fails.
+    async fn subscribed(&self, client: &redis::Client, channel: &str) -> Result<(), String> {
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(Duration::from_secs(2), connect)
+            .await
+            .map_err(|_| "connecting timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let (mut sink, mut messages) = pubsub.split();
+        self.set_live(true);
+        tracing::info!(channel, "refusal cache: subscribed to invalidations");
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some(msg) = msg else {
+                        return Err("the subscription connection closed".into());
+                    };
+                    match std::str::from_utf8(msg.get_payload_bytes()).ok().and_then(|s| Uuid::parse_str(s).ok()) {
+                        Some(user) => self.forget(&user),
+                        // Not a user id: forget everything rather than guess.
+                        None => self.forget_all(),
+                    }
+                }
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(PING_EVERY, sink.ping::<String>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        return Err("the subscription connection stopped answering".into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Refusal {
+    fn matches(&self, s: &Subject<'_>) -> bool {
+        &*self.usage_type == s.usage_type
+            && self.period == s.period
+            && self.plan_override.as_deref() == s.plan_override
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(user: Uuid) -> Subject<'static> {
+        Subject {
+            user,
+            usage_type: "ai_generation",
+            period: Period::Month {
+                year: 2026,
+                month: 11,
+            },
+            plan_override: None,
+        }
+    }
+
+    fn live_cache() -> Refusals {
+        let c = Refusals::new(Duration::from_secs(60), 1000);
+        c.set_live(true);
+        c
+    }
+
+    #[test]
+    fn remembers_and_forgets_a_user() {
+        let c = live_cache();
+        let u = Uuid::new_v4();
+        let t = c.ticket().unwrap();
+        c.remember(t, &subject(u), "FREE", 50);
+        assert_eq!(
+            c.lookup(&subject(u)),
+            Some(Remembered {
+                plan: "FREE".into(),
+                used: 50
+            })
+        );
+        let other_type = Subject {
+            usage_type: "kb_file",
+            ..subject(u)
+        };
+        assert_eq!(c.lookup(&other_type), None);
+        let other_month = Subject {
+            period: Period::Month {
+                year: 2026,
+                month: 12,
+            },
+            ..subject(u)
+        };
+        assert_eq!(c.lookup(&other_month), None);
+        c.forget(&u);
+        assert_eq!(c.lookup(&subject(u)), None);
+    }
+
+    #[test]
+    fn an_answer_older_than_an_invalidation_is_not_remembered() {
+        let c = live_cache();
+        let u = Uuid::new_v4();
+        let t = c.ticket().unwrap();
+        c.forget(&Uuid::new_v4());
+        c.remember(t, &subject(u), "FREE", 50);
+        assert_eq!(c.lookup(&subject(u)), None);
+    }
+
+    #[test]
+    fn nothing_is_used_or_remembered_while_unsubscribed() {
+        let c = Refusals::new(Duration::from_secs(60), 1000);
+        assert_eq!(c.ticket(), None);
+        let u = Uuid::new_v4();
+        c.remember(0, &subject(u), "FREE", 50);
+        assert_eq!(c.users(), 0);
+        c.set_live(true);
+        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50);
+        assert_eq!(c.users(), 1);
+        c.set_live(false);
+        assert_eq!(c.users(), 0);
+        assert_eq!(c.lookup(&subject(u)), None);
+    }
+
+    #[test]
+    fn capacity_is_a_bound() {
+        let c = Refusals::new(Duration::from_secs(60), SHARDS);
+        c.set_live(true);
+        for _ in 0..SHARDS * 10 {
+            c.remember(c.ticket().unwrap(), &subject(Uuid::new_v4()), "FREE", 50);
+        }
+        assert!(c.users() <= SHARDS, "{} users kept", c.users());
+    }
+}
