@@ -48,6 +48,7 @@ struct Inner {
     generation: AtomicU64,
     ttl: Duration,
     per_shard: usize,
+    ping_every: Duration,
 }
 
 struct Refusal {
@@ -87,6 +88,10 @@ impl Refusals {
     /// A cache keeping refusals for `ttl`, at most `capacity` of them; a zero for either turns
     /// it off.
     pub fn new(ttl: Duration, capacity: usize) -> Refusals {
+        Self::pinging_every(ttl, capacity, PING_EVERY)
+    }
+
+    fn pinging_every(ttl: Duration, capacity: usize, ping_every: Duration) -> Refusals {
         Refusals {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -94,6 +99,7 @@ impl Refusals {
                 generation: AtomicU64::new(0),
                 ttl,
                 per_shard: capacity.div_ceil(SHARDS),
+                ping_every,
             }),
         }
     }
@@ -240,7 +246,8 @@ impl Refusals {
         let (mut sink, mut messages) = pubsub.split();
         self.set_live(true);
         tracing::info!(channel, "refusal cache: subscribed to invalidations");
-        let mut ping = tokio::time::interval(PING_EVERY);
+        let every = self.inner.ping_every;
+        let mut ping = tokio::time::interval(every);
         ping.tick().await;
         loop {
             tokio::select! {
@@ -255,9 +262,11 @@ impl Refusals {
                     }
                 }
                 _ = ping.tick() => {
-                    let pong = tokio::time::timeout(PING_EVERY, sink.ping::<String>()).await;
-                    if !matches!(pong, Ok(Ok(_))) {
-                        return Err("the subscription connection stopped answering".into());
+                    // A subscribed connection answers PING with ["pong", ""], not +PONG.
+                    match tokio::time::timeout(every, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(format!("ping: {e}")),
+                        Err(_) => return Err("the subscription connection stopped answering".into()),
                     }
                 }
             }
@@ -348,6 +357,49 @@ mod tests {
         c.set_live(false);
         assert_eq!(c.users(), 0);
         assert_eq!(c.lookup(&subject(u)), None);
+    }
+
+    /// Against the Redis of the test environment (`QUOTAD_TEST_REDIS_URL`).
+    #[tokio::test]
+    async fn the_subscription_stays_up_across_pings_and_hears_changes() {
+        let url = std::env::var("QUOTAD_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let channel = format!("t{}:1:changes", Uuid::new_v4().simple());
+        let c = Refusals::pinging_every(Duration::from_secs(60), 1000, Duration::from_millis(20));
+        let listening = tokio::spawn(c.clone().listen(client.clone(), channel.clone()));
+        let started = Instant::now();
+        while !c.is_live() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no subscription to {url}: is Redis running? (deploy/ensure-services.sh)"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (u, v) = (Uuid::new_v4(), Uuid::new_v4());
+        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50);
+        c.remember(c.ticket().unwrap(), &subject(v), "FREE", 50);
+        // Ten pings go by: the subscription stays up and keeps what it remembered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(c.is_live());
+        assert_eq!(c.users(), 2);
+
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(u.to_string())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        while c.lookup(&subject(u)).is_some() {
+            assert!(started.elapsed() < Duration::from_secs(5), "not heard");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(
+            c.lookup(&subject(v)).is_some(),
+            "only the named user is forgotten"
+        );
+        listening.abort();
     }
 
     #[test]

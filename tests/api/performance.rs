@@ -105,7 +105,14 @@ async fn quotad_bench_measures_quotad_raw_redis_and_the_seed_design() {
             "--duration",
             "0.5",
         ])
-        .args(["--runs", "2", "--seed", "--redis-url", &app.redis_url])
+        .args([
+            "--runs",
+            "2",
+            "--seed",
+            "--refused",
+            "--redis-url",
+            &app.redis_url,
+        ])
         .args([
             "--database-url",
             &format!("{}/{}", app.postgres_url, app.db_name),
@@ -125,7 +132,9 @@ async fn quotad_bench_measures_quotad_raw_redis_and_the_seed_design() {
         "median: quotad HTTP consume",
         "median: raw Redis EVALSHA",
         "median: seed design",
+        "median: quotad HTTP consume, refused (402)",
         "median ratio quotad / raw Redis",
+        "median ratio refused / allowed",
     ] {
         let found = text
             .lines()
@@ -137,6 +146,11 @@ async fn quotad_bench_measures_quotad_raw_redis_and_the_seed_design() {
         .find(|l| l.starts_with("median: quotad HTTP consume"))
         .unwrap();
     assert!(quotad.ends_with("errors 0"), "{quotad}");
+    let refused = text
+        .lines()
+        .find(|l| l.starts_with("median: quotad HTTP consume, refused"))
+        .unwrap();
+    assert!(refused.ends_with("errors 0"), "{refused}");
     let schemas: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'quotad_bench_seed_%'",
     )

@@ -22,6 +22,8 @@ use crate::period::Period;
 use crate::plans::Plans;
 use crate::store::{scripts, RedisStore};
 
+mod redis_side;
+
 /// Arguments of `quotad bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -68,6 +70,22 @@ pub struct BenchArgs {
     /// Repeat the measurements this many times and print the median of each.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
+    /// Also measure refused consumes: a second set of users, each tracked far over the default
+    /// plan's limit first, consuming with no plan (402 each; the near-cache answers them).
+    #[arg(long)]
+    pub refused: bool,
+    /// Instead of the warm-up over HTTP, load every user's counter of this month straight into
+    /// quotad's Redis (under `--key-prefix`), as their first request would: fast enough for
+    /// millions of users.
+    #[arg(long)]
+    pub preload: bool,
+    /// quotad's Redis key prefix, for `--preload`.
+    #[arg(long, env = "QUOTAD_KEY_PREFIX", default_value = "q")]
+    pub key_prefix: String,
+    /// Measure only Redis memory per active (user, month) with three types, for `--users`
+    /// users (no quotad needed).
+    #[arg(long)]
+    pub memory: bool,
     /// Postgres for `--seed`.
     #[arg(
         long,
@@ -129,6 +147,10 @@ impl Figures {
 
 /// Runs the benchmark and prints its figures; returns them (quotad first).
 pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
+    if args.memory {
+        redis_side::memory(&args.redis_url, args.users).await?;
+        return Ok(Vec::new());
+    }
     let addr = args
         .url
         .strip_prefix("http://")
@@ -146,20 +168,43 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         args.connections,
         args.duration
     );
-    let requests: Arc<Vec<Vec<u8>>> =
-        Arc::new(users.iter().map(|u| http_request(&addr, args, u)).collect());
-    if !args.no_warmup {
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        users
+            .iter()
+            .map(|u| http_request(&addr, args, "consume", u, &args.plan, 1))
+            .collect(),
+    );
+    if args.preload {
+        let period = Period::current(crate::period::PeriodKind::Month, chrono::Utc::now());
+        redis_side::preload(&args.redis_url, &args.key_prefix, &users, period).await?;
+    } else if !args.no_warmup {
         let started = Instant::now();
-        drive(args.connections, None, Duration::ZERO, Some(users.len()), {
-            let (addr, requests) = (addr.clone(), requests.clone());
-            move |_| HttpClient::new(addr.clone(), requests.clone())
-        })
-        .await?;
+        send_all(&addr, args, requests.clone(), 200).await?;
         println!(
             "  (warm-up: one call per user in {:.1} s)",
             started.elapsed().as_secs_f64()
         );
     }
+    // Users over the default plan's limit: tracked far past it, then consuming with no plan.
+    let refused: Option<Arc<Vec<Vec<u8>>>> = match args.refused {
+        false => None,
+        true => {
+            let over: Vec<Uuid> = (0..args.users.max(1)).map(|_| Uuid::new_v4()).collect();
+            let tracks = over
+                .iter()
+                .map(|u| http_request(&addr, args, "track", u, "", 1_000_000))
+                .collect();
+            send_all(&addr, args, Arc::new(tracks), 200).await?;
+            let consumes: Vec<Vec<u8>> = over
+                .iter()
+                .map(|u| http_request(&addr, args, "consume", u, "", 1))
+                .collect();
+            let consumes = Arc::new(consumes);
+            // One refusal per user from Redis; the near-cache remembers it.
+            send_all(&addr, args, consumes.clone(), 402).await?;
+            Some(consumes)
+        }
+    };
     let raw = match args.no_redis {
         true => None,
         false => Some(RawRedis::prepare(&args.redis_url, &users, &args.usage_type).await?),
@@ -185,10 +230,19 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             let mut figures = vec![
                 measure("quotad HTTP consume", args, {
                     let (addr, requests) = (addr.clone(), requests.clone());
-                    move |_| HttpClient::new(addr.clone(), requests.clone())
+                    move |_| HttpClient::new(addr.clone(), requests.clone(), 200)
                 })
                 .await?,
             ];
+            if let Some(refused) = &refused {
+                figures.push(
+                    measure(REFUSED, args, {
+                        let (addr, requests) = (addr.clone(), refused.clone());
+                        move |_| HttpClient::new(addr.clone(), requests.clone(), 402)
+                    })
+                    .await?,
+                );
+            }
             if let Some(raw) = &raw {
                 let raw = raw.clone();
                 figures.push(
@@ -248,7 +302,11 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         v[v.len() / 2]
     };
     for (i, other) in runs[0].iter().enumerate().skip(1) {
-        println!("  median ratio quotad / {}: {:.2}x", other.name, ratios(i));
+        if other.name == REFUSED {
+            println!("  median ratio refused / allowed: {:.2}x", 1.0 / ratios(i));
+        } else {
+            println!("  median ratio quotad / {}: {:.2}x", other.name, ratios(i));
+        }
     }
     Ok(medians)
 }
@@ -258,12 +316,43 @@ fn report(figures: &[Figures]) {
         println!("{}", f.line());
     }
     for f in &figures[1..] {
-        println!(
-            "  quotad / {}: {:.2}x the rate",
-            f.name,
-            figures[0].rate / f.rate
-        );
+        if f.name == REFUSED {
+            println!(
+                "  refused / allowed: {:.2}x the rate",
+                f.rate / figures[0].rate
+            );
+        } else {
+            println!(
+                "  quotad / {}: {:.2}x the rate",
+                f.name,
+                figures[0].rate / f.rate
+            );
+        }
     }
+}
+
+/// The name of the refused-consume measurement.
+const REFUSED: &str = "quotad HTTP consume, refused (402)";
+
+/// Sends each of `requests` once, over the configured connections, expecting `expect`.
+async fn send_all(
+    addr: &str,
+    args: &BenchArgs,
+    requests: Arc<Vec<Vec<u8>>>,
+    expect: u16,
+) -> Result<(), String> {
+    let total = requests.len();
+    let (_, errors) = drive(args.connections, None, Duration::ZERO, Some(total), {
+        let addr = addr.to_owned();
+        move |_| HttpClient::new(addr.clone(), requests.clone(), expect)
+    })
+    .await?;
+    if errors > 0 {
+        return Err(format!(
+            "{errors} of {total} preparatory calls were not answered {expect}"
+        ));
+    }
+    Ok(())
 }
 
 /// A client that makes one request at a time.
@@ -383,10 +472,21 @@ mod futures_lite {
     }
 }
 
-fn http_request(addr: &str, args: &BenchArgs, user: &Uuid) -> Vec<u8> {
+/// A prepared `POST /v1/<call>` for `user`: `plan` sent when not empty, `amount` when not 1.
+fn http_request(
+    addr: &str,
+    args: &BenchArgs,
+    call: &str,
+    user: &Uuid,
+    plan: &str,
+    amount: u64,
+) -> Vec<u8> {
     let mut body = format!(r#"{{"user_id":"{user}","type":"{}""#, args.usage_type);
-    if !args.plan.is_empty() {
-        body.push_str(&format!(r#","plan":"{}""#, args.plan));
+    if !plan.is_empty() {
+        body.push_str(&format!(r#","plan":"{plan}""#));
+    }
+    if amount != 1 {
+        body.push_str(&format!(r#","amount":{amount}"#));
     }
     body.push('}');
     let auth = args
@@ -395,7 +495,7 @@ fn http_request(addr: &str, args: &BenchArgs, user: &Uuid) -> Vec<u8> {
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     format!(
-        "POST /v1/consume HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        "POST /v1/{call} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -405,11 +505,17 @@ fn http_request(addr: &str, args: &BenchArgs, user: &Uuid) -> Vec<u8> {
 struct HttpClient {
     stream: TcpStream,
     requests: Arc<Vec<Vec<u8>>>,
+    /// The status that counts as answered as expected.
+    expect: u16,
     buf: Vec<u8>,
 }
 
 impl HttpClient {
-    fn new(addr: String, requests: Arc<Vec<Vec<u8>>>) -> futures_lite::BoxFut<HttpClient> {
+    fn new(
+        addr: String,
+        requests: Arc<Vec<Vec<u8>>>,
+        expect: u16,
+    ) -> futures_lite::BoxFut<HttpClient> {
         futures_lite::boxed(async move {
             let stream = TcpStream::connect(&addr)
                 .await
@@ -418,6 +524,7 @@ impl HttpClient {
             Ok(HttpClient {
                 stream,
                 requests,
+                expect,
                 buf: Vec::with_capacity(4096),
             })
         })
@@ -471,7 +578,7 @@ impl Client for HttpClient {
         while self.buf.len() < head_end + length {
             self.fill().await?;
         }
-        Ok(status == 200)
+        Ok(status == self.expect)
     }
 }
 

@@ -1,0 +1,208 @@
+//! Bench work done straight in Redis, with quotad's own scripts and keys: loading many users'
+//! counters at once (`--preload`, for growth runs with millions of users) and measuring the
+//! memory one active (user, month) takes (`--memory`).
+
+use std::time::Instant;
+
+use deadpool_redis::redis;
+use uuid::Uuid;
+
+use super::BENCH_PERIOD;
+use crate::period::Period;
+use crate::store::{scripts, RedisStore, GRACE_DAYS, MAX_METADATA_NAMES};
+
+/// Users per pipeline.
+const CHUNK: usize = 2_000;
+
+/// The monthly types an active (user, month) is measured with.
+const MEMORY_TYPES: [&str; 3] = ["ai_generation", "export", "api_call"];
+
+/// Connects to `url`.
+async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, String> {
+    redis::Client::open(url)
+        .map_err(|e| format!("--redis-url: {e}"))?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("redis: {e}"))
+}
+
+/// Loads a fresh counter for each of `users` in `period`, as a first request does (the hydrate
+/// script with nothing from Postgres), pipelined. With `types`, each is then consumed once.
+async fn load_counters(
+    conn: &mut redis::aio::MultiplexedConnection,
+    store: &RedisStore,
+    users: &[Uuid],
+    period: Period,
+    types: &[&str],
+) -> Result<(), String> {
+    let hydrate = scripts::HYDRATE
+        .load_async(conn)
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    let consume = scripts::CONSUME
+        .load_async(conn)
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    let expire_at = period
+        .expire_at(chrono::Duration::days(GRACE_DAYS))
+        .unwrap_or(0);
+    let channel = store.changes_channel();
+    for chunk in users.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        for u in chunk {
+            let key = store.counter_key(u, period);
+            pipe.cmd("EVALSHA")
+                .arg(&hydrate)
+                .arg(1)
+                .arg(&key)
+                .arg(expire_at)
+                .arg(0)
+                .arg("")
+                .arg(0)
+                .arg(&channel)
+                .arg(u.to_string())
+                .ignore();
+            for ty in types {
+                pipe.cmd("EVALSHA")
+                    .arg(&consume)
+                    .arg(2)
+                    .arg(&key)
+                    .arg(store.dirty_key(u))
+                    .arg("consume")
+                    .arg(*ty)
+                    .arg(1)
+                    .arg(RedisStore::dirty_member(u, period))
+                    .arg("")
+                    .arg("FREE")
+                    .arg(86_400)
+                    .arg(period.id())
+                    .arg(MAX_METADATA_NAMES)
+                    .arg(0)
+                    .arg("FREE")
+                    .arg(1_000)
+                    .ignore();
+            }
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Loads `users`' counters of `period` into the Redis of a quotad keyed by `prefix`, so a
+/// growth run starts with them all loaded, as after each user's first request.
+pub async fn preload(
+    url: &str,
+    prefix: &str,
+    users: &[Uuid],
+    period: Period,
+) -> Result<(), String> {
+    let mut conn = connect(url).await?;
+    let store = RedisStore::new(url, prefix, std::time::Duration::from_secs(5))?;
+    let started = Instant::now();
+    load_counters(&mut conn, &store, users, period, &[]).await?;
+    println!(
+        "  (preload: {} counters loaded straight into Redis in {:.1} s)",
+        users.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `used_memory` of `INFO memory`.
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> Result<i64, String> {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "INFO memory has no used_memory".to_owned())
+}
+
+/// Every key under `prefix`, unlinked.
+async fn remove_prefix(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("UNLINK").arg(keys).query_async(conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+/// Bytes of Redis per active (user, month) with three types: `users` users' counters made by
+/// quotad's scripts (loaded, then each type consumed once), `INFO memory` before and after.
+/// Printed twice: with the dirty-set entries the flusher has not yet taken, and without them
+/// (after a flush, the steady state).
+pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
+    let mut conn = connect(url).await?;
+    let prefix = format!("qmem{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let store = RedisStore::new(url, &prefix, std::time::Duration::from_secs(5))?;
+    let ids: Vec<Uuid> = (0..users.max(1)).map(|_| Uuid::new_v4()).collect();
+    println!(
+        "quotad bench --memory: {} users, one month, types {}",
+        ids.len(),
+        MEMORY_TYPES.join(", ")
+    );
+    let outcome = async {
+        let before = used_memory(&mut conn).await?;
+        let started = Instant::now();
+        load_counters(&mut conn, &store, &ids, BENCH_PERIOD, &MEMORY_TYPES).await?;
+        let loaded = used_memory(&mut conn).await?;
+        // What the flusher leaves: the counters, with their dirty-set entries taken off. DEL, not
+        // UNLINK: memory freed in the background would still be counted.
+        let mut pipe = redis::pipe();
+        for b in 0..crate::store::BUCKETS {
+            pipe.cmd("DEL")
+                .arg(format!("{prefix}:{}:{{{b}}}:dirty", crate::store::SCHEMA))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        let flushed = used_memory(&mut conn).await?;
+        let sample: Option<i64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(store.counter_key(&ids[0], BENCH_PERIOD))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        let n = ids.len() as f64;
+        let dirty = (loaded - before) as f64 / n;
+        let steady = (flushed - before) as f64 / n;
+        println!(
+            "  loaded in {:.1} s; used_memory {} → {} B (→ {} B without dirty-set entries)",
+            started.elapsed().as_secs_f64(),
+            before,
+            loaded,
+            flushed
+        );
+        println!("  bytes per active (user, month), after a flush:    {steady:>7.1}");
+        println!("  bytes per active (user, month), not yet flushed: {dirty:>7.1}");
+        if let Some(s) = sample {
+            println!("  MEMORY USAGE of one counter hash (Redis' estimate): {s} B");
+        }
+        Ok::<_, String>((steady, dirty))
+    }
+    .await;
+    remove_prefix(&mut conn, &prefix).await;
+    outcome
+}
