@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use serde_json::{Map, Number, Value};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -21,7 +22,10 @@ use crate::store::{RedisStore, StoreError, BUCKETS};
 /// Buckets scanned per batch: one pipeline, one upsert, one unmark pipeline each.
 const BUCKETS_PER_BATCH: u16 = 128;
 /// Oldest members taken from each bucket's dirty set per batch.
-const MEMBERS_PER_BUCKET: usize = 64;
+const MEMBERS_PER_BUCKET: usize = 128;
+/// Batches in flight at once: one waits on Postgres while the next reads Redis. They cover
+/// disjoint buckets, so they never touch the same counter.
+const BATCHES_IN_FLIGHT: usize = 4;
 /// Deadline of one flusher call to Redis: a batch pipeline is far bigger than one request.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait between passes after repeated errors.
@@ -90,41 +94,60 @@ impl Flusher {
     }
 
     async fn pass(&self) -> Result<FlushOutcome, FlushError> {
-        let mut out = FlushOutcome::default();
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        for start in (0..BUCKETS).step_by(BUCKETS_PER_BATCH as usize) {
-            let scan = self
-                .store
-                .scan_dirty(start..start + BUCKETS_PER_BATCH, MEMBERS_PER_BUCKET)
-                .await?;
-            out.backlog += scan.backlog;
-            self.store.drop_garbage(&scan.garbage).await?;
-            if scan.members.is_empty() {
-                continue;
-            }
-            out.more |= scan.backlog > scan.members.len() as u64;
-            if let Some(oldest) = scan.members.iter().map(|m| m.since_ms).min() {
-                out.oldest_ms = out.oldest_ms.max((now_ms - oldest).max(0) as u64);
-            }
-
-            let hashes = self.store.read_dirty(&scan.members).await?;
-            let mut totals = Totals::default();
-            let mut written = Vec::with_capacity(scan.members.len());
-            for (member, hash) in scan.members.iter().zip(&hashes) {
-                let version = hash.get("v").and_then(|v| v.parse::<i64>().ok());
-                if let Some(v) = version {
-                    for (ty, count, metadata) in rows_of(hash) {
-                        totals.push(member.user, ty, count, member.period, metadata, v);
-                    }
-                }
-                written.push((member, version));
-            }
-            out.rows += db::upsert_totals(&self.db, &totals).await?;
-            out.unmarked += self.store.unmark(&written).await?;
-            out.counters += scan.members.len() as u64;
+        let mut batches = futures_util::stream::iter(
+            (0..BUCKETS)
+                .step_by(BUCKETS_PER_BATCH as usize)
+                .map(|start| self.batch(start, now_ms)),
+        )
+        .buffer_unordered(BATCHES_IN_FLIGHT);
+        let mut out = FlushOutcome::default();
+        while let Some(batch) = batches.next().await {
+            let b = batch?;
+            out.counters += b.counters;
+            out.rows += b.rows;
+            out.unmarked += b.unmarked;
+            out.backlog += b.backlog;
+            out.oldest_ms = out.oldest_ms.max(b.oldest_ms);
+            out.more |= b.more;
         }
+        Ok(out)
+    }
+
+    /// One group of buckets: read the oldest dirty counters, upsert them, unmark them.
+    async fn batch(&self, start: u16, now_ms: i64) -> Result<FlushOutcome, FlushError> {
+        let mut out = FlushOutcome::default();
+        let scan = self
+            .store
+            .scan_dirty(start..start + BUCKETS_PER_BATCH, MEMBERS_PER_BUCKET)
+            .await?;
+        out.backlog = scan.backlog;
+        self.store.drop_garbage(&scan.garbage).await?;
+        if scan.members.is_empty() {
+            return Ok(out);
+        }
+        out.more = scan.backlog > scan.members.len() as u64;
+        if let Some(oldest) = scan.members.iter().map(|m| m.since_ms).min() {
+            out.oldest_ms = (now_ms - oldest).max(0) as u64;
+        }
+
+        let hashes = self.store.read_dirty(&scan.members).await?;
+        let mut totals = Totals::default();
+        let mut written = Vec::with_capacity(scan.members.len());
+        for (member, hash) in scan.members.iter().zip(&hashes) {
+            let version = hash.get("v").and_then(|v| v.parse::<i64>().ok());
+            if let Some(v) = version {
+                for (ty, count, metadata) in rows_of(hash) {
+                    totals.push(member.user, ty, count, member.period, metadata, v);
+                }
+            }
+            written.push((member, version));
+        }
+        out.rows = db::upsert_totals(&self.db, &totals).await?;
+        out.unmarked = self.store.unmark(&written).await?;
+        out.counters = scan.members.len() as u64;
         Ok(out)
     }
 
