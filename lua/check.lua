@@ -1,20 +1,24 @@
 -- check: the decision consume would make, counting nothing.
 --
 -- KEYS[1]  counter hash  {prefix}:1:{b}:c:<user>:<period>
+-- KEYS[2]  previous month's counter hash; KEYS[3] the bucket's marker (see start_fresh)
 -- ARGV[1]  usage type (the hash field)
 -- ARGV[2]  amount, a whole number > 0
 -- ARGV[3]  plan override ("" = the plan stored in the hash, else the default plan)
 -- ARGV[4]  default plan
--- ARGV[5..] plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[5]  month start, ms ("0" for lifetime); ARGV[6] allowed clock skew, ms; ARGV[7] the
+--          EXPIREAT of a counter started fresh
+-- ARGV[8..] plan, limit pairs for this type (-1 = unlimited)
 --
 -- Returns {status, used, plan, limit}: "ok" (the amount fits), "denied" (it does not), or
--- "hydrate" (the counter is not loaded from Postgres yet).
+-- "hydrate" (the counter is not loaded from Postgres yet, and cannot start fresh).
 local hash, field, amount = KEYS[1], ARGV[1], tonumber(ARGV[2])
 
-if redis.call('HEXISTS', hash, 'v') == 0 then
+if redis.call('HEXISTS', hash, 'v') == 0
+    and not start_fresh(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
   return {'hydrate', 0, '', 0}
 end
-local plan, limit = resolve_plan(hash, ARGV[3], ARGV[4], 5)
+local plan, limit = resolve_plan(hash, ARGV[3], ARGV[4], 8)
 local used = tonumber(redis.call('HGET', hash, field) or '0')
 if limit >= 0 and used + amount > limit then
   return {'denied', used, plan, limit}

@@ -54,3 +54,37 @@ end
 local function announce(channel, user)
   redis.call('PUBLISH', channel, user)
 end
+
+-- Starts a missing month counter at zero without asking Postgres, when this Redis provably lost
+-- nothing Postgres could hold for it:
+--   * the bucket's marker (`{b}:since`, the time in ms when a load from Postgres first set it) is
+--     older than the month's start by more than `margin` ms (the clock skew allowed between
+--     replicas). Any data loss (restart without persistence, FLUSHALL) takes the
+--     marker with it, so every counter of this month was made in this Redis, and a missing one
+--     was never counted anywhere;
+--   * the user's previous-month counter is loaded, so the plan is known: its `p`/`pv`, or a newer
+--     plan change already written into this hash.
+-- `month_start` is the month's first instant in ms ("0" for lifetime counters, which never start
+-- fresh). Returns true if it started the counter; the caller then counts as usual.
+local function start_fresh(hash, prev, marker, month_start, margin, expire_at)
+  if month_start == '0' then
+    return false
+  end
+  local since = redis.call('GET', marker)
+  if not since or tonumber(since) >= tonumber(month_start) - tonumber(margin) then
+    return false
+  end
+  if redis.call('HEXISTS', prev, 'v') == 0 then
+    return false
+  end
+  local plan = redis.call('HMGET', prev, 'p', 'pv')
+  if plan[1] then
+    local cur = tonumber(redis.call('HGET', hash, 'pv') or '-1')
+    if cur < tonumber(plan[2]) then
+      redis.call('HSET', hash, 'p', plan[1], 'pv', plan[2])
+    end
+  end
+  redis.call('HSET', hash, 'v', 0)
+  redis.call('EXPIREAT', hash, expire_at)
+  return true
+end

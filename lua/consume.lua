@@ -2,7 +2,9 @@
 --
 -- KEYS[1]  counter hash        {prefix}:1:{b}:c:<user>:<period>
 -- KEYS[2]  dirty set           {prefix}:1:{b}:dirty
--- KEYS[3]  idempotency record  {prefix}:1:{b}:i:<user>:<key>   (only when the call has a key)
+-- KEYS[3]  previous month's counter hash (for a fresh start; see start_fresh)
+-- KEYS[4]  the bucket's marker {prefix}:1:{b}:since
+-- KEYS[5]  idempotency record  {prefix}:1:{b}:i:<user>:<key>   (only when the call has a key)
 -- ARGV[1]  mode: "consume" enforces the limit; "track" counts regardless
 -- ARGV[2]  usage type (the hash field)
 -- ARGV[3]  amount, a whole number > 0
@@ -12,8 +14,10 @@
 -- ARGV[7]  idempotency record lifetime, seconds
 -- ARGV[8]  period id, kept in the idempotency record so a refund finds the right counter
 -- ARGV[9]  most metadata names one counter may collect
--- ARGV[10] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
--- ARGV[11 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[10] month start, ms ("0" for lifetime); ARGV[11] allowed clock skew, ms; ARGV[12] the
+--          EXPIREAT of a counter started fresh (see start_fresh)
+-- ARGV[13] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
+-- ARGV[14 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
 --
 -- Returns {status, used, plan, limit, period}:
 --   "ok"         counted; used is the new total
@@ -21,8 +25,8 @@
 --   "replay"     the idempotency key was answered before: the stored answer, nothing counted
 --   "conflict"   the idempotency key was used before for another mode, type or amount
 --   "meta_limit" the call's metadata would take the counter past ARGV[9] names; nothing counted
---   "hydrate"    the counter is not loaded from Postgres yet; nothing done
-local hash, dirty, idem = KEYS[1], KEYS[2], KEYS[3]
+--   "hydrate"    the counter is not loaded from Postgres yet, and cannot start fresh; nothing done
+local hash, dirty, idem = KEYS[1], KEYS[2], KEYS[5]
 local mode, field, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 if idem then
@@ -35,12 +39,13 @@ if idem then
   end
 end
 
-if redis.call('HEXISTS', hash, 'v') == 0 then
+if redis.call('HEXISTS', hash, 'v') == 0
+    and not start_fresh(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
   return {'hydrate', 0, '', 0, ''}
 end
 
-local nmeta = tonumber(ARGV[10])
-local first_meta, last_meta = 11, 10 + 3 * nmeta
+local nmeta = tonumber(ARGV[13])
+local first_meta, last_meta = 14, 13 + 3 * nmeta
 local plan, limit = resolve_plan(hash, ARGV[5], ARGV[6], last_meta + 1)
 local used = tonumber(redis.call('HGET', hash, field) or '0')
 

@@ -1,21 +1,27 @@
 -- hydrate: load a counter hash from what Postgres holds, only if it is still not loaded.
 --
 -- KEYS[1]  counter hash  {prefix}:1:{b}:c:<user>:<period>
+-- KEYS[2]  the bucket's marker {prefix}:1:{b}:since: set (if missing) to ARGV[7], the time of
+--          this load (ms). From then on this bucket's counters of any month that starts later can
+--          start fresh without a Postgres read (see start_fresh); a Redis that loses data loses
+--          the marker with it.
 -- ARGV[1]  EXPIREAT, unix seconds (0 = never: lifetime counters)
 -- ARGV[2]  version: the highest version Postgres holds for this user and period (0 if none)
 -- ARGV[3]  the user's plan in Postgres ("" = none stored)
 -- ARGV[4]  that plan's version in user_plans (0 if none)
 -- ARGV[5]  invalidation channel; ARGV[6] the user, announced there when the hash is filled (a
 --          counter loaded again may hold less than the one Redis lost)
--- ARGV[7..] field, value pairs: counts by type, and metadata fields
+-- ARGV[7]  now, ms (the daemon's clock)
+-- ARGV[8..] field, value pairs: counts by type, and metadata fields
 --
 -- Returns 1 if it filled the hash, 0 if another caller had loaded it already. A plan set in Redis
 -- by a newer plan change (higher `pv`) is kept.
 local hash = KEYS[1]
+redis.call('SET', KEYS[2], ARGV[7], 'NX')
 if redis.call('HEXISTS', hash, 'v') == 1 then
   return 0
 end
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   redis.call('HSET', hash, ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', hash, 'v', ARGV[2])

@@ -49,6 +49,21 @@ impl Period {
         }
     }
 
+    /// The month before; `None` for lifetime.
+    pub fn previous(self) -> Option<Period> {
+        match self {
+            Period::Month { year, month: 1 } => Some(Period::Month {
+                year: year - 1,
+                month: 12,
+            }),
+            Period::Month { year, month } => Some(Period::Month {
+                year,
+                month: month - 1,
+            }),
+            Period::Lifetime => None,
+        }
+    }
+
     /// First instant after the period (exclusive end); `None` for lifetime.
     pub fn end(self) -> Option<DateTime<Utc>> {
         match self {
@@ -112,6 +127,33 @@ fn first_instant(year: i32, month: u32) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_month_before_january_is_last_december() {
+        let jan = Period::Month {
+            year: 2027,
+            month: 1,
+        };
+        assert_eq!(
+            jan.previous(),
+            Some(Period::Month {
+                year: 2026,
+                month: 12
+            })
+        );
+        assert_eq!(
+            Period::Month {
+                year: 2026,
+                month: 11
+            }
+            .previous(),
+            Some(Period::Month {
+                year: 2026,
+                month: 10
+            })
+        );
+        assert_eq!(Period::Lifetime.previous(), None);
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

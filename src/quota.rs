@@ -412,7 +412,11 @@ impl Quota {
     /// Loads (user, period) from Postgres into Redis unless another caller already did.
     async fn hydrate(&self, user: Uuid, period: Period) -> Result<(), Fault> {
         let snap = db::snapshot(&self.db, user, period).await?;
-        if self.store.hydrate(user, period, &snap).await? {
+        if self
+            .store
+            .hydrate(user, period, &snap, self.clock.now())
+            .await?
+        {
             metrics::counter!(m::HYDRATIONS).increment(1);
         }
         Ok(())

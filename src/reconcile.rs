@@ -243,7 +243,11 @@ async fn repair(
             .filter_map(|d| d.redis.map(|s| s.version))
             .max();
         let done = match redis_v {
-            None => store.hydrate(user, period, &snap).await?,
+            None => {
+                store
+                    .hydrate(user, period, &snap, chrono::Utc::now())
+                    .await?
+            }
             Some(v) if snap.version > v => {
                 // Every type Redis has must be set, so a type Postgres lacks goes to 0.
                 let mut fields = snap.fields.clone();

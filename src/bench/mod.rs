@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::period::Period;
 use crate::plans::Plans;
-use crate::store::{scripts, RedisStore};
+use crate::store::{CountCall, Mode, RedisStore};
 
 mod redis_side;
 
@@ -587,10 +587,11 @@ impl Client for HttpClient {
 struct RawRedis {
     client: redis::Client,
     prefix: String,
+    /// Builds the same invocation quotad sends, under this measurement's own prefix.
+    store: RedisStore,
+    plans: Arc<Plans>,
     usage_type: String,
-    limits: Arc<Vec<String>>,
-    /// Per user: counter hash, dirty set, dirty member.
-    keys: Arc<Vec<(String, String, String)>>,
+    users: Arc<Vec<Uuid>>,
 }
 
 struct RawRedisClient {
@@ -628,27 +629,16 @@ impl RawRedis {
                 .map_err(|e| format!("redis: {e}"))?;
         }
         let plans = Plans::built_in();
-        let limits = plans
-            .usage_type(usage_type)
-            .map(|t| t.script_limits.clone())
-            .unwrap_or_default();
-        let keys = users
-            .iter()
-            .map(|u| {
-                let member = RedisStore::dirty_member(u, BENCH_PERIOD);
-                (
-                    store.counter_key(u, BENCH_PERIOD),
-                    store.dirty_key(u),
-                    member,
-                )
-            })
-            .collect();
+        if plans.usage_type(usage_type).is_none() {
+            return Err(format!("--type {usage_type} is not a built-in usage type"));
+        }
         Ok(RawRedis {
             client,
             prefix,
+            store,
+            plans: Arc::new(plans),
             usage_type: usage_type.to_owned(),
-            limits: Arc::new(limits),
-            keys: Arc::new(keys),
+            users: users.clone(),
         })
     }
 
@@ -696,21 +686,19 @@ impl RawRedis {
 
 impl Client for RawRedisClient {
     async fn call(&mut self, n: usize) -> Result<bool, String> {
-        let (hash, dirty, member) = &self.raw.keys[n % self.raw.keys.len()];
-        let mut inv = scripts::CONSUME.prepare_invoke();
-        inv.key(hash)
-            .key(dirty)
-            .arg("consume")
-            .arg(&self.raw.usage_type)
-            .arg(1)
-            .arg(member)
-            .arg("PRO")
-            .arg("FREE")
-            .arg(86_400)
-            .arg(BENCH_PERIOD.id())
-            .arg(crate::store::MAX_METADATA_NAMES)
-            .arg(0)
-            .arg(self.raw.limits.as_slice());
+        let raw = &self.raw;
+        let call = CountCall {
+            mode: Mode::Consume,
+            user: raw.users[n % raw.users.len()],
+            usage_type: raw.plans.usage_type(&raw.usage_type).expect("checked"),
+            amount: 1,
+            period: BENCH_PERIOD,
+            plan_override: Some("PRO"),
+            default_plan: &raw.plans.default_plan,
+            idempotency_key: None,
+            metadata: &[],
+        };
+        let inv = raw.store.count_invocation(&call);
         let reply: Result<(String, i64, String, i64, String), _> =
             inv.invoke_async(&mut self.conn).await;
         Ok(reply.is_ok_and(|r| r.0 == "ok"))

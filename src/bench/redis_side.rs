@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use super::BENCH_PERIOD;
 use crate::period::Period;
-use crate::store::{scripts, RedisStore, GRACE_DAYS, MAX_METADATA_NAMES};
+use crate::plans::Plans;
+use crate::store::{scripts, CountCall, Mode, RedisStore, Snapshot};
 
 /// Users per pipeline.
 const CHUNK: usize = 2_000;
@@ -19,9 +20,11 @@ const MEMORY_TYPES: [&str; 3] = ["ai_generation", "export", "api_call"];
 
 /// Connects to `url`.
 async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, String> {
+    // Big pipelines: no response timeout (the client's default is 500 ms).
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
     redis::Client::open(url)
         .map_err(|e| format!("--redis-url: {e}"))?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| format!("redis: {e}"))
 }
@@ -35,52 +38,31 @@ async fn load_counters(
     period: Period,
     types: &[&str],
 ) -> Result<(), String> {
-    let hydrate = scripts::HYDRATE
-        .load_async(conn)
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-    let consume = scripts::CONSUME
-        .load_async(conn)
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-    let expire_at = period
-        .expire_at(chrono::Duration::days(GRACE_DAYS))
-        .unwrap_or(0);
-    let channel = store.changes_channel();
+    let plans = Plans::parse(&memory_plans(types), "bench").map_err(|e| e.to_string())?;
     for chunk in users.chunks(CHUNK) {
         let mut pipe = redis::pipe();
+        // A pipeline cannot retry on NOSCRIPT: load the scripts first (cheap when loaded).
+        pipe.load_script(&scripts::HYDRATE)
+            .ignore()
+            .load_script(&scripts::CONSUME)
+            .ignore();
         for u in chunk {
-            let key = store.counter_key(u, period);
-            pipe.cmd("EVALSHA")
-                .arg(&hydrate)
-                .arg(1)
-                .arg(&key)
-                .arg(expire_at)
-                .arg(0)
-                .arg("")
-                .arg(0)
-                .arg(&channel)
-                .arg(u.to_string())
-                .ignore();
+            let hydrate =
+                store.hydrate_invocation(*u, period, &Snapshot::default(), chrono::Utc::now());
+            pipe.invoke_script(&hydrate).ignore();
             for ty in types {
-                pipe.cmd("EVALSHA")
-                    .arg(&consume)
-                    .arg(2)
-                    .arg(&key)
-                    .arg(store.dirty_key(u))
-                    .arg("consume")
-                    .arg(*ty)
-                    .arg(1)
-                    .arg(RedisStore::dirty_member(u, period))
-                    .arg("")
-                    .arg("FREE")
-                    .arg(86_400)
-                    .arg(period.id())
-                    .arg(MAX_METADATA_NAMES)
-                    .arg(0)
-                    .arg("FREE")
-                    .arg(1_000)
-                    .ignore();
+                let call = CountCall {
+                    mode: Mode::Consume,
+                    user: *u,
+                    usage_type: plans.usage_type(ty).expect("configured above"),
+                    amount: 1,
+                    period,
+                    plan_override: None,
+                    default_plan: &plans.default_plan,
+                    idempotency_key: None,
+                    metadata: &[],
+                };
+                pipe.invoke_script(&store.count_invocation(&call)).ignore();
             }
         }
         pipe.query_async::<()>(conn)
@@ -88,6 +70,19 @@ async fn load_counters(
             .map_err(|e| format!("redis: {e}"))?;
     }
     Ok(())
+}
+
+/// A plans file with `types` as monthly types, each limited to 1,000 on the default plan.
+fn memory_plans(types: &[&str]) -> String {
+    let mut text = String::from("default_plan = \"FREE\"\n\n[types]\n");
+    for t in types {
+        text.push_str(&format!("{t} = {{ period = \"month\" }}\n"));
+    }
+    text.push_str("\n[plans.FREE]\n");
+    for t in types {
+        text.push_str(&format!("{t} = 1000\n"));
+    }
+    text
 }
 
 /// Loads `users`' counters of `period` into the Redis of a quotad keyed by `prefix`, so a
@@ -169,15 +164,13 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
         let loaded = used_memory(&mut conn).await?;
         // What the flusher leaves: the counters, with their dirty-set entries taken off. DEL, not
         // UNLINK: memory freed in the background would still be counted.
-        let mut pipe = redis::pipe();
         for b in 0..crate::store::BUCKETS {
-            pipe.cmd("DEL")
+            let _: i64 = redis::cmd("DEL")
                 .arg(format!("{prefix}:{}:{{{b}}}:dirty", crate::store::SCHEMA))
-                .ignore();
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
         }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| format!("redis: {e}"))?;
         let flushed = used_memory(&mut conn).await?;
         let sample: Option<i64> = redis::cmd("MEMORY")
             .arg("USAGE")

@@ -8,6 +8,9 @@
 //! <prefix>:1:{<b>}:dirty               sorted set of "<user>:<period>" changed since their last
 //!                                      flush, scored by the time (ms) of the first such change
 //! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
+//! <prefix>:1:{<b>}:since              string: the time (ms) since which the bucket has
+//!                                      held its data without a gap (set by the first load from
+//!                                      Postgres; lets a new month's counter start without one)
 //! <prefix>:1:changes                   pub/sub channel: users whose counts went down or whose
 //!                                      plan changed (refusal-cache invalidation)
 //! ```
@@ -31,8 +34,9 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use deadpool_redis::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use deadpool_redis::redis::{self, AsyncCommands, RedisError};
+use deadpool_redis::redis::{self, AsyncCommands, RedisError, ScriptInvocation};
 use uuid::Uuid;
 
 use crate::period::Period;
@@ -48,6 +52,9 @@ pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 pub const GRACE_DAYS: i64 = 35;
 /// Most distinct metadata names one counter (user, type, period) may collect.
 pub const MAX_METADATA_NAMES: usize = 64;
+/// Clock skew allowed between replicas, in ms: a month counter starts fresh without a Postgres
+/// read only if its bucket's marker is older than the month's start by more than this.
+pub const SKEW_MARGIN_MS: i64 = 60_000;
 
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +191,10 @@ impl RedisStore {
     /// UNWATCH and PING), which made every consume three commands instead of one.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, String> {
         let client = redis::Client::open(url).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
+        // No response timeout of the client's own (its default is 500 ms): each call has its
+        // deadline (`timeout`, or the flusher's and reconcile's longer ones for big pipelines).
         let config = ConnectionManagerConfig::new()
+            .set_response_timeout(None)
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
@@ -227,6 +237,29 @@ impl RedisStore {
     /// The dirty set of `user`'s bucket.
     pub fn dirty_key(&self, user: &Uuid) -> String {
         format!("{}:{SCHEMA}:{{{}}}:dirty", self.prefix, Self::bucket(user))
+    }
+
+    /// The marker of `user`'s bucket: the time (ms) since which the bucket has held
+    /// its data without a gap (see `start_fresh` in `lua/common.lua`).
+    pub fn since_key(&self, user: &Uuid) -> String {
+        format!("{}:{SCHEMA}:{{{}}}:since", self.prefix, Self::bucket(user))
+    }
+
+    /// The keys and arguments that let a missing month counter start fresh: previous month's
+    /// hash and the bucket's marker; month start (ms), skew margin, EXPIREAT.
+    fn fresh_start(&self, user: &Uuid, period: Period) -> ([String; 2], [i64; 3]) {
+        let prev = period.previous().unwrap_or(period);
+        let month_start = match period {
+            Period::Month { .. } => period.start().timestamp_millis(),
+            Period::Lifetime => 0,
+        };
+        let expire_at = period
+            .expire_at(chrono::Duration::days(GRACE_DAYS))
+            .unwrap_or(0);
+        (
+            [self.counter_key(user, prev), self.since_key(user)],
+            [month_start, SKEW_MARGIN_MS, expire_at],
+        )
     }
 
     /// The pub/sub channel on which scripts announce users whose counts went down or whose plan
@@ -330,11 +363,14 @@ impl RedisStore {
             .await
     }
 
-    /// Consume or track: one EVALSHA.
-    pub async fn count(&self, call: &CountCall<'_>) -> Result<Reply, StoreError> {
+    /// The consume script's invocation for `call`: what [`RedisStore::count`] sends (the bench's
+    /// raw-Redis ceiling sends the same).
+    pub fn count_invocation(&self, call: &CountCall<'_>) -> ScriptInvocation<'static> {
+        let (fresh_keys, fresh_args) = self.fresh_start(&call.user, call.period);
         let mut inv = scripts::CONSUME.prepare_invoke();
         inv.key(self.counter_key(&call.user, call.period))
-            .key(self.dirty_key(&call.user));
+            .key(self.dirty_key(&call.user))
+            .key(&fresh_keys);
         if let Some(k) = call.idempotency_key {
             inv.key(self.idempotency_key(&call.user, k));
         }
@@ -350,6 +386,7 @@ impl RedisStore {
         .arg(IDEMPOTENCY_TTL_SECS)
         .arg(call.period.id())
         .arg(MAX_METADATA_NAMES)
+        .arg(&fresh_args)
         .arg(call.metadata.len());
         for (name, value) in call.metadata {
             match value {
@@ -358,6 +395,12 @@ impl RedisStore {
             };
         }
         inv.arg(&call.usage_type.script_limits);
+        inv
+    }
+
+    /// Consume or track: one EVALSHA.
+    pub async fn count(&self, call: &CountCall<'_>) -> Result<Reply, StoreError> {
+        let inv = self.count_invocation(call);
         let raw: (String, i64, String, i64, String) = self.run_script(&inv).await?;
         Ok(to_reply(
             raw.0.as_str(),
@@ -378,12 +421,15 @@ impl RedisStore {
         plan_override: Option<&str>,
         default_plan: &str,
     ) -> Result<Reply, StoreError> {
+        let (fresh_keys, fresh_args) = self.fresh_start(&user, period);
         let mut inv = scripts::CHECK.prepare_invoke();
         inv.key(self.counter_key(&user, period))
+            .key(&fresh_keys)
             .arg(&usage_type.name)
             .arg(amount)
             .arg(plan_override.unwrap_or(""))
             .arg(default_plan)
+            .arg(&fresh_args)
             .arg(&usage_type.script_limits);
         let raw: (String, i64, String, i64) = self.run_script(&inv).await?;
         Ok(to_reply(raw.0.as_str(), raw.1, raw.2, raw.3, Some(period)))
@@ -444,28 +490,45 @@ impl RedisStore {
         Ok((status == "ok").then(|| (used.max(0) as u64, (!plan.is_empty()).then_some(plan))))
     }
 
-    /// Fill the counter hash of (user, period) from `snap` unless it is loaded already.
-    pub async fn hydrate(
+    /// The hydrate script's invocation: fill (user, period) from `snap` unless it is loaded
+    /// already, and set the bucket's marker to `now` unless it is set.
+    pub fn hydrate_invocation(
         &self,
         user: Uuid,
         period: Period,
         snap: &Snapshot,
-    ) -> Result<bool, StoreError> {
+        now: DateTime<Utc>,
+    ) -> ScriptInvocation<'static> {
         let expire_at = period
             .expire_at(chrono::Duration::days(GRACE_DAYS))
             .unwrap_or(0);
         let mut inv = scripts::HYDRATE.prepare_invoke();
         let (plan, plan_version) = snap.plan.clone().unwrap_or_default();
         inv.key(self.counter_key(&user, period))
+            .key(self.since_key(&user))
             .arg(expire_at)
             .arg(snap.version)
             .arg(plan)
             .arg(plan_version)
             .arg(self.changes_channel())
-            .arg(user.to_string());
+            .arg(user.to_string())
+            .arg(now.timestamp_millis());
         for (field, value) in &snap.fields {
             inv.arg(field).arg(value);
         }
+        inv
+    }
+
+    /// Fill the counter hash of (user, period) from `snap` unless it is loaded already; `now`
+    /// is the daemon's clock.
+    pub async fn hydrate(
+        &self,
+        user: Uuid,
+        period: Period,
+        snap: &Snapshot,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let inv = self.hydrate_invocation(user, period, snap, now);
         let filled: i64 = self.run_script(&inv).await?;
         Ok(filled == 1)
     }

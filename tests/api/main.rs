@@ -6,6 +6,7 @@ mod durability;
 mod errors;
 mod faults;
 mod idempotency;
+mod month_start;
 mod observability;
 mod openapi;
 mod outages;

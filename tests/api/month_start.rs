@@ -1,0 +1,144 @@
+//! A month's first requests: a counter starts from Redis alone, without a Postgres read, when
+//! Redis provably lost nothing (its bucket's marker predates the month and last month's counter
+//! is loaded); otherwise it is loaded from Postgres as before.
+
+use deadpool_redis::redis;
+use quotad::period::Period;
+use uuid::Uuid;
+
+use crate::helpers::{Options, PrivatePostgres, PrivateRedis, TestApp};
+
+const NOVEMBER: Period = Period::Month {
+    year: 2026,
+    month: 11,
+};
+
+/// Whether an answer is a fail-open one (the field is left out when false).
+fn degraded(body: &serde_json::Value) -> bool {
+    body["degraded"] == true
+}
+
+#[tokio::test]
+async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
+    let pg = PrivatePostgres::start();
+    let app = TestApp::spawn_with(Options {
+        postgres_url: pg.url(),
+        ..Options::default()
+    })
+    .await;
+    // Active in November: their counters are loaded (and the buckets' markers set on 15 Nov).
+    let (pro, free, upgraded, new) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    for u in [pro, free, upgraded] {
+        assert_eq!(app.consume(u, "ai_generation").await.status, 200);
+    }
+    app.set_plan(pro, "PRO").await;
+    app.set_now("2026-12-01T00:05:00Z");
+    // A plan change in the new month, before the user's first request in it.
+    app.set_plan(upgraded, "ENTERPRISE").await;
+
+    // Postgres goes away: only counters that need no Postgres read can count.
+    pg.stop("immediate");
+    let a = app.consume(pro, "ai_generation").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert!(!degraded(&a.body), "{:?}", a.body);
+    assert_eq!(a.body["used"], 1);
+    assert_eq!(a.body["plan"], "PRO", "last month's plan carries over");
+    let f = app.consume(free, "ai_generation").await;
+    assert!(!degraded(&f.body), "{:?}", f.body);
+    assert_eq!(f.body["used"], 1);
+    assert_eq!(f.body["plan"], "FREE");
+    let u = app.consume(upgraded, "ai_generation").await;
+    assert_eq!(
+        u.body["plan"], "ENTERPRISE",
+        "the newer plan change wins: {:?}",
+        u.body
+    );
+    // Not active last month: Postgres might hold its plan, so it must be asked. It is down, and
+    // ai_generation fails open.
+    let n = app.consume(new, "ai_generation").await;
+    assert_eq!(n.status, 200);
+    assert!(degraded(&n.body), "{:?}", n.body);
+
+    // Lifetime counters never start fresh.
+    let k = app.consume(pro, "kb_file").await;
+    assert_eq!(k.status, 503, "kb_file fails closed: {:?}", k.body);
+
+    pg.resume();
+    app.flush().await;
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT user_id, count FROM usage_tracking WHERE type = 'ai_generation' AND period_start = '2026-12-01T00:00:00Z' ORDER BY user_id",
+    )
+    .fetch_all(&app.db().await)
+    .await
+    .unwrap();
+    let mut expected = vec![(pro, 1), (free, 1), (upgraded, 1)];
+    expected.sort();
+    assert_eq!(rows, expected);
+}
+
+#[tokio::test]
+async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
+    let mut redis_server = PrivateRedis::start();
+    let app = TestApp::spawn_with(Options {
+        redis_url: redis_server.url(),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.consume(user, "ai_generation").await;
+    app.set_now("2026-12-02T09:00:00Z");
+    for _ in 0..3 {
+        assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    }
+    app.flush().await;
+
+    // Redis restarts empty on 3 December, losing the marker with everything else. Last month's
+    // counter is put back by hand, so only the marker can tell that December's may be lost.
+    redis_server.restart();
+    app.set_now("2026-12-03T09:00:00Z");
+    let mut conn = app.redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(app.state.quota.store.counter_key(&user, NOVEMBER))
+        .arg("v")
+        .arg(1)
+        .arg("ai_generation")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let mut answer = app.consume(user, "ai_generation").await;
+    for _ in 0..100 {
+        if !degraded(&answer.body) {
+            break;
+        }
+        // The daemon's connection notices the restart on its first call.
+        answer = app.consume(user, "ai_generation").await;
+    }
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        answer.body["used"], 4,
+        "loaded from Postgres (3), then counted: {:?}",
+        answer.body
+    );
+    let since: Option<i64> = redis::cmd("GET")
+        .arg(app.state.quota.store.since_key(&user))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        since,
+        Some(
+            "2026-12-03T09:00:00Z"
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
+                .timestamp_millis()
+        ),
+        "the load set a new marker; January may start fresh, December may not"
+    );
+}
