@@ -79,7 +79,12 @@ pub struct BenchArgs {
     /// millions of users.
     #[arg(long)]
     pub preload: bool,
-    /// quotad's Redis key prefix, for `--preload`.
+    /// Measure a month start: load every user's counter of *last* month straight into Redis (as
+    /// their requests then would have), then measure this month's first requests, one per user
+    /// (no warm-up). With the buckets' markers older than this month, none reads Postgres.
+    #[arg(long)]
+    pub month_start: bool,
+    /// quotad's Redis key prefix, for `--preload` and `--month-start`.
     #[arg(long, env = "QUOTAD_KEY_PREFIX", default_value = "q")]
     pub key_prefix: String,
     /// Measure only Redis memory per active (user, month) with three types, for `--users`
@@ -174,9 +179,14 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             .map(|u| http_request(&addr, args, "consume", u, &args.plan, 1))
             .collect(),
     );
-    if args.preload {
-        let period = Period::current(crate::period::PeriodKind::Month, chrono::Utc::now());
-        redis_side::preload(&args.redis_url, &args.key_prefix, &users, period).await?;
+    let now = chrono::Utc::now();
+    let this_month = Period::current(crate::period::PeriodKind::Month, now);
+    if args.month_start {
+        let last_month = this_month.previous().expect("a month");
+        let at = last_month.start();
+        redis_side::preload(&args.redis_url, &args.key_prefix, &users, last_month, at).await?;
+    } else if args.preload {
+        redis_side::preload(&args.redis_url, &args.key_prefix, &users, this_month, now).await?;
     } else if !args.no_warmup {
         let started = Instant::now();
         send_all(&addr, args, requests.clone(), 200).await?;

@@ -36,9 +36,15 @@ async fn load_counters(
     store: &RedisStore,
     users: &[Uuid],
     period: Period,
+    now: chrono::DateTime<chrono::Utc>,
     types: &[&str],
 ) -> Result<(), String> {
-    let plans = Plans::parse(&memory_plans(types), "bench").map_err(|e| e.to_string())?;
+    let configured = if types.is_empty() {
+        &MEMORY_TYPES[..]
+    } else {
+        types
+    };
+    let plans = Plans::parse(&memory_plans(configured), "bench").map_err(|e| e.to_string())?;
     for chunk in users.chunks(CHUNK) {
         let mut pipe = redis::pipe();
         // A pipeline cannot retry on NOSCRIPT: load the scripts first (cheap when loaded).
@@ -47,8 +53,7 @@ async fn load_counters(
             .load_script(&scripts::CONSUME)
             .ignore();
         for u in chunk {
-            let hydrate =
-                store.hydrate_invocation(*u, period, &Snapshot::default(), chrono::Utc::now());
+            let hydrate = store.hydrate_invocation(*u, period, &Snapshot::default(), now);
             pipe.invoke_script(&hydrate).ignore();
             for ty in types {
                 let call = CountCall {
@@ -74,7 +79,7 @@ async fn load_counters(
 
 /// A plans file with `types` as monthly types, each limited to 1,000 on the default plan.
 fn memory_plans(types: &[&str]) -> String {
-    let mut text = String::from("default_plan = \"FREE\"\n\n[types]\n");
+    let mut text = String::from("upgrade_url = \"/\"\ndefault_plan = \"FREE\"\n\n[types]\n");
     for t in types {
         text.push_str(&format!("{t} = {{ period = \"month\" }}\n"));
     }
@@ -85,21 +90,24 @@ fn memory_plans(types: &[&str]) -> String {
     text
 }
 
-/// Loads `users`' counters of `period` into the Redis of a quotad keyed by `prefix`, so a
-/// growth run starts with them all loaded, as after each user's first request.
+/// Loads `users`' counters of `period` into the Redis of a quotad keyed by `prefix`, as each
+/// user's first request would at `now` (which also sets the buckets' markers to `now` where
+/// missing): a growth run starts with them all loaded.
 pub async fn preload(
     url: &str,
     prefix: &str,
     users: &[Uuid],
     period: Period,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), String> {
     let mut conn = connect(url).await?;
     let store = RedisStore::new(url, prefix, std::time::Duration::from_secs(5))?;
     let started = Instant::now();
-    load_counters(&mut conn, &store, users, period, &[]).await?;
+    load_counters(&mut conn, &store, users, period, now, &[]).await?;
     println!(
-        "  (preload: {} counters loaded straight into Redis in {:.1} s)",
+        "  (preload: {} counters of {} loaded straight into Redis in {:.1} s)",
         users.len(),
+        period.id(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -160,7 +168,15 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
     let outcome = async {
         let before = used_memory(&mut conn).await?;
         let started = Instant::now();
-        load_counters(&mut conn, &store, &ids, BENCH_PERIOD, &MEMORY_TYPES).await?;
+        load_counters(
+            &mut conn,
+            &store,
+            &ids,
+            BENCH_PERIOD,
+            chrono::Utc::now(),
+            &MEMORY_TYPES,
+        )
+        .await?;
         let loaded = used_memory(&mut conn).await?;
         // What the flusher leaves: the counters, with their dirty-set entries taken off. DEL, not
         // UNLINK: memory freed in the background would still be counted.

@@ -159,3 +159,38 @@ async fn quotad_bench_measures_quotad_raw_redis_and_the_seed_design() {
     .unwrap();
     assert_eq!(schemas, 0, "the seed design's scratch schema is dropped");
 }
+
+#[tokio::test]
+async fn quotad_bench_measures_redis_memory_per_active_user_month() {
+    let redis_server = PrivateRedis::start();
+    let bench = std::process::Command::new(env!("CARGO_BIN_EXE_quotad"))
+        .args(["bench", "--memory", "--users", "500"])
+        .args(["--redis-url", &redis_server.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let bytes = |label: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} figure in:\n{text}"))
+    };
+    let flushed = bytes("bytes per active (user, month), after a flush:");
+    let dirty = bytes("bytes per active (user, month), not yet flushed:");
+    // Three counts, a version and a key cannot take less than 50 bytes; the dirty-set entry adds.
+    assert!(flushed > 50.0, "{text}");
+    assert!(dirty > flushed, "{text}");
+    // Everything it wrote is removed.
+    let mut conn = deadpool_redis::redis::Client::open(redis_server.url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(keys, 0);
+}
