@@ -208,16 +208,43 @@ impl Quota {
         let ty = known_type(plans, &input.usage_type)?;
         let now = self.clock.now();
         let period = Period::current(ty.period, now);
-        if let Some(refused) = self.remembered_refusal(action, input, plans, ty, period, now) {
-            m::decision(&ty.name, refused.plan.as_deref().unwrap_or(""), "denied");
+        let remembered = self.remembered_refusal(action, input, plans, ty, period, now);
+        let decision = if let Some(refused) = remembered {
             metrics::counter!(m::REFUSAL_CACHE_HITS, "type" => ty.name.clone()).increment(1);
-            return Ok(refused);
+            refused
+        } else {
+            let started = std::time::Instant::now();
+            let result = self.decide_in(action, input, plans, ty, period, now).await;
+            metrics::histogram!(m::REDIS_SCRIPT_SECONDS, "script" => action.label())
+                .record(started.elapsed());
+            Self::or_fail_policy(result, input, ty, period, now)?
+        };
+        let outcome = match (decision.degraded, decision.allowed) {
+            (true, _) => "degraded",
+            (false, true) => "allowed",
+            (false, false) => "denied",
+        };
+        let plan = decision.plan.as_deref().unwrap_or("");
+        m::decision(&ty.name, plan, outcome);
+        // Near the limit: 80 % or more used after this decision (a signal to nudge an upgrade).
+        if let (Some(used), Some(limit)) = (decision.counter.used, decision.counter.limit) {
+            if limit > 0 && used * 5 >= limit * 4 {
+                m::near_limit(&ty.name, plan);
+            }
         }
-        let started = std::time::Instant::now();
-        let result = self.decide_in(action, input, plans, ty, period, now).await;
-        metrics::histogram!(m::REDIS_SCRIPT_SECONDS, "script" => action.label())
-            .record(started.elapsed());
-        let decision = match result {
+        Ok(decision)
+    }
+
+    /// The decision, or for an outage of a fail-open type the degraded answer; other faults are
+    /// counted and returned.
+    fn or_fail_policy(
+        result: Result<Decision, Fault>,
+        input: &DecisionInput,
+        ty: &UsageType,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Result<Decision, ApiError> {
+        Ok(match result {
             Ok(d) => d,
             Err(fault) if fault.is_outage() && ty.fail == FailPolicy::Open => {
                 match &fault {
@@ -249,21 +276,7 @@ impl Quota {
                 m::decision(&ty.name, "", "error");
                 return Err(fault.into());
             }
-        };
-        let outcome = match (decision.degraded, decision.allowed) {
-            (true, _) => "degraded",
-            (false, true) => "allowed",
-            (false, false) => "denied",
-        };
-        let plan = decision.plan.as_deref().unwrap_or("");
-        m::decision(&ty.name, plan, outcome);
-        // Near the limit: 80 % or more used after this decision (a signal to nudge an upgrade).
-        if let (Some(used), Some(limit)) = (decision.counter.used, decision.counter.limit) {
-            if limit > 0 && used * 5 >= limit * 4 {
-                m::near_limit(&ty.name, plan);
-            }
-        }
-        Ok(decision)
+        })
     }
 
     /// A refusal answered from the near-cache: only for consume and check without an
