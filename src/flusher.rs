@@ -59,6 +59,28 @@ pub struct FlushOutcome {
     pub more: bool,
 }
 
+/// How a pass spends the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Every batch as fast as it goes, several in flight: for catching up, and for shutdown.
+    Full,
+    /// One batch at a time, each followed by a pause as long as it took, so a pass that keeps
+    /// up leaves half the machine to the requests it shares it with.
+    Gentle,
+}
+
+impl Pace {
+    /// The pace of the next pass: full while behind (work left over, or a pass that took more
+    /// than half the interval), else gentle.
+    fn after(out: &FlushOutcome, took: Duration, interval: Duration) -> Pace {
+        if out.more || took > interval / 2 {
+            Pace::Full
+        } else {
+            Pace::Gentle
+        }
+    }
+}
+
 /// Writes Redis totals to Postgres.
 #[derive(Clone)]
 pub struct Flusher {
@@ -75,10 +97,15 @@ impl Flusher {
         }
     }
 
-    /// One pass over every bucket.
+    /// One pass over every bucket, at full pace.
     pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
+        self.flush(Pace::Full).await
+    }
+
+    /// One pass over every bucket, at `pace`.
+    pub async fn flush(&self, pace: Pace) -> Result<FlushOutcome, FlushError> {
         let started = Instant::now();
-        let result = self.pass().await;
+        let result = self.pass(pace).await;
         metrics::histogram!(m::FLUSH_SECONDS).record(started.elapsed());
         match &result {
             Ok(out) => {
@@ -93,16 +120,26 @@ impl Flusher {
         result
     }
 
-    async fn pass(&self) -> Result<FlushOutcome, FlushError> {
+    async fn pass(&self, pace: Pace) -> Result<FlushOutcome, FlushError> {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let mut batches = futures_util::stream::iter(
-            (0..BUCKETS)
-                .step_by(BUCKETS_PER_BATCH as usize)
-                .map(|start| self.batch(start, now_ms)),
-        )
-        .buffer_unordered(BATCHES_IN_FLIGHT);
+        let in_flight = match pace {
+            Pace::Full => BATCHES_IN_FLIGHT,
+            Pace::Gentle => 1,
+        };
+        let mut batches =
+            futures_util::stream::iter((0..BUCKETS).step_by(BUCKETS_PER_BATCH as usize).map(
+                |start| async move {
+                    let started = Instant::now();
+                    let b = self.batch(start, now_ms).await?;
+                    if pace == Pace::Gentle && b.counters > 0 {
+                        tokio::time::sleep(started.elapsed()).await;
+                    }
+                    Ok::<_, FlushError>(b)
+                },
+            ))
+            .buffer_unordered(in_flight);
         let mut out = FlushOutcome::default();
         while let Some(batch) = batches.next().await {
             let b = batch?;
@@ -153,19 +190,22 @@ impl Flusher {
 
     /// Starts a pass every `interval` (measured from the start of the last, so the lag bound is
     /// one interval plus one pass) until `stop` turns true. After an error it waits longer each
-    /// time (up to 30 s); a pass that left work behind is followed at once by another.
+    /// time (up to 30 s); a pass that left work behind is followed at once by another. Passes
+    /// that keep up run at [`Pace::Gentle`]; once behind, at [`Pace::Full`] until caught up.
     pub async fn run(self, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mut next = tokio::time::Instant::now() + interval;
         let mut backoff = interval;
+        let mut pace = Pace::Gentle;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             let started = tokio::time::Instant::now();
-            match self.flush_once().await {
+            match self.flush(pace).await {
                 Ok(out) => {
                     backoff = interval;
+                    pace = Pace::after(&out, started.elapsed(), interval);
                     next = if out.more {
                         tokio::time::Instant::now()
                     } else {
@@ -259,6 +299,28 @@ fn number(text: &str) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passes_go_gently_while_they_keep_up_and_at_full_pace_while_behind() {
+        let second = Duration::from_secs(1);
+        let kept_up = FlushOutcome::default();
+        let left_work = FlushOutcome {
+            more: true,
+            ..FlushOutcome::default()
+        };
+        assert_eq!(
+            Pace::after(&kept_up, Duration::from_millis(200), second),
+            Pace::Gentle
+        );
+        assert_eq!(
+            Pace::after(&kept_up, Duration::from_millis(600), second),
+            Pace::Full
+        );
+        assert_eq!(
+            Pace::after(&left_work, Duration::from_millis(10), second),
+            Pace::Full
+        );
+    }
 
     fn hash(fields: &[(&str, &str)]) -> HashMap<String, String> {
         fields
