@@ -623,21 +623,17 @@ impl RawRedis {
         let client = redis::Client::open(url).map_err(|e| format!("--redis-url: {e}"))?;
         let prefix = format!("qbench{}", &Uuid::new_v4().simple().to_string()[..8]);
         let store = RedisStore::new(url, &prefix, Duration::from_secs(5))?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| format!("redis: {e}"))?;
         // Loaded counters, as quotad's are after their first use.
-        for chunk in users.chunks(10_000) {
-            let mut pipe = redis::pipe();
-            for u in chunk {
-                pipe.hset(store.counter_key(u, BENCH_PERIOD), "v", 0)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| format!("redis: {e}"))?;
-        }
+        let mut conn = redis_side::connect(url).await?;
+        redis_side::load_counters(
+            &mut conn,
+            &store,
+            users,
+            BENCH_PERIOD,
+            chrono::Utc::now(),
+            &[],
+        )
+        .await?;
         let plans = Plans::built_in();
         if plans.usage_type(usage_type).is_none() {
             return Err(format!("--type {usage_type} is not a built-in usage type"));
@@ -667,29 +663,7 @@ impl RawRedis {
 
     async fn cleanup(&self) {
         if let Ok(mut conn) = self.client.get_multiplexed_async_connection().await {
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = match redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(format!("{}:*", self.prefix))
-                    .arg("COUNT")
-                    .arg(10_000)
-                    .query_async(&mut conn)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => return,
-                };
-                if !keys.is_empty() {
-                    let _: Result<i64, _> =
-                        redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await;
-                }
-                if next == 0 {
-                    return;
-                }
-                cursor = next;
-            }
+            redis_side::remove_prefix(&mut conn, &self.prefix).await;
         }
     }
 }

@@ -19,7 +19,7 @@ const CHUNK: usize = 2_000;
 const MEMORY_TYPES: [&str; 3] = ["ai_generation", "export", "api_call"];
 
 /// Connects to `url`.
-async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, String> {
+pub(super) async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, String> {
     // Big pipelines: no response timeout (the client's default is 500 ms).
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
     redis::Client::open(url)
@@ -31,7 +31,7 @@ async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, String>
 
 /// Loads a fresh counter for each of `users` in `period`, as a first request does (the hydrate
 /// script with nothing from Postgres), pipelined. With `types`, each is then consumed once.
-async fn load_counters(
+pub(super) async fn load_counters(
     conn: &mut redis::aio::MultiplexedConnection,
     store: &RedisStore,
     users: &[Uuid],
@@ -127,7 +127,7 @@ async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> Result<i64
 }
 
 /// Every key under `prefix`, unlinked.
-async fn remove_prefix(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+pub(super) async fn remove_prefix(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
     let mut cursor = 0u64;
     loop {
         let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
