@@ -218,22 +218,27 @@ impl Refusals {
         if !self.enabled() {
             return;
         }
-        let mut delay = Duration::from_millis(100);
+        const FIRST_RETRY: Duration = Duration::from_millis(100);
+        let mut delay = FIRST_RETRY;
         loop {
-            match self.subscribed(&client, &channel).await {
-                Ok(()) => delay = Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "refusal cache: invalidation subscription down; refusals go to Redis")
-                }
+            let Err(ended) = self.subscription(&client, &channel).await;
+            // A subscription that was up starts the backoff afresh; failed attempts lengthen it.
+            if self.is_live() {
+                delay = FIRST_RETRY;
             }
             self.set_live(false);
+            tracing::warn!(error.message = %ended, retry_in_ms = delay.as_millis() as u64, "refusal cache: invalidation subscription down; refusals go to Redis");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
-    /// One subscription, until it fails.
-    async fn subscribed(&self, client: &redis::Client, channel: &str) -> Result<(), String> {
+    /// One subscription, until it fails (it never ends otherwise); the error says why.
+    async fn subscription(
+        &self,
+        client: &redis::Client,
+        channel: &str,
+    ) -> Result<std::convert::Infallible, String> {
         let connect = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
