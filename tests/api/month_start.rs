@@ -48,6 +48,19 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     assert!(!degraded(&a.body), "{:?}", a.body);
     assert_eq!(a.body["used"], 1);
     assert_eq!(a.body["plan"], "PRO", "last month's plan carries over");
+    // A check starts the counter fresh too (counting nothing), and the consume then counts in it.
+    let c = app
+        .post(
+            "/v1/check",
+            serde_json::json!({"user_id": free, "type": "ai_generation"}),
+        )
+        .await;
+    assert_eq!(c.status, 200, "{:?}", c.body);
+    assert!(!degraded(&c.body), "{:?}", c.body);
+    assert_eq!(
+        (c.body["used"].as_u64(), c.body["allowed"].as_bool()),
+        (Some(0), Some(true))
+    );
     let f = app.consume(free, "ai_generation").await;
     assert!(!degraded(&f.body), "{:?}", f.body);
     assert_eq!(f.body["used"], 1);

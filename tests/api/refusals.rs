@@ -28,6 +28,26 @@ async fn refused(app: &TestApp, user: Uuid, usage_type: &str) {
     assert_eq!(a.body["code"], "USAGE_LIMIT_EXCEEDED", "{:?}", a.body);
 }
 
+/// Two replicas on one Redis and database, and a user whose `usage_type` is tracked to `used`
+/// on the first and then refused there, so the first remembers the refusal.
+async fn replicas_with_a_remembered_refusal(
+    usage_type: &str,
+    used: u64,
+) -> (TestApp, TestApp, Uuid) {
+    let a = TestApp::spawn().await;
+    let b = a.replica().await;
+    a.wait_refusal_cache_live().await;
+    let user = Uuid::new_v4();
+    track(&a, user, usage_type, used).await;
+    refused(&a, user, usage_type).await;
+    assert_eq!(
+        a.state.quota.refusals.users(),
+        1,
+        "the refusal is remembered"
+    );
+    (a, b, user)
+}
+
 /// Waits until `app` has forgotten every refusal (it heard an invalidation); returns how long
 /// that took.
 async fn forgotten(app: &TestApp) -> Duration {
@@ -119,13 +139,7 @@ async fn a_new_month_is_counted_afresh_at_once() {
 
 #[tokio::test]
 async fn a_plan_change_on_another_replica_lifts_the_refusal_everywhere() {
-    let a = TestApp::spawn().await;
-    let b = a.replica().await;
-    a.wait_refusal_cache_live().await;
-    let user = Uuid::new_v4();
-    track(&a, user, "ai_generation", 50).await;
-    refused(&a, user, "ai_generation").await;
-    assert_eq!(a.state.quota.refusals.users(), 1);
+    let (a, b, user) = replicas_with_a_remembered_refusal("ai_generation", 50).await;
 
     b.set_plan(user, "PRO").await;
     let took = forgotten(&a).await;
@@ -150,6 +164,11 @@ async fn a_refund_on_another_replica_lifts_the_refusal_everywhere() {
         .await;
     assert_eq!(last.status, 200);
     refused(&a, user, "ai_generation").await;
+    assert_eq!(
+        a.state.quota.refusals.users(),
+        1,
+        "the refusal is remembered"
+    );
 
     let refund = b
         .post(
@@ -166,12 +185,7 @@ async fn a_refund_on_another_replica_lifts_the_refusal_everywhere() {
 
 #[tokio::test]
 async fn a_release_on_another_replica_lifts_the_refusal_everywhere() {
-    let a = TestApp::spawn().await;
-    let b = a.replica().await;
-    a.wait_refusal_cache_live().await;
-    let user = Uuid::new_v4();
-    track(&a, user, "kb_file", 20).await;
-    refused(&a, user, "kb_file").await;
+    let (a, b, user) = replicas_with_a_remembered_refusal("kb_file", 20).await;
 
     let released = b
         .post(
@@ -221,6 +235,11 @@ async fn a_counter_reloaded_from_postgres_lifts_the_refusal_everywhere() {
     a.flush().await;
     track(&a, user, "ai_generation", 2).await;
     refused(&a, user, "ai_generation").await;
+    assert_eq!(
+        a.state.quota.refusals.users(),
+        1,
+        "the refusal is remembered"
+    );
 
     // Redis loses the counter before its last two units reached Postgres; another replica loads
     // it again (48) and announces it.
@@ -253,6 +272,11 @@ async fn a_retried_idempotent_call_replays_its_answer_while_the_user_is_refused(
     let body = json!({"user_id": user, "type": "ai_generation", "idempotency_key": "gen-50"});
     assert_eq!(app.post("/v1/consume", body.clone()).await.status, 200);
     refused(&app, user, "ai_generation").await;
+    assert_eq!(
+        app.state.quota.refusals.users(),
+        1,
+        "the refusal is remembered"
+    );
 
     let retry = app.post("/v1/consume", body).await;
     assert_eq!(retry.status, 200, "{:?}", retry.body);
