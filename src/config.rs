@@ -130,7 +130,7 @@ pub struct Config {
     /// invalidation arrives first; 0 turns the refusal cache off.
     #[arg(long, env = "QUOTAD_REFUSAL_CACHE_TTL_MS", default_value_t = 60_000)]
     pub refusal_cache_ttl_ms: u64,
-    /// Most users with a refusal remembered (about 150 bytes each); 0 turns the cache off.
+    /// Most users with a refusal remembered; 0 turns the cache off.
     #[arg(long, env = "QUOTAD_REFUSAL_CACHE_USERS", default_value_t = 200_000)]
     pub refusal_cache_users: usize,
     /// tracing filter, e.g. `info` or `quotad=debug`.
