@@ -631,7 +631,7 @@ impl RawRedis {
             users,
             BENCH_PERIOD,
             chrono::Utc::now(),
-            &[],
+            false,
         )
         .await?;
         let plans = Plans::built_in();

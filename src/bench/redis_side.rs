@@ -30,21 +30,18 @@ pub(super) async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnecti
 }
 
 /// Loads a fresh counter for each of `users` in `period`, as a first request does (the hydrate
-/// script with nothing from Postgres), pipelined. With `types`, each is then consumed once.
+/// script with nothing from Postgres), pipelined. With `consume`, each of [`MEMORY_TYPES`] is
+/// then consumed once.
 pub(super) async fn load_counters(
     conn: &mut redis::aio::MultiplexedConnection,
     store: &RedisStore,
     users: &[Uuid],
     period: Period,
     now: chrono::DateTime<chrono::Utc>,
-    types: &[&str],
+    consume: bool,
 ) -> Result<(), String> {
-    let configured = if types.is_empty() {
-        &MEMORY_TYPES[..]
-    } else {
-        types
-    };
-    let plans = Plans::parse(&memory_plans(configured), "bench").map_err(|e| e.to_string())?;
+    let plans = Plans::parse(&memory_plans(), "bench").map_err(|e| e.to_string())?;
+    let types: &[&str] = if consume { &MEMORY_TYPES } else { &[] };
     for chunk in users.chunks(CHUNK) {
         let mut pipe = redis::pipe();
         // A pipeline cannot retry on NOSCRIPT: load the scripts first (cheap when loaded).
@@ -59,7 +56,7 @@ pub(super) async fn load_counters(
                 let call = CountCall {
                     mode: Mode::Consume,
                     user: *u,
-                    usage_type: plans.usage_type(ty).expect("configured above"),
+                    usage_type: plans.usage_type(ty).expect("in memory_plans"),
                     amount: 1,
                     period,
                     plan_override: None,
@@ -77,14 +74,14 @@ pub(super) async fn load_counters(
     Ok(())
 }
 
-/// A plans file with `types` as monthly types, each limited to 1,000 on the default plan.
-fn memory_plans(types: &[&str]) -> String {
+/// A plans file with [`MEMORY_TYPES`] as monthly types, each limited to 1,000 on the default plan.
+fn memory_plans() -> String {
     let mut text = String::from("upgrade_url = \"/\"\ndefault_plan = \"FREE\"\n\n[types]\n");
-    for t in types {
+    for t in MEMORY_TYPES {
         text.push_str(&format!("{t} = {{ period = \"month\" }}\n"));
     }
     text.push_str("\n[plans.FREE]\n");
-    for t in types {
+    for t in MEMORY_TYPES {
         text.push_str(&format!("{t} = 1000\n"));
     }
     text
@@ -103,7 +100,7 @@ pub async fn preload(
     let mut conn = connect(url).await?;
     let store = RedisStore::new(url, prefix, std::time::Duration::from_secs(5))?;
     let started = Instant::now();
-    load_counters(&mut conn, &store, users, period, now, &[]).await?;
+    load_counters(&mut conn, &store, users, period, now, false).await?;
     println!(
         "  (preload: {} counters of {} loaded straight into Redis in {:.1} s)",
         users.len(),
@@ -174,7 +171,7 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
             &ids,
             BENCH_PERIOD,
             chrono::Utc::now(),
-            &MEMORY_TYPES,
+            true,
         )
         .await?;
         let loaded = used_memory(&mut conn).await?;
