@@ -55,6 +55,11 @@ impl App {
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<App, RunError> {
         config.validate().map_err(RunError::Config)?;
         let plans = PlanBook::open(config.plans.clone())?;
+        let refusals = Refusals::new(
+            config.refusal_cache_ttl(),
+            config.refusal_cache_users,
+            clock.clone(),
+        );
         let store = RedisStore::new(
             &config.redis_url,
             &config.key_prefix,
@@ -70,7 +75,7 @@ impl App {
                 db,
                 plans,
                 clock,
-                refusals: Refusals::new(config.refusal_cache_ttl(), config.refusal_cache_users),
+                refusals,
             },
             tokens: Arc::new(Tokens {
                 gateway: config.gateway_tokens().map(str::to_owned).collect(),

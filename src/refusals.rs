@@ -19,12 +19,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use deadpool_redis::redis;
 use futures_util::StreamExt;
 use uuid::Uuid;
 
+use crate::clock::Clock;
 use crate::metrics as m;
 use crate::period::Period;
 
@@ -46,9 +49,11 @@ struct Inner {
     live: AtomicBool,
     /// Bumped by every invalidation; an answer is remembered only if it did not move meanwhile.
     generation: AtomicU64,
-    ttl: Duration,
+    ttl: chrono::Duration,
     per_shard: usize,
     ping_every: Duration,
+    /// What "now" is, for entries' expiry.
+    clock: Arc<dyn Clock>,
 }
 
 struct Refusal {
@@ -59,7 +64,7 @@ struct Refusal {
     plan: Box<str>,
     /// The count Redis refused at; the true count is at least this until an invalidation.
     used: u64,
-    until: Instant,
+    until: DateTime<Utc>,
 }
 
 /// A remembered refusal.
@@ -85,28 +90,34 @@ pub struct Subject<'a> {
 }
 
 impl Refusals {
-    /// A cache keeping refusals for `ttl`, at most `capacity` of them; a zero for either turns
-    /// it off.
-    pub fn new(ttl: Duration, capacity: usize) -> Refusals {
-        Self::pinging_every(ttl, capacity, PING_EVERY)
+    /// A cache keeping refusals for `ttl` by `clock`, at most `capacity` of them; a zero for
+    /// either turns it off.
+    pub fn new(ttl: Duration, capacity: usize, clock: Arc<dyn Clock>) -> Refusals {
+        Self::pinging_every(ttl, capacity, clock, PING_EVERY)
     }
 
-    fn pinging_every(ttl: Duration, capacity: usize, ping_every: Duration) -> Refusals {
+    fn pinging_every(
+        ttl: Duration,
+        capacity: usize,
+        clock: Arc<dyn Clock>,
+        ping_every: Duration,
+    ) -> Refusals {
         Refusals {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 live: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
-                ttl,
+                ttl: chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX),
                 per_shard: capacity.div_ceil(SHARDS),
                 ping_every,
+                clock,
             }),
         }
     }
 
     /// Whether the cache is configured on.
     pub fn enabled(&self) -> bool {
-        !self.inner.ttl.is_zero() && self.inner.per_shard > 0
+        self.inner.ttl > chrono::Duration::zero() && self.inner.per_shard > 0
     }
 
     /// Whether refusals are being served from memory now (configured on, and subscribed to
@@ -127,7 +138,7 @@ impl Refusals {
         if !self.is_live() {
             return None;
         }
-        let now = Instant::now();
+        let now = self.inner.clock.now();
         let shard = self.shard(&subject.user);
         let entries = shard.get(&subject.user)?;
         entries
@@ -148,7 +159,7 @@ impl Refusals {
         if !self.is_live() || self.inner.generation.load(Ordering::Acquire) != ticket {
             return;
         }
-        let now = Instant::now();
+        let now = self.inner.clock.now();
         if !shard.contains_key(&subject.user) && shard.len() >= self.inner.per_shard {
             shard.retain(|_, rs| {
                 rs.retain(|r| r.until > now);
@@ -166,7 +177,9 @@ impl Refusals {
             plan_override: subject.plan_override.map(Into::into),
             plan: plan.into(),
             used,
-            until: now + self.inner.ttl,
+            until: now
+                .checked_add_signed(self.inner.ttl)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
         });
     }
 
@@ -290,6 +303,11 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+
+    fn clock() -> ManualClock {
+        ManualClock::new("2026-11-15T12:00:00Z".parse().unwrap())
+    }
 
     fn subject(user: Uuid) -> Subject<'static> {
         Subject {
@@ -304,9 +322,22 @@ mod tests {
     }
 
     fn live_cache() -> Refusals {
-        let c = Refusals::new(Duration::from_secs(60), 1000);
+        let c = Refusals::new(Duration::from_secs(60), 1000, Arc::new(clock()));
         c.set_live(true);
         c
+    }
+
+    #[test]
+    fn a_refusal_is_kept_for_the_ttl_and_no_longer() {
+        let clock = clock();
+        let c = Refusals::new(Duration::from_secs(60), 1000, Arc::new(clock.clone()));
+        c.set_live(true);
+        let u = Uuid::new_v4();
+        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50);
+        clock.set("2026-11-15T12:00:59Z".parse().unwrap());
+        assert!(c.lookup(&subject(u)).is_some(), "within the TTL");
+        clock.set("2026-11-15T12:01:00Z".parse().unwrap());
+        assert_eq!(c.lookup(&subject(u)), None, "expired");
     }
 
     #[test]
@@ -351,7 +382,7 @@ mod tests {
 
     #[test]
     fn nothing_is_used_or_remembered_while_unsubscribed() {
-        let c = Refusals::new(Duration::from_secs(60), 1000);
+        let c = Refusals::new(Duration::from_secs(60), 1000, Arc::new(clock()));
         assert_eq!(c.ticket(), None);
         let u = Uuid::new_v4();
         c.remember(0, &subject(u), "FREE", 50);
@@ -371,9 +402,14 @@ mod tests {
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let client = redis::Client::open(url.as_str()).unwrap();
         let channel = format!("t{}:1:changes", Uuid::new_v4().simple());
-        let c = Refusals::pinging_every(Duration::from_secs(60), 1000, Duration::from_millis(20));
+        let c = Refusals::pinging_every(
+            Duration::from_secs(60),
+            1000,
+            Arc::new(clock()),
+            Duration::from_millis(20),
+        );
         let listening = tokio::spawn(c.clone().listen(client.clone(), channel.clone()));
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         while !c.is_live() {
             assert!(
                 started.elapsed() < Duration::from_secs(5),
@@ -409,7 +445,7 @@ mod tests {
 
     #[test]
     fn capacity_is_a_bound() {
-        let c = Refusals::new(Duration::from_secs(60), SHARDS);
+        let c = Refusals::new(Duration::from_secs(60), SHARDS, Arc::new(clock()));
         c.set_live(true);
         for _ in 0..SHARDS * 10 {
             c.remember(c.ticket().unwrap(), &subject(Uuid::new_v4()), "FREE", 50);
