@@ -28,9 +28,40 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-/// 15 November 2026, noon UTC: the default "now" of a test.
-pub fn mid_november() -> DateTime<Utc> {
-    "2026-11-15T12:00:00Z".parse().unwrap()
+// Test instants are derived from the real clock, never fixed dates: the daemon runs on an
+// injected clock, but Redis expires keys (a month's hashes 35 days after the month) by its own,
+// so a test dated in the past would see its keys vanish. Every instant a test uses is in the
+// current real month or later.
+
+/// The first instant of the month `months` after the current real month (0 = this month).
+pub fn month_start(months: i32) -> DateTime<Utc> {
+    use chrono::{Datelike, TimeZone};
+    let now = Utc::now();
+    let index = now.year() * 12 + now.month0() as i32 + months;
+    Utc.with_ymd_and_hms(
+        index.div_euclid(12),
+        index.rem_euclid(12) as u32 + 1,
+        1,
+        0,
+        0,
+        0,
+    )
+    .unwrap()
+}
+
+/// The 15th of the current real month, noon UTC: the default "now" of a test.
+pub fn mid_month() -> DateTime<Utc> {
+    month_start(0) + chrono::Duration::days(14) + chrono::Duration::hours(12)
+}
+
+/// The period id (`2026-11`) of the month `months` after the current real month.
+pub fn period_id(months: i32) -> String {
+    month_start(months).format("%Y-%m").to_string()
+}
+
+/// An instant as quotad writes it in JSON: `2026-11-01T00:00:00Z` (milliseconds when not whole).
+pub fn rfc(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// An HTTP answer: status, headers, JSON body (`Null` when the body is not JSON).
@@ -70,7 +101,7 @@ impl Default for Options {
         Options {
             gateway_tokens: vec![],
             admin_tokens: vec![],
-            now: mid_november(),
+            now: mid_month(),
             redis_url: redis_url(),
             replica_of: None,
             postgres_url: postgres_url(),
@@ -227,6 +258,11 @@ impl TestApp {
 
     pub fn set_now(&self, at: &str) {
         self.clock.set(at.parse().unwrap());
+    }
+
+    /// Moves the daemon's clock to `at`.
+    pub fn set_at(&self, at: DateTime<Utc>) {
+        self.clock.set(at);
     }
 
     pub async fn send(
