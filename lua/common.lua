@@ -35,24 +35,63 @@ local function mark_dirty(dirty, member)
   redis.call('ZADD', dirty, 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), member)
 end
 
--- Lowers a count by `amount`, never below 0, and records the change like any other: version bump
--- and dirty mark in the same step. Returns the new count.
-local function lower(hash, field, amount, dirty, member)
-  local used = tonumber(redis.call('HGET', hash, field) or '0')
-  local new = used - amount
-  if new < 0 then
-    new = 0
+-- A count, `v` or `n:<type>` as stored (`raw`, nil when missing = 0). A value that is not a whole
+-- number can only be corrupt data (a hand edit): the script stops with an error reply before it
+-- writes anything, instead of counting on top of it.
+local function whole(raw, hash, field)
+  if not raw then
+    return 0
   end
+  local n = tonumber(raw)
+  if not n or n ~= n or n == math.huge or n == -math.huge or n ~= math.floor(n) then
+    error({err = 'quotad: field ' .. field .. ' of ' .. hash .. ' holds ' .. raw .. ', not a whole number'})
+  end
+  return n
+end
+
+-- `whole` of a field read from `hash`.
+local function stored_count(hash, field)
+  return whole(redis.call('HGET', hash, field), hash, field)
+end
+
+-- Lowers a count by `amount`, never below 0, and records the change like any other: version bump
+-- and dirty mark in the same step. A counter already at 0 is left as it is: no version bump, no
+-- dirty mark (nothing changed, so nothing needs flushing or announcing). Returns the new count
+-- and how much was actually given back (min(amount, the count before)). A count that is not a
+-- whole number (corrupt data) is refused before anything is written.
+local function lower(hash, field, amount, dirty, member)
+  local used = stored_count(hash, field)
+  local given = math.min(amount, used)
+  if given <= 0 then
+    return used, 0
+  end
+  stored_count(hash, 'v') -- a corrupt version stops the script here, before any write
+  local new = used - given
   redis.call('HSET', hash, field, new)
   redis.call('HINCRBY', hash, 'v', 1)
   mark_dirty(dirty, member)
-  return new
+  return new, given
 end
 
 -- Tells every replica that `user`'s counts may have gone down or their limits up, so their
 -- near-caches forget the user's refusals. Part of the same atomic step as the change itself.
 local function announce(channel, user)
   redis.call('PUBLISH', channel, user)
+end
+
+-- The field a month's counter hash gets once the next month's counter has been created in this
+-- Redis (started fresh or loaded from Postgres). From then on that next month can never start
+-- fresh again: if its hash goes missing alone (a DEL, an eviction, a lagging replica) it may have
+-- counted and flushed already, so it must be loaded from Postgres. The ':' keeps the flusher and
+-- reconcile from taking it for a usage type.
+local SUCCESSOR = 'x:next'
+
+-- Marks `prev` (the previous month's counter hash, if this Redis holds it loaded) as having a
+-- successor. Called by every script that creates a month's counter.
+local function mark_successor(prev)
+  if redis.call('HEXISTS', prev, 'v') == 1 then
+    redis.call('HSET', prev, SUCCESSOR, 1)
+  end
 end
 
 -- Starts a missing month counter at zero without asking Postgres, when this Redis provably lost
@@ -63,7 +102,10 @@ end
 --     marker with it, so every counter of this month was made in this Redis, and a missing one
 --     was never counted anywhere;
 --   * the user's previous-month counter is loaded, so the plan is known: its `p`/`pv`, or a newer
---     plan change already written into this hash.
+--     plan change already written into this hash;
+--   * this month's counter was never created before: the previous month's hash carries no
+--     SUCCESSOR mark. A counter lost on its own (the marker and last month's hash survived) is
+--     loaded from Postgres instead of restarting at 0 below the total Postgres already holds.
 -- `month_start` is the month's first instant in ms ("0" for lifetime counters, which never start
 -- fresh). Returns true if it started the counter; the caller then counts as usual.
 local function start_fresh(hash, prev, marker, month_start, margin, expire_at)
@@ -74,17 +116,18 @@ local function start_fresh(hash, prev, marker, month_start, margin, expire_at)
   if not since or tonumber(since) >= tonumber(month_start) - tonumber(margin) then
     return false
   end
-  if redis.call('HEXISTS', prev, 'v') == 0 then
+  local plan = redis.call('HMGET', prev, 'v', 'p', 'pv', SUCCESSOR)
+  if not plan[1] or plan[4] then
     return false
   end
-  local plan = redis.call('HMGET', prev, 'p', 'pv')
-  if plan[1] then
+  if plan[2] then
     local cur = tonumber(redis.call('HGET', hash, 'pv') or '-1')
-    if cur < tonumber(plan[2]) then
-      redis.call('HSET', hash, 'p', plan[1], 'pv', plan[2])
+    if cur < tonumber(plan[3]) then
+      redis.call('HSET', hash, 'p', plan[2], 'pv', plan[3])
     end
   end
   redis.call('HSET', hash, 'v', 0)
   redis.call('EXPIREAT', hash, expire_at)
+  redis.call('HSET', prev, SUCCESSOR, 1)
   return true
 end

@@ -5,6 +5,9 @@
 --          this load (ms). From then on this bucket's counters of any month that starts later can
 --          start fresh without a Postgres read (see start_fresh); a Redis that loses data loses
 --          the marker with it.
+-- KEYS[3]  the previous month's counter hash (month counters only): marked (see mark_successor
+--          in common.lua) so this month, once loaded, can never start fresh after a loss of its
+--          own hash
 -- ARGV[1]  EXPIREAT, unix seconds (0 = never: lifetime counters)
 -- ARGV[2]  version: the highest version Postgres holds for this user and period (0 if none)
 -- ARGV[3]  the user's plan in Postgres ("" = none stored)
@@ -12,7 +15,10 @@
 -- ARGV[5]  invalidation channel; ARGV[6] the user, announced there when the hash is filled (a
 --          counter loaded again may hold less than the one Redis lost)
 -- ARGV[7]  now, ms (the daemon's clock)
--- ARGV[8..] field, value pairs: counts by type, and metadata fields
+-- ARGV[8]  seconds a lifetime counter loaded with nothing (version 0, no fields) is kept: a read
+--          of a user Postgres does not know must not leave a hash that never expires. The first
+--          count into it (consume.lua) makes it last (PERSIST).
+-- ARGV[9..] field, value pairs: counts by type, and metadata fields
 --
 -- Returns 1 if it filled the hash, 0 if another caller had loaded it already. A plan set in Redis
 -- by a newer plan change (higher `pv`) is kept.
@@ -21,7 +27,7 @@ redis.call('SET', KEYS[2], ARGV[7], 'NX')
 if redis.call('HEXISTS', hash, 'v') == 1 then
   return 0
 end
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   redis.call('HSET', hash, ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', hash, 'v', ARGV[2])
@@ -33,6 +39,11 @@ if ARGV[3] ~= '' then
 end
 if ARGV[1] ~= '0' then
   redis.call('EXPIREAT', hash, ARGV[1])
+elseif ARGV[2] == '0' and #ARGV < 9 then
+  redis.call('EXPIRE', hash, ARGV[8])
+end
+if KEYS[3] then
+  mark_successor(KEYS[3])
 end
 announce(ARGV[5], ARGV[6])
 return 1

@@ -8,7 +8,10 @@
 -- ARGV[3]  invalidation channel; ARGV[4] the user, announced there when a refund is made
 --
 -- Returns {status, used, stored plan, type, amount}:
---   "ok"       the amount was given back (never below 0); used is the new total
+--   "ok"       given back, never below 0; used is the new total, amount what was actually given
+--              back (min(the call's amount, the count before)). A counter already at 0 (lowered
+--              by a release, or reloaded lower) is left alone: no version bump, no dirty mark, no
+--              announcement, amount 0. Either way the record is marked refunded.
 --   "missing"  no such record (never seen, or expired)
 --   "refunded" the record was refunded before
 --   "hydrate"  the counter is not loaded from Postgres yet; nothing done
@@ -23,7 +26,9 @@ end
 if redis.call('HEXISTS', hash, 'v') == 0 then
   return {'hydrate', 0, '', rec[1], tonumber(rec[2])}
 end
-local used = lower(hash, rec[1], tonumber(rec[2]), dirty, ARGV[2])
+local used, given = lower(hash, rec[1], tonumber(rec[2]), dirty, ARGV[2])
 redis.call('HSET', idem, 'r', 1)
-announce(ARGV[3], ARGV[4])
-return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], tonumber(rec[2])}
+if given > 0 then
+  announce(ARGV[3], ARGV[4])
+end
+return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], given}

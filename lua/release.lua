@@ -7,12 +7,16 @@
 -- ARGV[3]  dirty-set member "<user>:life"
 -- ARGV[4]  invalidation channel; ARGV[5] the user, announced there
 --
--- Returns {status, used, stored plan}: "ok" with the new total, or "hydrate" (the counter is not
--- loaded from Postgres yet; nothing done).
+-- Returns {status, used, stored plan, released}: "ok" with the new total and what was actually
+-- lowered (min(amount, the count before); 0 = the counter was at 0 already, and then nothing is
+-- written, bumped, marked or announced), or "hydrate" (the counter is not loaded from Postgres
+-- yet; nothing done).
 local hash = KEYS[1]
 if redis.call('HEXISTS', hash, 'v') == 0 then
-  return {'hydrate', 0, ''}
+  return {'hydrate', 0, '', 0}
 end
-local used = lower(hash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[3])
-announce(ARGV[4], ARGV[5])
-return {'ok', used, redis.call('HGET', hash, 'p') or ''}
+local used, given = lower(hash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[3])
+if given > 0 then
+  announce(ARGV[4], ARGV[5])
+end
+return {'ok', used, redis.call('HGET', hash, 'p') or '', given}

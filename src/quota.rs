@@ -108,7 +108,8 @@ pub struct Refund {
     pub user: Uuid,
     /// The type given back.
     pub usage_type: String,
-    /// How much was given back.
+    /// How much was given back: the call's amount, or less when the counter held less (never
+    /// below 0).
     pub amount: u64,
     /// The plan in force.
     pub plan: String,
@@ -351,6 +352,7 @@ impl Quota {
                             period,
                             input.plan.as_deref(),
                             &plans.default_plan,
+                            input.idempotency_key.as_deref(),
                         )
                         .await?
                 }
@@ -385,6 +387,23 @@ impl Quota {
                         "This counter already holds the most metadata names it may ({}); send metadata under names it already has, or none.",
                         crate::store::MAX_METADATA_NAMES
                     ),
+                )));
+            }
+            if reply.status == Status::MetaSum {
+                return Err(Fault::Api(ApiError::invalid(
+                    "INVALID_METADATA",
+                    "metadata",
+                    format!(
+                        "The sum of {} in this counter would exceed ±{:e}, the largest number it can hold; nothing was counted. Send a smaller value, or this value under a new name.",
+                        reply.detail,
+                        f64::MAX
+                    ),
+                )));
+            }
+            if reply.status == Status::Refunded {
+                return Err(Fault::Api(ApiError::conflict(
+                    "IDEMPOTENCY_KEY_REFUNDED",
+                    "This idempotency_key was refunded; a refunded call is over — send the retry with a new key.",
                 )));
             }
             if reply.status == Status::Conflict {
@@ -473,14 +492,15 @@ impl Quota {
         ))
     }
 
-    /// Lowers a lifetime counter by `amount`, never below 0.
+    /// Lowers a lifetime counter by `amount`, never below 0: the plan, the counter after it, and
+    /// how much was actually lowered.
     #[tracing::instrument(skip_all, fields(user = %user, r#type = %usage_type))]
     pub async fn release(
         &self,
         user: Uuid,
         usage_type: &str,
         amount: u64,
-    ) -> Result<(String, CounterView), ApiError> {
+    ) -> Result<(String, CounterView, u64), ApiError> {
         let plans = self.plans.current();
         let ty = known_type(&plans, usage_type)?;
         if ty.period != PeriodKind::Lifetime {
@@ -492,7 +512,7 @@ impl Quota {
         }
         for _ in 0..HYDRATE_ATTEMPTS {
             match self.store.release(user, usage_type, amount).await? {
-                Some((used, stored)) => {
+                Some((used, stored, released)) => {
                     let plan = plans.effective_plan(stored.as_deref()).to_owned();
                     let limit = ty.limit(&plan);
                     let view = CounterView {
@@ -501,7 +521,7 @@ impl Quota {
                         unlimited: limit.is_none(),
                         period: Period::Lifetime,
                     };
-                    return Ok((plan, view));
+                    return Ok((plan, view, released));
                 }
                 None => self.hydrate(user, Period::Lifetime).await?,
             }
@@ -588,9 +608,16 @@ impl Quota {
         }
         let stored = db::put_plan(&self.db, user, plan).await?;
         let periods = current_periods(&plans, self.clock.now());
+        // The months either side of the current one, where they exist: another replica's clock
+        // (or this one's a moment later) may already be past midnight.
+        let adjacent: Vec<Period> = periods
+            .iter()
+            .filter_map(|p| Some([p.previous()?, Period::current(PeriodKind::Month, p.end()?)]))
+            .flatten()
+            .collect();
         if let Err(e) = self
             .store
-            .set_plan(user, &stored.plan, stored.version, &periods)
+            .set_plan(user, &stored.plan, stored.version, &periods, &adjacent)
             .await
         {
             tracing::warn!(error.message = %e, "plan stored in postgres but not in redis");

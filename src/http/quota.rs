@@ -286,7 +286,7 @@ fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -
     tag = "quota",
     description = "Atomically check the limit and, if allowed, count. The one call a gateway makes before the action.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "Idempotency key reused for a different call", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn consume(
@@ -301,9 +301,9 @@ pub async fn consume(
     post,
     path = "/v1/check",
     tag = "quota",
-    description = "The decision consume would make, counting nothing. Always 200; `allowed` says it.",
+    description = "The decision consume would make, counting nothing. 200 whether allowed or not; `allowed` says it.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key names an earlier consume or track (check records nothing under a key)", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn check(
@@ -320,7 +320,7 @@ pub async fn check(
     tag = "quota",
     description = "Count without enforcing, for actions that already happened; `used` may exceed `limit`.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "Counted", body = DecisionJson), (status = 409, description = "Idempotency key reused for a different call", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "Counted", body = DecisionJson), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn track(
@@ -345,7 +345,8 @@ pub struct RefundRequest {
 /// A refund: the amount given back and the counter after it.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct RefundJson<'a> {
-    /// How much was given back.
+    /// How much was given back: the call's amount, or less if the counter held less (a release
+    /// lowered it meanwhile); 0 changes nothing.
     refunded: u64,
     #[serde(flatten)]
     counter: CounterOfUser<'a>,
@@ -410,6 +411,15 @@ pub(crate) struct CounterOfUser<'a> {
     counter: CounterJson,
 }
 
+/// A release: how much was lowered and the counter after it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ReleaseJson<'a> {
+    /// How much was lowered: `amount`, or less if the counter held less; 0 changes nothing.
+    released: u64,
+    #[serde(flatten)]
+    counter: CounterOfUser<'a>,
+}
+
 /// `POST /v1/release`: lower a lifetime counter.
 #[utoipa::path(
     post,
@@ -417,7 +427,7 @@ pub(crate) struct CounterOfUser<'a> {
     tag = "quota",
     description = "Lower a lifetime counter by amount (a stored thing was deleted), never below 0. A month type is 400.",
     request_body = ReleaseRequest,
-    responses((status = 200, description = "The counter after release", body = CounterOfUser), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "The counter after release, and how much was lowered", body = ReleaseJson), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn release(
@@ -426,12 +436,15 @@ pub async fn release(
 ) -> Result<Response, ApiError> {
     let user = parse_user_id(&body.user_id)?;
     let amount = parse_amount(body.amount.as_ref())?;
-    let (plan, counter) = state.quota.release(user, &body.usage_type, amount).await?;
-    let json = CounterOfUser {
-        user_id: user,
-        usage_type: &body.usage_type,
-        plan: &plan,
-        counter: (&counter).into(),
+    let (plan, counter, released) = state.quota.release(user, &body.usage_type, amount).await?;
+    let json = ReleaseJson {
+        released,
+        counter: CounterOfUser {
+            user_id: user,
+            usage_type: &body.usage_type,
+            plan: &plan,
+            counter: (&counter).into(),
+        },
     };
     Ok(Json(json).into_response())
 }

@@ -4,7 +4,12 @@
 //! # Key format (schema version 1)
 //!
 //! ```text
-//! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>, s:<type>:<name>
+//! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>,
+//!                                      s:<type>:<name>, n:<type>, x:next (set once the next
+//!                                      month's counter was created: it never starts fresh
+//!                                      again). Months expire 35 days after their end; a
+//!                                      lifetime hash loaded with nothing expires after 24 h
+//!                                      until something is counted in it
 //! <prefix>:1:{<b>}:dirty               sorted set of "<user>:<period>" changed since their last
 //!                                      flush, scored by the time (ms) of the first such change
 //! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
@@ -52,6 +57,10 @@ pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 pub const GRACE_DAYS: i64 = 35;
 /// Most distinct metadata names one counter (user, type, period) may collect.
 pub const MAX_METADATA_NAMES: usize = 64;
+/// How long a lifetime counter loaded with nothing (a user Postgres does not know) stays in Redis
+/// unless something is counted in it: reads of random users must not grow memory without bound.
+/// A day keeps a real new user's first reads and first consume on one load.
+pub const EMPTY_LIFETIME_TTL_SECS: u64 = 24 * 3600;
 /// Clock skew allowed between replicas, in ms: a month counter starts fresh without a Postgres
 /// read only if its bucket's marker is older than the month's start by more than this.
 pub const SKEW_MARGIN_MS: i64 = 60_000;
@@ -76,10 +85,15 @@ pub enum Status {
     Denied,
     /// An idempotent call answered before; nothing counted.
     Replay,
-    /// An idempotency key reused for a different call.
+    /// An idempotency key reused for a different call (or, for check, used by any call).
     Conflict,
+    /// The idempotency key names a call that was refunded; nothing counted.
+    Refunded,
     /// The call's metadata would take the counter past [`MAX_METADATA_NAMES`]; nothing counted.
     MetaLimit,
+    /// The sum of a numeric metadata value ([`Reply::detail`] names it) would not be a finite
+    /// number; nothing counted.
+    MetaSum,
     /// The counter must be loaded from Postgres first.
     Hydrate,
 }
@@ -97,6 +111,8 @@ pub struct Reply {
     pub limit: Option<u64>,
     /// The period counted in (for a replay: the period of the first answer).
     pub period: Option<Period>,
+    /// For [`Status::MetaSum`], the metadata name at fault; else empty.
+    pub detail: String,
 }
 
 /// Whether a consume enforces its limit.
@@ -401,17 +417,22 @@ impl RedisStore {
     /// Consume or track: one EVALSHA.
     pub async fn count(&self, call: &CountCall<'_>) -> Result<Reply, StoreError> {
         let inv = self.count_invocation(call);
-        let raw: (String, i64, String, i64, String) = self.run_script(&inv).await?;
-        Ok(to_reply(
+        let raw: (String, i64, String, i64, String, String) = self.run_script(&inv).await?;
+        let mut reply = to_reply(
             raw.0.as_str(),
             raw.1,
             raw.2,
             raw.3,
             Period::parse_id(&raw.4),
-        ))
+        );
+        reply.detail = raw.5;
+        Ok(reply)
     }
 
-    /// Check: the decision without counting.
+    /// Check: the decision without counting. With an `idempotency_key` that names an earlier
+    /// consume or track, [`Status::Conflict`] (the key belongs to another call); still one
+    /// EVALSHA.
+    #[allow(clippy::too_many_arguments)]
     pub async fn check(
         &self,
         user: Uuid,
@@ -420,12 +441,15 @@ impl RedisStore {
         period: Period,
         plan_override: Option<&str>,
         default_plan: &str,
+        idempotency_key: Option<&str>,
     ) -> Result<Reply, StoreError> {
         let (fresh_keys, fresh_args) = self.fresh_start(&user, period);
         let mut inv = scripts::CHECK.prepare_invoke();
-        inv.key(self.counter_key(&user, period))
-            .key(&fresh_keys)
-            .arg(&usage_type.name)
+        inv.key(self.counter_key(&user, period)).key(&fresh_keys);
+        if let Some(k) = idempotency_key {
+            inv.key(self.idempotency_key(&user, k));
+        }
+        inv.arg(&usage_type.name)
             .arg(amount)
             .arg(plan_override.unwrap_or(""))
             .arg(default_plan)
@@ -470,13 +494,14 @@ impl RedisStore {
     }
 
     /// Lower a lifetime counter by `amount`, never below 0. `None` = hydrate first; else the new
-    /// total and the stored plan.
+    /// total, the stored plan and how much was lowered (0 when the counter was at 0: then
+    /// nothing changed).
     pub async fn release(
         &self,
         user: Uuid,
         usage_type: &str,
         amount: u64,
-    ) -> Result<Option<(u64, Option<String>)>, StoreError> {
+    ) -> Result<Option<(u64, Option<String>, u64)>, StoreError> {
         let period = Period::Lifetime;
         let mut inv = scripts::RELEASE.prepare_invoke();
         inv.key(self.counter_key(&user, period))
@@ -486,12 +511,21 @@ impl RedisStore {
             .arg(Self::dirty_member(&user, period))
             .arg(self.changes_channel())
             .arg(user.to_string());
-        let (status, used, plan): (String, i64, String) = self.run_script(&inv).await?;
-        Ok((status == "ok").then(|| (used.max(0) as u64, (!plan.is_empty()).then_some(plan))))
+        let (status, used, plan, released): (String, i64, String, i64) =
+            self.run_script(&inv).await?;
+        Ok((status == "ok").then(|| {
+            (
+                used.max(0) as u64,
+                (!plan.is_empty()).then_some(plan),
+                released.max(0) as u64,
+            )
+        }))
     }
 
     /// The hydrate script's invocation: fill (user, period) from `snap` unless it is loaded
-    /// already, and set the bucket's marker to `now` unless it is set.
+    /// already, and set the bucket's marker to `now` unless it is set. A month's load also marks
+    /// the previous month's hash (so this month never starts fresh again); a lifetime counter
+    /// loaded with nothing expires after [`EMPTY_LIFETIME_TTL_SECS`].
     pub fn hydrate_invocation(
         &self,
         user: Uuid,
@@ -505,14 +539,18 @@ impl RedisStore {
         let mut inv = scripts::HYDRATE.prepare_invoke();
         let (plan, plan_version) = snap.plan.clone().unwrap_or_default();
         inv.key(self.counter_key(&user, period))
-            .key(self.since_key(&user))
-            .arg(expire_at)
+            .key(self.since_key(&user));
+        if let Some(prev) = period.previous() {
+            inv.key(self.counter_key(&user, prev));
+        }
+        inv.arg(expire_at)
             .arg(snap.version)
             .arg(plan)
             .arg(plan_version)
             .arg(self.changes_channel())
             .arg(user.to_string())
-            .arg(now.timestamp_millis());
+            .arg(now.timestamp_millis())
+            .arg(EMPTY_LIFETIME_TTL_SECS);
         for (field, value) in &snap.fields {
             inv.arg(field).arg(value);
         }
@@ -533,22 +571,27 @@ impl RedisStore {
         Ok(filled == 1)
     }
 
-    /// Write a user's plan (with its Postgres version) into the counter hashes of `periods`.
+    /// Write a user's plan (with its Postgres version) into the counter hashes of `periods` (those
+    /// in force now: created if missing), and of `adjacent` (the months next to the current one:
+    /// written only if they exist, so a plan change just before midnight reaches a next month
+    /// another replica already counts in).
     pub async fn set_plan(
         &self,
         user: Uuid,
         plan: &str,
         version: i64,
         periods: &[Period],
+        adjacent: &[Period],
     ) -> Result<(), StoreError> {
         let mut inv = scripts::SET_PLAN.prepare_invoke();
-        for p in periods {
+        for p in periods.iter().chain(adjacent) {
             inv.key(self.counter_key(&user, *p));
         }
         inv.arg(plan)
             .arg(version)
             .arg(self.changes_channel())
-            .arg(user.to_string());
+            .arg(user.to_string())
+            .arg(periods.len());
         for p in periods {
             inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
         }
@@ -589,7 +632,9 @@ fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Pe
         "denied" => Status::Denied,
         "replay" => Status::Replay,
         "conflict" => Status::Conflict,
+        "refunded" => Status::Refunded,
         "meta_limit" => Status::MetaLimit,
+        "meta_sum" => Status::MetaSum,
         _ => Status::Hydrate,
     };
     Reply {
@@ -598,6 +643,7 @@ fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Pe
         plan,
         limit: u64::try_from(limit).ok(),
         period,
+        detail: String::new(),
     }
 }
 

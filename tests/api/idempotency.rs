@@ -182,7 +182,7 @@ async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_i
 }
 
 #[tokio::test]
-async fn a_replayed_refused_then_refunded_consume_is_not_counted_again() {
+async fn a_refunded_call_retried_stays_refunded_and_counts_nothing() {
     let app = TestApp::spawn().await;
     let user = Uuid::new_v4();
     let body = json!({"user_id": user, "type": "export", "idempotency_key": "once"});
@@ -195,7 +195,12 @@ async fn a_replayed_refused_then_refunded_consume_is_not_counted_again() {
 
     let retry = app.post("/v1/consume", body).await;
 
-    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    // Not a replay of "allowed": that would be one free action per key.
+    assert_eq!(
+        (retry.status, &retry.body["code"]),
+        (409, &json!("IDEMPOTENCY_KEY_REFUNDED"))
+    );
+    assert!(retry.header("idempotent-replayed").is_none());
     assert_eq!(
         app.used(user, "export").await,
         0,

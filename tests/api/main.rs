@@ -16,6 +16,7 @@ mod plans;
 mod process;
 mod prometheus;
 mod refusals;
+mod script_contracts;
 mod ui;
 
 pub mod helpers;
