@@ -86,8 +86,9 @@ end
 -- reconcile from taking it for a usage type.
 local SUCCESSOR = 'x:next'
 
--- Marks `prev` (the previous month's counter hash, if this Redis holds it loaded) as having a
--- successor. Called by every script that creates a month's counter.
+-- Marks `prev` (a month's counter hash, if this Redis holds it loaded) as having a successor.
+-- Called for the previous month by every script that creates a month's counter, and by hydrate
+-- for a month it loads after that month ended (its successor may exist, or have existed).
 local function mark_successor(prev)
   if redis.call('HEXISTS', prev, 'v') == 1 then
     redis.call('HSET', prev, SUCCESSOR, 1)

@@ -18,7 +18,11 @@
 -- ARGV[8]  seconds a lifetime counter loaded with nothing (version 0, no fields) is kept: a read
 --          of a user Postgres does not know must not leave a hash that never expires. The first
 --          count into it (consume.lua) makes it last (PERSIST).
--- ARGV[9..] field, value pairs: counts by type, and metadata fields
+-- ARGV[9]  the instant (ms) from which the next month's counter may exist: the month's end less
+--          the clock skew allowed between replicas ("0" for lifetime). A month loaded at or after
+--          it gets its own successor mark at once: its next month may have been created (and
+--          lost) already, so that one must not start fresh either.
+-- ARGV[10..] field, value pairs: counts by type, and metadata fields
 --
 -- Returns 1 if it filled the hash, 0 if another caller had loaded it already. A plan set in Redis
 -- by a newer plan change (higher `pv`) is kept.
@@ -27,7 +31,7 @@ redis.call('SET', KEYS[2], ARGV[7], 'NX')
 if redis.call('HEXISTS', hash, 'v') == 1 then
   return 0
 end
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   redis.call('HSET', hash, ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', hash, 'v', ARGV[2])
@@ -39,11 +43,14 @@ if ARGV[3] ~= '' then
 end
 if ARGV[1] ~= '0' then
   redis.call('EXPIREAT', hash, ARGV[1])
-elseif ARGV[2] == '0' and #ARGV < 9 then
+elseif ARGV[2] == '0' and #ARGV < 10 then
   redis.call('EXPIRE', hash, ARGV[8])
 end
 if KEYS[3] then
   mark_successor(KEYS[3])
+end
+if ARGV[9] ~= '0' and tonumber(ARGV[7]) >= tonumber(ARGV[9]) then
+  mark_successor(hash)
 end
 announce(ARGV[5], ARGV[6])
 return 1

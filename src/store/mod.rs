@@ -550,7 +550,12 @@ impl RedisStore {
             .arg(self.changes_channel())
             .arg(user.to_string())
             .arg(now.timestamp_millis())
-            .arg(EMPTY_LIFETIME_TTL_SECS);
+            .arg(EMPTY_LIFETIME_TTL_SECS)
+            .arg(
+                period
+                    .end()
+                    .map_or(0, |end| end.timestamp_millis() - SKEW_MARGIN_MS),
+            );
         for (field, value) in &snap.fields {
             inv.arg(field).arg(value);
         }

@@ -509,6 +509,56 @@ async fn a_month_hash_lost_on_its_own_continues_from_postgres_not_zero() {
 }
 
 #[tokio::test]
+async fn a_month_loaded_again_after_it_ended_still_keeps_its_successor_from_starting_fresh() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let store = &app.state.quota.store;
+    app.post(
+        "/v1/consume",
+        json!({"user_id": user, "type": "ai_generation", "idempotency_key": "k"}),
+    )
+    .await;
+    app.consume(user, "ai_generation").await;
+    app.flush().await;
+    app.set_at(month_start(1) + chrono::Duration::minutes(5));
+    for _ in 0..2 {
+        assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    }
+    app.flush().await;
+    // Month M is lost alone, then loaded again by a refund of one of its calls.
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.counter_key(&user, month(0)))
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "k"}),
+        )
+        .await;
+    assert_eq!((refund.status, &refund.body["used"]), (200, &json!(1)));
+    app.flush().await;
+    // Then M+1 is lost alone: it must be loaded, not restarted at 0.
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.counter_key(&user, month(1)))
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+
+    let a = app.consume(user, "ai_generation").await;
+
+    assert_eq!(
+        a.body["used"], 3,
+        "continues from Postgres' 2: {:?}",
+        a.body
+    );
+    app.flush().await;
+    let (count, _, _) = pg_row(&app, user, "ai_generation").await.unwrap();
+    assert_eq!(count, 3, "Postgres takes the flush");
+}
+
+#[tokio::test]
 async fn reads_of_unknown_users_leave_no_hash_that_never_expires() {
     let app = TestApp::spawn().await;
     let users: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
