@@ -26,7 +26,7 @@ if redis.call('HEXISTS', hash, 'v') == 0
   return {'hydrate', 0, '', 0}
 end
 local plan, limit = resolve_plan(hash, ARGV[3], ARGV[4], 8)
-local used = tonumber(redis.call('HGET', hash, field) or '0')
+local used = stored_count(hash, field)
 if limit >= 0 and used + amount > limit then
   return {'denied', used, plan, limit}
 end
