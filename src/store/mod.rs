@@ -159,7 +159,8 @@ pub struct CountCall<'a> {
 /// A refund's outcome.
 #[derive(Debug, Clone)]
 pub enum RefundReply {
-    /// Given back; the counter's new total, the stored plan, the type and amount refunded.
+    /// Given back; the counter's new total, the stored plan, the type, and the amount actually
+    /// given back (less than the call's when the counter held less; 0 changed nothing).
     Refunded {
         used: u64,
         stored_plan: Option<String>,
