@@ -7,12 +7,12 @@ use quotad::period::Period;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{Options, PrivateRedis, TestApp};
+use crate::helpers::{month_period, month_start, period_id, Options, PrivateRedis, TestApp};
 
-const NOVEMBER: Period = Period::Month {
-    year: 2026,
-    month: 11,
-};
+/// The current real month: the month of every test's default clock.
+fn this_month() -> Period {
+    month_period(0)
+}
 
 async fn row(app: &TestApp, user: Uuid, ty: &str) -> Option<(i64, serde_json::Value, i64)> {
     sqlx::query_as(
@@ -84,11 +84,8 @@ async fn the_flusher_writes_absolute_totals_and_summed_metadata_then_clears_the_
             .fetch_one(&app.db().await)
             .await
             .unwrap();
-    assert_eq!(period_start.to_rfc3339(), "2026-11-01T00:00:00+00:00");
-    assert_eq!(
-        period_end.map(|e| e.to_rfc3339()).as_deref(),
-        Some("2026-12-01T00:00:00+00:00")
-    );
+    assert_eq!(period_start, month_start(0));
+    assert_eq!(period_end, Some(month_start(1)));
     assert_eq!(row(&app, user, "kb_file").await.map(|r| r.0), Some(3));
     assert_eq!(dirty_count(&app).await, 0);
     let again = app.flusher.flush_once().await.unwrap();
@@ -145,7 +142,14 @@ async fn an_older_total_never_overwrites_a_newer_one() {
     let user = Uuid::new_v4();
     let write = |count: i64, version: i64| {
         let mut t = Totals::default();
-        t.push(user, "export".into(), count, NOVEMBER, json!({}), version);
+        t.push(
+            user,
+            "export".into(),
+            count,
+            this_month(),
+            json!({}),
+            version,
+        );
         t
     };
 
@@ -190,7 +194,7 @@ async fn a_count_that_arrives_during_a_flush_stays_dirty_and_is_written_next_tim
         user,
         "export".into(),
         read[0]["export"].parse().unwrap(),
-        NOVEMBER,
+        this_month(),
         json!({}),
         version,
     );
@@ -315,8 +319,13 @@ async fn migrations_upgrade_the_original_usage_tracking_table_and_keep_its_rows(
     let seed = sqlx::PgPool::connect(&format!("{server}/{name}"))
         .await
         .unwrap();
-    // The original product's table (migration 20251030), with a row of its own.
-    sqlx::raw_sql(
+    // The original product's table (migration 20251030), with a row of its own: this month's,
+    // ending (as the original product wrote it) on the month's last day.
+    let (start, last_day) = (
+        month_start(0).format("%Y-%m-%dT%H:%M:%SZ"),
+        (month_start(1) - chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ"),
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE public.usage_tracking (
             id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
             user_id uuid NOT NULL,
@@ -324,14 +333,14 @@ async fn migrations_upgrade_the_original_usage_tracking_table_and_keep_its_rows(
             count integer NOT NULL DEFAULT 0,
             period_start timestamptz NOT NULL,
             period_end timestamptz NOT NULL,
-            metadata jsonb DEFAULT '{}'::jsonb,
+            metadata jsonb DEFAULT '{{}}'::jsonb,
             created_at timestamptz DEFAULT now(),
             updated_at timestamptz DEFAULT now(),
             UNIQUE (user_id, type, period_start));
          INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, metadata)
          VALUES ('7c9e6679-7425-40de-944b-e07fc1f90ae7', 'ai_generation', 30,
-                 '2026-11-01T00:00:00Z', '2026-11-30T00:00:00Z', NULL);",
-    )
+                 '{start}', '{last_day}', NULL);",
+    )))
     .execute(&seed)
     .await
     .unwrap();
@@ -359,7 +368,7 @@ async fn migrations_upgrade_the_original_usage_tracking_table_and_keep_its_rows(
     .unwrap();
     // Its NULL metadata loads as none.
     let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
-    let snap = db::snapshot(&upgraded, user, NOVEMBER).await;
+    let snap = db::snapshot(&upgraded, user, this_month()).await;
     upgraded.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE {name} WITH (FORCE)"
@@ -391,9 +400,11 @@ async fn a_seeded_count_is_where_counting_continues() {
     let user = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, metadata)
-         VALUES ($1, 'ai_generation', 30, '2026-11-01T00:00:00Z', '2026-11-30T00:00:00Z', '{}')",
+         VALUES ($1, 'ai_generation', 30, $2, $3, '{}')",
     )
     .bind(user)
+    .bind(month_start(0))
+    .bind(month_start(1) - chrono::Duration::days(1))
     .execute(&app.db().await)
     .await
     .unwrap();
@@ -419,8 +430,8 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
     app.flush().await;
     app.consume(unflushed, "ai_generation").await;
     // Postgres-only: a row for a user Redis has never loaded.
-    sqlx::query("INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, version) VALUES ($1, 'ai_generation', 4, '2026-11-01T00:00:00Z', '2026-12-01T00:00:00Z', 2)")
-        .bind(pg_only).execute(&db).await.unwrap();
+    sqlx::query("INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, version) VALUES ($1, 'ai_generation', 4, $2, $3, 2)")
+        .bind(pg_only).bind(month_start(0)).bind(month_start(1)).execute(&db).await.unwrap();
     // Different: Postgres changed behind quotad's back (same version, another count).
     sqlx::query("UPDATE usage_tracking SET count = 9 WHERE user_id = $1")
         .bind(different)
@@ -435,14 +446,14 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
         .unwrap();
 
     let report = app
-        .post("/v1/admin/reconcile", json!({"period": "2026-11"}))
+        .post("/v1/admin/reconcile", json!({"period": period_id(0)}))
         .await;
 
     assert_eq!(report.status, 200, "{:?}", report.body);
     let b = &report.body;
     assert_eq!(
         (&b["period"], &b["in_sync"], &b["unflushed"]),
-        (&json!("2026-11"), &json!(1), &json!(1))
+        (&json!(period_id(0)), &json!(1), &json!(1))
     );
     let kind_of = |u: Uuid| {
         b["drift"]
@@ -460,13 +471,13 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
     let repaired = app
         .post(
             "/v1/admin/reconcile",
-            json!({"period": "2026-11", "repair": true}),
+            json!({"period": period_id(0), "repair": true}),
         )
         .await;
     assert_eq!(repaired.body["repaired"], 3, "{:?}", repaired.body);
     app.flush().await;
     let after = app
-        .post("/v1/admin/reconcile", json!({"period": "2026-11"}))
+        .post("/v1/admin/reconcile", json!({"period": period_id(0)}))
         .await;
     assert_eq!(after.body["drift"], json!([]), "{:?}", after.body);
     assert_eq!(

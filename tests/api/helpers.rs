@@ -59,6 +59,17 @@ pub fn period_id(months: i32) -> String {
     month_start(months).format("%Y-%m").to_string()
 }
 
+/// The month `months` after the current real month, as a [`quotad::period::Period`] built from the
+/// calendar here (not by the code under test).
+pub fn month_period(months: i32) -> quotad::period::Period {
+    use chrono::Datelike;
+    let start = month_start(months);
+    quotad::period::Period::Month {
+        year: start.year(),
+        month: start.month(),
+    }
+}
+
 /// An instant as quotad writes it in JSON: `2026-11-01T00:00:00Z` (milliseconds when not whole).
 pub fn rfc(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)

@@ -3,7 +3,7 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
+use crate::helpers::{month_start, rfc, TestApp};
 
 #[tokio::test]
 async fn a_retried_consume_returns_the_first_answer_and_counts_once() {
@@ -151,7 +151,7 @@ async fn a_refund_gives_the_unit_back_once_then_409_and_an_unknown_key_is_404() 
 #[tokio::test]
 async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_in() {
     let app = TestApp::spawn_with(crate::helpers::Options {
-        now: "2026-11-30T23:59:00Z".parse().unwrap(),
+        now: month_start(1) - chrono::Duration::minutes(1),
         ..Default::default()
     })
     .await;
@@ -161,7 +161,7 @@ async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_i
         json!({"user_id": user, "type": "ai_generation", "idempotency_key": "late"}),
     )
     .await;
-    app.set_now("2026-12-01T00:01:00Z");
+    app.set_at(month_start(1) + chrono::Duration::minutes(1));
     app.consume(user, "ai_generation").await;
 
     let refund = app
@@ -172,12 +172,12 @@ async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_i
         .await;
 
     assert_eq!(refund.status, 200);
-    assert_eq!(refund.body["period_start"], "2026-11-01T00:00:00Z");
+    assert_eq!(refund.body["period_start"], rfc(month_start(0)).as_str());
     assert_eq!(refund.body["used"], 0);
     assert_eq!(
         app.used(user, "ai_generation").await,
         1,
-        "December is untouched"
+        "the new month is untouched"
     );
 }
 

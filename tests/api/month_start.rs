@@ -6,12 +6,12 @@ use deadpool_redis::redis;
 use quotad::period::Period;
 use uuid::Uuid;
 
-use crate::helpers::{Options, PrivatePostgres, PrivateRedis, TestApp};
+use crate::helpers::{month_period, month_start, Options, PrivatePostgres, PrivateRedis, TestApp};
 
-const NOVEMBER: Period = Period::Month {
-    year: 2026,
-    month: 11,
-};
+/// The month of the tests' default clock (the current real month); the new month is the next.
+fn last_month() -> Period {
+    month_period(0)
+}
 
 /// Whether an answer is a fail-open one (the field is left out when false).
 fn degraded(body: &serde_json::Value) -> bool {
@@ -26,7 +26,7 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
         ..Options::default()
     })
     .await;
-    // Active in November: their counters are loaded (and the buckets' markers set on 15 Nov).
+    // Active this month: their counters are loaded (and the buckets' markers set on the 15th).
     let (pro, free, upgraded, new) = (
         Uuid::new_v4(),
         Uuid::new_v4(),
@@ -37,7 +37,7 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
         assert_eq!(app.consume(u, "ai_generation").await.status, 200);
     }
     app.set_plan(pro, "PRO").await;
-    app.set_now("2026-12-01T00:05:00Z");
+    app.set_at(month_start(1) + chrono::Duration::minutes(5));
     // A plan change in the new month, before the user's first request in it.
     app.set_plan(upgraded, "ENTERPRISE").await;
 
@@ -84,8 +84,9 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     pg.resume();
     app.flush().await;
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT user_id, count FROM usage_tracking WHERE type = 'ai_generation' AND period_start = '2026-12-01T00:00:00Z' ORDER BY user_id",
+        "SELECT user_id, count FROM usage_tracking WHERE type = 'ai_generation' AND period_start = $1 ORDER BY user_id",
     )
+    .bind(month_start(1))
     .fetch_all(&app.db().await)
     .await
     .unwrap();
@@ -104,19 +105,21 @@ async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
     .await;
     let user = Uuid::new_v4();
     app.consume(user, "ai_generation").await;
-    app.set_now("2026-12-02T09:00:00Z");
+    app.set_at(month_start(1) + chrono::Duration::hours(24 + 9));
     for _ in 0..3 {
         assert_eq!(app.consume(user, "ai_generation").await.status, 200);
     }
     app.flush().await;
 
-    // Redis restarts empty on 3 December, losing the marker with everything else. Last month's
-    // counter is put back by hand, so only the marker can tell that December's may be lost.
+    // Redis restarts empty on the 3rd of the new month, losing the marker with everything else.
+    // Last month's counter is put back by hand, so only the marker can tell that the new month's
+    // may be lost.
     redis_server.restart();
-    app.set_now("2026-12-03T09:00:00Z");
+    let restarted_at = month_start(1) + chrono::Duration::hours(48 + 9);
+    app.set_at(restarted_at);
     let mut conn = app.redis().await;
     let _: () = redis::cmd("HSET")
-        .arg(app.state.quota.store.counter_key(&user, NOVEMBER))
+        .arg(app.state.quota.store.counter_key(&user, last_month()))
         .arg("v")
         .arg(1)
         .arg("ai_generation")
@@ -146,12 +149,7 @@ async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
         .unwrap();
     assert_eq!(
         since,
-        Some(
-            "2026-12-03T09:00:00Z"
-                .parse::<chrono::DateTime<chrono::Utc>>()
-                .unwrap()
-                .timestamp_millis()
-        ),
-        "the load set a new marker; January may start fresh, December may not"
+        Some(restarted_at.timestamp_millis()),
+        "the load set a new marker; the month after may start fresh, this one may not"
     );
 }

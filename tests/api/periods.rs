@@ -3,12 +3,26 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{Options, TestApp};
+use chrono::{Datelike, Duration, TimeZone, Utc};
+
+use crate::helpers::{month_start, rfc, Options, TestApp};
+
+/// Months from the current real month to the next December (0 in December): a year-end test runs
+/// in a December whose hashes Redis has not yet expired.
+fn months_to_december() -> i32 {
+    12 - Utc::now().month() as i32
+}
+
+/// The first leap year after the current real year.
+fn next_leap_year() -> i32 {
+    let leap = |y: i32| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    (Utc::now().year() + 1..).find(|y| leap(*y)).unwrap()
+}
 
 #[tokio::test]
-async fn fifty_used_at_the_last_second_of_november_and_a_fresh_month_at_midnight_utc() {
+async fn fifty_used_at_the_last_second_of_a_month_and_a_fresh_month_at_midnight_utc() {
     let app = TestApp::spawn_with(Options {
-        now: "2026-11-30T23:59:59Z".parse().unwrap(),
+        now: month_start(1) - Duration::seconds(1),
         ..Options::default()
     })
     .await;
@@ -24,19 +38,23 @@ async fn fifty_used_at_the_last_second_of_november_and_a_fresh_month_at_midnight
         "one second to the reset"
     );
 
-    app.set_now("2026-12-01T00:00:00Z");
-    let december = app.consume(user, "ai_generation").await;
+    app.set_at(month_start(1));
+    let next = app.consume(user, "ai_generation").await;
 
-    assert_eq!(december.status, 200, "{:?}", december.body);
-    assert_eq!(december.body["used"], 1);
-    assert_eq!(december.body["period_start"], "2026-12-01T00:00:00Z");
-    assert_eq!(december.body["resets_at"], "2027-01-01T00:00:00Z");
+    assert_eq!(next.status, 200, "{:?}", next.body);
+    assert_eq!(next.body["used"], 1);
+    assert_eq!(next.body["period_start"], rfc(month_start(1)).as_str());
+    assert_eq!(next.body["resets_at"], rfc(month_start(2)).as_str());
 }
 
 #[tokio::test]
 async fn december_rolls_into_january_of_the_next_year() {
+    let december = months_to_december();
+    let new_year = month_start(december + 1);
+    assert_eq!((new_year.month(), new_year.day()), (1, 1));
+    assert_eq!(new_year.year(), month_start(december).year() + 1);
     let app = TestApp::spawn_with(Options {
-        now: "2026-12-31T23:59:59.999Z".parse().unwrap(),
+        now: new_year - Duration::milliseconds(1),
         ..Options::default()
     })
     .await;
@@ -48,11 +66,14 @@ async fn december_rolls_into_january_of_the_next_year() {
     .await;
     assert_eq!(app.consume(user, "export").await.status, 402);
 
-    app.set_now("2027-01-01T00:00:00Z");
+    app.set_at(new_year);
     let january = app.consume(user, "export").await;
 
     assert_eq!((january.status, &january.body["used"]), (200, &json!(1)));
-    assert_eq!(january.body["period_start"], "2027-01-01T00:00:00Z");
+    assert_eq!(
+        january.body["period_start"],
+        format!("{}-01-01T00:00:00Z", new_year.year())
+    );
 }
 
 #[tokio::test]
@@ -65,20 +86,22 @@ async fn lifetime_counters_do_not_reset_with_the_month() {
     )
     .await;
 
-    app.set_now("2027-03-02T00:00:00Z");
+    // Four months on, a day into the month.
+    app.set_at(month_start(4) + Duration::days(1));
 
     assert_eq!(app.used(user, "kb_file").await, 4);
     let usage = app.get(&format!("/v1/users/{user}/usage")).await;
     assert_eq!(
         usage.body["usage"]["ai_generation"]["period_start"],
-        "2027-03-01T00:00:00Z"
+        rfc(month_start(4)).as_str()
     );
 }
 
 #[tokio::test]
 async fn leap_day_belongs_to_february() {
+    let year = next_leap_year();
     let app = TestApp::spawn_with(Options {
-        now: "2028-02-29T23:59:59Z".parse().unwrap(),
+        now: Utc.with_ymd_and_hms(year, 2, 29, 23, 59, 59).unwrap(),
         ..Options::default()
     })
     .await;
@@ -86,7 +109,7 @@ async fn leap_day_belongs_to_february() {
 
     let a = app.consume(user, "ai_generation").await;
 
-    assert_eq!(a.body["period_start"], "2028-02-01T00:00:00Z");
-    assert_eq!(a.body["period_end"], "2028-03-01T00:00:00Z");
+    assert_eq!(a.body["period_start"], format!("{year}-02-01T00:00:00Z"));
+    assert_eq!(a.body["period_end"], format!("{year}-03-01T00:00:00Z"));
     assert_eq!(a.header("ratelimit-reset"), Some("1"));
 }
