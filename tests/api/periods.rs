@@ -4,8 +4,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use chrono::{Datelike, Duration, TimeZone, Utc};
+use quotad::period::Period;
 
-use crate::helpers::{month_start, rfc, Options, TestApp};
+use crate::helpers::{month_period, month_start, rfc, Options, TestApp};
 
 /// Months from the current real month to the next December (0 in December): a year-end test runs
 /// in a December whose hashes Redis has not yet expired.
@@ -112,4 +113,82 @@ async fn leap_day_belongs_to_february() {
     assert_eq!(a.body["period_start"], format!("{year}-02-01T00:00:00Z"));
     assert_eq!(a.body["period_end"], format!("{year}-03-01T00:00:00Z"));
     assert_eq!(a.header("ratelimit-reset"), Some("1"));
+}
+
+/// Redis' own expiry of `key`, as unix seconds (`EXPIRETIME`): -1 none, -2 no such key.
+async fn expire_time(app: &TestApp, key: &str) -> i64 {
+    deadpool_redis::redis::cmd("EXPIRETIME")
+        .arg(key)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_keeps_a_months_hashes_35_days_past_its_end_lifetime_ones_always_and_answers_24_hours(
+) {
+    let app = TestApp::spawn().await;
+    let store = &app.state.quota.store;
+    let (user, other) = (Uuid::new_v4(), Uuid::new_v4());
+    // The expected instants come from the calendar here: the month's end plus 35 whole days.
+    let this_month_until = (month_start(1) + Duration::days(35)).timestamp();
+    let next_month_until = (month_start(2) + Duration::days(35)).timestamp();
+
+    // Loaded from Postgres on the first consume (hydrate), with an idempotency record.
+    let a = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "type": "ai_generation", "idempotency_key": "k1"}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let k = app.consume(user, "kb_file").await;
+    assert_eq!(k.status, 200, "{:?}", k.body);
+
+    let month_hash = store.counter_key(&user, month_period(0));
+    let life_hash = store.counter_key(&user, Period::Lifetime);
+    assert_eq!(expire_time(&app, &month_hash).await, this_month_until);
+    assert_eq!(
+        expire_time(&app, &life_hash).await,
+        -1,
+        "a lifetime hash exists and never expires"
+    );
+    let record_ttl: i64 = deadpool_redis::redis::cmd("TTL")
+        .arg(store.idempotency_key(&user, "k1"))
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    assert!(
+        (24 * 3600 - 5..=24 * 3600).contains(&record_ttl),
+        "an idempotency record lives 24 h: TTL {record_ttl}"
+    );
+
+    // The next month: a hash started in Redis alone (start_fresh) and one made by a plan change
+    // (set_plan) follow the same rule from their own month's end.
+    app.set_at(month_start(1) + Duration::minutes(5));
+    let fresh = app.consume(user, "ai_generation").await;
+    assert_eq!(
+        (fresh.status, &fresh.body["used"]),
+        (200, &json!(1)),
+        "{:?}",
+        fresh.body
+    );
+    app.set_plan(other, "PRO").await;
+    assert_eq!(
+        expire_time(&app, &store.counter_key(&user, month_period(1))).await,
+        next_month_until
+    );
+    assert_eq!(
+        expire_time(&app, &store.counter_key(&other, month_period(1))).await,
+        next_month_until
+    );
+    assert_eq!(
+        expire_time(&app, &store.counter_key(&other, Period::Lifetime)).await,
+        -1
+    );
+    assert_eq!(
+        expire_time(&app, &month_hash).await,
+        this_month_until,
+        "last month's hash keeps its own expiry"
+    );
 }
