@@ -509,3 +509,128 @@ async fn reconcile_refuses_a_bad_period() {
         (400, &json!("INVALID_PERIOD"), &json!("period"))
     );
 }
+
+/// Every field of a Redis hash.
+async fn hash_fields(app: &TestApp, key: &str) -> std::collections::BTreeMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_counter_reloaded_after_redis_loses_everything_has_postgres_version_and_metadata() {
+    let mut redis_server = PrivateRedis::start();
+    let app = TestApp::spawn_with(Options {
+        redis_url: redis_server.url(),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.set_plan(user, "PRO").await;
+    for (i, (tokens, model)) in [(812, "m-1"), (100, "m-2"), (5, "m-2")]
+        .into_iter()
+        .enumerate()
+    {
+        let a = app
+            .post(
+                "/v1/consume",
+                json!({"user_id": user, "type": "ai_generation", "idempotency_key": format!("k{i}"),
+                       "metadata": {"prompt_tokens": tokens, "cost": 0.25, "model": model}}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+    // A refund: the version (4) is no longer the count (2), so a load that took one for the
+    // other shows.
+    let r = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "k2"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    app.post(
+        "/v1/track",
+        json!({"user_id": user, "type": "kb_file", "amount": 3, "metadata": {"bytes": 1.5e6, "kind": "pdf"}}),
+    )
+    .await;
+    let store = &app.state.quota.store;
+    let keys = [
+        store.counter_key(&user, this_month()),
+        store.counter_key(&user, Period::Lifetime),
+    ];
+
+    for loss in ["FLUSHALL", "restart"] {
+        app.flush().await;
+        let mut flushed = vec![];
+        for k in &keys {
+            flushed.push(hash_fields(&app, k).await);
+        }
+        let (pg_count, _, pg_version) = row(&app, user, "ai_generation").await.unwrap();
+        assert_eq!(
+            (pg_count.to_string(), pg_version.to_string()),
+            (flushed[0]["ai_generation"].clone(), flushed[0]["v"].clone()),
+            "{loss}: Postgres holds the count and version Redis had"
+        );
+        if loss == "FLUSHALL" {
+            assert_eq!((pg_count, pg_version), (2, 4));
+            // The hashes hold what the reload must bring back (so the comparison below is not
+            // between two empty maps).
+            let (m, life) = (&flushed[0], &flushed[1]);
+            assert_eq!(m["m:ai_generation:prompt_tokens"], "917");
+            assert_eq!(m["m:ai_generation:cost"], "0.75");
+            assert_eq!(m["s:ai_generation:model"], "\"m-2\"");
+            assert_eq!((m["p"].as_str(), life["p"].as_str()), ("PRO", "PRO"));
+            assert_eq!(life["m:kb_file:bytes"], "1500000");
+            assert_eq!(life["s:kb_file:kind"], "\"pdf\"");
+            let _: () = redis::cmd("FLUSHALL")
+                .query_async(&mut app.redis().await)
+                .await
+                .unwrap();
+        } else {
+            redis_server.restart();
+        }
+        for k in &keys {
+            assert!(hash_fields(&app, k).await.is_empty(), "{loss}: {k} is gone");
+        }
+
+        // One more count of each reloads both hashes from Postgres and counts once in them.
+        let mut a = app.consume(user, "ai_generation").await;
+        for _ in 0..100 {
+            if a.body["degraded"] != true {
+                break;
+            }
+            // The daemon's connection notices a restart on its first call.
+            a = app.consume(user, "ai_generation").await;
+        }
+        let k = app.consume(user, "kb_file").await;
+        assert_eq!(
+            (a.status, a.body["used"].as_i64()),
+            (200, Some(pg_count + 1)),
+            "{loss}: {:?}",
+            a.body
+        );
+        assert_eq!(k.status, 200, "{loss}: {:?}", k.body);
+
+        for (key, before) in keys.iter().zip(&flushed) {
+            let ty = if key.ends_with(":life") {
+                "kb_file"
+            } else {
+                "ai_generation"
+            };
+            let count: u64 = before[ty].parse().unwrap();
+            let version: u64 = before["v"].parse().unwrap();
+            let mut expected = before.clone();
+            expected.insert(ty.to_owned(), (count + 1).to_string());
+            // The version goes on from Postgres' (not from 0), so the next flush is taken.
+            expected.insert("v".to_owned(), (version + 1).to_string());
+            assert_eq!(
+                hash_fields(&app, key).await,
+                expected,
+                "{loss}: {key} holds what was flushed (v, plan, m:/s:/n: fields), counted once more"
+            );
+        }
+    }
+}
