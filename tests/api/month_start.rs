@@ -27,19 +27,52 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     })
     .await;
     // Active this month: their counters are loaded (and the buckets' markers set on the 15th).
-    let (pro, free, upgraded, new) = (
+    let (pro, free, upgraded, overtaken, new) = (
+        Uuid::new_v4(),
         Uuid::new_v4(),
         Uuid::new_v4(),
         Uuid::new_v4(),
         Uuid::new_v4(),
     );
-    for u in [pro, free, upgraded] {
+    for u in [pro, free, upgraded, overtaken] {
         assert_eq!(app.consume(u, "ai_generation").await.status, 200);
     }
     app.set_plan(pro, "PRO").await;
+    app.set_plan(upgraded, "PRO").await;
+    // A replica whose clock is still in the old month (the last second of it): its plan changes
+    // land in last month's hash.
+    let late = app.replica().await;
+    late.set_at(month_start(1) - chrono::Duration::seconds(1));
     app.set_at(month_start(1) + chrono::Duration::minutes(5));
-    // A plan change in the new month, before the user's first request in it.
+    // Plan changes around midnight, before the users' first requests in the new month. Each
+    // leaves both months' hashes holding a plan, so a fresh start must pick by version (pv):
+    // `upgraded`: PRO (v1) last month, then ENTERPRISE (v2) written into the new month;
+    // `overtaken`: PRO (v1) written into the new month, then ENTERPRISE (v2) into last month's
+    // hash by the late replica.
     app.set_plan(upgraded, "ENTERPRISE").await;
+    app.set_plan(overtaken, "PRO").await;
+    late.set_plan(overtaken, "ENTERPRISE").await;
+    let store = &app.state.quota.store;
+    let mut conn = app.redis().await;
+    for (user, new_month, old_month) in [
+        (upgraded, ("ENTERPRISE", 2), ("PRO", 1)),
+        (overtaken, ("PRO", 1), ("ENTERPRISE", 2)),
+    ] {
+        for (months, expected) in [(1, new_month), (0, old_month)] {
+            let (p, pv): (String, i64) = redis::cmd("HMGET")
+                .arg(store.counter_key(&user, month_period(months)))
+                .arg("p")
+                .arg("pv")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(
+                (p.as_str(), pv),
+                expected,
+                "set-up of {user}, month +{months}"
+            );
+        }
+    }
 
     // Postgres goes away: only counters that need no Postgres read can count.
     pg.stop("immediate");
@@ -66,10 +99,18 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     assert_eq!(f.body["used"], 1);
     assert_eq!(f.body["plan"], "FREE");
     let u = app.consume(upgraded, "ai_generation").await;
+    assert!(!degraded(&u.body), "{:?}", u.body);
     assert_eq!(
         u.body["plan"], "ENTERPRISE",
-        "the newer plan change wins: {:?}",
+        "the new month's newer plan (v2) is kept over last month's (v1): {:?}",
         u.body
+    );
+    let o = app.consume(overtaken, "ai_generation").await;
+    assert!(!degraded(&o.body), "{:?}", o.body);
+    assert_eq!(
+        o.body["plan"], "ENTERPRISE",
+        "last month's newer plan (v2) replaces the new month's older one (v1): {:?}",
+        o.body
     );
     // Not active last month: Postgres might hold its plan, so it must be asked. It is down, and
     // ai_generation fails open.
@@ -90,7 +131,7 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     .fetch_all(&app.db().await)
     .await
     .unwrap();
-    let mut expected = vec![(pro, 1), (free, 1), (upgraded, 1)];
+    let mut expected = vec![(pro, 1), (free, 1), (upgraded, 1), (overtaken, 1)];
     expected.sort();
     assert_eq!(rows, expected);
 }
