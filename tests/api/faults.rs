@@ -218,11 +218,29 @@ async fn three_daemons_on_the_same_users_write_exactly_the_allowed_answers() {
                 users.clone(),
                 "ai_generation",
                 2,
-                Duration::from_secs(3),
+                Duration::from_secs(60),
                 stop.clone(),
             ))
         })
         .collect();
+    // The load runs until every user has reached the limit (and a little past, so the clients
+    // race on the boundary and are refused), not for a fixed time that might stop short of it.
+    let started = Instant::now();
+    'watch: loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "the users did not all reach 50 within 50 s"
+        );
+        for u in &users {
+            if a.used(*u, "ai_generation").await < 50 {
+                continue 'watch;
+            }
+        }
+        break;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
     let mut allowed: HashMap<Uuid, u64> = HashMap::new();
     let mut refused = 0;
     for l in loads {
@@ -238,11 +256,12 @@ async fn three_daemons_on_the_same_users_write_exactly_the_allowed_answers() {
     c.stop().await.unwrap();
     a.flush().await;
 
+    assert_eq!(allowed.len(), users.len(), "{allowed:?}");
     assert!(
-        allowed.values().all(|n| *n <= 50),
-        "never past the FREE limit: {allowed:?}"
+        allowed.values().all(|n| *n == 50),
+        "exactly the FREE limit, never past it, for every user: {allowed:?}"
     );
-    assert!(refused > 0, "the load reached the limit");
+    assert!(refused > 0, "the load went past the limit");
     let totals = postgres_totals(
         &format!("{}/{}", a.postgres_url, a.db_name),
         "ai_generation",
