@@ -34,10 +34,18 @@ pub fn postgres_url() -> String {
 // current real month or later.
 
 /// The first instant of the month `months` after the current real month (0 = this month).
+///
+/// "The current real month" is read once per test process, so a run that crosses a month end
+/// still sees one month throughout (its instants then lie in the month just ended, which Redis
+/// keeps for 35 more days).
 pub fn month_start(months: i32) -> DateTime<Utc> {
     use chrono::{Datelike, TimeZone};
-    let now = Utc::now();
-    let index = now.year() * 12 + now.month0() as i32 + months;
+    static BASE: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        let now = Utc::now();
+        now.year() * 12 + now.month0() as i32
+    });
+    let index = base + months;
     Utc.with_ymd_and_hms(
         index.div_euclid(12),
         index.rem_euclid(12) as u32 + 1,
