@@ -1,4 +1,5 @@
-//! Month boundaries, crossed by setting the injected clock.
+//! Month boundaries, crossed by setting the injected clock, and the expiries Redis keeps by its own
+//! clock (a month's hashes, lifetime hashes, idempotency records).
 
 use serde_json::json;
 use uuid::Uuid;
