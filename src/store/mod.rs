@@ -692,28 +692,32 @@ mod tests {
     async fn keys_carry_prefix_schema_and_bucket_tag() {
         let store = RedisStore::new("redis://127.0.0.1:1", "q", Duration::from_millis(10)).unwrap();
         let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
-        let b = RedisStore::bucket(&user);
-        assert!(b < BUCKETS);
+        // 495 was computed outside quotad, with Python's CRC-16/XMODEM (the Redis Cluster CRC):
+        //   python3 -c "import binascii; \
+        //     print(binascii.crc_hqx(b'7c9e6679-7425-40de-944b-e07fc1f90ae7', 0) % 1024)"
+        assert_eq!(RedisStore::bucket(&user), 495);
         let month = Period::Month {
             year: 2026,
             month: 11,
         };
         assert_eq!(
             store.counter_key(&user, month),
-            format!("q:1:{{{b}}}:c:{user}:2026-11")
+            "q:1:{495}:c:7c9e6679-7425-40de-944b-e07fc1f90ae7:2026-11"
         );
         assert_eq!(
             store.counter_key(&user, Period::Lifetime),
-            format!("q:1:{{{b}}}:c:{user}:life")
+            "q:1:{495}:c:7c9e6679-7425-40de-944b-e07fc1f90ae7:life"
         );
-        assert_eq!(store.dirty_key(&user), format!("q:1:{{{b}}}:dirty"));
+        assert_eq!(store.dirty_key(&user), "q:1:{495}:dirty");
+        assert_eq!(store.since_key(&user), "q:1:{495}:since");
         assert_eq!(
             store.idempotency_key(&user, "req-1"),
-            format!("q:1:{{{b}}}:i:{user}:req-1")
+            "q:1:{495}:i:7c9e6679-7425-40de-944b-e07fc1f90ae7:req-1"
         );
+        assert_eq!(store.changes_channel(), "q:1:changes");
         assert_eq!(
             RedisStore::dirty_member(&user, month),
-            format!("{user}:2026-11")
+            "7c9e6679-7425-40de-944b-e07fc1f90ae7:2026-11"
         );
     }
 }

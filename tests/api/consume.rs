@@ -5,7 +5,7 @@ use futures::future::join_all;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
+use crate::helpers::{mid_month, month_start, rfc, TestApp};
 
 #[tokio::test]
 async fn a_free_user_gets_50_generations_and_the_51st_is_refused_with_an_upgrade_link() {
@@ -35,13 +35,15 @@ async fn a_free_user_gets_50_generations_and_the_51st_is_refused_with_an_upgrade
     assert_eq!(b["limit"], 50);
     assert_eq!(b["remaining"], 0);
     assert_eq!(b["unlimited"], false);
-    assert_eq!(b["resets_at"], "2026-12-01T00:00:00Z");
+    assert_eq!(b["resets_at"], rfc(month_start(1)).as_str());
     assert_eq!(
         b["error"],
         "Usage limit exceeded for ai_generation. Your FREE plan allows 50 per month. You've used 50."
     );
-    // Noon on 15 November to midnight on 1 December: 15.5 days.
-    let until_reset = (15 * 24 + 12) * 3600;
+    // Noon on the 15th to midnight on the 1st of next month: 15.5 days in a 30-day month.
+    let days_in_month = (month_start(1) - month_start(0)).num_days();
+    let until_reset = (days_in_month - 15) * 86_400 + 12 * 3600;
+    assert_eq!(until_reset, (month_start(1) - mid_month()).num_seconds());
     assert_eq!(
         refused.header("retry-after"),
         Some(until_reset.to_string().as_str())
@@ -333,9 +335,11 @@ async fn a_counter_missing_from_redis_is_loaded_from_postgres() {
     let db = app.db().await;
     sqlx::query(
         "INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, version)
-         VALUES ($1, 'ai_generation', 50, '2026-11-01T00:00:00Z', '2026-12-01T00:00:00Z', 7)",
+         VALUES ($1, 'ai_generation', 50, $2, $3, 7)",
     )
     .bind(user)
+    .bind(month_start(0))
+    .bind(month_start(1))
     .execute(&db)
     .await
     .unwrap();

@@ -7,12 +7,12 @@ use quotad::period::Period;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{Options, PrivateRedis, TestApp};
+use crate::helpers::{month_period, month_start, period_id, Options, PrivateRedis, TestApp};
 
-const NOVEMBER: Period = Period::Month {
-    year: 2026,
-    month: 11,
-};
+/// The current real month: the month of every test's default clock.
+fn this_month() -> Period {
+    month_period(0)
+}
 
 async fn row(app: &TestApp, user: Uuid, ty: &str) -> Option<(i64, serde_json::Value, i64)> {
     sqlx::query_as(
@@ -84,11 +84,8 @@ async fn the_flusher_writes_absolute_totals_and_summed_metadata_then_clears_the_
             .fetch_one(&app.db().await)
             .await
             .unwrap();
-    assert_eq!(period_start.to_rfc3339(), "2026-11-01T00:00:00+00:00");
-    assert_eq!(
-        period_end.map(|e| e.to_rfc3339()).as_deref(),
-        Some("2026-12-01T00:00:00+00:00")
-    );
+    assert_eq!(period_start, month_start(0));
+    assert_eq!(period_end, Some(month_start(1)));
     assert_eq!(row(&app, user, "kb_file").await.map(|r| r.0), Some(3));
     assert_eq!(dirty_count(&app).await, 0);
     let again = app.flusher.flush_once().await.unwrap();
@@ -145,7 +142,14 @@ async fn an_older_total_never_overwrites_a_newer_one() {
     let user = Uuid::new_v4();
     let write = |count: i64, version: i64| {
         let mut t = Totals::default();
-        t.push(user, "export".into(), count, NOVEMBER, json!({}), version);
+        t.push(
+            user,
+            "export".into(),
+            count,
+            this_month(),
+            json!({}),
+            version,
+        );
         t
     };
 
@@ -190,7 +194,7 @@ async fn a_count_that_arrives_during_a_flush_stays_dirty_and_is_written_next_tim
         user,
         "export".into(),
         read[0]["export"].parse().unwrap(),
-        NOVEMBER,
+        this_month(),
         json!({}),
         version,
     );
@@ -315,8 +319,13 @@ async fn migrations_upgrade_the_original_usage_tracking_table_and_keep_its_rows(
     let seed = sqlx::PgPool::connect(&format!("{server}/{name}"))
         .await
         .unwrap();
-    // The original product's table (migration 20251030), with a row of its own.
-    sqlx::raw_sql(
+    // The original product's table (migration 20251030), with a row of its own: this month's,
+    // ending (as the original product wrote it) on the month's last day.
+    let (start, last_day) = (
+        month_start(0).format("%Y-%m-%dT%H:%M:%SZ"),
+        (month_start(1) - chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ"),
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE public.usage_tracking (
             id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
             user_id uuid NOT NULL,
@@ -324,14 +333,14 @@ async fn migrations_upgrade_the_original_usage_tracking_table_and_keep_its_rows(
             count integer NOT NULL DEFAULT 0,
             period_start timestamptz NOT NULL,
             period_end timestamptz NOT NULL,
-            metadata jsonb DEFAULT '{}'::jsonb,
+            metadata jsonb DEFAULT '{{}}'::jsonb,
             created_at timestamptz DEFAULT now(),
             updated_at timestamptz DEFAULT now(),
             UNIQUE (user_id, type, period_start));
          INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, metadata)
          VALUES ('7c9e6679-7425-40de-944b-e07fc1f90ae7', 'ai_generation', 30,
-                 '2026-11-01T00:00:00Z', '2026-11-30T00:00:00Z', NULL);",
-    )
+                 '{start}', '{last_day}', NULL);",
+    )))
     .execute(&seed)
     .await
     .unwrap();
@@ -359,7 +368,7 @@ async fn migrations_upgrade_the_original_usage_tracking_table_and_keep_its_rows(
     .unwrap();
     // Its NULL metadata loads as none.
     let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
-    let snap = db::snapshot(&upgraded, user, NOVEMBER).await;
+    let snap = db::snapshot(&upgraded, user, this_month()).await;
     upgraded.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE {name} WITH (FORCE)"
@@ -391,9 +400,11 @@ async fn a_seeded_count_is_where_counting_continues() {
     let user = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, metadata)
-         VALUES ($1, 'ai_generation', 30, '2026-11-01T00:00:00Z', '2026-11-30T00:00:00Z', '{}')",
+         VALUES ($1, 'ai_generation', 30, $2, $3, '{}')",
     )
     .bind(user)
+    .bind(month_start(0))
+    .bind(month_start(1) - chrono::Duration::days(1))
     .execute(&app.db().await)
     .await
     .unwrap();
@@ -419,8 +430,8 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
     app.flush().await;
     app.consume(unflushed, "ai_generation").await;
     // Postgres-only: a row for a user Redis has never loaded.
-    sqlx::query("INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, version) VALUES ($1, 'ai_generation', 4, '2026-11-01T00:00:00Z', '2026-12-01T00:00:00Z', 2)")
-        .bind(pg_only).execute(&db).await.unwrap();
+    sqlx::query("INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, version) VALUES ($1, 'ai_generation', 4, $2, $3, 2)")
+        .bind(pg_only).bind(month_start(0)).bind(month_start(1)).execute(&db).await.unwrap();
     // Different: Postgres changed behind quotad's back (same version, another count).
     sqlx::query("UPDATE usage_tracking SET count = 9 WHERE user_id = $1")
         .bind(different)
@@ -435,14 +446,14 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
         .unwrap();
 
     let report = app
-        .post("/v1/admin/reconcile", json!({"period": "2026-11"}))
+        .post("/v1/admin/reconcile", json!({"period": period_id(0)}))
         .await;
 
     assert_eq!(report.status, 200, "{:?}", report.body);
     let b = &report.body;
     assert_eq!(
         (&b["period"], &b["in_sync"], &b["unflushed"]),
-        (&json!("2026-11"), &json!(1), &json!(1))
+        (&json!(period_id(0)), &json!(1), &json!(1))
     );
     let kind_of = |u: Uuid| {
         b["drift"]
@@ -460,13 +471,13 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
     let repaired = app
         .post(
             "/v1/admin/reconcile",
-            json!({"period": "2026-11", "repair": true}),
+            json!({"period": period_id(0), "repair": true}),
         )
         .await;
     assert_eq!(repaired.body["repaired"], 3, "{:?}", repaired.body);
     app.flush().await;
     let after = app
-        .post("/v1/admin/reconcile", json!({"period": "2026-11"}))
+        .post("/v1/admin/reconcile", json!({"period": period_id(0)}))
         .await;
     assert_eq!(after.body["drift"], json!([]), "{:?}", after.body);
     assert_eq!(
@@ -497,4 +508,129 @@ async fn reconcile_refuses_a_bad_period() {
         (a.status, &a.body["code"], &a.body["field"]),
         (400, &json!("INVALID_PERIOD"), &json!("period"))
     );
+}
+
+/// Every field of a Redis hash.
+async fn hash_fields(app: &TestApp, key: &str) -> std::collections::BTreeMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_counter_reloaded_after_redis_loses_everything_has_postgres_version_and_metadata() {
+    let mut redis_server = PrivateRedis::start();
+    let app = TestApp::spawn_with(Options {
+        redis_url: redis_server.url(),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    app.set_plan(user, "PRO").await;
+    for (i, (tokens, model)) in [(812, "m-1"), (100, "m-2"), (5, "m-2")]
+        .into_iter()
+        .enumerate()
+    {
+        let a = app
+            .post(
+                "/v1/consume",
+                json!({"user_id": user, "type": "ai_generation", "idempotency_key": format!("k{i}"),
+                       "metadata": {"prompt_tokens": tokens, "cost": 0.25, "model": model}}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+    // A refund: the version (4) is no longer the count (2), so a load that took one for the
+    // other shows.
+    let r = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "k2"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    app.post(
+        "/v1/track",
+        json!({"user_id": user, "type": "kb_file", "amount": 3, "metadata": {"bytes": 1.5e6, "kind": "pdf"}}),
+    )
+    .await;
+    let store = &app.state.quota.store;
+    let keys = [
+        store.counter_key(&user, this_month()),
+        store.counter_key(&user, Period::Lifetime),
+    ];
+
+    for loss in ["FLUSHALL", "restart"] {
+        app.flush().await;
+        let mut flushed = vec![];
+        for k in &keys {
+            flushed.push(hash_fields(&app, k).await);
+        }
+        let (pg_count, _, pg_version) = row(&app, user, "ai_generation").await.unwrap();
+        assert_eq!(
+            (pg_count.to_string(), pg_version.to_string()),
+            (flushed[0]["ai_generation"].clone(), flushed[0]["v"].clone()),
+            "{loss}: Postgres holds the count and version Redis had"
+        );
+        if loss == "FLUSHALL" {
+            assert_eq!((pg_count, pg_version), (2, 4));
+            // The hashes hold what the reload must bring back (so the comparison below is not
+            // between two empty maps).
+            let (m, life) = (&flushed[0], &flushed[1]);
+            assert_eq!(m["m:ai_generation:prompt_tokens"], "917");
+            assert_eq!(m["m:ai_generation:cost"], "0.75");
+            assert_eq!(m["s:ai_generation:model"], "\"m-2\"");
+            assert_eq!((m["p"].as_str(), life["p"].as_str()), ("PRO", "PRO"));
+            assert_eq!(life["m:kb_file:bytes"], "1500000");
+            assert_eq!(life["s:kb_file:kind"], "\"pdf\"");
+            let _: () = redis::cmd("FLUSHALL")
+                .query_async(&mut app.redis().await)
+                .await
+                .unwrap();
+        } else {
+            redis_server.restart();
+        }
+        for k in &keys {
+            assert!(hash_fields(&app, k).await.is_empty(), "{loss}: {k} is gone");
+        }
+
+        // One more count of each reloads both hashes from Postgres and counts once in them.
+        let mut a = app.consume(user, "ai_generation").await;
+        for _ in 0..100 {
+            if a.body["degraded"] != true {
+                break;
+            }
+            // The daemon's connection notices a restart on its first call.
+            a = app.consume(user, "ai_generation").await;
+        }
+        let k = app.consume(user, "kb_file").await;
+        assert_eq!(
+            (a.status, a.body["used"].as_i64()),
+            (200, Some(pg_count + 1)),
+            "{loss}: {:?}",
+            a.body
+        );
+        assert_eq!(k.status, 200, "{loss}: {:?}", k.body);
+
+        for (key, before) in keys.iter().zip(&flushed) {
+            let ty = if key.ends_with(":life") {
+                "kb_file"
+            } else {
+                "ai_generation"
+            };
+            let count: u64 = before[ty].parse().unwrap();
+            let version: u64 = before["v"].parse().unwrap();
+            let mut expected = before.clone();
+            expected.insert(ty.to_owned(), (count + 1).to_string());
+            // The version goes on from Postgres' (not from 0), so the next flush is taken.
+            expected.insert("v".to_owned(), (version + 1).to_string());
+            assert_eq!(
+                hash_fields(&app, key).await,
+                expected,
+                "{loss}: {key} holds what was flushed (v, plan, m:/s:/n: fields), counted once more"
+            );
+        }
+    }
 }

@@ -250,3 +250,35 @@ async fn unknown_routes_and_methods_answer_in_json() {
         (405, &json!("METHOD_NOT_ALLOWED"))
     );
 }
+
+#[tokio::test]
+async fn a_body_that_cannot_be_read_is_400_unreadable_body_and_counts_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let json = format!(r#"{{"user_id": "{user}", "type": "ai_generation"}}"#);
+    // Chunked encoding whose second chunk size is not hexadecimal: the body breaks off midway.
+    let request = format!(
+        "POST /v1/consume HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{json}\r\nzz\r\n\r\n",
+        json.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_string(&mut answer),
+    )
+    .await;
+
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default())
+            .unwrap_or_default();
+    assert_eq!(body["code"], "UNREADABLE_BODY", "{answer}");
+    assert!(body["error"].is_string(), "{answer}");
+    assert_eq!(app.used(user, "ai_generation").await, 0);
+}

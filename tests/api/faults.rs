@@ -218,11 +218,29 @@ async fn three_daemons_on_the_same_users_write_exactly_the_allowed_answers() {
                 users.clone(),
                 "ai_generation",
                 2,
-                Duration::from_secs(3),
+                Duration::from_secs(60),
                 stop.clone(),
             ))
         })
         .collect();
+    // The load runs until every user has reached the limit (and a little past, so the clients
+    // race on the boundary and are refused), not for a fixed time that might stop short of it.
+    let started = Instant::now();
+    'watch: loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "the users did not all reach 50 within 50 s"
+        );
+        for u in &users {
+            if a.used(*u, "ai_generation").await < 50 {
+                continue 'watch;
+            }
+        }
+        break;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
     let mut allowed: HashMap<Uuid, u64> = HashMap::new();
     let mut refused = 0;
     for l in loads {
@@ -238,11 +256,12 @@ async fn three_daemons_on_the_same_users_write_exactly_the_allowed_answers() {
     c.stop().await.unwrap();
     a.flush().await;
 
+    assert_eq!(allowed.len(), users.len(), "{allowed:?}");
     assert!(
-        allowed.values().all(|n| *n <= 50),
-        "never past the FREE limit: {allowed:?}"
+        allowed.values().all(|n| *n == 50),
+        "exactly the FREE limit, never past it, for every user: {allowed:?}"
     );
-    assert!(refused > 0, "the load reached the limit");
+    assert!(refused > 0, "the load went past the limit");
     let totals = postgres_totals(
         &format!("{}/{}", a.postgres_url, a.db_name),
         "ai_generation",
@@ -312,4 +331,88 @@ async fn with_postgres_down_a_counter_redis_does_not_hold_follows_its_types_fail
         closed.body
     );
     pg.resume();
+}
+
+/// How many counters are marked dirty under `prefix` in the shared test Redis.
+async fn dirty_counters(prefix: &str) -> u64 {
+    use deadpool_redis::redis;
+    let mut r = redis::Client::open(crate::helpers::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*:dirty"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let mut n = 0;
+    for k in keys {
+        n += redis::cmd("ZCARD")
+            .arg(k)
+            .query_async::<u64>(&mut r)
+            .await
+            .unwrap();
+    }
+    n
+}
+
+#[tokio::test]
+async fn sigterm_with_postgres_down_exits_2_naming_the_counters_left_dirty_for_the_next_flusher() {
+    let pg = PrivatePostgres::start();
+    let mut daemon = Daemon::spawn(&[
+        ("QUOTAD_TEST_POSTGRES", pg.url()),
+        // Nothing is flushed before the stop: every count is still only in Redis then.
+        ("QUOTAD_FLUSH_INTERVAL_MS", "3600000".into()),
+        ("QUOTAD_SHUTDOWN_TIMEOUT_MS", "1000".into()),
+    ]);
+    daemon.wait_ready();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut expected = HashMap::new();
+    for (i, u) in users(3).into_iter().enumerate() {
+        let r = client
+            .post(format!("{}/v1/consume", daemon.base()))
+            .json(&serde_json::json!({"user_id": u, "type": "ai_generation", "amount": i + 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        expected.insert(u, i as u64 + 1);
+    }
+    assert_eq!(dirty_counters(&daemon.prefix).await, 3);
+
+    pg.stop("immediate");
+    let started = Instant::now();
+    daemon.signal("-TERM");
+    let code = daemon.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+
+    let log = daemon.log_text();
+    assert_eq!(code, Some(2), "log:\n{log}");
+    assert!(
+        took < Duration::from_secs(4),
+        "a 1 s shutdown bound took {took:?}"
+    );
+    assert!(
+        log.contains("shutdown bound reached with 3 counters not yet flushed to Postgres"),
+        "the log names the count left: {log}"
+    );
+    assert_eq!(
+        dirty_counters(&daemon.prefix).await,
+        3,
+        "the counters left are still marked dirty in Redis"
+    );
+
+    // Postgres is back: the next daemon on the same Redis and database writes them.
+    pg.resume();
+    let next = daemon.replica();
+    next.wait_ready();
+    let totals = wait_for_totals(&daemon.database_url(), &expected, Duration::from_secs(20)).await;
+    assert_eq!(totals, expected);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dirty_counters(&daemon.prefix).await > 0 {
+        assert!(Instant::now() < deadline, "still dirty after the flush");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(next);
 }

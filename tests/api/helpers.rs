@@ -34,10 +34,18 @@ pub fn postgres_url() -> String {
 // current real month or later.
 
 /// The first instant of the month `months` after the current real month (0 = this month).
+///
+/// "The current real month" is read once per test process, so a run that crosses a month end
+/// still sees one month throughout (its instants then lie in the month just ended, which Redis
+/// keeps for 35 more days).
 pub fn month_start(months: i32) -> DateTime<Utc> {
     use chrono::{Datelike, TimeZone};
-    let now = Utc::now();
-    let index = now.year() * 12 + now.month0() as i32 + months;
+    static BASE: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        let now = Utc::now();
+        now.year() * 12 + now.month0() as i32
+    });
+    let index = base + months;
     Utc.with_ymd_and_hms(
         index.div_euclid(12),
         index.rem_euclid(12) as u32 + 1,
@@ -57,6 +65,17 @@ pub fn mid_month() -> DateTime<Utc> {
 /// The period id (`2026-11`) of the month `months` after the current real month.
 pub fn period_id(months: i32) -> String {
     month_start(months).format("%Y-%m").to_string()
+}
+
+/// The month `months` after the current real month, as a [`quotad::period::Period`] built from the
+/// calendar here (not by the code under test).
+pub fn month_period(months: i32) -> quotad::period::Period {
+    use chrono::Datelike;
+    let start = month_start(months);
+    quotad::period::Period::Month {
+        year: start.year(),
+        month: start.month(),
+    }
 }
 
 /// An instant as quotad writes it in JSON: `2026-11-01T00:00:00Z` (milliseconds when not whole).

@@ -3,7 +3,7 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
+use crate::helpers::{month_start, rfc, TestApp};
 
 #[tokio::test]
 async fn a_retried_consume_returns_the_first_answer_and_counts_once() {
@@ -151,7 +151,7 @@ async fn a_refund_gives_the_unit_back_once_then_409_and_an_unknown_key_is_404() 
 #[tokio::test]
 async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_in() {
     let app = TestApp::spawn_with(crate::helpers::Options {
-        now: "2026-11-30T23:59:00Z".parse().unwrap(),
+        now: month_start(1) - chrono::Duration::minutes(1),
         ..Default::default()
     })
     .await;
@@ -161,7 +161,7 @@ async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_i
         json!({"user_id": user, "type": "ai_generation", "idempotency_key": "late"}),
     )
     .await;
-    app.set_now("2026-12-01T00:01:00Z");
+    app.set_at(month_start(1) + chrono::Duration::minutes(1));
     app.consume(user, "ai_generation").await;
 
     let refund = app
@@ -172,12 +172,12 @@ async fn a_refund_after_the_month_ended_gives_back_to_the_month_it_was_counted_i
         .await;
 
     assert_eq!(refund.status, 200);
-    assert_eq!(refund.body["period_start"], "2026-11-01T00:00:00Z");
+    assert_eq!(refund.body["period_start"], rfc(month_start(0)).as_str());
     assert_eq!(refund.body["used"], 0);
     assert_eq!(
         app.used(user, "ai_generation").await,
         1,
-        "December is untouched"
+        "the new month is untouched"
     );
 }
 
@@ -205,5 +205,113 @@ async fn a_refunded_call_retried_stays_refunded_and_counts_nothing() {
         app.used(user, "export").await,
         0,
         "a refunded call retried stays refunded"
+    );
+}
+
+#[tokio::test]
+async fn a_key_reused_on_another_endpoint_is_a_conflict_and_counts_nothing() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let consumed = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "type": "export", "amount": 2, "idempotency_key": "c"}),
+        )
+        .await;
+    let tracked = app
+        .post(
+            "/v1/track",
+            json!({"user_id": user, "type": "export", "amount": 2, "idempotency_key": "t"}),
+        )
+        .await;
+    assert_eq!((consumed.status, tracked.status), (200, 200));
+
+    // The same user, type and amount: only the endpoint differs.
+    let track_with_c = app
+        .post(
+            "/v1/track",
+            json!({"user_id": user, "type": "export", "amount": 2, "idempotency_key": "c"}),
+        )
+        .await;
+    let consume_with_t = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "type": "export", "amount": 2, "idempotency_key": "t"}),
+        )
+        .await;
+
+    for a in [&track_with_c, &consume_with_t] {
+        assert_eq!(
+            (a.status, &a.body["code"]),
+            (409, &json!("IDEMPOTENCY_KEY_REUSED")),
+            "{:?}",
+            a.body
+        );
+        assert!(a.body["error"].is_string(), "{:?}", a.body);
+        assert!(a.header("idempotent-replayed").is_none());
+    }
+    assert_eq!(app.used(user, "export").await, 4, "nothing counted");
+    let retry = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "type": "export", "amount": 2, "idempotency_key": "c"}),
+        )
+        .await;
+    assert_eq!(
+        (retry.body.clone(), retry.header("idempotent-replayed")),
+        (consumed.body, Some("true")),
+        "the key still answers its own call"
+    );
+}
+
+#[tokio::test]
+async fn a_refund_of_a_key_redis_has_expired_is_404_and_gives_nothing_back() {
+    use deadpool_redis::redis;
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let a = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "type": "ai_generation", "idempotency_key": "old"}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let record = app.state.quota.store.idempotency_key(&user, "old");
+    let mut conn = app.redis().await;
+
+    // Redis expires the record by its own clock, as it would 24 h on (not a delete).
+    let set: i64 = redis::cmd("PEXPIRE")
+        .arg(&record)
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(set, 1, "the record exists before it expires");
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&record)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "old"}),
+        )
+        .await;
+
+    assert_eq!(
+        (refund.status, &refund.body["code"]),
+        (404, &json!("UNKNOWN_IDEMPOTENCY_KEY")),
+        "{:?}",
+        refund.body
+    );
+    assert!(refund.body["error"].is_string(), "{:?}", refund.body);
+    assert_eq!(
+        app.used(user, "ai_generation").await,
+        1,
+        "nothing given back"
     );
 }

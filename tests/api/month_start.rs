@@ -6,12 +6,12 @@ use deadpool_redis::redis;
 use quotad::period::Period;
 use uuid::Uuid;
 
-use crate::helpers::{Options, PrivatePostgres, PrivateRedis, TestApp};
+use crate::helpers::{month_period, month_start, Options, PrivatePostgres, PrivateRedis, TestApp};
 
-const NOVEMBER: Period = Period::Month {
-    year: 2026,
-    month: 11,
-};
+/// The month of the tests' default clock (the current real month); the new month is the next.
+fn last_month() -> Period {
+    month_period(0)
+}
 
 /// Whether an answer is a fail-open one (the field is left out when false).
 fn degraded(body: &serde_json::Value) -> bool {
@@ -26,20 +26,53 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
         ..Options::default()
     })
     .await;
-    // Active in November: their counters are loaded (and the buckets' markers set on 15 Nov).
-    let (pro, free, upgraded, new) = (
+    // Active this month: their counters are loaded (and the buckets' markers set on the 15th).
+    let (pro, free, upgraded, overtaken, new) = (
+        Uuid::new_v4(),
         Uuid::new_v4(),
         Uuid::new_v4(),
         Uuid::new_v4(),
         Uuid::new_v4(),
     );
-    for u in [pro, free, upgraded] {
+    for u in [pro, free, upgraded, overtaken] {
         assert_eq!(app.consume(u, "ai_generation").await.status, 200);
     }
     app.set_plan(pro, "PRO").await;
-    app.set_now("2026-12-01T00:05:00Z");
-    // A plan change in the new month, before the user's first request in it.
+    app.set_plan(upgraded, "PRO").await;
+    // A replica whose clock is still in the old month (the last second of it): its plan changes
+    // land in last month's hash.
+    let late = app.replica().await;
+    late.set_at(month_start(1) - chrono::Duration::seconds(1));
+    app.set_at(month_start(1) + chrono::Duration::minutes(5));
+    // Plan changes around midnight, before the users' first requests in the new month. Each
+    // leaves both months' hashes holding a plan, so a fresh start must pick by version (pv):
+    // `upgraded`: PRO (v1) last month, then ENTERPRISE (v2) written into the new month;
+    // `overtaken`: PRO (v1) written into the new month, then ENTERPRISE (v2) into last month's
+    // hash by the late replica.
     app.set_plan(upgraded, "ENTERPRISE").await;
+    app.set_plan(overtaken, "PRO").await;
+    late.set_plan(overtaken, "ENTERPRISE").await;
+    let store = &app.state.quota.store;
+    let mut conn = app.redis().await;
+    for (user, new_month, old_month) in [
+        (upgraded, ("ENTERPRISE", 2), ("PRO", 1)),
+        (overtaken, ("PRO", 1), ("ENTERPRISE", 2)),
+    ] {
+        for (months, expected) in [(1, new_month), (0, old_month)] {
+            let (p, pv): (String, i64) = redis::cmd("HMGET")
+                .arg(store.counter_key(&user, month_period(months)))
+                .arg("p")
+                .arg("pv")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(
+                (p.as_str(), pv),
+                expected,
+                "set-up of {user}, month +{months}"
+            );
+        }
+    }
 
     // Postgres goes away: only counters that need no Postgres read can count.
     pg.stop("immediate");
@@ -66,10 +99,18 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     assert_eq!(f.body["used"], 1);
     assert_eq!(f.body["plan"], "FREE");
     let u = app.consume(upgraded, "ai_generation").await;
+    assert!(!degraded(&u.body), "{:?}", u.body);
     assert_eq!(
         u.body["plan"], "ENTERPRISE",
-        "the newer plan change wins: {:?}",
+        "the new month's newer plan (v2) is kept over last month's (v1): {:?}",
         u.body
+    );
+    let o = app.consume(overtaken, "ai_generation").await;
+    assert!(!degraded(&o.body), "{:?}", o.body);
+    assert_eq!(
+        o.body["plan"], "ENTERPRISE",
+        "last month's newer plan (v2) replaces the new month's older one (v1): {:?}",
+        o.body
     );
     // Not active last month: Postgres might hold its plan, so it must be asked. It is down, and
     // ai_generation fails open.
@@ -84,12 +125,13 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     pg.resume();
     app.flush().await;
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT user_id, count FROM usage_tracking WHERE type = 'ai_generation' AND period_start = '2026-12-01T00:00:00Z' ORDER BY user_id",
+        "SELECT user_id, count FROM usage_tracking WHERE type = 'ai_generation' AND period_start = $1 ORDER BY user_id",
     )
+    .bind(month_start(1))
     .fetch_all(&app.db().await)
     .await
     .unwrap();
-    let mut expected = vec![(pro, 1), (free, 1), (upgraded, 1)];
+    let mut expected = vec![(pro, 1), (free, 1), (upgraded, 1), (overtaken, 1)];
     expected.sort();
     assert_eq!(rows, expected);
 }
@@ -104,19 +146,21 @@ async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
     .await;
     let user = Uuid::new_v4();
     app.consume(user, "ai_generation").await;
-    app.set_now("2026-12-02T09:00:00Z");
+    app.set_at(month_start(1) + chrono::Duration::hours(24 + 9));
     for _ in 0..3 {
         assert_eq!(app.consume(user, "ai_generation").await.status, 200);
     }
     app.flush().await;
 
-    // Redis restarts empty on 3 December, losing the marker with everything else. Last month's
-    // counter is put back by hand, so only the marker can tell that December's may be lost.
+    // Redis restarts empty on the 3rd of the new month, losing the marker with everything else.
+    // Last month's counter is put back by hand, so only the marker can tell that the new month's
+    // may be lost.
     redis_server.restart();
-    app.set_now("2026-12-03T09:00:00Z");
+    let restarted_at = month_start(1) + chrono::Duration::hours(48 + 9);
+    app.set_at(restarted_at);
     let mut conn = app.redis().await;
     let _: () = redis::cmd("HSET")
-        .arg(app.state.quota.store.counter_key(&user, NOVEMBER))
+        .arg(app.state.quota.store.counter_key(&user, last_month()))
         .arg("v")
         .arg(1)
         .arg("ai_generation")
@@ -146,12 +190,7 @@ async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
         .unwrap();
     assert_eq!(
         since,
-        Some(
-            "2026-12-03T09:00:00Z"
-                .parse::<chrono::DateTime<chrono::Utc>>()
-                .unwrap()
-                .timestamp_millis()
-        ),
-        "the load set a new marker; January may start fresh, December may not"
+        Some(restarted_at.timestamp_millis()),
+        "the load set a new marker; the month after may start fresh, this one may not"
     );
 }

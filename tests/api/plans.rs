@@ -3,7 +3,7 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
+use crate::helpers::{month_start, TestApp};
 
 #[tokio::test]
 async fn a_plan_set_through_one_daemon_is_in_force_on_the_next_request_to_another() {
@@ -90,8 +90,8 @@ async fn a_plan_change_carries_into_the_next_month() {
     app.set_plan(user, "PRO").await;
     app.consume(user, "export").await;
 
-    app.set_now("2026-12-02T00:00:00Z");
-    let december = app
+    app.set_at(month_start(1) + chrono::Duration::days(1));
+    let next_month = app
         .post(
             "/v1/consume",
             json!({"user_id": user, "type": "export", "amount": 50}),
@@ -100,9 +100,9 @@ async fn a_plan_change_carries_into_the_next_month() {
 
     assert_eq!(
         (
-            december.status,
-            &december.body["plan"],
-            &december.body["used"]
+            next_month.status,
+            &next_month.body["plan"],
+            &next_month.body["used"]
         ),
         (200, &json!("PRO"), &json!(50))
     );

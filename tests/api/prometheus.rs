@@ -282,7 +282,10 @@ async fn the_dashboard_and_alert_rules_name_only_metrics_quotad_exports() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     app.flush().await;
     let r = app
-        .post("/v1/admin/reconcile", json!({"period": "2026-11"}))
+        .post(
+            "/v1/admin/reconcile",
+            json!({"period": crate::helpers::period_id(0)}),
+        )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
 

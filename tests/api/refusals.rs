@@ -7,7 +7,9 @@ use deadpool_redis::redis;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{plans_file, tempfile_path, Options, PrivateRedis, TestApp};
+use crate::helpers::{
+    month_period, month_start, plans_file, tempfile_path, Options, PrivateRedis, TestApp,
+};
 use crate::performance::commandstats;
 
 /// Counts `amount` of `usage_type` regardless of the limit (track).
@@ -125,13 +127,13 @@ async fn a_user_over_the_limit_is_refused_without_a_redis_call() {
 async fn a_new_month_is_counted_afresh_at_once() {
     let app = TestApp::spawn().await;
     app.wait_refusal_cache_live().await;
-    app.set_now("2026-11-30T23:59:59Z");
+    app.set_at(month_start(1) - chrono::Duration::seconds(1));
     let user = Uuid::new_v4();
     track(&app, user, "ai_generation", 50).await;
     refused(&app, user, "ai_generation").await;
     assert_eq!(app.state.quota.refusals.users(), 1);
 
-    app.set_now("2026-12-01T00:00:00Z");
+    app.set_at(month_start(1));
     let a = app.consume(user, "ai_generation").await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.body["used"], 1);
@@ -244,13 +246,7 @@ async fn a_counter_reloaded_from_postgres_lifts_the_refusal_everywhere() {
     // Redis loses the counter before its last two units reached Postgres; another replica loads
     // it again (48) and announces it.
     let mut conn = a.redis().await;
-    let key = a.state.quota.store.counter_key(
-        &user,
-        quotad::period::Period::Month {
-            year: 2026,
-            month: 11,
-        },
-    );
+    let key = a.state.quota.store.counter_key(&user, month_period(0));
     let _: i64 = redis::cmd("DEL")
         .arg(&key)
         .query_async(&mut conn)
@@ -318,4 +314,70 @@ async fn nothing_is_answered_from_memory_while_invalidations_cannot_be_heard() {
     }
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     app.wait_refusal_cache_live().await;
+}
+
+#[tokio::test]
+async fn a_reconcile_repair_lifts_remembered_refusals() {
+    let app = TestApp::spawn().await;
+    app.wait_refusal_cache_live().await;
+    let db = app.db().await;
+    // `corrected`: Postgres is corrected down (a lower count, a higher version); `lost`: Redis
+    // loses the counter while Postgres holds a lower count.
+    let (corrected, lost) = (Uuid::new_v4(), Uuid::new_v4());
+    for u in [corrected, lost] {
+        track(&app, u, "ai_generation", 50).await;
+    }
+    app.flush().await;
+    for u in [corrected, lost] {
+        refused(&app, u, "ai_generation").await;
+    }
+    assert_eq!(
+        app.state.quota.refusals.users(),
+        2,
+        "both refusals are remembered"
+    );
+    for (u, count, bump) in [(corrected, 40, 5), (lost, 30, 0)] {
+        sqlx::query(
+            "UPDATE usage_tracking SET count = $2, version = version + $3 WHERE user_id = $1",
+        )
+        .bind(u)
+        .bind(count)
+        .bind(bump)
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    let _: i64 = redis::cmd("DEL")
+        .arg(app.state.quota.store.counter_key(&lost, month_period(0)))
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    // Still refused from memory: nothing told the cache yet.
+    refused(&app, corrected, "ai_generation").await;
+    refused(&app, lost, "ai_generation").await;
+
+    let repaired = app
+        .post(
+            "/v1/admin/reconcile",
+            json!({"period": crate::helpers::period_id(0), "repair": true}),
+        )
+        .await;
+    assert_eq!(repaired.status, 200, "{:?}", repaired.body);
+    assert_eq!(repaired.body["repaired"], 2, "{:?}", repaired.body);
+    forgotten(&app).await;
+
+    let a = app.consume(corrected, "ai_generation").await;
+    let b = app.consume(lost, "ai_generation").await;
+    assert_eq!(
+        (a.status, &a.body["used"]),
+        (200, &json!(41)),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(
+        (b.status, &b.body["used"]),
+        (200, &json!(31)),
+        "{:?}",
+        b.body
+    );
 }
