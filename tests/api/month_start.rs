@@ -38,20 +38,34 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
         assert_eq!(app.consume(u, "ai_generation").await.status, 200);
     }
     app.set_plan(pro, "PRO").await;
-    app.set_plan(upgraded, "PRO").await;
-    // A replica whose clock is still in the old month (the last second of it): its plan changes
-    // land in last month's hash.
-    let late = app.replica().await;
-    late.set_at(month_start(1) - chrono::Duration::seconds(1));
     app.set_at(month_start(1) + chrono::Duration::minutes(5));
-    // Plan changes around midnight, before the users' first requests in the new month. Each
-    // leaves both months' hashes holding a plan, so a fresh start must pick by version (pv):
-    // `upgraded`: PRO (v1) last month, then ENTERPRISE (v2) written into the new month;
-    // `overtaken`: PRO (v1) written into the new month, then ENTERPRISE (v2) into last month's
-    // hash by the late replica.
-    app.set_plan(upgraded, "ENTERPRISE").await;
-    app.set_plan(overtaken, "PRO").await;
-    late.set_plan(overtaken, "ENTERPRISE").await;
+    // Plan changes around midnight, before the users' first requests in the new month, that left
+    // the two months' hashes holding different plans. A plan change writes every month's hash
+    // that exists, so this happens only when changes race the new month's first write (two
+    // replicas, clocks either side of midnight); it is written here directly, as such a race
+    // leaves it, so that a fresh start must pick by version (pv):
+    // `upgraded`: PRO (v1) last month, ENTERPRISE (v2) already in the new month's hash;
+    // `overtaken`: PRO (v1) in the new month's hash, ENTERPRISE (v2) in last month's.
+    {
+        let store = &app.state.quota.store;
+        let mut conn = app.redis().await;
+        for (user, new_month, old_month) in [
+            (upgraded, ("ENTERPRISE", 2), ("PRO", 1)),
+            (overtaken, ("PRO", 1), ("ENTERPRISE", 2)),
+        ] {
+            for (months, (plan, pv)) in [(1, new_month), (0, old_month)] {
+                let _: () = redis::cmd("HSET")
+                    .arg(store.counter_key(&user, month_period(months)))
+                    .arg("p")
+                    .arg(plan)
+                    .arg("pv")
+                    .arg(pv)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
     let store = &app.state.quota.store;
     let mut conn = app.redis().await;
     for (user, new_month, old_month) in [
