@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{parse_user_id, ApiJson, AppState};
+use super::{parse_user_id, ApiJson, AppState, UserIdPath};
 use crate::error::{ApiError, ErrorBody};
 use crate::period::PeriodKind;
 use crate::plans::{FailPolicy, Plans};
@@ -468,9 +468,8 @@ pub(crate) struct UsageJson {
 )]
 pub async fn usage(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    UserIdPath(user): UserIdPath,
 ) -> Result<Response, ApiError> {
-    let user = parse_user_id(&user_id)?;
     let usage = state.quota.usage(user).await?;
     let json = UsageJson {
         user_id: usage.user,
@@ -605,10 +604,9 @@ impl From<crate::quota::UserPlan> for PlanJson {
 )]
 pub async fn put_plan(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    UserIdPath(user): UserIdPath,
     ApiJson(body): ApiJson<PlanRequest>,
 ) -> Result<Response, ApiError> {
-    let user = parse_user_id(&user_id)?;
     let p = state.quota.set_plan(user, &body.plan).await?;
     Ok(Json(PlanJson::from(p)).into_response())
 }
@@ -625,9 +623,8 @@ pub async fn put_plan(
 )]
 pub async fn get_plan(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    UserIdPath(user): UserIdPath,
 ) -> Result<Response, ApiError> {
-    let user = parse_user_id(&user_id)?;
     let p = state.quota.get_plan(user).await?;
     Ok(Json(PlanJson::from(p)).into_response())
 }
