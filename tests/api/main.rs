@@ -6,6 +6,7 @@ mod durability;
 mod errors;
 mod faults;
 mod idempotency;
+mod inputs;
 mod month_start;
 mod observability;
 mod openapi;
@@ -16,6 +17,8 @@ mod plans;
 mod process;
 mod prometheus;
 mod refusals;
+mod serving;
+mod startup;
 mod ui;
 
 pub mod helpers;
