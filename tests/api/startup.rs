@@ -178,3 +178,19 @@ fn metrics_text(d: &Daemon) -> String {
     s.read_to_string(&mut text).unwrap();
     text
 }
+
+#[tokio::test]
+async fn readyz_says_migrations_not_applied_in_a_fixed_sentence() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let db = app.db().await;
+    sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+        .execute(&db)
+        .await
+        .unwrap();
+
+    let ready = app.get("/readyz").await;
+
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    assert_eq!(ready.body["postgres"], "postgres: migrations not applied");
+    assert_eq!(ready.body["redis"], "ok");
+}
