@@ -463,7 +463,7 @@ pub(crate) struct UsageJson {
     tag = "quota",
     description = "Every configured type: used, limit, remaining, period, resets_at; and the plan.",
     params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    responses((status = 200, description = "The usage", body = UsageJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody)),
+    responses((status = 200, description = "The usage", body = UsageJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn usage(
@@ -519,7 +519,7 @@ pub(crate) struct PlansJson<'a> {
     path = "/v1/plans",
     tag = "quota",
     description = "The plans and usage types in force.",
-    responses((status = 200, description = "The plans", body = PlansJson), (status = 401, description = "No or unknown token", body = ErrorBody)),
+    responses((status = 200, description = "The plans", body = PlansJson), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn plans(State(state): State<AppState>) -> Response {
@@ -618,7 +618,7 @@ pub async fn put_plan(
     tag = "admin",
     description = "Read a user's plan (admin).",
     params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    responses((status = 200, description = "The plan", body = PlanJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "Needs an admin token", body = ErrorBody)),
+    responses((status = 200, description = "The plan", body = PlanJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "Needs an admin token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn get_plan(

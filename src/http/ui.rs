@@ -105,6 +105,7 @@ pub(crate) struct LinkJson {
         (status = 200, description = "The link", body = LinkJson),
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -153,6 +154,7 @@ pub struct LinkQuery {
         (status = 400, description = "The user id or a query parameter is not valid", body = ErrorBody),
         (status = 401, description = "Neither a link nor an admin token", content_type = "text/html", body = String),
         (status = 403, description = "A forged or expired link", content_type = "text/html", body = String),
+        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]

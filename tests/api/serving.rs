@@ -78,6 +78,7 @@ async fn past_the_in_flight_cap_a_request_is_refused_at_once_and_served_once_the
     let sent = Instant::now();
     let shed = app.consume(Uuid::new_v4(), "ai_generation").await;
     let took = sent.elapsed();
+    eprintln!("measured: OVERLOADED answered in {took:?} with 2 requests held");
     let still_held = held.iter().all(|h| !h.is_finished());
     let health = app.get("/healthz").await;
     let ready = app.get("/readyz").await;
@@ -342,6 +343,7 @@ fn sigterm_with_fifty_half_open_connections_exits_0_within_the_bound_with_the_co
     daemon.signal("-TERM");
     let code = daemon.wait_exit(Duration::from_secs(8));
     let took = sent.elapsed();
+    eprintln!("measured: SIGTERM to exit with 50 half-open connections: {took:?}");
     drop(half_open);
 
     assert_eq!(code, Some(0), "log:\n{}", daemon.log_text());
