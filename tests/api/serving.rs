@@ -356,3 +356,77 @@ fn sigterm_with_fifty_half_open_connections_exits_0_within_the_bound_with_the_co
         assert_eq!(totals.get(user), Some(&2), "{totals:?}");
     }
 }
+
+/// A consume for a new user, held by the Postgres lock; its status, or 0 when the connection
+/// was closed without an answer.
+fn held_consume(app: &TestApp) -> tokio::task::JoinHandle<u16> {
+    let (client, base) = (app.client.clone(), app.base.clone());
+    tokio::spawn(async move {
+        match client
+            .post(format!("{base}/v1/consume"))
+            .json(&json!({"user_id": Uuid::new_v4(), "type": "ai_generation"}))
+            .send()
+            .await
+        {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_lets_a_running_request_finish_and_answer() {
+    let mut app = TestApp::spawn_with(Options {
+        shutdown_timeout_ms: 5_000,
+        tune: |c| c.request_timeout_ms = 60_000,
+        ..Options::default()
+    })
+    .await;
+    let lock = lock_usage_table(&app).await;
+    let held = held_consume(&app);
+    wait_for_lock_waiters(&app, 1).await;
+
+    let stopping = {
+        let started = Instant::now();
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(lock.rollback().await);
+        };
+        let (stopped, ()) = tokio::join!(app.stop(), release);
+        (stopped, started.elapsed())
+    };
+
+    assert!(stopping.0.is_ok(), "{:?}", stopping.0);
+    assert_eq!(held.await.unwrap(), 200, "the running request was answered");
+    assert!(stopping.1 < Duration::from_secs(3), "{:?}", stopping.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_waits_for_a_stuck_request_only_up_to_the_bound() {
+    let mut app = TestApp::spawn_with(Options {
+        shutdown_timeout_ms: 1_500,
+        tune: |c| c.request_timeout_ms = 60_000,
+        ..Options::default()
+    })
+    .await;
+    let lock = lock_usage_table(&app).await;
+    let held = held_consume(&app);
+    wait_for_lock_waiters(&app, 1).await;
+
+    let started = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), app.stop()).await;
+    let took = started.elapsed();
+    let answer = held.await.unwrap();
+    drop(lock.rollback().await);
+
+    let stopped = stopped.expect("shutdown does not hang on a stuck request");
+    assert!(
+        stopped.is_ok(),
+        "nothing was counted, so nothing is left: {stopped:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1_400) && took < Duration::from_millis(3_000),
+        "waited about the 1.5 s bound, then closed: {took:?}"
+    );
+    assert_eq!(answer, 0, "the stuck request's connection was closed");
+}
