@@ -4,8 +4,9 @@
 //! once, while a task creates and migrates the database and waits for Redis with backoff; `/v1`
 //! answers 503 and `/readyz` stays unready until both answer.
 
+mod serve;
+
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::db;
 use crate::flusher::Flusher;
+use crate::http::health::Policy;
 use crate::http::ui::LinkSigner;
 use crate::http::{self, AppState, Tokens};
 use crate::metrics as m;
@@ -84,6 +86,11 @@ impl App {
             ready: Arc::new(AtomicBool::new(false)),
             metrics: m::install(),
             links: Arc::new(LinkSigner::new(&link_secret(&config))),
+            limits: Arc::new(http::Limits::new(
+                config.max_in_flight as usize,
+                config.request_timeout(),
+            )),
+            eviction: Arc::new(http::health::EvictionCheck::default()),
         };
         Ok(App {
             config,
@@ -117,7 +124,11 @@ impl App {
         let plans = state.quota.plans.current();
         tracing::info!(config = ?config, plans = %plans.source, types = plans.types.len(), "quotad starting");
 
-        let startup = tokio::spawn(prepare(config.database_url.clone(), state.clone()));
+        let startup = tokio::spawn(prepare(
+            config.database_url.clone(),
+            state.clone(),
+            config.redis_timeout(),
+        ));
         let reloader = tokio::spawn(reload_on_sighup(state.quota.clone()));
         let invalidations = tokio::spawn(state.quota.refusals.clone().listen(
             state.quota.store.client().clone(),
@@ -128,19 +139,26 @@ impl App {
 
         tracing::info!(addr = %listener.local_addr()?, "listening");
         let bound = config.shutdown_timeout();
-        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<Instant>();
-        let shutdown = async move {
-            shutdown.await;
-            let _ = began_tx.send(Instant::now());
+        let began = Arc::new(std::sync::OnceLock::<Instant>::new());
+        let shutdown = {
+            let began = began.clone();
+            async move {
+                shutdown.await;
+                let _ = began.set(Instant::now());
+            }
         };
-        let app = http::router(state.clone());
-        let served = axum::serve(
+        let served = serve::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            http::router(state.clone()),
+            serve::Settings {
+                header_timeout: config.header_timeout(),
+                max_connections: config.max_connections as usize,
+                bound,
+            },
+            shutdown,
         )
-        .with_graceful_shutdown(shutdown)
         .await;
-        let began = began_rx.await.unwrap_or_else(|_| Instant::now());
+        let began = began.get().copied().unwrap_or_else(Instant::now);
         startup.abort();
         reloader.abort();
         invalidations.abort();
@@ -188,9 +206,9 @@ pub async fn run(
     App::new(config, clock)?.run(listener, shutdown).await
 }
 
-/// Creates and migrates the database and waits for Redis, retrying with backoff, then marks the
-/// daemon ready.
-async fn prepare(database_url: String, state: AppState) {
+/// Creates and migrates the database and waits for Redis, retrying with backoff, checks Redis's
+/// eviction policy, then marks the daemon ready and keeps checking the policy.
+async fn prepare(database_url: String, state: AppState, redis_timeout: Duration) {
     let mut delay = Duration::from_millis(100);
     loop {
         match db::prepare(&database_url, &state.quota.db).await {
@@ -208,9 +226,26 @@ async fn prepare(database_url: String, state: AppState) {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+    let client = state.quota.store.client().clone();
+    // The policy is known before the first request is taken: counting on an evicting Redis
+    // for even a moment could hand back spent quota.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state.eviction.run(&client, redis_timeout).await == Policy::Unknown
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     state.ready.store(true, Ordering::Release);
     tracing::info!("ready: postgres migrated, redis answering");
+    // A Redis reconfigured (or replaced by one configured otherwise) later is noticed too.
+    loop {
+        tokio::time::sleep(EVICTION_RECHECK).await;
+        state.eviction.run(&client, redis_timeout).await;
+    }
 }
+
+/// How often Redis's eviction policy is checked again.
+const EVICTION_RECHECK: Duration = Duration::from_secs(5);
 
 /// Re-reads the plans file on every SIGHUP; a bad file is logged and the last good one stays.
 async fn reload_on_sighup(quota: Quota) {

@@ -3,7 +3,9 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -84,11 +86,13 @@ pub struct Config {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
-    /// Postgres URL; the database is created if missing.
+    /// Postgres URL; the database is created if missing. The default names the user `postgres`,
+    /// so it does not depend on `USER` (unset in containers and systemd units, where the driver
+    /// would otherwise log in as "anonymous").
     #[arg(
         long,
         env = "QUOTAD_DATABASE_URL",
-        default_value = "postgres://127.0.0.1:5432/quotad"
+        default_value = "postgres://postgres@127.0.0.1:5432/quotad"
     )]
     pub database_url: String,
     /// Path of the plans file (TOML); the built-in plans when unset.
@@ -98,7 +102,7 @@ pub struct Config {
     #[arg(long, env = "QUOTAD_KEY_PREFIX", default_value = "q", value_parser = parse_key_prefix)]
     pub key_prefix: String,
     /// How often the flusher writes dirty counters to Postgres, in milliseconds.
-    #[arg(long, env = "QUOTAD_FLUSH_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "QUOTAD_FLUSH_INTERVAL_MS", default_value_t = 1000, value_parser = number::<u64>("QUOTAD_FLUSH_INTERVAL_MS"))]
     pub flush_interval_ms: u64,
     /// Comma-separated bearer tokens of the gateway scope.
     #[arg(
@@ -121,18 +125,33 @@ pub struct Config {
     #[arg(long, env = "QUOTAD_LINK_SECRET", hide_env_values = true)]
     pub link_secret: Option<String>,
     /// Deadline of one Redis call, in milliseconds; past it the type's fail policy decides.
-    #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = number::<u64>("QUOTAD_REDIS_TIMEOUT_MS"))]
     pub redis_timeout_ms: u64,
     /// How long shutdown may take to finish requests and flush everything dirty, in milliseconds.
-    #[arg(long, env = "QUOTAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "QUOTAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000, value_parser = number::<u64>("QUOTAD_SHUTDOWN_TIMEOUT_MS"))]
     pub shutdown_timeout_ms: u64,
     /// How long a refusal is answered from memory at most, in milliseconds, when no
     /// invalidation arrives first; 0 turns the refusal cache off.
-    #[arg(long, env = "QUOTAD_REFUSAL_CACHE_TTL_MS", default_value_t = 60_000)]
+    #[arg(long, env = "QUOTAD_REFUSAL_CACHE_TTL_MS", default_value_t = 60_000, value_parser = number::<u64>("QUOTAD_REFUSAL_CACHE_TTL_MS"))]
     pub refusal_cache_ttl_ms: u64,
     /// Most users with a refusal remembered; 0 turns the cache off.
-    #[arg(long, env = "QUOTAD_REFUSAL_CACHE_USERS", default_value_t = 200_000)]
+    #[arg(long, env = "QUOTAD_REFUSAL_CACHE_USERS", default_value_t = 200_000, value_parser = number::<usize>("QUOTAD_REFUSAL_CACHE_USERS"))]
     pub refusal_cache_users: usize,
+    /// Most API requests in flight at once; past it a request is answered 503 `OVERLOADED` at
+    /// once (never queued). `/healthz`, `/readyz` and `/metrics` are not counted.
+    #[arg(long, env = "QUOTAD_MAX_IN_FLIGHT", default_value_t = 512, value_parser = number::<u64>("QUOTAD_MAX_IN_FLIGHT"))]
+    pub max_in_flight: u64,
+    /// Deadline of one API request, in milliseconds; past it the client gets 503 `TIMEOUT`.
+    /// Must exceed what the request's own Redis and Postgres deadlines add up to.
+    #[arg(long, env = "QUOTAD_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = number::<u64>("QUOTAD_REQUEST_TIMEOUT_MS"))]
+    pub request_timeout_ms: u64,
+    /// How long a connection may take to send a complete request header, counted from when it
+    /// opened or its previous answer was sent; so it is also the idle keep-alive timeout.
+    #[arg(long, env = "QUOTAD_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = number::<u64>("QUOTAD_HEADER_TIMEOUT_MS"))]
+    pub header_timeout_ms: u64,
+    /// Most client connections open at once; further ones wait in the listen backlog.
+    #[arg(long, env = "QUOTAD_MAX_CONNECTIONS", default_value_t = 1024, value_parser = number::<u64>("QUOTAD_MAX_CONNECTIONS"))]
+    pub max_connections: u64,
     /// tracing filter, e.g. `info` or `quotad=debug`.
     #[arg(long, env = "QUOTAD_LOG", default_value = "info")]
     pub log: String,
@@ -193,8 +212,84 @@ impl Config {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
 
-    /// Refuses settings that parse but must not run: an open listener without tokens.
+    /// The deadline of one API request.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The header-read (and keep-alive idle) timeout.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    /// Every numeric setting with its value and the range it must be in. Values outside are
+    /// refused at start: a huge interval or deadline would overflow an `Instant` and panic a
+    /// task at run time instead.
+    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 9] {
+        [
+            (
+                "QUOTAD_FLUSH_INTERVAL_MS",
+                self.flush_interval_ms,
+                1..=3_600_000,
+            ),
+            ("QUOTAD_REDIS_TIMEOUT_MS", self.redis_timeout_ms, 1..=60_000),
+            (
+                "QUOTAD_SHUTDOWN_TIMEOUT_MS",
+                self.shutdown_timeout_ms,
+                100..=600_000,
+            ),
+            (
+                "QUOTAD_REFUSAL_CACHE_TTL_MS",
+                self.refusal_cache_ttl_ms,
+                0..=3_600_000,
+            ),
+            (
+                "QUOTAD_REFUSAL_CACHE_USERS",
+                self.refusal_cache_users as u64,
+                0..=10_000_000,
+            ),
+            ("QUOTAD_MAX_IN_FLIGHT", self.max_in_flight, 1..=100_000),
+            (
+                "QUOTAD_REQUEST_TIMEOUT_MS",
+                self.request_timeout_ms,
+                100..=600_000,
+            ),
+            (
+                "QUOTAD_HEADER_TIMEOUT_MS",
+                self.header_timeout_ms,
+                100..=600_000,
+            ),
+            (
+                "QUOTAD_MAX_CONNECTIONS",
+                self.max_connections,
+                1..=1_000_000,
+            ),
+        ]
+    }
+
+    /// Refuses settings that parse but must not run: a number out of its range, a request
+    /// deadline its own Redis and Postgres deadlines do not fit in, an open listener without
+    /// tokens.
     pub fn validate(&self) -> Result<(), String> {
+        for (var, value, range) in self.ranges() {
+            if !range.contains(&value) {
+                return Err(format!(
+                    "{var}={value} is out of range: use {} to {}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        // A consume may take three Redis calls (the script, a hydrate, the script again) and a
+        // Postgres read in between; the request deadline must let all of them run to their own
+        // deadlines, so that their fail policy answers, not a bare TIMEOUT.
+        let needed = 3 * self.redis_timeout_ms + POSTGRES_READ_BOUND_MS;
+        if self.request_timeout_ms <= needed {
+            return Err(format!(
+                "QUOTAD_REQUEST_TIMEOUT_MS={} must be over {needed} (3 x QUOTAD_REDIS_TIMEOUT_MS={} for the Redis calls of a consume, plus {POSTGRES_READ_BOUND_MS} ms for its Postgres read)",
+                self.request_timeout_ms, self.redis_timeout_ms
+            ));
+        }
         if !self.auth_enabled() && !self.listen.ip().is_loopback() {
             return Err(format!(
                 "QUOTAD_LISTEN={} is not a loopback address, but no token is configured: set QUOTAD_GATEWAY_TOKENS and/or QUOTAD_ADMIN_TOKENS, or listen on 127.0.0.1",
@@ -230,9 +325,26 @@ impl fmt::Debug for Config {
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
             .field("refusal_cache_ttl_ms", &self.refusal_cache_ttl_ms)
             .field("refusal_cache_users", &self.refusal_cache_users)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("max_connections", &self.max_connections)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .finish()
+    }
+}
+
+/// The longest a Postgres read on the request path may take: the pool's acquire timeout
+/// (`db::lazy_pool`) bounds it.
+pub const POSTGRES_READ_BOUND_MS: u64 = 2_000;
+
+/// A parser of a whole number whose error names the environment variable.
+fn number<T: FromStr>(var: &'static str) -> impl Fn(&str) -> Result<T, String> + Clone {
+    move |s: &str| {
+        s.trim()
+            .parse()
+            .map_err(|_| format!("{var}={s:?} is not a whole number"))
     }
 }
 
@@ -276,7 +388,7 @@ mod tests {
         let c = Config::defaults();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
-        assert_eq!(c.database_url, "postgres://127.0.0.1:5432/quotad");
+        assert_eq!(c.database_url, "postgres://postgres@127.0.0.1:5432/quotad");
         assert_eq!(c.key_prefix, "q");
         assert_eq!(c.flush_interval_ms, 1000);
         assert_eq!(c.redis_timeout_ms, 100);
@@ -291,6 +403,86 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("QUOTAD_GATEWAY_TOKENS"));
         c.gateway_tokens = vec!["t".into()];
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn every_numeric_setting_is_refused_outside_its_range_naming_the_variable() {
+        // (variable, lowest accepted, highest accepted, setter)
+        type Set = fn(&mut Config, u64);
+        let cases: [(&str, u64, u64, Set); 9] = [
+            ("QUOTAD_FLUSH_INTERVAL_MS", 1, 3_600_000, |c, v| {
+                c.flush_interval_ms = v
+            }),
+            ("QUOTAD_REDIS_TIMEOUT_MS", 1, 60_000, |c, v| {
+                c.redis_timeout_ms = v;
+                // Keep the request deadline valid so only the bound under test decides.
+                c.request_timeout_ms = 600_000;
+            }),
+            ("QUOTAD_SHUTDOWN_TIMEOUT_MS", 100, 600_000, |c, v| {
+                c.shutdown_timeout_ms = v
+            }),
+            ("QUOTAD_REFUSAL_CACHE_TTL_MS", 0, 3_600_000, |c, v| {
+                c.refusal_cache_ttl_ms = v
+            }),
+            ("QUOTAD_REFUSAL_CACHE_USERS", 0, 10_000_000, |c, v| {
+                c.refusal_cache_users = v as usize
+            }),
+            ("QUOTAD_MAX_IN_FLIGHT", 1, 100_000, |c, v| {
+                c.max_in_flight = v
+            }),
+            ("QUOTAD_REQUEST_TIMEOUT_MS", 2_301, 600_000, |c, v| {
+                c.request_timeout_ms = v
+            }),
+            ("QUOTAD_HEADER_TIMEOUT_MS", 100, 600_000, |c, v| {
+                c.header_timeout_ms = v
+            }),
+            ("QUOTAD_MAX_CONNECTIONS", 1, 1_000_000, |c, v| {
+                c.max_connections = v
+            }),
+        ];
+        for (var, low, high, set) in cases {
+            for ok in [low, high] {
+                let mut c = Config::defaults();
+                set(&mut c, ok);
+                assert!(c.validate().is_ok(), "{var}={ok}: {:?}", c.validate());
+            }
+            let mut outside = vec![high + 1, u64::MAX];
+            if low > 0 {
+                outside.push(low - 1);
+            }
+            for bad in outside {
+                let mut c = Config::defaults();
+                set(&mut c, bad);
+                let err = c.validate().expect_err(&format!("{var}={bad} accepted"));
+                assert!(err.starts_with(var), "{var}={bad}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_request_deadline_must_outlast_its_redis_and_postgres_deadlines() {
+        let mut c = Config::defaults();
+        c.redis_timeout_ms = 2_000;
+        c.request_timeout_ms = 8_000; // 3 x 2000 + 2000: no room left
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.contains("QUOTAD_REQUEST_TIMEOUT_MS") && err.contains("QUOTAD_REDIS_TIMEOUT_MS"),
+            "{err}"
+        );
+        c.request_timeout_ms = 8_001;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_number_that_does_not_parse_names_its_variable() {
+        let err = Cli::try_parse_from(["quotad", "serve", "--max-in-flight", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("QUOTAD_MAX_IN_FLIGHT"), "{err}");
+        let err = Cli::try_parse_from(["quotad", "serve", "--redis-timeout-ms=-5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("QUOTAD_REDIS_TIMEOUT_MS"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,8 @@ async fn migrate(url: &str) -> Result<(), String> {
 /// Runs one reconcile and prints its report; `Ok(true)` when no drift remains.
 async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, String> {
     use quotad::clock::Clock;
+    // The same ranges as `serve` (the Redis deadline is used here too).
+    args.config.validate()?;
     let now = SystemClock.now();
     let period = match &args.period {
         Some(p) => quotad::reconcile::parse_period(p)

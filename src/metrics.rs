@@ -37,6 +37,11 @@ pub const REFUSAL_CACHE_HITS: &str = "quotad_refusal_cache_hits_total";
 pub const REFUSAL_CACHE_LIVE: &str = "quotad_refusal_cache_live";
 /// Plans-file reloads, by `result` (ok, error).
 pub const PLAN_RELOADS: &str = "quotad_plan_reloads_total";
+/// API requests answered 503 without running, by `reason`: `overloaded` (over
+/// `QUOTAD_MAX_IN_FLIGHT`) or `timeout` (past `QUOTAD_REQUEST_TIMEOUT_MS`).
+pub const SHED: &str = "quotad_http_shed_total";
+/// 1 while Redis's `maxmemory-policy` could evict counters (quotad then refuses to serve), else 0.
+pub const REDIS_EVICTION_REFUSED: &str = "quotad_redis_eviction_policy_refused";
 
 /// Latency buckets, in seconds: fine below a millisecond, where quotad's answers live.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -92,6 +97,14 @@ fn describe() {
         "1 while the refusal cache is subscribed to invalidations, else 0."
     );
     metrics::describe_counter!(PLAN_RELOADS, "Plans-file reloads by result.");
+    metrics::describe_counter!(
+        SHED,
+        "API requests answered 503 without running, by reason (overloaded, timeout)."
+    );
+    metrics::describe_gauge!(
+        REDIS_EVICTION_REFUSED,
+        "1 while Redis's maxmemory-policy could evict counters and quotad refuses to serve."
+    );
     metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");
     metrics::describe_counter!(FLUSH_ERRORS, "Failed flusher passes.");
     metrics::describe_histogram!(FLUSH_BATCH, "Counters read per flusher pass.");

@@ -2,6 +2,8 @@
 //! are written by a background thread, so a request never waits on stdout; if stdout cannot keep
 //! up, lines beyond a 128,000-line buffer are dropped rather than slowing requests.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -24,8 +26,11 @@ pub fn init(
         );
     }
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise
+    // ("\x1b[2m") that breaks grep and parsers.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_writer(writer);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -35,6 +35,7 @@ pub struct ReconcileRequest {
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "Needs an admin token", body = ErrorBody),
+        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

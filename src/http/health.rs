@@ -1,6 +1,8 @@
-//! Liveness, readiness and metrics.
+//! Liveness, readiness and metrics, and the check of Redis's eviction policy.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,6 +12,8 @@ use serde_json::json;
 
 use super::AppState;
 use crate::db;
+use crate::metrics as m;
+use deadpool_redis::redis;
 
 /// `GET /healthz`: the process is alive and serving HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "ops", description = "Alive.",
@@ -19,23 +23,35 @@ pub async fn healthz() -> Response {
 }
 
 /// `GET /readyz`: Redis answers, Postgres answers, and every migration is applied.
-#[utoipa::path(get, path = "/readyz", tag = "ops", description = "Ready: Redis and Postgres answer and migrations are applied.",
+///
+/// Anyone may ask, so the body says only which dependency is at fault, in a fixed sentence;
+/// the driver's own text (which can carry hosts, users and source locations) goes to the log.
+#[utoipa::path(get, path = "/readyz", tag = "ops", description = "Ready: Redis and Postgres answer, migrations are applied, and Redis will not evict counters.",
     responses(
         (status = 200, description = "Ready", body = Object,
             example = json!({"status": "ready", "redis": "ok", "postgres": "ok", "started": true})),
         (status = 503, description = "Not ready; the fields say which dependency", body = Object,
-            example = json!({"status": "not ready", "redis": "redis unavailable: no answer within 100 ms", "postgres": "ok",
+            example = json!({"status": "not ready", "redis": "redis: not answering", "postgres": "ok",
                 "started": true, "code": "NOT_READY", "error": "quotad is not ready: see the redis and postgres fields."})),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let redis = match state.quota.store.ping().await {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => e.to_string(),
+        Ok(()) => match state.eviction.refusal() {
+            Some(why) => why,
+            None => "ok".to_owned(),
+        },
+        Err(e) => {
+            tracing::warn!(error.message = %e, "readiness: redis did not answer");
+            "redis: not answering".to_owned()
+        }
     };
     let postgres = match db::migrations_applied(&state.quota.db).await {
         Ok(true) => "ok".to_owned(),
-        Ok(false) => "migrations not applied".to_owned(),
-        Err(e) => format!("unavailable: {e}"),
+        Ok(false) => "postgres: migrations not applied".to_owned(),
+        Err(e) => {
+            tracing::warn!(error.message = %e, "readiness: postgres did not answer");
+            "postgres: not answering".to_owned()
+        }
     };
     let started = state.ready.load(Ordering::Acquire);
     let ready = started && redis == "ok" && postgres == "ok";
@@ -52,6 +68,115 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         body["code"] = json!("NOT_READY");
         body["error"] = json!("quotad is not ready: see the redis and postgres fields.");
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// Redis's `maxmemory-policy`, as quotad last saw it.
+///
+/// Anything but `noeviction` is refused: an evicting Redis deletes counters silently (a user's
+/// spent quota comes back; the `volatile-*` policies pick exactly the month hashes, which carry an
+/// expiry), and the month-start marker relies on keys staying until they expire. While refused,
+/// the API answers 503 `NOT_READY` and `/readyz` says why; the check runs again every few seconds,
+/// so fixing Redis is enough. A Redis that does not allow `CONFIG GET` (managed services rename
+/// it) cannot be checked: quotad logs a warning and goes on.
+#[derive(Default)]
+pub struct EvictionCheck {
+    refused: AtomicBool,
+    policy: Mutex<Option<String>>,
+}
+
+/// What one look at the policy found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Policy {
+    /// `noeviction`.
+    Safe,
+    /// A policy that evicts keys.
+    Evicting(String),
+    /// Redis refused `CONFIG GET`: cannot be verified.
+    Unverifiable,
+    /// Redis did not answer; nothing learned.
+    Unknown,
+}
+
+impl EvictionCheck {
+    /// Whether quotad currently refuses to serve because of the policy.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Acquire)
+    }
+
+    /// The `/readyz` sentence while refused.
+    fn refusal(&self) -> Option<String> {
+        if !self.refused() {
+            return None;
+        }
+        let policy = self.policy.lock().ok()?.clone()?;
+        Some(format!(
+            "redis: maxmemory-policy is {policy}, which could evict counters; set it to noeviction"
+        ))
+    }
+
+    /// Asks Redis for its policy (within `timeout`) and records the answer; logs a change.
+    pub async fn run(&self, client: &redis::Client, timeout: Duration) -> Policy {
+        let policy = look(client, timeout).await;
+        let was = self.refused();
+        match &policy {
+            Policy::Safe => self.refused.store(false, Ordering::Release),
+            Policy::Evicting(name) => {
+                if let Ok(mut p) = self.policy.lock() {
+                    *p = Some(name.clone());
+                }
+                self.refused.store(true, Ordering::Release);
+                if !was {
+                    tracing::error!(policy = %name, "redis maxmemory-policy is {name}: it could evict counters and month-start markers; quotad refuses to count until it is noeviction (CONFIG SET maxmemory-policy noeviction)");
+                }
+            }
+            Policy::Unverifiable => self.refused.store(false, Ordering::Release),
+            Policy::Unknown => {}
+        }
+        if was && !self.refused() {
+            tracing::info!("redis maxmemory-policy is acceptable again; serving");
+        }
+        metrics::gauge!(m::REDIS_EVICTION_REFUSED).set(if self.refused() { 1.0 } else { 0.0 });
+        policy
+    }
+}
+
+async fn look(client: &redis::Client, timeout: Duration) -> Policy {
+    let asked = tokio::time::timeout(timeout, async {
+        let mut c = client.get_multiplexed_async_connection().await?;
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async::<Vec<String>>(&mut c)
+            .await
+    })
+    .await;
+    match asked {
+        Ok(Ok(pair)) => match pair.get(1) {
+            Some(p) if p == "noeviction" => Policy::Safe,
+            // Only a policy name goes into the state and /readyz, never other text.
+            Some(p)
+                if !p.is_empty()
+                    && p.len() <= 32
+                    && p.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') =>
+            {
+                Policy::Evicting(p.clone())
+            }
+            _ => {
+                tracing::warn!("redis did not report its maxmemory-policy; cannot verify that counters are never evicted");
+                Policy::Unverifiable
+            }
+        },
+        // An error reply (unknown command, NOPERM): Redis answers, but will not say.
+        Ok(Err(e)) if e.code().is_some_and(|c| c != "LOADING" && c != "BUSY") => {
+            tracing::warn!(error.message = %e, "redis does not allow CONFIG GET maxmemory-policy; cannot verify that counters are never evicted (make sure it is noeviction)");
+            Policy::Unverifiable
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error.message = %e, "redis did not answer CONFIG GET");
+            Policy::Unknown
+        }
+        Err(_) => Policy::Unknown,
     }
 }
 

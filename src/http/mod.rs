@@ -2,7 +2,7 @@
 //! every malformed request into a clear 4xx.
 
 mod admin;
-mod health;
+pub mod health;
 pub mod openapi;
 mod quota;
 pub mod ui;
@@ -10,10 +10,13 @@ pub mod ui;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
+use axum::extract::{
+    ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -47,6 +50,26 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Signs usage-page links.
     pub links: Arc<ui::LinkSigner>,
+    /// The cap on requests in flight and the deadline of each.
+    pub limits: Arc<Limits>,
+    /// Whether Redis's eviction policy could delete counters (quotad then refuses to serve).
+    pub eviction: Arc<health::EvictionCheck>,
+}
+
+/// Load shedding: how many API requests may run at once, and for how long each.
+pub struct Limits {
+    in_flight: tokio::sync::Semaphore,
+    request_timeout: Duration,
+}
+
+impl Limits {
+    /// At most `max_in_flight` requests at once, each answered within `request_timeout`.
+    pub fn new(max_in_flight: usize, request_timeout: Duration) -> Limits {
+        Limits {
+            in_flight: tokio::sync::Semaphore::new(max_in_flight),
+            request_timeout,
+        }
+    }
 }
 
 /// Bearer tokens of the two scopes. With none, quotad serves loopback peers only.
@@ -143,10 +166,13 @@ pub fn router(state: AppState) -> Router {
         ));
     // The page checks its own access: an admin token or a signed link.
     let page = Router::new().route("/ui/users/{user_id}", get(ui::usage_page));
+    // Shedding is outermost, so a saturated daemon refuses before any other work; /healthz,
+    // /readyz and /metrics are outside it and stay answerable when the API is saturated.
     let api = gateway
         .merge(admin)
         .merge(page)
-        .route_layer(middleware::from_fn_with_state(state.clone(), ready_gate));
+        .route_layer(middleware::from_fn_with_state(state.clone(), ready_gate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), shed));
     Router::new()
         .merge(api)
         .route("/healthz", get(health::healthz))
@@ -203,7 +229,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Until start-up has reached Postgres and Redis, the API answers 503 rather than half-working.
+/// Until start-up has reached Postgres and Redis, the API answers 503 rather than half-working;
+/// and so it does while Redis's eviction policy could delete counters.
 async fn ready_gate(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return ApiError::unavailable(
@@ -212,7 +239,61 @@ async fn ready_gate(State(state): State<AppState>, request: Request, next: Next)
         )
         .into_response();
     }
+    if state.eviction.refused() {
+        return ApiError::unavailable(
+            "NOT_READY",
+            "quotad refuses to count while Redis's maxmemory-policy could evict counters; set it to noeviction (see /readyz).",
+        )
+        .into_response();
+    }
     next.run(request).await
+}
+
+/// Past `QUOTAD_MAX_IN_FLIGHT` requests a request is answered 503 `OVERLOADED` at once, never
+/// queued (a queue only turns overload into timeouts for everyone); a request still running at
+/// `QUOTAD_REQUEST_TIMEOUT_MS` is answered 503 `TIMEOUT`.
+///
+/// What a TIMEOUT means for counting: the request's Redis call has a deadline of its own, and
+/// config validation makes the request deadline longer than all of a consume's Redis and
+/// Postgres deadlines together, so a request only reaches this one when something without a
+/// deadline of its own was slow. Its work is dropped where it stood: a script already sent may
+/// still have counted. A client retries with the same `idempotency_key` to learn which.
+async fn shed(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limits = &state.limits;
+    let Ok(_permit) = limits.in_flight.try_acquire() else {
+        metrics::counter!(m::SHED, "reason" => "overloaded").increment(1);
+        let mut response = ApiError::unavailable(
+            "OVERLOADED",
+            "quotad has as many requests in flight as it takes (QUOTAD_MAX_IN_FLIGHT); retry after a second.",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    match tokio::time::timeout(limits.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!(m::SHED, "reason" => "timeout").increment(1);
+            tracing::warn!(
+                timeout_ms = limits.request_timeout.as_millis() as u64,
+                "request deadline passed"
+            );
+            let mut response = ApiError::unavailable(
+                "TIMEOUT",
+                format!(
+                    "quotad could not answer within {} ms (QUOTAD_REQUEST_TIMEOUT_MS); the call may or may not have taken effect: retry it with the same idempotency_key.",
+                    limits.request_timeout.as_millis()
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
 }
 
 /// One span per request (method, route, request id; user, status and latency recorded as they
@@ -249,7 +330,7 @@ async fn trace_request(request: Request, next: Next) -> Response {
     metrics::histogram!(
         m::REQUEST_SECONDS,
         "route" => route,
-        "method" => method.to_string(),
+        "method" => method_label(&method),
         "status" => status.to_string()
     )
     .record(elapsed);
@@ -257,6 +338,25 @@ async fn trace_request(request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID, v);
     }
     response
+}
+
+/// The method as a metric label. A client may send any token as a method; each distinct label is
+/// a new series in /metrics (memory, scrape size) for anyone to create, so only the standard
+/// methods are named and every other one is `other`. The other labels are bounded too: `route`
+/// is a matched route or `unmatched`, `status` one of the few codes quotad answers.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -283,36 +383,116 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(MAX_BODY)
-            } else {
-                ApiError::bad_request(
-                    "UNREADABLE_BODY",
-                    format!("The request body could not be read: {rejection}."),
-                )
-            }
-        })?;
-        // serde would read a struct from an array too; a request body is an object.
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-        if first.is_some_and(|b| *b != b'{')
-            && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok()
-        {
-            return Err(ApiError::invalid(
-                "NOT_AN_OBJECT",
-                "body",
-                "The body must be a JSON object, e.g. {\"user_id\": \"…\", \"type\": \"…\"}.",
-            ));
+        let bytes = body_bytes(req, state).await?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Like [`ApiJson`], for a body whose every field has a default: no body, or an empty one, is
+/// the default.
+pub struct OptionalJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
         }
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
-        de.end().map_err(|e| {
+        parse_json(&bytes).map(OptionalJson)
+    }
+}
+
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(MAX_BODY)
+        } else {
             ApiError::bad_request(
-                "MALFORMED_JSON",
-                format!("The body is not valid JSON: {e}."),
+                "UNREADABLE_BODY",
+                format!("The request body could not be read: {rejection}."),
             )
-        })?;
-        Ok(ApiJson(value))
+        }
+    })
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde would read a struct from an array too; a request body is an object.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
+        return Err(ApiError::invalid(
+            "NOT_AN_OBJECT",
+            "body",
+            "The body must be a JSON object, e.g. {\"user_id\": \"…\", \"type\": \"…\"}.",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+    de.end().map_err(|e| {
+        ApiError::bad_request(
+            "MALFORMED_JSON",
+            format!("The body is not valid JSON: {e}."),
+        )
+    })?;
+    Ok(value)
+}
+
+/// The `{user_id}` of a route's path, as a UUID; a value that is not one (percent-encoded bytes
+/// that are not UTF-8 included) is 400 `INVALID_USER_ID` in the JSON error body.
+pub struct UserIdPath(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => parse_user_id(&raw).map(UserIdPath),
+            Err(_) => Err(ApiError::invalid(
+                "INVALID_USER_ID",
+                "user_id",
+                "The user id in the path is not a UUID (it is not even text once decoded); send one like \"7c9e6679-7425-40de-944b-e07fc1f90ae7\".",
+            )),
+        }
+    }
+}
+
+/// A query string whose faults are 400 `INVALID_QUERY` in the JSON error body, naming the
+/// parameter where it can.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(ApiQuery)
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let field = if field == "." {
+                    "query".to_owned()
+                } else {
+                    field
+                };
+                let inner = short(&e.into_inner().to_string());
+                ApiError::invalid(
+                    "INVALID_QUERY",
+                    &field,
+                    format!("The query parameter {field} is not valid: {inner}."),
+                )
+            })
+    }
+}
+
+/// At most 120 characters of `text`, for echoing client input back in an error.
+fn short(text: &str) -> String {
+    match text.char_indices().nth(120) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
     }
 }
 
@@ -361,7 +541,10 @@ pub fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
         ApiError::invalid(
             "INVALID_USER_ID",
             "user_id",
-            format!("user_id {raw:?} is not a UUID; send one like \"7c9e6679-7425-40de-944b-e07fc1f90ae7\"."),
+            format!(
+                "user_id {} is not a UUID; send one like \"7c9e6679-7425-40de-944b-e07fc1f90ae7\".",
+                short(&format!("{raw:?}"))
+            ),
         )
     })
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{parse_user_id, ApiJson, AppState};
+use super::{parse_user_id, ApiJson, AppState, UserIdPath};
 use crate::error::{ApiError, ErrorBody};
 use crate::period::PeriodKind;
 use crate::plans::{FailPolicy, Plans};
@@ -476,14 +476,13 @@ pub(crate) struct UsageJson {
     tag = "quota",
     description = "Every configured type: used, limit, remaining, period, resets_at; and the plan.",
     params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    responses((status = 200, description = "The usage", body = UsageJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody)),
+    responses((status = 200, description = "The usage", body = UsageJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn usage(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    UserIdPath(user): UserIdPath,
 ) -> Result<Response, ApiError> {
-    let user = parse_user_id(&user_id)?;
     let usage = state.quota.usage(user).await?;
     let json = UsageJson {
         user_id: usage.user,
@@ -533,7 +532,7 @@ pub(crate) struct PlansJson<'a> {
     path = "/v1/plans",
     tag = "quota",
     description = "The plans and usage types in force.",
-    responses((status = 200, description = "The plans", body = PlansJson), (status = 401, description = "No or unknown token", body = ErrorBody)),
+    responses((status = 200, description = "The plans", body = PlansJson), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn plans(State(state): State<AppState>) -> Response {
@@ -618,10 +617,9 @@ impl From<crate::quota::UserPlan> for PlanJson {
 )]
 pub async fn put_plan(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    UserIdPath(user): UserIdPath,
     ApiJson(body): ApiJson<PlanRequest>,
 ) -> Result<Response, ApiError> {
-    let user = parse_user_id(&user_id)?;
     let p = state.quota.set_plan(user, &body.plan).await?;
     Ok(Json(PlanJson::from(p)).into_response())
 }
@@ -633,14 +631,13 @@ pub async fn put_plan(
     tag = "admin",
     description = "Read a user's plan (admin).",
     params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    responses((status = 200, description = "The plan", body = PlanJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "Needs an admin token", body = ErrorBody)),
+    responses((status = 200, description = "The plan", body = PlanJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "Needs an admin token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn get_plan(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    UserIdPath(user): UserIdPath,
 ) -> Result<Response, ApiError> {
-    let user = parse_user_id(&user_id)?;
     let p = state.quota.get_plan(user).await?;
     Ok(Json(PlanJson::from(p)).into_response())
 }

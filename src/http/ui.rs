@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use super::{parse_user_id, ApiJson, AppState, Bearer};
+use super::{ApiQuery, AppState, Bearer, OptionalJson, UserIdPath};
 use crate::error::{ApiError, ErrorBody};
 use crate::quota::Usage;
 
@@ -100,20 +100,20 @@ pub(crate) struct LinkJson {
     tag = "ui",
     description = "A signed link (HMAC, with an expiry) to the user's usage page, for an app to show its own user.",
     params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    request_body = LinkRequest,
+    request_body(content = Option<LinkRequest>, description = "Optional: no body is the default TTL"),
     responses(
         (status = 200, description = "The link", body = LinkJson),
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn issue_link(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
-    ApiJson(body): ApiJson<LinkRequest>,
+    UserIdPath(user): UserIdPath,
+    OptionalJson(body): OptionalJson<LinkRequest>,
 ) -> Result<Response, ApiError> {
-    let user = parse_user_id(&user_id)?;
     let ttl = body.ttl_seconds.unwrap_or(DEFAULT_TTL_SECS);
     if !(60..=MAX_TTL_SECS).contains(&ttl) {
         return Err(ApiError::invalid(
@@ -151,24 +151,20 @@ pub struct LinkQuery {
     ),
     responses(
         (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 400, description = "The user id or a query parameter is not valid", body = ErrorBody),
         (status = 401, description = "Neither a link nor an admin token", content_type = "text/html", body = String),
         (status = 403, description = "A forged or expired link", content_type = "text/html", body = String),
+        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
 pub async fn usage_page(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
-    Query(link): Query<LinkQuery>,
+    UserIdPath(user): UserIdPath,
+    ApiQuery(link): ApiQuery<LinkQuery>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let Ok(user) = parse_user_id(&user_id) else {
-        return page_error(
-            StatusCode::BAD_REQUEST,
-            "This is not a user's usage page: the user id is not a UUID.",
-        );
-    };
     if let Err((status, why)) = admit(&state, &peer, &user, &link, &headers) {
         return page_error(status, why);
     }
@@ -187,8 +183,10 @@ pub async fn usage_page(
     }
 }
 
-/// Who may see a page: anyone on loopback when quotad has no tokens; else an admin token, or a
-/// valid, unexpired signed link for this very user.
+/// Who may see a page. A link (`expires` or `sig` in the query) is always checked, whoever
+/// sends it: a bad, expired or incomplete one is 403. Without a link: anyone on loopback when
+/// quotad has no tokens (loopback callers are then trusted as admin, as on the API), else an admin
+/// token.
 fn admit(
     state: &AppState,
     peer: &SocketAddr,
@@ -197,36 +195,34 @@ fn admit(
     headers: &HeaderMap,
 ) -> Result<(), (StatusCode, &'static str)> {
     let tokens = &state.tokens;
-    if tokens.open() {
-        // The same rule as the API's: without tokens, loopback peers only.
-        return match peer.ip().is_loopback() {
-            true => Ok(()),
-            false => Err((
-                StatusCode::FORBIDDEN,
-                "quotad serves loopback clients only.",
-            )),
-        };
-    }
-    if tokens.identify(headers) == Bearer::Admin {
-        return Ok(());
+    // The same rule as the API's: without tokens, loopback peers only.
+    if tokens.open() && !peer.ip().is_loopback() {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "quotad serves loopback clients only.",
+        ));
     }
     match (link.expires, link.sig.as_deref()) {
         (Some(expires), Some(sig)) if state.links.verify(user, expires, sig) => {
-            if expires > state.quota.clock.now().timestamp() {
+            return if expires > state.quota.clock.now().timestamp() {
                 Ok(())
             } else {
                 Err((
                     StatusCode::FORBIDDEN,
                     "This link has expired; ask the app for a new one.",
                 ))
-            }
+            };
         }
-        (Some(_), Some(_)) => Err((StatusCode::FORBIDDEN, "This link is not valid.")),
-        _ => Err((
-            StatusCode::UNAUTHORIZED,
-            "This page needs a signed link or an admin token.",
-        )),
+        (None, None) => {}
+        _ => return Err((StatusCode::FORBIDDEN, "This link is not valid.")),
     }
+    if tokens.open() || tokens.identify(headers) == Bearer::Admin {
+        return Ok(());
+    }
+    Err((
+        StatusCode::UNAUTHORIZED,
+        "This page needs a signed link or an admin token.",
+    ))
 }
 
 fn page_error(status: StatusCode, message: &str) -> Response {

@@ -113,6 +113,8 @@ pub struct Options {
     pub shutdown_timeout_ms: u64,
     /// A plans file; the built-in plans when `None`.
     pub plans: Option<PathBuf>,
+    /// Changes any other setting, last.
+    pub tune: fn(&mut Config),
 }
 
 impl Default for Options {
@@ -127,6 +129,7 @@ impl Default for Options {
             flush_interval_ms: 3_600_000,
             shutdown_timeout_ms: 10_000,
             plans: None,
+            tune: |_| {},
         }
     }
 }
@@ -190,6 +193,7 @@ impl TestApp {
         config.plans = opts.plans;
         // Generous: a loaded CI machine must not turn a slow answer into a degraded one.
         config.redis_timeout_ms = 2000;
+        (opts.tune)(&mut config);
         let clock = ManualClock::new(opts.now);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

@@ -6,6 +6,7 @@ mod durability;
 mod errors;
 mod faults;
 mod idempotency;
+mod inputs;
 mod month_start;
 mod observability;
 mod openapi;
@@ -17,6 +18,8 @@ mod process;
 mod prometheus;
 mod refusals;
 mod script_contracts;
+mod serving;
+mod startup;
 mod ui;
 
 pub mod helpers;
