@@ -123,6 +123,11 @@ pub struct Config {
     /// Deadline of one Redis call, in milliseconds; past it the type's fail policy decides.
     #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
+    /// Deadline of one Postgres call on the request path (loading a counter, reading or storing
+    /// a plan), in milliseconds, enforced by quotad and by the server (`statement_timeout`,
+    /// `lock_timeout`); past it the type's fail policy decides, and plan calls answer 503.
+    #[arg(long, env = "QUOTAD_DATABASE_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub database_timeout_ms: u64,
     /// How long shutdown may take to finish requests and flush everything dirty, in milliseconds.
     #[arg(long, env = "QUOTAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -178,6 +183,11 @@ impl Config {
         Duration::from_millis(self.redis_timeout_ms)
     }
 
+    /// The deadline of one Postgres call on the request path.
+    pub fn database_timeout(&self) -> Duration {
+        Duration::from_millis(self.database_timeout_ms)
+    }
+
     /// The flush interval.
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.flush_interval_ms)
@@ -227,6 +237,7 @@ impl fmt::Debug for Config {
                 &self.link_secret.as_ref().map(|_| "[hidden]"),
             )
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("database_timeout_ms", &self.database_timeout_ms)
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
             .field("refusal_cache_ttl_ms", &self.refusal_cache_ttl_ms)
             .field("refusal_cache_users", &self.refusal_cache_users)
@@ -280,6 +291,7 @@ mod tests {
         assert_eq!(c.key_prefix, "q");
         assert_eq!(c.flush_interval_ms, 1000);
         assert_eq!(c.redis_timeout_ms, 100);
+        assert_eq!(c.database_timeout(), Duration::from_secs(1));
         assert!(!c.auth_enabled());
         assert!(c.validate().is_ok());
     }
