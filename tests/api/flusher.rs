@@ -132,23 +132,49 @@ async fn a_row_postgres_refuses_is_set_aside_and_every_other_counter_is_written(
     assert!(rejected >= 2.0, "{rejected}");
 }
 
+/// Monthly types per counter hash in the two-replica test: each hash makes this many rows.
+const TYPES: usize = 12;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_flushing_the_same_counters_at_once_never_fail_and_write_exact_totals() {
-    let a = TestApp::spawn().await;
-    let b = a.replica().await;
-    let users: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
-    let mut expected: HashMap<(Uuid, &str), u64> = HashMap::new();
-    for round in 0..8u64 {
-        // New counts on both replicas, two types per counter hash (so each hash makes two
-        // rows), while both flushers write the same dirty counters.
+    // Many types per counter hash, so one counter is many rows: written in any order but one,
+    // two replicas' upserts of the same counters could each lock a row the other waits for.
+    let types: Vec<String> = (0..TYPES).map(|i| format!("t{i}")).collect();
+    let mut plans = String::from("upgrade_url = \"/billing\"\ndefault_plan = \"FREE\"\n[types]\n");
+    for t in &types {
+        plans.push_str(&format!(
+            "{t} = {{ period = \"month\", label = \"{t}\" }}\n"
+        ));
+    }
+    plans.push_str("[plans.FREE]\n");
+    for t in &types {
+        plans.push_str(&format!("{t} = -1\n"));
+    }
+    let plans = crate::helpers::tempfile_path::write(&plans);
+    let a = TestApp::spawn_with(Options {
+        plans: Some(plans.0.clone()),
+        ..Options::default()
+    })
+    .await;
+    let b = TestApp::spawn_with(Options {
+        plans: Some(plans.0.clone()),
+        replica_of: Some((a.prefix.clone(), a.db_name.clone())),
+        now: a.clock_now(),
+        ..Options::default()
+    })
+    .await;
+    let users: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+    let mut expected: HashMap<(Uuid, String), u64> = HashMap::new();
+    for round in 0..5u64 {
+        // New counts on both replicas while both flushers write the same dirty counters.
         let counting = {
             let (base_a, base_b, users) = (a.base.clone(), b.base.clone(), users.clone());
-            let client = a.client.clone();
+            let (client, types) = (a.client.clone(), types.clone());
             tokio::spawn(async move {
-                let mut sent: Vec<(Uuid, &'static str, u64)> = Vec::new();
+                let mut sent: Vec<(Uuid, String, u64)> = Vec::new();
                 for (i, u) in users.iter().enumerate() {
                     let base = if i % 2 == 0 { &base_a } else { &base_b };
-                    for ty in ["ai_generation", "export"] {
+                    for ty in &types {
                         let amount = 1 + (i as u64 + round) % 3;
                         let r = client
                             .post(format!("{base}/v1/track"))
@@ -157,7 +183,7 @@ async fn two_replicas_flushing_the_same_counters_at_once_never_fail_and_write_ex
                             .await
                             .unwrap();
                         assert_eq!(r.status(), 200);
-                        sent.push((*u, ty, amount));
+                        sent.push((*u, ty.clone(), amount));
                     }
                 }
                 sent
@@ -169,7 +195,7 @@ async fn two_replicas_flushing_the_same_counters_at_once_never_fail_and_write_ex
             .map(|f| {
                 tokio::spawn(async move {
                     let mut passes = Vec::new();
-                    for _ in 0..3 {
+                    for _ in 0..4 {
                         passes.push(f.flush_once().await);
                     }
                     passes
@@ -189,10 +215,14 @@ async fn two_replicas_flushing_the_same_counters_at_once_never_fail_and_write_ex
     }
     a.flush().await;
     b.flush().await;
-    for ty in ["ai_generation", "export"] {
+    for ty in &types {
         let totals = postgres_totals(&db_url(&a), ty).await;
         for u in &users {
-            assert_eq!(totals.get(u), expected.get(&(*u, ty)), "{ty} of {u}");
+            assert_eq!(
+                totals.get(u),
+                expected.get(&(*u, ty.clone())),
+                "{ty} of {u}"
+            );
         }
     }
 }
