@@ -32,7 +32,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Ok(()) => "ok".to_owned(),
         Err(e) => e.to_string(),
     };
-    let postgres = match db::migrations_applied(&state.quota.db).await {
+    let applied = db::migrations_applied(&state.quota.db);
+    let postgres = match db::within(state.quota.db_timeout, applied).await {
         Ok(true) => "ok".to_owned(),
         Ok(false) => "migrations not applied".to_owned(),
         Err(e) => format!("unavailable: {e}"),

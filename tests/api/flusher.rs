@@ -51,6 +51,19 @@ async fn a_nul_in_a_metadata_value_is_refused_at_the_api_and_counts_nothing() {
         let msg = a.body["error"].as_str().unwrap();
         assert!(msg.contains("\"model\"") && msg.contains("NUL"), "{msg}");
     }
+    // A lone surrogate (no character at all) is not JSON text serde takes: refused as such.
+    let a = app
+        .post_raw(
+            "/v1/consume",
+            format!(r#"{{"user_id": "{user}", "type": "ai_generation", "metadata": {{"model": "\ud800"}}}}"#),
+        )
+        .await;
+    assert_eq!(
+        (a.status, &a.body["code"]),
+        (400, &json!("MALFORMED_JSON")),
+        "{:?}",
+        a.body
+    );
     assert_eq!(app.used(user, "ai_generation").await, 0);
     // The same text without the NUL is taken.
     let a = app
