@@ -291,37 +291,55 @@ async fn a_redis_restored_from_an_older_dump_is_raised_to_postgres_and_hands_bac
     })
     .await;
     let user = Uuid::new_v4();
+    let generate = || async {
+        let a = app
+            .post(
+                "/v1/consume",
+                json!({"user_id": user, "type": "ai_generation", "metadata": {"tokens": 10, "model": "m-1"}}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    };
     for _ in 0..5 {
-        assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+        generate().await;
     }
     app.flush().await;
     let mut r = app.redis().await;
     let _: () = redis::cmd("SAVE").query_async(&mut r).await.unwrap();
     for _ in 0..5 {
-        assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+        generate().await;
+    }
+    // A type the dump never saw.
+    for _ in 0..2 {
+        assert_eq!(app.consume(user, "export").await.status, 200);
     }
     app.flush().await;
     let db = app.db().await;
-    let row = || async {
-        sqlx::query_as::<_, (i64, i64)>(
-            "SELECT count, version FROM usage_tracking WHERE user_id = $1 AND type = 'ai_generation'",
-        )
-        .bind(user)
-        .fetch_one(&db)
-        .await
-        .unwrap()
+    let row = |ty: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64, serde_json::Value)>(
+                "SELECT count, version, metadata FROM usage_tracking WHERE user_id = $1 AND type = $2",
+            )
+            .bind(user)
+            .bind(ty)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
     };
-    let (pg_count, pg_version) = row().await;
+    let (pg_count, pg_version, _) = row("ai_generation").await;
     assert_eq!(pg_count, 10);
 
-    // Back to the dump: Redis holds 5 at an older version than Postgres' 10.
+    // Back to the dump: Redis holds 5 (and no export) at an older version than Postgres'.
     redis.restart();
     assert_eq!(
         app.used(user, "ai_generation").await,
         5,
         "restored from the dump"
     );
-    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    assert_eq!(app.used(user, "export").await, 0, "restored from the dump");
+    generate().await;
 
     let out = app.flusher.flush_once().await.expect("flush");
     assert_eq!(out.behind, 1, "{out:?}");
@@ -331,21 +349,32 @@ async fn a_redis_restored_from_an_older_dump_is_raised_to_postgres_and_hands_bac
         "spent quota is not handed back: {used} < {pg_count}"
     );
     assert_eq!(used, 10, "max(6 in Redis, 10 in Postgres)");
+    assert_eq!(app.used(user, "export").await, 2, "taken from Postgres");
+    let key = app.state.quota.store.counter_key(&user, month(&app));
+    let tokens: String = redis::cmd("HGET")
+        .arg(&key)
+        .arg("m:ai_generation:tokens")
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    assert_eq!(tokens.parse::<f64>().unwrap(), 100.0, "max(60, 100)");
 
     app.flush().await;
-    let (count, version) = row().await;
+    let (count, version, metadata) = row("ai_generation").await;
     assert_eq!(count, 10);
     assert!(
         version > pg_version,
         "Postgres took the next flush: v{version}"
     );
+    assert_eq!(metadata, json!({"tokens": 100, "model": "m-1"}));
+    assert_eq!(row("export").await.0, 2);
 
     let report = app
         .post("/v1/admin/reconcile", json!({"period": month(&app).id()}))
         .await;
     assert_eq!(report.status, 200, "{:?}", report.body);
     assert_eq!(report.body["drift"], json!([]), "{:?}", report.body);
-    assert!(report.body["in_sync"].as_u64().unwrap() >= 1);
+    assert_eq!(report.body["in_sync"], json!(2), "{:?}", report.body);
 }
 
 /// A transaction holding `usage_tracking` and `user_plans` locked: every read of them waits.
