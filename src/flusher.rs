@@ -15,6 +15,7 @@
 //! spent quota is not handed back and the next flush is accepted.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -115,7 +116,13 @@ impl Pace {
 pub struct Flusher {
     store: RedisStore,
     db: PgPool,
+    /// Rows (user, type, period) whose refusal was logged at error already: a refused counter
+    /// is tried on every pass, and one error line per second per row would drown the log.
+    reported: Arc<Mutex<HashSet<(uuid::Uuid, String, String)>>>,
 }
+
+/// Most refused rows remembered as reported; past it the memory starts again.
+const REPORTED_MAX: usize = 10_000;
 
 impl Flusher {
     /// A flusher over the daemon's Redis and Postgres, on connections of its own (a Redis
@@ -125,6 +132,7 @@ impl Flusher {
         Flusher {
             store: store.dedicated(FLUSHER_CONNECTION, REDIS_TIMEOUT),
             db: db::pool_like(db, DB_TIMEOUT, BATCHES_IN_FLIGHT as u32 + 1),
+            reported: Arc::default(),
         }
     }
 
@@ -228,13 +236,25 @@ impl Flusher {
         let mut quarantined = HashSet::new();
         for (row, reason) in &written.refused {
             let member = &scan.members[owners[*row]];
-            tracing::error!(
-                user = %member.user,
-                usage_type = %totals.types[*row],
-                period = %member.period.id(),
-                error.message = %reason,
-                "postgres refused this counter's row; it stays dirty in Redis and is tried again after the others"
-            );
+            let ty = &totals.types[*row];
+            let first = {
+                let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+                if reported.len() >= REPORTED_MAX {
+                    reported.clear();
+                }
+                reported.insert((member.user, ty.clone(), member.period.id()))
+            };
+            if first {
+                tracing::error!(
+                    user = %member.user,
+                    usage_type = %ty,
+                    period = %member.period.id(),
+                    error.message = %reason,
+                    "postgres refused this counter's row; it stays dirty in Redis and is tried again after the others (logged once; quotad_flush_rejected_counters_total counts every refusal)"
+                );
+            } else {
+                tracing::debug!(user = %member.user, usage_type = %ty, period = %member.period.id(), error.message = %reason, "postgres refused this counter's row again");
+            }
             quarantined.insert(owners[*row]);
         }
         if written.rows + (written.refused.len() as u64) < totals.len() as u64 {
