@@ -322,6 +322,18 @@ mod tests {
     }
 
     #[test]
+    fn the_database_timeout_is_refused_outside_1_ms_to_60_s() {
+        let parse = |v: &str| Cli::try_parse_from(["quotad", "serve", "--database-timeout-ms", v]);
+        for bad in ["0", "60001", "-1", "x"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let Command::Serve(c) = parse("60000").unwrap().command else {
+            panic!("serve")
+        };
+        assert_eq!(c.database_timeout(), Duration::from_secs(60));
+    }
+
+    #[test]
     fn key_prefixes_with_separators_are_refused() {
         assert!(parse_key_prefix("q").is_ok());
         for bad in ["", "a:b", "{x}", "a b"] {
