@@ -10,7 +10,7 @@ use quotad::period::{Period, PeriodKind};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{postgres_totals, Options, PrivateRedis, TestApp};
+use crate::helpers::{postgres_totals, Options, PrivatePostgres, PrivateRedis, TestApp};
 
 fn month(app: &TestApp) -> Period {
     Period::current(PeriodKind::Month, app.clock_now())
@@ -549,4 +549,42 @@ async fn a_stop_that_cannot_count_what_it_left_says_so() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn after_a_postgres_restart_loads_and_flushes_work_at_once() {
+    let pg = PrivatePostgres::start();
+    let app = TestApp::spawn_with(Options {
+        postgres_url: pg.url(),
+        ..Options::default()
+    })
+    .await;
+    let known = Uuid::new_v4();
+    assert_eq!(app.consume(known, "kb_file").await.status, 200);
+    app.flush().await;
+    // Every pooled connection (the request path's and the flusher's) is now dead.
+    pg.stop("fast");
+    pg.resume();
+
+    // The first calls after it is back get answers, not the fail policy.
+    let fresh = Uuid::new_v4();
+    let closed = app.consume(fresh, "kb_file").await;
+    assert_eq!(
+        (closed.status, &closed.body["used"]),
+        (200, &json!(1)),
+        "{:?}",
+        closed.body
+    );
+    assert_eq!(app.consume(known, "kb_file").await.status, 200);
+    let out = app
+        .flusher
+        .flush_once()
+        .await
+        .expect("the first pass after the restart succeeds");
+    assert_eq!(out.counters, 2, "{out:?}");
+    let totals = postgres_totals(&db_url(&app), "kb_file").await;
+    assert_eq!(
+        (totals.get(&known), totals.get(&fresh)),
+        (Some(&2), Some(&1))
+    );
 }
