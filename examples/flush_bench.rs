@@ -50,7 +50,7 @@ async fn main() {
     let id = &Uuid::new_v4().simple().to_string()[..8];
     let (prefix, db_name) = (format!("fbench{id}"), format!("quotad_fbench_{id}"));
     let db_url = format!("{pg}/{db_name}");
-    let pool = quotad::db::lazy_pool(&db_url).unwrap();
+    let pool = quotad::db::lazy_pool(&db_url, None).unwrap();
     quotad::db::prepare(&db_url, &pool)
         .await
         .expect("postgres reachable");
@@ -80,7 +80,7 @@ async fn main() {
             }
             let _: () = pipe.query_async(&mut redis).await.unwrap();
         }
-        let flusher = Flusher::new(&store, pool.clone());
+        let flusher = Flusher::new(&store, &pool);
         let started = Instant::now();
         let mut written = 0;
         loop {

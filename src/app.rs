@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::db;
-use crate::flusher::Flusher;
+use crate::flusher::{Drained, Flusher};
 use crate::http::health::Policy;
 use crate::http::ui::LinkSigner;
 use crate::http::{self, AppState, Tokens};
@@ -41,8 +41,16 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     /// Shutdown ran out of time with counters not yet in Postgres. They are not lost: they stay
     /// dirty in Redis, and the next flusher (another replica, or this one restarted) writes them.
-    #[error("shutdown bound reached with {0} counters not yet flushed to Postgres (they stay dirty in Redis for the next flusher)")]
-    Incomplete(u64),
+    /// `None`: how many could not be counted (Redis did not answer).
+    #[error("shutdown bound reached with {} not yet flushed to Postgres (they stay dirty in Redis for the next flusher)", left_text(*.0))]
+    Incomplete(Option<u64>),
+}
+
+fn left_text(left: Option<u64>) -> String {
+    match left {
+        Some(n) => format!("{n} counters"),
+        None => "an unknown number of counters".into(),
+    }
 }
 
 /// A configured daemon, not yet serving. Tests reach its state (and its flusher) through it.
@@ -68,13 +76,14 @@ impl App {
             config.redis_timeout(),
         )
         .map_err(RunError::Config)?;
-        let db = db::lazy_pool(&config.database_url)
+        let db = db::lazy_pool(&config.database_url, Some(config.database_timeout()))
             .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
-        let flusher = Flusher::new(&store, db.clone());
+        let flusher = Flusher::new(&store, &db);
         let state = AppState {
             quota: Quota {
                 store,
                 db,
+                db_timeout: config.database_timeout(),
                 plans,
                 clock,
                 refusals,
@@ -167,13 +176,15 @@ impl App {
         served?;
 
         // Everything counted is in Redis; write what Postgres does not have yet.
-        let left = if state.ready.load(Ordering::Acquire) {
+        let drained = if state.ready.load(Ordering::Acquire) {
             flusher.drain(bound.saturating_sub(began.elapsed())).await
         } else {
-            0
+            Drained::All
         };
-        if left > 0 {
-            return Err(RunError::Incomplete(left));
+        match drained {
+            Drained::All => {}
+            Drained::Left(n) => return Err(RunError::Incomplete(Some(n))),
+            Drained::Unknown => return Err(RunError::Incomplete(None)),
         }
         tracing::info!(
             took_ms = began.elapsed().as_millis() as u64,

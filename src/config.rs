@@ -127,6 +127,11 @@ pub struct Config {
     /// Deadline of one Redis call, in milliseconds; past it the type's fail policy decides.
     #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = number::<u64>("QUOTAD_REDIS_TIMEOUT_MS"))]
     pub redis_timeout_ms: u64,
+    /// Deadline of one Postgres call on the request path (loading a counter, reading or storing
+    /// a plan), in milliseconds, enforced by quotad and by the server (`statement_timeout`,
+    /// `lock_timeout`); past it the type's fail policy decides, and plan calls answer 503.
+    #[arg(long, env = "QUOTAD_DATABASE_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub database_timeout_ms: u64,
     /// How long shutdown may take to finish requests and flush everything dirty, in milliseconds.
     #[arg(long, env = "QUOTAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000, value_parser = number::<u64>("QUOTAD_SHUTDOWN_TIMEOUT_MS"))]
     pub shutdown_timeout_ms: u64,
@@ -197,6 +202,11 @@ impl Config {
         Duration::from_millis(self.redis_timeout_ms)
     }
 
+    /// The deadline of one Postgres call on the request path.
+    pub fn database_timeout(&self) -> Duration {
+        Duration::from_millis(self.database_timeout_ms)
+    }
+
     /// The flush interval.
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.flush_interval_ms)
@@ -225,8 +235,13 @@ impl Config {
     /// Every numeric setting with its value and the range it must be in. Values outside are
     /// refused at start: a huge interval or deadline would overflow an `Instant` and panic a
     /// task at run time instead.
-    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 9] {
+    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 10] {
         [
+            (
+                "QUOTAD_DATABASE_TIMEOUT_MS",
+                self.database_timeout_ms,
+                1..=60_000,
+            ),
             (
                 "QUOTAD_FLUSH_INTERVAL_MS",
                 self.flush_interval_ms,
@@ -283,11 +298,11 @@ impl Config {
         // A consume may take three Redis calls (the script, a hydrate, the script again) and a
         // Postgres read in between; the request deadline must let all of them run to their own
         // deadlines, so that their fail policy answers, not a bare TIMEOUT.
-        let needed = 3 * self.redis_timeout_ms + POSTGRES_READ_BOUND_MS;
+        let needed = 3 * self.redis_timeout_ms + self.database_timeout_ms;
         if self.request_timeout_ms <= needed {
             return Err(format!(
-                "QUOTAD_REQUEST_TIMEOUT_MS={} must be over {needed} (3 x QUOTAD_REDIS_TIMEOUT_MS={} for the Redis calls of a consume, plus {POSTGRES_READ_BOUND_MS} ms for its Postgres read)",
-                self.request_timeout_ms, self.redis_timeout_ms
+                "QUOTAD_REQUEST_TIMEOUT_MS={} must be over {needed} (3 x QUOTAD_REDIS_TIMEOUT_MS={} for the Redis calls of a consume, plus QUOTAD_DATABASE_TIMEOUT_MS={} for its Postgres read)",
+                self.request_timeout_ms, self.redis_timeout_ms, self.database_timeout_ms
             ));
         }
         if !self.auth_enabled() && !self.listen.ip().is_loopback() {
@@ -322,6 +337,7 @@ impl fmt::Debug for Config {
                 &self.link_secret.as_ref().map(|_| "[hidden]"),
             )
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("database_timeout_ms", &self.database_timeout_ms)
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
             .field("refusal_cache_ttl_ms", &self.refusal_cache_ttl_ms)
             .field("refusal_cache_users", &self.refusal_cache_users)
@@ -334,10 +350,6 @@ impl fmt::Debug for Config {
             .finish()
     }
 }
-
-/// The longest a Postgres read on the request path may take: the pool's acquire timeout
-/// (`db::lazy_pool`) bounds it.
-pub const POSTGRES_READ_BOUND_MS: u64 = 2_000;
 
 /// A parser of a whole number whose error names the environment variable.
 fn number<T: FromStr>(var: &'static str) -> impl Fn(&str) -> Result<T, String> + Clone {
@@ -392,6 +404,7 @@ mod tests {
         assert_eq!(c.key_prefix, "q");
         assert_eq!(c.flush_interval_ms, 1000);
         assert_eq!(c.redis_timeout_ms, 100);
+        assert_eq!(c.database_timeout(), Duration::from_secs(1));
         assert!(!c.auth_enabled());
         assert!(c.validate().is_ok());
     }
@@ -409,7 +422,11 @@ mod tests {
     fn every_numeric_setting_is_refused_outside_its_range_naming_the_variable() {
         // (variable, lowest accepted, highest accepted, setter)
         type Set = fn(&mut Config, u64);
-        let cases: [(&str, u64, u64, Set); 9] = [
+        let cases: [(&str, u64, u64, Set); 10] = [
+            ("QUOTAD_DATABASE_TIMEOUT_MS", 1, 60_000, |c, v| {
+                c.database_timeout_ms = v;
+                c.request_timeout_ms = 600_000;
+            }),
             ("QUOTAD_FLUSH_INTERVAL_MS", 1, 3_600_000, |c, v| {
                 c.flush_interval_ms = v
             }),
@@ -430,7 +447,8 @@ mod tests {
             ("QUOTAD_MAX_IN_FLIGHT", 1, 100_000, |c, v| {
                 c.max_in_flight = v
             }),
-            ("QUOTAD_REQUEST_TIMEOUT_MS", 2_301, 600_000, |c, v| {
+            // The lowest is over 3 x 100 (Redis) + 1000 (Postgres), the defaults.
+            ("QUOTAD_REQUEST_TIMEOUT_MS", 1_301, 600_000, |c, v| {
                 c.request_timeout_ms = v
             }),
             ("QUOTAD_HEADER_TIMEOUT_MS", 100, 600_000, |c, v| {
@@ -463,10 +481,13 @@ mod tests {
     fn the_request_deadline_must_outlast_its_redis_and_postgres_deadlines() {
         let mut c = Config::defaults();
         c.redis_timeout_ms = 2_000;
+        c.database_timeout_ms = 2_000;
         c.request_timeout_ms = 8_000; // 3 x 2000 + 2000: no room left
         let err = c.validate().unwrap_err();
         assert!(
-            err.contains("QUOTAD_REQUEST_TIMEOUT_MS") && err.contains("QUOTAD_REDIS_TIMEOUT_MS"),
+            err.contains("QUOTAD_REQUEST_TIMEOUT_MS")
+                && err.contains("QUOTAD_REDIS_TIMEOUT_MS")
+                && err.contains("QUOTAD_DATABASE_TIMEOUT_MS"),
             "{err}"
         );
         c.request_timeout_ms = 8_001;
@@ -499,6 +520,18 @@ mod tests {
             shown.contains("postgres://app:***@db:5432/quotad"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn the_database_timeout_is_refused_outside_1_ms_to_60_s() {
+        let parse = |v: &str| Cli::try_parse_from(["quotad", "serve", "--database-timeout-ms", v]);
+        for bad in ["0", "60001", "-1", "x"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let Command::Serve(c) = parse("60000").unwrap().command else {
+            panic!("serve")
+        };
+        assert_eq!(c.database_timeout(), Duration::from_secs(60));
     }
 
     #[test]

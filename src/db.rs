@@ -1,13 +1,14 @@
 //! Postgres: the durable record. Database creation, migrations, the hydration read and user plans.
 //! Functions take an executor, so callers decide what is atomic.
 
+use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgExecutor, PgPool, Postgres};
+use sqlx::{Connection, PgConnection, PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::period::Period;
@@ -17,12 +18,78 @@ use crate::store::Snapshot;
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// A pool that connects lazily, so the daemon starts (and answers /healthz) while Postgres is down.
-pub fn lazy_pool(url: &str) -> Result<PgPool, sqlx::Error> {
+///
+/// With `timeout`, every statement on its connections is bounded by the server too
+/// (`statement_timeout` and `lock_timeout`, sent as connection options): a query stuck behind a
+/// lock, or on a server that hangs, is abandoned by Postgres as well as by quotad's own deadline
+/// ([`within`]). `None` (the `reconcile` and `migrate` commands) leaves statements unbounded.
+pub fn lazy_pool(url: &str, timeout: Option<Duration>) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?;
-    Ok(PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy_with(options))
+    Ok(match timeout {
+        Some(t) => PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(t)
+            .connect_lazy_with(bounded(options, t)),
+        None => PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options),
+    })
+}
+
+/// A pool of its own on the same server and database as `pool`, with `max_connections` and its
+/// own statement deadline (the flusher's: its batches are far bigger than one request's reads,
+/// and they must not take the request path's connections).
+pub fn pool_like(pool: &PgPool, timeout: Duration, max_connections: u32) -> PgPool {
+    let options = (*pool.connect_options()).clone();
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_lazy_with(bounded(options, timeout))
+}
+
+/// `options` with the server-side deadlines set to `timeout` (a later `-c` wins over an earlier).
+fn bounded(options: PgConnectOptions, timeout: Duration) -> PgConnectOptions {
+    let ms = timeout.as_millis().max(1).to_string();
+    options.options([("statement_timeout", &ms), ("lock_timeout", &ms)])
+}
+
+/// Runs `work` under `timeout`, enforced here as well as by the server: past it, or when the
+/// server gave up first (`statement_timeout`, `lock_timeout`), the error is an I/O timeout, which
+/// callers treat as Postgres being unavailable (the fail policy; 503 `DATABASE_UNAVAILABLE`).
+pub async fn within<T>(
+    timeout: Duration,
+    work: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    let timed_out = || {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("postgres did not answer within {} ms", timeout.as_millis()),
+        ))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Err(e)) if sqlstate(&e).is_some_and(|c| c == "57014" || c == "55P03") => {
+            Err(timed_out())
+        }
+        Ok(result) => result,
+        Err(_) => Err(timed_out()),
+    }
+}
+
+/// The SQLSTATE of an error the server answered with.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Whether Postgres refused a statement for the data it carried (SQLSTATE class 22, data
+/// exception: e.g. a `\u0000` in jsonb; class 23, integrity constraint violation), rather than
+/// for being unreachable, overloaded or out of time. Such a statement fails the same way every
+/// time it is sent; sending the other rows without the bad one succeeds.
+pub fn is_data_refusal(e: &sqlx::Error) -> bool {
+    sqlstate(e).is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
 }
 
 /// Creates the database named in `url` if it does not exist, then applies every migration.
@@ -35,7 +102,15 @@ pub async fn prepare(url: &str, pool: &PgPool) -> Result<(), sqlx::Error> {
             }
         }
     }
-    MIGRATOR.run(pool).await?;
+    // On a connection of their own without the pool's statement deadline: a migration may
+    // rewrite a large table, or wait for the flushers' row locks to take a table lock.
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("statement_timeout", "0"), ("lock_timeout", "0")]);
+    let mut conn = PgConnection::connect_with(&options).await?;
+    let migrated = MIGRATOR.run_direct(None, &mut conn, false).await;
+    let _ = conn.close().await;
+    migrated?;
     Ok(())
 }
 
@@ -66,25 +141,30 @@ pub async fn snapshot(db: &PgPool, user: Uuid, period: Period) -> Result<Snapsho
     };
     for (ty, count, version, metadata) in rows {
         snap.version = snap.version.max(version);
-        if let serde_json::Value::Object(fields) = metadata {
-            if !fields.is_empty() {
-                snap.fields
-                    .push((format!("n:{ty}"), fields.len().to_string()));
-            }
-            for (name, value) in fields {
-                match value {
-                    serde_json::Value::Number(n) => {
-                        snap.fields.push((format!("m:{ty}:{name}"), n.to_string()))
-                    }
-                    other => snap
-                        .fields
-                        .push((format!("s:{ty}:{name}"), other.to_string())),
-                }
-            }
+        let fields = metadata_fields(&ty, metadata);
+        if !fields.is_empty() {
+            snap.fields
+                .push((format!("n:{ty}"), fields.len().to_string()));
         }
+        snap.fields.extend(fields);
         snap.fields.push((ty, count.to_string()));
     }
     Ok(snap)
+}
+
+/// A row's metadata as counter-hash fields: numbers as `m:<type>:<name>` sums, anything else as
+/// `s:<type>:<name>` JSON text.
+pub fn metadata_fields(ty: &str, metadata: serde_json::Value) -> Vec<(String, String)> {
+    let serde_json::Value::Object(fields) = metadata else {
+        return Vec::new();
+    };
+    fields
+        .into_iter()
+        .map(|(name, value)| match value {
+            serde_json::Value::Number(n) => (format!("m:{ty}:{name}"), n.to_string()),
+            other => (format!("s:{ty}:{name}"), other.to_string()),
+        })
+        .collect()
 }
 
 /// A user's stored plan.
@@ -187,11 +267,106 @@ impl Totals {
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
+
+    /// Puts the rows in (user_id, type, period_start) order. Every writer sends its rows in
+    /// this one order, so two upserts that share rows take their row locks in the same order and
+    /// cannot deadlock (in `HashMap` order, two replicas' upserts could each hold a row the
+    /// other waits for).
+    /// Returns, for each row now, the index it had before.
+    pub fn sort(&mut self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by(|&a, &b| {
+            (self.users[a], &self.types[a], self.starts[a]).cmp(&(
+                self.users[b],
+                &self.types[b],
+                self.starts[b],
+            ))
+        });
+        *self = self.pick(order.iter().copied());
+        order
+    }
+
+    /// The rows at `rows`, in that order.
+    pub fn pick(&self, rows: impl IntoIterator<Item = usize>) -> Totals {
+        let mut t = Totals::default();
+        for i in rows {
+            t.users.push(self.users[i]);
+            t.types.push(self.types[i].clone());
+            t.counts.push(self.counts[i]);
+            t.starts.push(self.starts[i]);
+            t.ends.push(self.ends[i]);
+            t.metadata.push(self.metadata[i].clone());
+            t.versions.push(self.versions[i]);
+        }
+        t
+    }
 }
 
-/// Writes absolute totals in one statement. A row is only overwritten by a higher version, so
-/// replaying a write, or two replicas writing at once, or an old total arriving late, never
-/// moves a count backwards or counts twice. Returns the rows inserted or updated.
+/// A row Postgres holds at a higher version than the one just sent for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AheadRow {
+    /// The user.
+    pub user: Uuid,
+    /// The type.
+    pub usage_type: String,
+    /// The row's period_start.
+    pub period_start: DateTime<Utc>,
+    /// Postgres' count.
+    pub count: i64,
+    /// Postgres' version.
+    pub version: i64,
+    /// Postgres' metadata.
+    pub metadata: serde_json::Value,
+}
+
+/// Every row of each (user, period) of which Postgres holds some row of `t` at a higher
+/// version than `t`'s, or at the same version with another count: the counters whose Redis side
+/// is older than Postgres (a Redis restored from an older dump, or a replica that lagged). The
+/// upsert refused those rows. Also lists the same (user, period)'s other rows, so a repair sees
+/// every type Postgres has.
+pub async fn ahead_of(db: impl PgExecutor<'_>, t: &Totals) -> Result<Vec<AheadRow>, sqlx::Error> {
+    if t.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(Uuid, String, DateTime<Utc>, i64, i64, serde_json::Value)> = sqlx::query_as(
+        r#"WITH sent AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[])
+               AS x(u, t, ps, c, v)),
+           ahead AS (
+             SELECT DISTINCT sent.u, sent.ps FROM sent JOIN usage_tracking p
+               ON p.user_id = sent.u AND p.type = sent.t AND p.period_start = sent.ps
+             WHERE p.version > sent.v OR (p.version = sent.v AND COALESCE(p.count, 0) <> sent.c))
+           SELECT r.user_id, r.type, r.period_start, COALESCE(r.count, 0), r.version,
+                  COALESCE(r.metadata, '{}'::jsonb)
+           FROM usage_tracking r JOIN ahead ON r.user_id = ahead.u AND r.period_start = ahead.ps
+           ORDER BY r.user_id, r.type, r.period_start"#,
+    )
+    .bind(&t.users)
+    .bind(&t.types)
+    .bind(&t.starts)
+    .bind(&t.counts)
+    .bind(&t.versions)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(user, usage_type, period_start, count, version, metadata)| AheadRow {
+                user,
+                usage_type,
+                period_start,
+                count,
+                version,
+                metadata,
+            },
+        )
+        .collect())
+}
+
+/// Writes absolute totals in one statement, in the order given (see [`Totals::sort`]). A row is
+/// only overwritten by a higher version, so replaying a write, or two replicas writing at once,
+/// or an old total arriving late, never moves a count backwards or counts twice. Returns the
+/// rows inserted or updated.
 pub async fn upsert_totals(db: impl PgExecutor<'_>, t: &Totals) -> Result<u64, sqlx::Error> {
     if t.is_empty() {
         return Ok(0);
@@ -217,4 +392,63 @@ pub async fn upsert_totals(db: impl PgExecutor<'_>, t: &Totals) -> Result<u64, s
     .execute(db)
     .await?;
     Ok(done.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_written_in_user_type_period_order_whatever_order_they_came_in() {
+        let (a, b): (Uuid, Uuid) = (
+            "00000000-0000-4000-8000-000000000001".parse().unwrap(),
+            "ffffffff-0000-4000-8000-000000000001".parse().unwrap(),
+        );
+        let month = Period::Month {
+            year: 2026,
+            month: 3,
+        };
+        let mut t = Totals::default();
+        for (user, ty, period, v) in [
+            (b, "export", Period::Lifetime, 1),
+            (a, "kb_file", Period::Lifetime, 2),
+            (b, "ai_generation", month, 3),
+            (a, "ai_generation", month, 4),
+            (a, "ai_generation", Period::Lifetime, 5),
+        ] {
+            t.push(
+                user,
+                ty.into(),
+                v * 10,
+                period,
+                serde_json::json!({"v": v}),
+                v,
+            );
+        }
+        t.sort();
+        let rows: Vec<(Uuid, &str, DateTime<Utc>, i64, i64)> = (0..t.len())
+            .map(|i| {
+                (
+                    t.users[i],
+                    t.types[i].as_str(),
+                    t.starts[i],
+                    t.counts[i],
+                    t.versions[i],
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (a, "ai_generation", Period::Lifetime.start(), 50, 5),
+                (a, "ai_generation", month.start(), 40, 4),
+                (a, "kb_file", Period::Lifetime.start(), 20, 2),
+                (b, "ai_generation", month.start(), 30, 3),
+                (b, "export", Period::Lifetime.start(), 10, 1),
+            ]
+        );
+        // Every column moved with its row.
+        assert_eq!(t.metadata[0], serde_json::json!({"v": 5}));
+        assert_eq!(t.ends[1], month.end());
+    }
 }

@@ -6,8 +6,16 @@
 //! version is still the one written. At-least-once and idempotent: a crash anywhere leaves the
 //! member dirty and the next pass (of this or any replica) writes it again; a lower version never
 //! overwrites a higher one, so replicas flushing at once cannot double count or go backwards.
+//!
+//! Rows go to Postgres in (user, type, period) order, so two replicas' upserts cannot deadlock.
+//! A row Postgres refuses for its data (a `\u0000` in metadata) is isolated by halving the batch
+//! until it is alone; every other row is written, and the refused counter stays dirty, moved to
+//! the back of its dirty set. A counter Postgres holds at a higher version than Redis (a Redis
+//! restored from an older dump) is raised to Postgres' counts in Redis (`lua/catch_up.lua`), so
+//! spent quota is not handed back and the next flush is accepted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -17,7 +25,8 @@ use tokio::sync::watch;
 
 use crate::db::{self, Totals};
 use crate::metrics as m;
-use crate::store::{RedisStore, StoreError, BUCKETS};
+use crate::period::Period;
+use crate::store::{DirtyMember, RedisStore, StoreError, BUCKETS};
 
 /// Buckets scanned per batch: one pipeline, one upsert, one unmark pipeline each.
 const BUCKETS_PER_BATCH: u16 = 128;
@@ -28,6 +37,12 @@ const MEMBERS_PER_BUCKET: usize = 128;
 const BATCHES_IN_FLIGHT: usize = 4;
 /// Deadline of one flusher call to Redis: a batch pipeline is far bigger than one request.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one flusher statement, enforced by quotad and by Postgres (`statement_timeout`,
+/// `lock_timeout`): a hung Postgres fails the pass instead of holding it (and a shutdown's
+/// drain, which has its own bound) forever.
+const DB_TIMEOUT: Duration = Duration::from_secs(10);
+/// The name of the flusher's Redis connection (`CLIENT LIST`).
+pub const FLUSHER_CONNECTION: &str = "quotad-flusher";
 /// Longest wait between passes after repeated errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -57,6 +72,21 @@ pub struct FlushOutcome {
     pub oldest_ms: u64,
     /// Some bucket had more dirty counters than one pass takes: run again at once.
     pub more: bool,
+    /// Counters Postgres refused for their data: left dirty, moved to the back of the line.
+    pub rejected: u64,
+    /// Counters Redis held older than Postgres, raised to Postgres' counts.
+    pub behind: u64,
+}
+
+/// What a drain left in Redis for the next flusher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Nothing: Postgres has everything.
+    All,
+    /// This many counters are still dirty.
+    Left(u64),
+    /// Some may be: the backlog could not be read (Redis did not answer).
+    Unknown,
 }
 
 /// How a pass spends the machine.
@@ -86,14 +116,23 @@ impl Pace {
 pub struct Flusher {
     store: RedisStore,
     db: PgPool,
+    /// Rows (user, type, period) whose refusal was logged at error already: a refused counter
+    /// is tried on every pass, and one error line per second per row would drown the log.
+    reported: Arc<Mutex<HashSet<(uuid::Uuid, String, String)>>>,
 }
 
+/// Most refused rows remembered as reported; past it the memory starts again.
+const REPORTED_MAX: usize = 10_000;
+
 impl Flusher {
-    /// A flusher over the daemon's Redis and Postgres.
-    pub fn new(store: &RedisStore, db: PgPool) -> Flusher {
+    /// A flusher over the daemon's Redis and Postgres, on connections of its own (a Redis
+    /// connection named [`FLUSHER_CONNECTION`], a small Postgres pool), so its large pipelines
+    /// and upserts never queue ahead of requests.
+    pub fn new(store: &RedisStore, db: &PgPool) -> Flusher {
         Flusher {
-            store: store.with_timeout(REDIS_TIMEOUT),
-            db,
+            store: store.dedicated(FLUSHER_CONNECTION, REDIS_TIMEOUT),
+            db: db::pool_like(db, DB_TIMEOUT, BATCHES_IN_FLIGHT as u32 + 1),
+            reported: Arc::default(),
         }
     }
 
@@ -110,6 +149,8 @@ impl Flusher {
         match &result {
             Ok(out) => {
                 metrics::counter!(m::FLUSH_ROWS).increment(out.rows);
+                metrics::counter!(m::FLUSH_REJECTED).increment(out.rejected);
+                metrics::counter!(m::FLUSH_BEHIND).increment(out.behind);
                 metrics::histogram!(m::FLUSH_BATCH).record(out.counters as f64);
                 metrics::gauge!(m::FLUSH_BACKLOG)
                     .set(out.backlog.saturating_sub(out.unmarked) as f64);
@@ -149,6 +190,8 @@ impl Flusher {
             out.backlog += b.backlog;
             out.oldest_ms = out.oldest_ms.max(b.oldest_ms);
             out.more |= b.more;
+            out.rejected += b.rejected;
+            out.behind += b.behind;
         }
         Ok(out)
     }
@@ -172,26 +215,163 @@ impl Flusher {
 
         let hashes = self.store.read_dirty(&scan.members).await?;
         let mut totals = Totals::default();
-        let mut written = Vec::with_capacity(scan.members.len());
-        for (member, hash) in scan.members.iter().zip(&hashes) {
+        // The member each row comes from.
+        let mut owners = Vec::new();
+        let mut versions = Vec::with_capacity(scan.members.len());
+        for (i, (member, hash)) in scan.members.iter().zip(&hashes).enumerate() {
             let version = hash.get("v").and_then(|v| v.parse::<i64>().ok());
             if let Some(v) = version {
                 for (ty, count, metadata) in rows_of(hash) {
                     totals.push(member.user, ty, count, member.period, metadata, v);
+                    owners.push(i);
                 }
             }
-            written.push((member, version));
+            versions.push(version);
         }
-        out.rows = db::upsert_totals(&self.db, &totals).await?;
-        out.unmarked = self.store.unmark(&written).await?;
+        let order = totals.sort();
+        let owners: Vec<usize> = order.into_iter().map(|i| owners[i]).collect();
+
+        let written = self.write(&totals).await?;
+        out.rows = written.rows;
+        let mut quarantined = HashSet::new();
+        for (row, reason) in &written.refused {
+            let member = &scan.members[owners[*row]];
+            let ty = &totals.types[*row];
+            let first = {
+                let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+                if reported.len() >= REPORTED_MAX {
+                    reported.clear();
+                }
+                reported.insert((member.user, ty.clone(), member.period.id()))
+            };
+            if first {
+                tracing::error!(
+                    user = %member.user,
+                    usage_type = %ty,
+                    period = %member.period.id(),
+                    error.message = %reason,
+                    "postgres refused this counter's row; it stays dirty in Redis and is tried again after the others (logged once; quotad_flush_rejected_counters_total counts every refusal)"
+                );
+            } else {
+                tracing::debug!(user = %member.user, usage_type = %ty, period = %member.period.id(), error.message = %reason, "postgres refused this counter's row again");
+            }
+            quarantined.insert(owners[*row]);
+        }
+        if written.rows + (written.refused.len() as u64) < totals.len() as u64 {
+            // Some rows were refused by the version guard: an ordinary race with another
+            // replica's flush, or a Redis older than Postgres.
+            out.behind = self.catch_up(&totals, &owners, &scan.members).await?;
+        }
+        let requeue: Vec<&DirtyMember> = quarantined.iter().map(|i| &scan.members[*i]).collect();
+        self.store.requeue(&requeue, now_ms).await?;
+        out.rejected = quarantined.len() as u64;
+
+        let flushed: Vec<(&DirtyMember, Option<i64>)> = scan
+            .members
+            .iter()
+            .zip(versions)
+            .enumerate()
+            .filter(|(i, _)| !quarantined.contains(i))
+            .map(|(_, mv)| mv)
+            .collect();
+        out.unmarked = self.store.unmark(&flushed).await?;
         out.counters = scan.members.len() as u64;
         Ok(out)
+    }
+
+    /// One upsert, under the flusher's deadline.
+    async fn upsert(&self, t: &Totals) -> Result<u64, sqlx::Error> {
+        db::within(DB_TIMEOUT, db::upsert_totals(&self.db, t)).await
+    }
+
+    /// Writes `t`. When Postgres refuses the statement for its data, halves it until each
+    /// refused row is alone: n rows with one bad among them take about 2·log2(n) more
+    /// statements, and every other row is written. Other errors (Postgres down, out of time)
+    /// fail the pass.
+    async fn write(&self, t: &Totals) -> Result<Written, FlushError> {
+        let mut written = Written::default();
+        // Parts still to send; each holds at least one row.
+        let mut parts = Vec::new();
+        parts.push(0..t.len());
+        while let Some(range) = parts.pop() {
+            let result = if range.len() == t.len() {
+                self.upsert(t).await
+            } else {
+                self.upsert(&t.pick(range.clone())).await
+            };
+            match result {
+                Ok(n) => written.rows += n,
+                Err(e) if db::is_data_refusal(&e) && range.len() == 1 => {
+                    written.refused.push((range.start, e.to_string()))
+                }
+                Err(e) if db::is_data_refusal(&e) => {
+                    let mid = range.start + range.len() / 2;
+                    parts.push(mid..range.end);
+                    parts.push(range.start..mid);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Finds the counters of `t` that Postgres holds at a higher version than Redis sent (or at
+    /// the same version with another count) and raises each in Redis to Postgres' counts.
+    /// Returns how many Redis was really behind on (the script leaves alone a counter that has
+    /// moved past Postgres meanwhile: another replica's flush raced this one).
+    async fn catch_up(
+        &self,
+        t: &Totals,
+        owners: &[usize],
+        members: &[DirtyMember],
+    ) -> Result<u64, FlushError> {
+        let ahead = db::within(DB_TIMEOUT, db::ahead_of(&self.db, t)).await?;
+        if ahead.is_empty() {
+            return Ok(0);
+        }
+        let periods: HashMap<(uuid::Uuid, chrono::DateTime<chrono::Utc>), (Period, i64)> = (0..t
+            .len())
+            .map(|i| {
+                let m = &members[owners[i]];
+                ((t.users[i], t.starts[i]), (m.period, t.versions[i]))
+            })
+            .collect();
+        let mut by_counter: BTreeMap<_, (i64, Vec<(String, String)>)> = BTreeMap::new();
+        for row in ahead {
+            let entry = by_counter
+                .entry((row.user, row.period_start))
+                .or_insert((0, Vec::new()));
+            entry.0 = entry.0.max(row.version);
+            entry
+                .1
+                .extend(db::metadata_fields(&row.usage_type, row.metadata));
+            entry.1.push((row.usage_type, row.count.to_string()));
+        }
+        let mut behind = 0;
+        for ((user, start), (version, fields)) in by_counter {
+            let Some((period, sent)) = periods.get(&(user, start)).copied() else {
+                continue;
+            };
+            if self.store.catch_up(user, period, version, &fields).await? {
+                behind += 1;
+                tracing::warn!(
+                    %user,
+                    period = %period.id(),
+                    redis_version = sent,
+                    postgres_version = version,
+                    "redis held this counter at an older version than postgres (restored from an older dump?); raised it to postgres' counts"
+                );
+            }
+        }
+        Ok(behind)
     }
 
     /// Starts a pass every `interval` (measured from the start of the last, so the lag bound is
     /// one interval plus one pass) until `stop` turns true. After an error it waits longer each
     /// time (up to 30 s); a pass that left work behind is followed at once by another. Passes
     /// that keep up run at [`Pace::Gentle`]; once behind, at [`Pace::Full`] until caught up.
+    /// A pass under way when `stop` turns true is dropped (what it did not unmark stays dirty),
+    /// so a shutdown never waits on it: the drain that follows has a bound of its own.
     pub async fn run(self, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mut next = tokio::time::Instant::now() + interval;
         let mut backoff = interval;
@@ -202,7 +382,11 @@ impl Flusher {
                 _ = stop.wait_for(|s| *s) => return,
             }
             let started = tokio::time::Instant::now();
-            match self.flush(pace).await {
+            let result = tokio::select! {
+                r = self.flush(pace) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match result {
                 Ok(out) => {
                     backoff = interval;
                     pace = Pace::after(&out, started.elapsed(), interval);
@@ -221,13 +405,16 @@ impl Flusher {
         }
     }
 
-    /// Flushes until nothing is dirty or `bound` has passed; returns the counters still dirty.
-    pub async fn drain(&self, bound: Duration) -> u64 {
+    /// Flushes until nothing is dirty (or only counters Postgres refuses are) or `bound` has
+    /// passed; says what is left.
+    pub async fn drain(&self, bound: Duration) -> Drained {
         let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
             let attempt = tokio::time::timeout(deadline - Instant::now(), self.flush_once()).await;
             match attempt {
-                Ok(Ok(out)) if out.counters == 0 => return 0,
+                Ok(Ok(out)) if out.counters == 0 => return Drained::All,
+                // Everything left is refused by Postgres: passes cannot change that.
+                Ok(Ok(out)) if out.counters == out.rejected => break,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error.message = %e, "final flush failed; retrying");
@@ -241,20 +428,46 @@ impl Flusher {
             }
         }
         // Out of time: say how much is left (Redis still has it; the next flusher writes it).
-        // 0 when a pass finished the work just as time ran out; unknown counts as some.
-        self.store.backlog().await.unwrap_or(1)
+        // 0 when a pass finished the work just as time ran out.
+        // Bounded too (Redis may be what hangs): past a second the number is unknown.
+        match tokio::time::timeout(Duration::from_secs(1), self.store.backlog()).await {
+            Ok(Ok(0)) => Drained::All,
+            Ok(Ok(n)) => Drained::Left(n),
+            Ok(Err(e)) => {
+                tracing::warn!(error.message = %e, "cannot count the counters left dirty");
+                Drained::Unknown
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "cannot count the counters left dirty: redis did not answer within 1 s"
+                );
+                Drained::Unknown
+            }
+        }
     }
+}
+
+/// What [`Flusher::write`] did.
+#[derive(Debug, Default)]
+struct Written {
+    /// Rows inserted or updated.
+    rows: u64,
+    /// Rows Postgres refused for their data (index into the batch), with its reason.
+    refused: Vec<(usize, String)>,
 }
 
 /// The Postgres rows of one counter hash: (type, count, metadata) for every type field.
 /// Fields with a ':' are metadata (`m:`, `s:`, `n:`); `v`, `p` and `pv` are the hash's own.
 fn rows_of(hash: &HashMap<String, String>) -> Vec<(String, i64, Value)> {
-    let mut rows: Vec<(String, i64, Map<String, Value>)> = hash
+    // In field order, so the same hash always makes the same rows, metadata in the same order.
+    let mut fields: Vec<(&String, &String)> = hash.iter().collect();
+    fields.sort();
+    let mut rows: Vec<(String, i64, Map<String, Value>)> = fields
         .iter()
         .filter(|(k, _)| !k.contains(':') && !matches!(k.as_str(), "v" | "p" | "pv"))
-        .filter_map(|(k, v)| Some((k.clone(), v.parse::<i64>().ok()?, Map::new())))
+        .filter_map(|(k, v)| Some(((*k).clone(), v.parse::<i64>().ok()?, Map::new())))
         .collect();
-    for (key, value) in hash {
+    for (key, value) in fields {
         let Some((kind, rest)) = key.split_once(':') else {
             continue;
         };

@@ -59,7 +59,7 @@ async fn serve(config: quotad::config::Config) -> Result<(), String> {
 }
 
 async fn migrate(url: &str) -> Result<(), String> {
-    let pool = db::lazy_pool(url).map_err(|e| format!("QUOTAD_DATABASE_URL: {e}"))?;
+    let pool = db::lazy_pool(url, None).map_err(|e| format!("QUOTAD_DATABASE_URL: {e}"))?;
     db::prepare(url, &pool)
         .await
         .map_err(|e| format!("migrating {url}: {e}"))?;
@@ -84,8 +84,8 @@ async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, String> 
         &config.key_prefix,
         config.redis_timeout(),
     )?;
-    let pool =
-        db::lazy_pool(&config.database_url).map_err(|e| format!("QUOTAD_DATABASE_URL: {e}"))?;
+    let pool = db::lazy_pool(&config.database_url, None)
+        .map_err(|e| format!("QUOTAD_DATABASE_URL: {e}"))?;
     let report = quotad::reconcile::reconcile(&store, &pool, period, args.repair, now)
         .await
         .map_err(|e| format!("reconcile: {e}"))?;

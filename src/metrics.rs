@@ -23,6 +23,10 @@ pub const HYDRATIONS: &str = "quotad_hydrations_total";
 pub const FLUSH_ROWS: &str = "quotad_flush_rows_total";
 /// Failed flusher passes.
 pub const FLUSH_ERRORS: &str = "quotad_flush_errors_total";
+/// Counters the flusher could not write because Postgres refused their data; they stay dirty.
+pub const FLUSH_REJECTED: &str = "quotad_flush_rejected_counters_total";
+/// Counters Redis held at a lower version than Postgres, raised to Postgres' by the flusher.
+pub const FLUSH_BEHIND: &str = "quotad_flush_behind_counters_total";
 /// Counters read per flusher pass.
 pub const FLUSH_BATCH: &str = "quotad_flush_batch_counters";
 /// Duration of one flusher pass.
@@ -107,6 +111,14 @@ fn describe() {
     );
     metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");
     metrics::describe_counter!(FLUSH_ERRORS, "Failed flusher passes.");
+    metrics::describe_counter!(
+        FLUSH_REJECTED,
+        "Counters Postgres refused to store for their data; left dirty, tried again last."
+    );
+    metrics::describe_counter!(
+        FLUSH_BEHIND,
+        "Counters Redis held at a lower version than Postgres, raised to Postgres' counts."
+    );
     metrics::describe_histogram!(FLUSH_BATCH, "Counters read per flusher pass.");
     metrics::describe_histogram!(
         FLUSH_SECONDS,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -188,6 +189,8 @@ pub struct Quota {
     pub store: RedisStore,
     /// The durable record.
     pub db: PgPool,
+    /// Deadline of one Postgres call on the request path (`QUOTAD_DATABASE_TIMEOUT_MS`).
+    pub db_timeout: Duration,
     /// The plans in force.
     pub plans: PlanBook,
     /// What "now" is.
@@ -443,7 +446,7 @@ impl Quota {
 
     /// Loads (user, period) from Postgres into Redis unless another caller already did.
     async fn hydrate(&self, user: Uuid, period: Period) -> Result<(), Fault> {
-        let snap = db::snapshot(&self.db, user, period).await?;
+        let snap = db::within(self.db_timeout, db::snapshot(&self.db, user, period)).await?;
         if self
             .store
             .hydrate(user, period, &snap, self.clock.now())
@@ -606,7 +609,7 @@ impl Quota {
         if !plans.has_plan(plan) {
             return Err(unknown_plan(&plans, plan));
         }
-        let stored = db::put_plan(&self.db, user, plan).await?;
+        let stored = db::within(self.db_timeout, db::put_plan(&self.db, user, plan)).await?;
         let periods = current_periods(&plans, self.clock.now());
         // The months either side of the current one, where they exist: another replica's clock
         // (or this one's a moment later) may already be past midnight.
@@ -637,20 +640,22 @@ impl Quota {
     /// The plan stored for `user`, or the default.
     pub async fn get_plan(&self, user: Uuid) -> Result<UserPlan, ApiError> {
         let plans = self.plans.current();
-        Ok(match db::get_plan(&self.db, user).await? {
-            Some(p) => UserPlan {
-                user,
-                plan: p.plan,
-                is_default: false,
-                updated_at: Some(p.updated_at),
+        Ok(
+            match db::within(self.db_timeout, db::get_plan(&self.db, user)).await? {
+                Some(p) => UserPlan {
+                    user,
+                    plan: p.plan,
+                    is_default: false,
+                    updated_at: Some(p.updated_at),
+                },
+                None => UserPlan {
+                    user,
+                    plan: plans.default_plan.clone(),
+                    is_default: true,
+                    updated_at: None,
+                },
             },
-            None => UserPlan {
-                user,
-                plan: plans.default_plan.clone(),
-                is_default: true,
-                updated_at: None,
-            },
-        })
+        )
     }
 }
 

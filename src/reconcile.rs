@@ -18,6 +18,9 @@ use crate::flusher::{FlushError, Flusher};
 use crate::period::Period;
 use crate::store::{RedisStore, StoreError, GRACE_DAYS};
 
+/// The name of reconcile's Redis connection (`CLIENT LIST`).
+pub const RECONCILE_CONNECTION: &str = "quotad-reconcile";
+
 /// What reconcile found wrong with one counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -112,7 +115,7 @@ pub async fn reconcile(
     repair: bool,
     now: DateTime<Utc>,
 ) -> Result<Report, ReconcileError> {
-    let store = store.with_timeout(Duration::from_secs(30));
+    let store = store.dedicated(RECONCILE_CONNECTION, Duration::from_secs(30));
     let live = store.scan_period(period).await?;
     let rows: Vec<(Uuid, String, i64, i64)> =
         sqlx::query_as("SELECT user_id, type, COALESCE(count, 0), version FROM usage_tracking WHERE period_start = $1")
@@ -268,7 +271,7 @@ async fn repair(
         }
     }
     if touched {
-        Flusher::new(store, pool.clone()).flush_once().await?;
+        Flusher::new(store, pool).flush_once().await?;
     }
     Ok(repaired)
 }

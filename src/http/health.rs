@@ -45,7 +45,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             "redis: not answering".to_owned()
         }
     };
-    let postgres = match db::migrations_applied(&state.quota.db).await {
+    let applied = db::migrations_applied(&state.quota.db);
+    let postgres = match db::within(state.quota.db_timeout, applied).await {
         Ok(true) => "ok".to_owned(),
         Ok(false) => "postgres: migrations not applied".to_owned(),
         Err(e) => {

@@ -128,6 +128,12 @@ fn parse_metadata(
                 Value::Number(n) => MetaValue::Number(n.as_f64().filter(|f| f.is_finite()).ok_or_else(|| {
                     bad(format!("metadata {name:?}: {n} is not a finite number."))
                 })?),
+                // Postgres text and jsonb cannot hold U+0000 (the only character a UTF-8
+                // database refuses): such a value would be counted here and refused by every
+                // flush. Names are ASCII letters, digits and '_-.' already.
+                Value::String(s) if s.contains('\0') => {
+                    return Err(bad(format!("metadata {name:?} contains a NUL character (\\u0000), which cannot be stored; remove it.")))
+                }
                 Value::String(s) if s.len() > MAX_META_TEXT => {
                     return Err(bad(format!("metadata {name:?} is over {MAX_META_TEXT} bytes.")))
                 }

@@ -2,7 +2,6 @@
 //! name, and taking members off only when their counter did not change meanwhile.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use deadpool_redis::redis;
 use uuid::Uuid;
@@ -37,14 +36,6 @@ pub struct DirtyScan {
 }
 
 impl RedisStore {
-    /// The same store with another deadline: the flusher's batches need longer than one request.
-    pub fn with_timeout(&self, timeout: Duration) -> RedisStore {
-        RedisStore {
-            timeout,
-            ..self.clone()
-        }
-    }
-
     /// The dirty set of bucket `b`.
     pub fn dirty_key_of(&self, bucket: u16) -> String {
         format!("{}:{SCHEMA}:{{{bucket}}}:dirty", self.prefix)
@@ -59,6 +50,8 @@ impl RedisStore {
     ) -> Result<DirtyScan, StoreError> {
         let buckets: Vec<u16> = buckets.filter(|b| *b < BUCKETS).collect();
         let mut pipe = redis::pipe();
+        // Every batch names the connection again: a reconnected one has lost its name.
+        self.set_name(&mut pipe);
         for b in &buckets {
             let key = self.dirty_key_of(*b);
             pipe.zcard(&key)
@@ -139,6 +132,50 @@ impl RedisStore {
         }
         let removed: Vec<i64> = self.run_pipe(&pipe).await?;
         Ok(removed.into_iter().sum::<i64>().max(0) as u64)
+    }
+
+    /// Moves `members` to the back of their dirty sets (scored `now_ms`), still dirty: a counter
+    /// Postgres refused to store stays in Redis and is tried again, but after everything else,
+    /// so it cannot hold back other counters. `XX`: one flushed meanwhile is not added back.
+    pub async fn requeue(&self, members: &[&DirtyMember], now_ms: i64) -> Result<(), StoreError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for m in members {
+            pipe.cmd("ZADD")
+                .arg(self.dirty_key_of(m.bucket))
+                .arg("XX")
+                .arg(now_ms)
+                .arg(&m.member)
+                .ignore();
+        }
+        self.run_pipe::<()>(&pipe).await
+    }
+
+    /// Brings a counter that is older than Postgres' row up to it (`lua/catch_up.lua`): every
+    /// count and numeric metadata sum to the larger of the two, missing text metadata from
+    /// Postgres, the version past Postgres', marked dirty and announced. `fields` are Postgres'
+    /// (counts by type, `m:` and `s:` fields). Returns whether Redis was older (and so changed).
+    pub async fn catch_up(
+        &self,
+        user: Uuid,
+        period: Period,
+        version: i64,
+        fields: &[(String, String)],
+    ) -> Result<bool, StoreError> {
+        let mut inv = scripts::CATCH_UP.prepare_invoke();
+        inv.key(self.counter_key(&user, period))
+            .key(self.dirty_key(&user))
+            .arg(version)
+            .arg(Self::dirty_member(&user, period))
+            .arg(self.changes_channel())
+            .arg(user.to_string());
+        for (field, value) in fields {
+            inv.arg(field).arg(value);
+        }
+        let changed: i64 = self.run_script(&inv).await?;
+        Ok(changed == 1)
     }
 
     /// Removes members that quotad did not write (they would otherwise sit first in line forever).

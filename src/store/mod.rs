@@ -199,15 +199,51 @@ pub struct RedisStore {
     next: Arc<AtomicUsize>,
     prefix: Arc<str>,
     timeout: Duration,
+    /// The name its connections carry (`CLIENT SETNAME`), so `CLIENT LIST` tells them apart.
+    name: &'static str,
 }
+
+/// The name of the request path's connections.
+pub const REQUESTS_CONNECTION: &str = "quotad-requests";
 
 impl RedisStore {
     /// A store for `url`; connects lazily, and reconnects by itself after Redis comes back.
+    /// Its connections serve the request path, named [`REQUESTS_CONNECTION`].
     ///
     /// Not a checkout pool: a pool would check each connection on checkout (deadpool-redis sends
     /// UNWATCH and PING), which made every consume three commands instead of one.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, String> {
         let client = redis::Client::open(url).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
+        let conns =
+            Self::connect(&client, timeout).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
+        Ok(RedisStore {
+            client,
+            conns,
+            next: Arc::new(AtomicUsize::new(0)),
+            prefix: prefix.into(),
+            timeout,
+            name: REQUESTS_CONNECTION,
+        })
+    }
+
+    /// The same Redis and keys on connections of its own, named `name`, with deadline
+    /// `timeout`: for the flusher and reconcile, whose large pipelines would otherwise queue on
+    /// the request path's connection ahead of consumes.
+    pub fn dedicated(&self, name: &'static str, timeout: Duration) -> RedisStore {
+        RedisStore {
+            // Lazy: nothing to fail here (the client was opened already).
+            conns: Self::connect(&self.client, timeout).unwrap_or_else(|_| self.conns.clone()),
+            next: Arc::new(AtomicUsize::new(0)),
+            timeout,
+            name,
+            ..self.clone()
+        }
+    }
+
+    fn connect(
+        client: &redis::Client,
+        timeout: Duration,
+    ) -> Result<Arc<[ConnectionManager]>, RedisError> {
         // No response timeout of the client's own (its default is 500 ms): each call has its
         // deadline (`timeout`, or the flusher's and reconcile's longer ones for big pipelines).
         let config = ConnectionManagerConfig::new()
@@ -218,15 +254,16 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1));
         let conns = (0..CONNECTIONS)
             .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
-        Ok(RedisStore {
-            client,
-            conns: conns.into(),
-            next: Arc::new(AtomicUsize::new(0)),
-            prefix: prefix.into(),
-            timeout,
-        })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(conns.into())
+    }
+
+    /// `CLIENT SETNAME` for this store's connections, to send ahead of other commands in a
+    /// pipeline. A reconnected connection has no name until the next such pipeline: the
+    /// readiness check's, for the request path (a consume stays one command), and every flusher
+    /// batch's.
+    fn set_name(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("CLIENT").arg("SETNAME").arg(self.name).ignore();
     }
 
     /// The client, for connections of their own (the invalidation subscription).
@@ -622,11 +659,15 @@ impl RedisStore {
             .collect())
     }
 
-    /// PING, for readiness.
+    /// PING, for readiness; names the connection in the same round trip.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.with_conn(
-            |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
-        )
+        let mut pipe = redis::pipe();
+        self.set_name(&mut pipe);
+        pipe.cmd("PING");
+        self.with_conn(|mut c| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async::<(String,)>(&mut c).await }
+        })
         .await
         .map(|_| ())
     }

@@ -37,6 +37,7 @@ impl RedisStore {
         for chunk in keys.chunks(1000) {
             let users: Vec<Uuid> = chunk.iter().filter_map(|k| user_of(k)).collect();
             let mut pipe = redis::pipe();
+            self.set_name(&mut pipe);
             for u in &users {
                 pipe.hgetall(self.counter_key(u, period));
                 pipe.zscore(self.dirty_key(u), Self::dirty_member(u, period));

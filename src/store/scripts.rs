@@ -36,3 +36,6 @@ pub static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("
 /// overwrite: replace an older Redis counter with Postgres' counts (reconcile repair).
 pub static OVERWRITE: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_common!("overwrite.lua")));
+/// catch_up: raise a counter that is older than Postgres' row to it (flusher, when Postgres
+/// holds a higher version than Redis: a Redis restored from an older dump).
+pub static CATCH_UP: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("catch_up.lua")));

@@ -291,7 +291,7 @@ async fn a_stop_with_postgres_down_ends_within_its_bound_and_says_what_it_left()
         started.elapsed()
     );
     assert!(
-        matches!(ended, Err(quotad::app::RunError::Incomplete(1))),
+        matches!(ended, Err(quotad::app::RunError::Incomplete(Some(1)))),
         "{ended:?}"
     );
 }

@@ -5,6 +5,7 @@ mod consume;
 mod durability;
 mod errors;
 mod faults;
+mod flusher;
 mod idempotency;
 mod inputs;
 mod month_start;
