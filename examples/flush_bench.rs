@@ -23,10 +23,10 @@ use quotad::period::Period;
 use quotad::store::RedisStore;
 use uuid::Uuid;
 
-const NOVEMBER: Period = Period::Month {
-    year: 2026,
-    month: 11,
-};
+/// The real current month: its counters' expiry lies ahead on any day the bench runs.
+fn this_month() -> Period {
+    Period::current(quotad::period::PeriodKind::Month, chrono::Utc::now())
+}
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -72,11 +72,15 @@ async fn main() {
         for chunk in users.chunks(5000) {
             let mut pipe = redis::pipe();
             for u in chunk {
-                let key = store.counter_key(u, NOVEMBER);
+                let key = store.counter_key(u, this_month());
                 pipe.hset_multiple(&key, &[("ai_generation", "3"), ("v", "3")])
                     .ignore();
-                pipe.zadd(store.dirty_key(u), RedisStore::dirty_member(u, NOVEMBER), 0)
-                    .ignore();
+                pipe.zadd(
+                    store.dirty_key(u),
+                    RedisStore::dirty_member(u, this_month()),
+                    0,
+                )
+                .ignore();
             }
             let _: () = pipe.query_async(&mut redis).await.unwrap();
         }
@@ -101,8 +105,8 @@ async fn main() {
                  ON CONFLICT (user_id, type, period_start) DO UPDATE SET count = usage_tracking.count + 1",
             )
             .bind(u)
-            .bind(NOVEMBER.start())
-            .bind(NOVEMBER.end())
+            .bind(this_month().start())
+            .bind(this_month().end())
             .execute(&pool)
             .await
             .unwrap();

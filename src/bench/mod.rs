@@ -609,10 +609,11 @@ struct RawRedisClient {
     raw: RawRedis,
 }
 
-const BENCH_PERIOD: Period = Period::Month {
-    year: 2026,
-    month: 11,
-};
+/// The month the raw-Redis ceiling counts in: the real current month, so its counters' expiry
+/// (the month's end plus the grace) lies ahead on any day the bench runs.
+fn bench_period() -> Period {
+    Period::current(crate::period::PeriodKind::Month, chrono::Utc::now())
+}
 
 impl RawRedis {
     async fn prepare(
@@ -629,7 +630,7 @@ impl RawRedis {
             &mut conn,
             &store,
             users,
-            BENCH_PERIOD,
+            bench_period(),
             chrono::Utc::now(),
             false,
         )
@@ -676,7 +677,7 @@ impl Client for RawRedisClient {
             user: raw.users[n % raw.users.len()],
             usage_type: raw.plans.usage_type(&raw.usage_type).expect("checked"),
             amount: 1,
-            period: BENCH_PERIOD,
+            period: bench_period(),
             plan_override: Some("PRO"),
             default_plan: &raw.plans.default_plan,
             idempotency_key: None,
@@ -700,7 +701,7 @@ mod seed {
     use sqlx::PgPool;
     use uuid::Uuid;
 
-    use super::{futures_lite, Client, BENCH_PERIOD};
+    use super::{bench_period, futures_lite, Client};
 
     #[derive(Clone)]
     pub struct Seed {
@@ -771,8 +772,8 @@ mod seed {
                         "SELECT count FROM {s}.usage_tracking WHERE user_id = $1 AND type = $2 AND period_start >= $3"
                     ),
                     increment: format!("SELECT {s}.increment_usage($1, $2, $3, $4, '{{}}'::jsonb)"),
-                    start: BENCH_PERIOD.start(),
-                    end: BENCH_PERIOD.end().expect("a month ends"),
+                    start: bench_period().start(),
+                    end: bench_period().end().expect("a month ends"),
                     seed,
                 })
             })

@@ -7,7 +7,7 @@ use std::time::Instant;
 use deadpool_redis::redis;
 use uuid::Uuid;
 
-use super::BENCH_PERIOD;
+use super::bench_period;
 use crate::period::Period;
 use crate::plans::Plans;
 use crate::store::{scripts, CountCall, Mode, RedisStore, Snapshot};
@@ -169,7 +169,7 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
             &mut conn,
             &store,
             &ids,
-            BENCH_PERIOD,
+            bench_period(),
             chrono::Utc::now(),
             true,
         )
@@ -187,7 +187,7 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
         let flushed = used_memory(&mut conn).await?;
         let sample: Option<i64> = redis::cmd("MEMORY")
             .arg("USAGE")
-            .arg(store.counter_key(&ids[0], BENCH_PERIOD))
+            .arg(store.counter_key(&ids[0], bench_period()))
             .query_async(&mut conn)
             .await
             .map_err(|e| format!("redis: {e}"))?;
