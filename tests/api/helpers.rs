@@ -94,6 +94,8 @@ pub struct Options {
     pub shutdown_timeout_ms: u64,
     /// A plans file; the built-in plans when `None`.
     pub plans: Option<PathBuf>,
+    /// `QUOTAD_REDIS_TIMEOUT_MS`.
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for Options {
@@ -108,6 +110,8 @@ impl Default for Options {
             flush_interval_ms: 3_600_000,
             shutdown_timeout_ms: 10_000,
             plans: None,
+            // Generous: a loaded CI machine must not turn a slow answer into a degraded one.
+            redis_timeout_ms: 2000,
         }
     }
 }
@@ -169,8 +173,7 @@ impl TestApp {
         config.gateway_tokens = opts.gateway_tokens;
         config.admin_tokens = opts.admin_tokens;
         config.plans = opts.plans;
-        // Generous: a loaded CI machine must not turn a slow answer into a degraded one.
-        config.redis_timeout_ms = 2000;
+        config.redis_timeout_ms = opts.redis_timeout_ms;
         let clock = ManualClock::new(opts.now);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -420,25 +423,82 @@ pub struct PrivateRedis {
     pub port: u16,
     child: Child,
     dir: PathBuf,
+    /// Extra `redis-server` arguments, kept across restarts.
+    args: Vec<String>,
 }
 
 impl PrivateRedis {
     pub fn start() -> PrivateRedis {
+        Self::start_with(&[])
+    }
+
+    /// Started with extra `redis-server` arguments (`["--key-load-delay", "50"]`).
+    pub fn start_with(args: &[&str]) -> PrivateRedis {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("quotad-redis-{port}-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Self::launch(port, &dir);
-        PrivateRedis { port, child, dir }
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = Self::launch(port, &dir, &args);
+        PrivateRedis {
+            port,
+            child,
+            dir,
+            args,
+        }
     }
 
-    /// Starts it again on the same port, empty (it keeps nothing on disk).
+    /// Starts it again on the same port: empty, unless a `SAVE` left a dump in its folder (it
+    /// saves nothing by itself).
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::launch(self.port, &self.dir);
+        self.child = Self::launch(self.port, &self.dir, &self.args);
     }
 
-    fn launch(port: u16, dir: &std::path::Path) -> Child {
+    /// Stops the server (SIGSTOP): it holds its connections and answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT); it then runs what was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} redis-server");
+    }
+
+    /// Runs one command on a connection of its own (so a blocked connection cannot hold it up),
+    /// e.g. `["CONFIG", "SET", "maxmemory", "1mb"]`.
+    pub async fn call<T: deadpool_redis::redis::FromRedisValue>(
+        &self,
+        args: &[&str],
+    ) -> deadpool_redis::redis::RedisResult<T> {
+        let client = deadpool_redis::redis::Client::open(self.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cmd = deadpool_redis::redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    /// One field of `INFO` (`"used_memory"`, `"loading"`).
+    pub async fn info(&self, field: &str) -> String {
+        let info: String = self.call(&["INFO"]).await.expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("INFO has no {field}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn launch(port: u16, dir: &std::path::Path, args: &[String]) -> Child {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -450,6 +510,7 @@ impl PrivateRedis {
                 "--appendonly",
                 "no",
             ])
+            .args(args)
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())

@@ -15,6 +15,7 @@ mod periods;
 mod plans;
 mod process;
 mod prometheus;
+mod redis_faults;
 mod refusals;
 mod ui;
 
