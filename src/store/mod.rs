@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -202,6 +202,8 @@ struct ServerClock {
     offset_ms: AtomicI64,
     /// When (daemon wall clock, ms) the next measurement is due.
     next_sync_ms: AtomicI64,
+    /// Whether `offset_ms` has been measured.
+    measured: AtomicBool,
 }
 
 /// Multiplexed connections per store. Each pipelines every concurrent request over one socket;
@@ -681,6 +683,14 @@ impl RedisStore {
             .collect())
     }
 
+    /// Redis' clock minus the daemon's wall clock, in ms, as last measured (`None` until then).
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.clock
+            .measured
+            .load(Ordering::Relaxed)
+            .then(|| self.clock.offset_ms.load(Ordering::Relaxed))
+    }
+
     /// PING, for readiness; with it, in the same round trip, `TIME`, to measure the offset
     /// between the daemon's wall clock and Redis' (script deadlines are in Redis' clock). The
     /// offset is taken as Redis' time minus the middle of the round trip, so its error is at most
@@ -696,11 +706,10 @@ impl RedisStore {
             .await?;
         let rtt = started.elapsed();
         if rtt <= self.grace() {
-            let redis_ms = secs * 1000 + micros / 1000;
-            let middle_ms = wall_ms(sent) + (rtt.as_millis() / 2) as i64;
             self.clock
                 .offset_ms
-                .store(redis_ms - middle_ms, Ordering::Relaxed);
+                .store(clock_offset(sent, rtt, secs, micros), Ordering::Relaxed);
+            self.clock.measured.store(true, Ordering::Relaxed);
             self.clock.next_sync_ms.store(
                 wall_ms(SystemTime::now()) + CLOCK_RESYNC_MS,
                 Ordering::Relaxed,
@@ -734,6 +743,13 @@ async fn attempt<T>(
     work: impl Future<Output = Result<T, RedisError>>,
 ) -> Option<Result<T, RedisError>> {
     tokio::time::timeout_at(deadline, work).await.ok()
+}
+
+/// Redis' clock minus the daemon's, in ms, from a `TIME` answer (`secs`, `micros`) to a request
+/// sent at `sent` that took `rtt` there and back: Redis read its clock about half-way.
+fn clock_offset(sent: SystemTime, rtt: Duration, secs: i64, micros: i64) -> i64 {
+    let redis_ms = secs * 1000 + micros / 1000;
+    redis_ms - (wall_ms(sent) + (rtt.as_millis() / 2) as i64)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -819,6 +835,46 @@ fn crc16(bytes: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_offset_is_redis_time_minus_the_middle_of_the_round_trip() {
+        let sent = UNIX_EPOCH + Duration::from_millis(1_800_000_000_000);
+        // Redis an hour ahead, read 4 ms after the send of an 8 ms round trip.
+        let (secs, micros) = (1_800_003_600, 4_000);
+        let offset = clock_offset(sent, Duration::from_millis(8), secs, micros);
+        assert_eq!(offset, 3_600_000);
+        // Redis 250 ms behind.
+        let offset = clock_offset(sent, Duration::from_millis(2), 1_799_999_999, 751_000);
+        assert_eq!(offset, -250);
+    }
+
+    #[test]
+    fn refusals_are_outages_late_scripts_are_unavailable_other_replies_are_bugs() {
+        for (code, reason) in [
+            ("OOM", "out of memory"),
+            ("BUSY", "busy running a long script"),
+            ("NOREPLICAS", "too few replicas"),
+            ("MISCONF", "cannot save to disk"),
+        ] {
+            let e = classify(redis::make_extension_error(code.into(), Some("x".into())));
+            match &e {
+                StoreError::Refused { reason: r, .. } => assert!(r.contains(reason), "{code}: {r}"),
+                other => panic!("{code}: {other:?}"),
+            }
+            assert!(e.is_outage());
+        }
+        let late = classify(redis::make_extension_error(
+            EXPIRED.into(),
+            Some("ran 3 ms after the call's deadline".into()),
+        ));
+        assert!(matches!(late, StoreError::Unavailable(_)), "{late:?}");
+        let bug = classify(redis::make_extension_error(
+            "WRONGTYPE".into(),
+            Some("Operation against a key holding the wrong kind of value".into()),
+        ));
+        assert!(matches!(bug, StoreError::Redis(_)), "{bug:?}");
+        assert!(!bug.is_outage());
+    }
 
     #[test]
     fn crc16_matches_the_redis_cluster_reference_value() {

@@ -90,6 +90,7 @@ async fn assert_refused(app: &TestApp, user: Uuid, fault: &str, reason: &str) {
     let before = redis_errors(app, "refused").await;
     let fresh = Uuid::new_v4();
     let mut calls = 0.0;
+    let mut slowest = Duration::ZERO;
     for u in [user, fresh] {
         let (open, t_open) = timed_consume(app, u, "ai_generation").await;
         assert_degraded(&open, fault);
@@ -105,9 +106,11 @@ async fn assert_refused(app: &TestApp, user: Uuid, fault: &str, reason: &str) {
                 t < Duration::from_millis(REFUSAL_TIMEOUT_MS),
                 "{fault}: answered in {t:?}, not within QUOTAD_REDIS_TIMEOUT_MS"
             );
+            slowest = slowest.max(t);
         }
         calls += 2.0;
     }
+    eprintln!("{fault}: slowest answer {slowest:?}");
     let after = redis_errors(app, "refused").await;
     assert!(
         after - before >= calls,
@@ -345,6 +348,7 @@ async fn with_redis_killed_calls_follow_the_fail_policy_in_time_and_counts_come_
     let bound = Duration::from_millis(HUNG_TIMEOUT_MS + SLACK_MS);
 
     redis.kill();
+    let mut slowest = Duration::ZERO;
     for i in 0..3 {
         let (open, t_open) = timed_consume(&app, user, "ai_generation").await;
         assert_degraded(&open, &format!("ai_generation #{i}"));
@@ -352,8 +356,10 @@ async fn with_redis_killed_calls_follow_the_fail_policy_in_time_and_counts_come_
         assert_unavailable(&closed, &format!("kb_file #{i}"));
         for t in [t_open, t_closed] {
             assert!(t < bound, "answered in {t:?}, over {bound:?}");
+            slowest = slowest.max(t);
         }
     }
+    eprintln!("slowest answer with Redis killed: {slowest:?} (bound {bound:?})");
 
     redis.restart();
     assert_eq!(
@@ -362,4 +368,60 @@ async fn with_redis_killed_calls_follow_the_fail_policy_in_time_and_counts_come_
         "Redis came back empty"
     );
     assert_counts_resume(&app, user, "killed").await;
+}
+
+// The deadline check itself, straight at Redis with the daemon's own invocation: the same
+// consume counts when its deadline is ahead, and does nothing, answering EXPIRED, when Redis'
+// clock is past it.
+#[tokio::test]
+async fn a_consume_script_run_past_its_deadline_does_nothing() {
+    use deadpool_redis::redis::{RedisResult, Value};
+    use quotad::period::Period;
+    use quotad::store::{CountCall, Mode};
+
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    assert_counted(
+        &app.consume(user, "ai_generation").await,
+        1,
+        "first consume",
+    );
+    let store = &app.state.quota.store;
+    let offset = store
+        .clock_offset_ms()
+        .expect("the offset to Redis' clock was measured at start");
+    // Same host, same clock: the estimate is off by at most half a round trip.
+    assert!(
+        offset.abs() <= 50,
+        "offset to a same-host Redis: {offset} ms"
+    );
+
+    let plans = app.state.quota.plans.current();
+    let ty = plans.usage_type("ai_generation").unwrap();
+    let call = CountCall {
+        mode: Mode::Consume,
+        user,
+        usage_type: ty,
+        amount: 1,
+        period: Period::current(ty.period, app.clock_now()),
+        plan_override: None,
+        default_plan: &plans.default_plan,
+        idempotency_key: None,
+        metadata: &[],
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis() + offset;
+    let mut conn = app.redis().await;
+
+    let mut late = store.count_invocation(&call);
+    late.arg(now_ms - 1000);
+    let answer: RedisResult<Value> = late.invoke_async(&mut conn).await;
+    let err = answer.expect_err("a script past its deadline is refused");
+    assert_eq!(err.code(), Some("EXPIRED"), "{err}");
+    assert_eq!(app.used(user, "ai_generation").await, 1, "nothing counted");
+
+    let mut timely = store.count_invocation(&call);
+    timely.arg(now_ms + 10_000);
+    let (status, used, ..): (String, i64, String, i64, String) =
+        timely.invoke_async(&mut conn).await.unwrap();
+    assert_eq!((status.as_str(), used), ("ok", 2));
 }
