@@ -531,6 +531,11 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The folder it saves in (its working directory).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Kills the server (SIGKILL) and waits for it to go.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

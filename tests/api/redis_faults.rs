@@ -1,6 +1,6 @@
 //! Redis having a bad day, each on a redis-server of the test's own: refusing calls (OOM,
-//! LOADING, READONLY, BUSY, MASTERDOWN), hanging (SIGSTOP) past the deadline, and killed. In
-//! every case `ai_generation` (fail open) answers 200 `"degraded": true` and `kb_file` (fail
+//! LOADING, READONLY, BUSY, MASTERDOWN, NOREPLICAS, MISCONF), hanging (SIGSTOP) past the
+//! deadline, and killed. In every case `ai_generation` (fail open) answers 200 `"degraded": true` and `kb_file` (fail
 //! closed) answers 503 `REDIS_UNAVAILABLE`, within a stated bound; nothing is counted for those
 //! calls, not even after Redis comes back; and the first call after the fault counts as usual.
 
@@ -201,6 +201,60 @@ async fn replica_without_its_primary_gets_the_fail_policy_and_counts_nothing() {
 
     let _: () = redis.call(&["REPLICAOF", "NO", "ONE"]).await.unwrap();
     assert_counts_resume(&app, user, "MASTERDOWN").await;
+}
+
+// Bound: a primary told to take writes only with a replica connected (min-replicas-to-write 1),
+// with none, answers NOREPLICAS to every write; each call gets the fail policy's answer within
+// QUOTAD_REDIS_TIMEOUT_MS.
+#[tokio::test]
+async fn primary_without_enough_replicas_gets_the_fail_policy_and_counts_nothing() {
+    let redis = PrivateRedis::start();
+    let (app, user) = daemon_with_a_counted_user(&redis, REFUSAL_TIMEOUT_MS).await;
+
+    let _: () = redis
+        .call(&["CONFIG", "SET", "min-replicas-to-write", "1"])
+        .await
+        .unwrap();
+    assert_refused(&app, user, "NOREPLICAS", "too few replicas").await;
+
+    let _: () = redis
+        .call(&["CONFIG", "SET", "min-replicas-to-write", "0"])
+        .await
+        .unwrap();
+    assert_counts_resume(&app, user, "NOREPLICAS").await;
+}
+
+// Bound: a Redis whose last snapshot failed (its folder is gone) stops taking writes
+// (stop-writes-on-bgsave-error) and answers MISCONF; each call gets the fail policy's answer
+// within QUOTAD_REDIS_TIMEOUT_MS.
+#[tokio::test]
+async fn redis_unable_to_save_gets_the_fail_policy_and_counts_nothing() {
+    let redis = PrivateRedis::start();
+    let (app, user) = daemon_with_a_counted_user(&redis, REFUSAL_TIMEOUT_MS).await;
+
+    let _: () = redis
+        .call(&["CONFIG", "SET", "save", "3600 1"])
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(redis.dir()).unwrap();
+    let _: String = redis.call(&["BGSAVE"]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = redis.info("rdb_last_bgsave_status").await;
+        let running = redis.info("rdb_bgsave_in_progress").await;
+        if status == "err" && running == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the snapshot did not fail");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_refused(&app, user, "MISCONF", "cannot save to disk").await;
+
+    let _: () = redis
+        .call(&["CONFIG", "SET", "stop-writes-on-bgsave-error", "no"])
+        .await
+        .unwrap();
+    assert_counts_resume(&app, user, "MISCONF").await;
 }
 
 // Bound: while another client's script runs past busy-reply-threshold (50 ms here), Redis
