@@ -1,8 +1,9 @@
 //! Redis having a bad day, each on a redis-server of the test's own: refusing calls (OOM,
 //! LOADING, READONLY, BUSY, MASTERDOWN, NOREPLICAS, MISCONF), hanging (SIGSTOP) past the
-//! deadline, and killed. In every case `ai_generation` (fail open) answers 200 `"degraded": true` and `kb_file` (fail
-//! closed) answers 503 `REDIS_UNAVAILABLE`, within a stated bound; nothing is counted for those
-//! calls, not even after Redis comes back; and the first call after the fault counts as usual.
+//! deadline, and killed. In every case `ai_generation` (fail open) answers 200
+//! `"degraded": true` and `kb_file` (fail closed) answers 503 `REDIS_UNAVAILABLE`, within a stated
+//! bound; nothing is counted for those calls, not even after Redis comes back; and the first call
+//! after the fault counts as usual.
 
 use std::time::{Duration, Instant};
 
