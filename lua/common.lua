@@ -1,3 +1,24 @@
+-- Every call carries its deadline (ms, in Redis' clock) as its last argument; it is taken off
+-- ARGV here, so no script's own arguments move. A script that Redis runs past its deadline (it
+-- was queued while Redis hung: SIGSTOP, a long fork, a slow command ahead of it) does nothing
+-- and answers EXPIRED: quotad has already answered the call as failed, and a failed call must
+-- not count later. quotad waits a little longer than this deadline for the answer (see
+-- `RedisStore::arm`), so a script that ran in time has its reply read.
+local call_deadline = tonumber(table.remove(ARGV))
+if not call_deadline then
+  return redis.error_reply('ERR quotad script called without its deadline argument')
+end
+-- Redis' time (ms) when the script started: read once, for the deadline and the dirty mark.
+local call_now_ms
+do
+  local t = redis.call('TIME')
+  call_now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local late = call_now_ms - call_deadline
+  if late > 0 then
+    return redis.error_reply('EXPIRED ran ' .. late .. ' ms after the call\'s deadline; nothing done')
+  end
+end
+
 -- Helpers shared by the counting scripts. quotad prepends this file to each of them when it loads
 -- them, so every script stays one EVALSHA and one atomic step.
 --
@@ -31,8 +52,7 @@ end
 -- Redis server's time (ms) of the first unflushed change: the flusher takes the oldest first, and
 -- the score tells how far behind Postgres is. NX keeps the first time.
 local function mark_dirty(dirty, member)
-  local t = redis.call('TIME')
-  redis.call('ZADD', dirty, 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), member)
+  redis.call('ZADD', dirty, 'NX', call_now_ms, member)
 end
 
 -- A count, `v` or `n:<type>` as stored (`raw`, nil when missing = 0). A value that is not a whole

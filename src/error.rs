@@ -127,6 +127,13 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match &e {
             StoreError::Unavailable(_) => Self::redis_unavailable(&e),
+            StoreError::Refused { reason, .. } => {
+                tracing::warn!(error.message = %e, "redis refused a call");
+                Self::unavailable(
+                    "REDIS_UNAVAILABLE",
+                    format!("The usage store (Redis) refused the call: {reason}. Nothing was counted; retry shortly."),
+                )
+            }
             StoreError::Redis(_) => Self::internal(&e),
         }
     }

@@ -175,10 +175,11 @@ impl From<Fault> for ApiError {
 impl Fault {
     /// Whether the fail policy applies (an outage), rather than a bug.
     fn is_outage(&self) -> bool {
-        matches!(
-            self,
-            Fault::Redis(StoreError::Unavailable(_)) | Fault::Db(_)
-        )
+        match self {
+            Fault::Redis(e) => e.is_outage(),
+            Fault::Db(_) => true,
+            Fault::Api(_) => false,
+        }
     }
 }
 

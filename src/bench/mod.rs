@@ -683,7 +683,8 @@ impl Client for RawRedisClient {
             idempotency_key: None,
             metadata: &[],
         };
-        let inv = raw.store.count_invocation(&call);
+        let mut inv = raw.store.count_invocation(&call);
+        raw.store.arm(&mut inv);
         let reply: Result<(String, i64, String, i64, String), _> =
             inv.invoke_async(&mut self.conn).await;
         Ok(reply.is_ok_and(|r| r.0 == "ok"))

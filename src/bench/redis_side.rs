@@ -42,6 +42,8 @@ pub(super) async fn load_counters(
 ) -> Result<(), String> {
     let plans = Plans::parse(&memory_plans(), "bench").map_err(|e| e.to_string())?;
     let types: &[&str] = if consume { &MEMORY_TYPES } else { &[] };
+    // Measures the offset to Redis' clock, which the scripts' deadlines are written in.
+    store.ping().await.map_err(|e| e.to_string())?;
     for chunk in users.chunks(CHUNK) {
         let mut pipe = redis::pipe();
         // A pipeline cannot retry on NOSCRIPT: load the scripts first (cheap when loaded).
@@ -50,7 +52,8 @@ pub(super) async fn load_counters(
             .load_script(&scripts::CONSUME)
             .ignore();
         for u in chunk {
-            let hydrate = store.hydrate_invocation(*u, period, &Snapshot::default(), now);
+            let mut hydrate = store.hydrate_invocation(*u, period, &Snapshot::default(), now);
+            store.arm(&mut hydrate);
             pipe.invoke_script(&hydrate).ignore();
             for ty in types {
                 let call = CountCall {
@@ -64,7 +67,9 @@ pub(super) async fn load_counters(
                     idempotency_key: None,
                     metadata: &[],
                 };
-                pipe.invoke_script(&store.count_invocation(&call)).ignore();
+                let mut count = store.count_invocation(&call);
+                store.arm(&mut count);
+                pipe.invoke_script(&count).ignore();
             }
         }
         pipe.query_async::<()>(conn)

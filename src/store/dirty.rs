@@ -174,7 +174,7 @@ impl RedisStore {
         for (field, value) in fields {
             inv.arg(field).arg(value);
         }
-        let changed: i64 = self.run_script(&inv).await?;
+        let changed: i64 = self.run_script(&mut inv).await?;
         Ok(changed == 1)
     }
 

@@ -34,9 +34,9 @@ pub use scan::LiveCounter;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -68,12 +68,32 @@ pub const SKEW_MARGIN_MS: i64 = 60_000;
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Redis did not answer in time, or could not be reached: the fail policy decides.
+    /// Redis did not answer in time, could not be reached, or ran a script only after the
+    /// call's deadline (and so refused it): the fail policy decides.
     #[error("redis unavailable: {0}")]
     Unavailable(String),
+    /// Redis answered that it cannot take the call now (out of memory, loading, a read-only
+    /// replica, busy with a script…); the call did nothing. The fail policy decides.
+    #[error("redis refused the call: {reason} ({detail})")]
+    Refused {
+        /// Why, in words a person can act on ("it is out of memory (maxmemory reached)").
+        reason: &'static str,
+        /// Redis' own error text.
+        detail: String,
+    },
     /// Redis answered with an error (a script fault, a wrong type): a bug, not an outage.
     #[error("redis error: {0}")]
     Redis(#[from] RedisError),
+}
+
+impl StoreError {
+    /// Whether this is an outage (the fail policy applies), rather than a bug.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Refused { .. }
+        )
+    }
 }
 
 /// What a counting script decided.
@@ -187,6 +207,22 @@ pub struct Snapshot {
     pub plan: Option<(String, i64)>,
 }
 
+/// How often the offset between the daemon's wall clock and Redis' is measured again (besides
+/// every readiness check): clocks kept by NTP drift far less than the grace in this time.
+const CLOCK_RESYNC_MS: i64 = 60_000;
+
+/// The daemon's estimate of Redis' clock, for script deadlines (see [`RedisStore::arm`]).
+#[derive(Debug, Default)]
+struct ServerClock {
+    /// Redis' `TIME` minus the daemon's wall clock, in ms (0 until measured: a Redis on the same
+    /// host shares the daemon's clock).
+    offset_ms: AtomicI64,
+    /// When (daemon wall clock, ms) the next measurement is due.
+    next_sync_ms: AtomicI64,
+    /// Whether `offset_ms` has been measured.
+    measured: AtomicBool,
+}
+
 /// Multiplexed connections per store. Each pipelines every concurrent request over one socket;
 /// a few spread the client-side work over cores.
 const CONNECTIONS: usize = 1;
@@ -201,6 +237,7 @@ pub struct RedisStore {
     timeout: Duration,
     /// The name its connections carry (`CLIENT SETNAME`), so `CLIENT LIST` tells them apart.
     name: &'static str,
+    clock: Arc<ServerClock>,
 }
 
 /// The name of the request path's connections.
@@ -223,6 +260,7 @@ impl RedisStore {
             prefix: prefix.into(),
             timeout,
             name: REQUESTS_CONNECTION,
+            clock: Arc::default(),
         })
     }
 
@@ -338,17 +376,21 @@ impl RedisStore {
         format!("{user}:{}", period.id())
     }
 
+    /// The next connection, in turn.
+    fn conn(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+
     /// Runs `f` with one of the connections (in turn), under the Redis deadline, once.
     async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let result = self.attempt(deadline, f(self.conns[i].clone())).await;
-        self.count_error(&result);
-        result
+        let result = attempt(deadline, f(self.conn())).await;
+        self.settle(result)
     }
 
     /// Like [`Self::with_conn`], but a call that failed at the connection (typically one Redis
@@ -356,65 +398,133 @@ impl RedisStore {
     /// connection, within the same deadline. Without this the first request after a Redis restart
     /// would get the fail policy's answer. The resend could double a count only if Redis ran the
     /// first send and then lost the connection before answering; a Redis that crashes there
-    /// loses the write too unless it persists every write (appendfsync always).
-    async fn with_retry<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    /// loses the write too unless it persists every write (appendfsync always). A script's resend
+    /// carries the first send's deadline, so it cannot run later than the first could have.
+    ///
+    /// Refusals (OOM, LOADING, READONLY…) are not resent: nothing ran, but the condition outlasts
+    /// a deadline of milliseconds, and a resend would only add load to a struggling server.
+    async fn with_retry<T, F, Fut>(
+        &self,
+        deadline: tokio::time::Instant,
+        f: F,
+    ) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let mut result = self.attempt(deadline, f(self.conns[i].clone())).await;
-        if matches!(&result, Err(StoreError::Unavailable(_)))
+        let conn = self.conn();
+        let mut result = attempt(deadline, f(conn.clone())).await;
+        if matches!(&result, Some(Err(e)) if is_connection_fault(e))
             && tokio::time::Instant::now() < deadline
         {
             // The manager reconnects in the background; this send waits for it.
-            result = self.attempt(deadline, f(self.conns[i].clone())).await;
+            result = attempt(deadline, f(conn)).await;
         }
-        self.count_error(&result);
-        result
+        self.settle(result)
     }
 
-    async fn attempt<T>(
-        &self,
-        deadline: tokio::time::Instant,
-        work: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(result) => result.map_err(classify),
-            Err(_) => Err(StoreError::Unavailable(format!(
+    /// Classifies a call's outcome (`None` = no answer by its deadline) and counts its failure.
+    fn settle<T>(&self, result: Option<Result<T, RedisError>>) -> Result<T, StoreError> {
+        let result = match result {
+            Some(r) => r.map_err(classify),
+            None => Err(StoreError::Unavailable(format!(
                 "no answer within {} ms",
                 self.timeout.as_millis()
             ))),
-        }
-    }
-
-    fn count_error<T>(&self, result: &Result<T, StoreError>) {
-        if let Err(e) = result {
+        };
+        if let Err(e) = &result {
             let kind = match e {
                 StoreError::Unavailable(_) => "unavailable",
+                StoreError::Refused { .. } => "refused",
                 StoreError::Redis(_) => "error",
             };
             metrics::counter!(crate::metrics::REDIS_ERRORS, "kind" => kind).increment(1);
         }
+        result
     }
 
-    /// Runs a script invocation (EVALSHA; on NOSCRIPT it loads the script and runs it again).
+    /// How much of the Redis deadline is kept back, after a script's own deadline, for its reply
+    /// to reach quotad: a quarter (25 ms at the default 100 ms). A script starts by 3/4 of the
+    /// timeout or not at all, and quotad waits the full timeout for the answer. The grace covers
+    /// the script's run (well under 1 ms), the reply's way back (µs on one host, under 1 ms on a
+    /// LAN), the error of the clock offset (at most half the round trip that measured it, which
+    /// must be under the grace to be used) and the daemon being slow to poll the reply.
+    fn grace(&self) -> Duration {
+        self.timeout / 4
+    }
+
+    /// Appends the call's deadline (ms, in Redis' clock) as the invocation's last argument and
+    /// returns how long quotad waits for the answer. The prologue of `lua/common.lua` takes the
+    /// deadline off `ARGV` and, once Redis' clock is past it, refuses the call without touching
+    /// anything: a script sent to a Redis that hangs (SIGSTOP, a long fork) and answered as
+    /// failed does not count when Redis resumes. Every script that includes `common.lua` must be
+    /// sent armed, by [`Self::run_script`] or (the bench, pipelines) by calling this.
+    ///
+    /// The script's deadline is `timeout - grace` after now; quotad waits `timeout`. A call
+    /// answered as failed can still have counted only if Redis ran it before its deadline and
+    /// its reply then took longer than the grace to arrive (Redis stopped between running the
+    /// script and writing the reply, or the daemon did not poll it for that long).
+    pub fn arm(&self, inv: &mut ScriptInvocation<'_>) -> tokio::time::Instant {
+        let until = tokio::time::Instant::now() + self.timeout;
+        let now_ms = wall_ms(SystemTime::now());
+        let budget = self.timeout.saturating_sub(self.grace());
+        inv.arg(now_ms + self.clock.offset_ms.load(Ordering::Relaxed) + budget.as_millis() as i64);
+        self.resync_when_due(now_ms);
+        until
+    }
+
+    /// Measures the clock offset again in the background when the last measurement is older
+    /// than [`CLOCK_RESYNC_MS`] (one measurement at a time).
+    fn resync_when_due(&self, now_ms: i64) {
+        let due = self.clock.next_sync_ms.load(Ordering::Relaxed);
+        if now_ms < due
+            || self
+                .clock
+                .next_sync_ms
+                .compare_exchange(
+                    due,
+                    now_ms + CLOCK_RESYNC_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = self.clone();
+            rt.spawn(async move {
+                if let Err(e) = store.ping().await {
+                    tracing::debug!(error.message = %e, "redis clock offset not measured");
+                }
+            });
+        }
+    }
+
+    /// Runs a script invocation, armed with its deadline (EVALSHA; on NOSCRIPT it loads the
+    /// script and runs it again).
     async fn run_script<T: redis::FromRedisValue>(
         &self,
-        inv: &redis::ScriptInvocation<'_>,
+        inv: &mut redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        self.with_retry(|mut c| async move { inv.invoke_async(&mut c).await })
+        let until = self.arm(inv);
+        let inv = &*inv;
+        self.with_retry(until, |mut c| async move { inv.invoke_async(&mut c).await })
             .await
     }
 
-    /// Sends a pipeline, one round trip.
+    /// Sends a pipeline, one round trip. Pipelines carry no script that includes `common.lua`
+    /// (only reads, `ZREM`s and `lua/unmark.lua`, which can do no harm when run late).
     async fn run_pipe<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        self.with_retry(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.with_retry(
+            deadline,
+            |mut c| async move { pipe.query_async(&mut c).await },
+        )
+        .await
     }
 
     /// The consume script's invocation for `call`: what [`RedisStore::count`] sends (the bench's
@@ -454,8 +564,8 @@ impl RedisStore {
 
     /// Consume or track: one EVALSHA.
     pub async fn count(&self, call: &CountCall<'_>) -> Result<Reply, StoreError> {
-        let inv = self.count_invocation(call);
-        let raw: (String, i64, String, i64, String, String) = self.run_script(&inv).await?;
+        let mut inv = self.count_invocation(call);
+        let raw: (String, i64, String, i64, String, String) = self.run_script(&mut inv).await?;
         let mut reply = to_reply(
             raw.0.as_str(),
             raw.1,
@@ -493,7 +603,7 @@ impl RedisStore {
             .arg(default_plan)
             .arg(&fresh_args)
             .arg(&usage_type.script_limits);
-        let raw: (String, i64, String, i64) = self.run_script(&inv).await?;
+        let raw: (String, i64, String, i64) = self.run_script(&mut inv).await?;
         Ok(to_reply(raw.0.as_str(), raw.1, raw.2, raw.3, Some(period)))
     }
 
@@ -516,7 +626,7 @@ impl RedisStore {
             .arg(self.changes_channel())
             .arg(user.to_string());
         let (status, used, plan, usage_type, amount): (String, i64, String, String, i64) =
-            self.run_script(&inv).await?;
+            self.run_script(&mut inv).await?;
         Ok(match status.as_str() {
             "ok" => RefundReply::Refunded {
                 used: used.max(0) as u64,
@@ -550,7 +660,7 @@ impl RedisStore {
             .arg(self.changes_channel())
             .arg(user.to_string());
         let (status, used, plan, released): (String, i64, String, i64) =
-            self.run_script(&inv).await?;
+            self.run_script(&mut inv).await?;
         Ok((status == "ok").then(|| {
             (
                 used.max(0) as u64,
@@ -609,8 +719,8 @@ impl RedisStore {
         snap: &Snapshot,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let inv = self.hydrate_invocation(user, period, snap, now);
-        let filled: i64 = self.run_script(&inv).await?;
+        let mut inv = self.hydrate_invocation(user, period, snap, now);
+        let filled: i64 = self.run_script(&mut inv).await?;
         Ok(filled == 1)
     }
 
@@ -638,7 +748,7 @@ impl RedisStore {
         for p in periods {
             inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
         }
-        let _: i64 = self.run_script(&inv).await?;
+        let _: i64 = self.run_script(&mut inv).await?;
         Ok(())
     }
 
@@ -659,17 +769,41 @@ impl RedisStore {
             .collect())
     }
 
-    /// PING, for readiness; names the connection in the same round trip.
+    /// Redis' clock minus the daemon's wall clock, in ms, as last measured (`None` until then).
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.clock
+            .measured
+            .load(Ordering::Relaxed)
+            .then(|| self.clock.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// PING, for readiness; with it, in the same round trip, `CLIENT SETNAME` (naming the
+    /// connection) and `TIME`, to measure the offset
+    /// between the daemon's wall clock and Redis' (script deadlines are in Redis' clock). The
+    /// offset is taken as Redis' time minus the middle of the round trip, so its error is at most
+    /// half the round trip; a measurement whose round trip exceeds the grace is not used.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         self.set_name(&mut pipe);
-        pipe.cmd("PING");
-        self.with_conn(|mut c| {
-            let pipe = pipe.clone();
-            async move { pipe.query_async::<(String,)>(&mut c).await }
-        })
-        .await
-        .map(|_| ())
+        pipe.cmd("PING").ignore().cmd("TIME");
+        let pipe = &pipe;
+        let sent = SystemTime::now();
+        let started = std::time::Instant::now();
+        let ((secs, micros),): ((i64, i64),) = self
+            .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let rtt = started.elapsed();
+        if rtt <= self.grace() {
+            self.clock
+                .offset_ms
+                .store(clock_offset(sent, rtt, secs, micros), Ordering::Relaxed);
+            self.clock.measured.store(true, Ordering::Relaxed);
+            self.clock.next_sync_ms.store(
+                wall_ms(SystemTime::now()) + CLOCK_RESYNC_MS,
+                Ordering::Relaxed,
+            );
+        }
+        Ok(())
     }
 }
 
@@ -694,13 +828,83 @@ fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Pe
     }
 }
 
-/// Connection-level faults are outages (the fail policy applies); server replies are bugs.
+/// Sends `work`, waiting until `deadline`; `None` = no answer by then.
+async fn attempt<T>(
+    deadline: tokio::time::Instant,
+    work: impl Future<Output = Result<T, RedisError>>,
+) -> Option<Result<T, RedisError>> {
+    tokio::time::timeout_at(deadline, work).await.ok()
+}
+
+/// Redis' clock minus the daemon's, in ms, from a `TIME` answer (`secs`, `micros`) to a request
+/// sent at `sent` that took `rtt` there and back: Redis read its clock about half-way.
+fn clock_offset(sent: SystemTime, rtt: Duration, secs: i64, micros: i64) -> i64 {
+    let redis_ms = secs * 1000 + micros / 1000;
+    redis_ms - (wall_ms(sent) + (rtt.as_millis() / 2) as i64)
+}
+
+/// Milliseconds since the Unix epoch.
+fn wall_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The failure happened at the connection (refused, reset, closed): the call may not have
+/// reached Redis, and a reconnected connection may do better.
+fn is_connection_fault(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// The error code a script's deadline check answers with (see `lua/common.lua`).
+const EXPIRED: &str = "EXPIRED";
+
+/// Redis' replies that mean "I cannot take this call now" and that nothing ran, with the reason
+/// told to a person. A refused script did nothing: Redis refuses the first write of a script
+/// (OOM, READONLY, NOREPLICAS, MISCONF) before any write, and the others before the script starts.
+fn refusal(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "OOM" => "it is out of memory (maxmemory reached)",
+        "LOADING" => "it is still loading its data set",
+        "READONLY" => "it is a read-only replica (a failover may have moved the primary)",
+        "BUSY" => "it is busy running a long script",
+        "MASTERDOWN" => "it is a replica that lost its link to the primary",
+        "CLUSTERDOWN" => "the cluster is down",
+        "TRYAGAIN" => "the keys are being moved between cluster nodes",
+        "NOREPLICAS" => "too few replicas are connected for it to take writes",
+        "MISCONF" => "it cannot save to disk and refuses writes",
+        _ => return None,
+    })
+}
+
+/// Connection faults, late scripts and refusals are outages (the fail policy applies); other
+/// server replies are bugs.
 fn classify(e: RedisError) -> StoreError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
-        StoreError::Unavailable(e.to_string())
-    } else {
-        StoreError::Redis(e)
+    if is_connection_fault(&e) {
+        return StoreError::Unavailable(e.to_string());
     }
+    // A pipeline's error carries each failed command's reply; its first refusal decides.
+    let codes: Vec<(String, String)> = match e.clone().into_server_errors() {
+        Some(errors) => errors
+            .iter()
+            .map(|(_, s)| (s.code().to_owned(), s.details().unwrap_or("").to_owned()))
+            .collect(),
+        None => Vec::new(),
+    };
+    for (code, detail) in codes {
+        if code == EXPIRED {
+            return StoreError::Unavailable(format!(
+                "redis ran the call after its deadline, so it did nothing: {detail}"
+            ));
+        }
+        if let Some(reason) = refusal(&code) {
+            return StoreError::Refused {
+                reason,
+                detail: format!("{code} {detail}"),
+            };
+        }
+    }
+    StoreError::Redis(e)
 }
 
 /// CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots.
@@ -722,6 +926,46 @@ fn crc16(bytes: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_offset_is_redis_time_minus_the_middle_of_the_round_trip() {
+        let sent = UNIX_EPOCH + Duration::from_millis(1_800_000_000_000);
+        // Redis an hour ahead, read 4 ms after the send of an 8 ms round trip.
+        let (secs, micros) = (1_800_003_600, 4_000);
+        let offset = clock_offset(sent, Duration::from_millis(8), secs, micros);
+        assert_eq!(offset, 3_600_000);
+        // Redis 250 ms behind.
+        let offset = clock_offset(sent, Duration::from_millis(2), 1_799_999_999, 751_000);
+        assert_eq!(offset, -250);
+    }
+
+    #[test]
+    fn refusals_are_outages_late_scripts_are_unavailable_other_replies_are_bugs() {
+        for (code, reason) in [
+            ("OOM", "out of memory"),
+            ("BUSY", "busy running a long script"),
+            ("NOREPLICAS", "too few replicas"),
+            ("MISCONF", "cannot save to disk"),
+        ] {
+            let e = classify(redis::make_extension_error(code.into(), Some("x".into())));
+            match &e {
+                StoreError::Refused { reason: r, .. } => assert!(r.contains(reason), "{code}: {r}"),
+                other => panic!("{code}: {other:?}"),
+            }
+            assert!(e.is_outage());
+        }
+        let late = classify(redis::make_extension_error(
+            EXPIRED.into(),
+            Some("ran 3 ms after the call's deadline".into()),
+        ));
+        assert!(matches!(late, StoreError::Unavailable(_)), "{late:?}");
+        let bug = classify(redis::make_extension_error(
+            "WRONGTYPE".into(),
+            Some("Operation against a key holding the wrong kind of value".into()),
+        ));
+        assert!(matches!(bug, StoreError::Redis(_)), "{bug:?}");
+        assert!(!bug.is_outage());
+    }
 
     #[test]
     fn crc16_matches_the_redis_cluster_reference_value() {

@@ -66,7 +66,7 @@ impl RedisStore {
         inv.key(self.counter_key(&user, period))
             .key(self.dirty_key(&user))
             .arg(Self::dirty_member(&user, period));
-        let v: i64 = self.run_script(&inv).await?;
+        let v: i64 = self.run_script(&mut inv).await?;
         Ok(v > 0)
     }
 
@@ -86,7 +86,7 @@ impl RedisStore {
         for (f, v) in fields {
             inv.arg(f).arg(v);
         }
-        let done: i64 = self.run_script(&inv).await?;
+        let done: i64 = self.run_script(&mut inv).await?;
         Ok(done == 1)
     }
 }

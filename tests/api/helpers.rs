@@ -115,6 +115,8 @@ pub struct Options {
     pub plans: Option<PathBuf>,
     /// Changes any other setting, last.
     pub tune: fn(&mut Config),
+    /// `QUOTAD_REDIS_TIMEOUT_MS`.
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for Options {
@@ -130,6 +132,8 @@ impl Default for Options {
             shutdown_timeout_ms: 10_000,
             plans: None,
             tune: |_| {},
+            // Generous: a loaded CI machine must not turn a slow answer into a degraded one.
+            redis_timeout_ms: 2000,
         }
     }
 }
@@ -191,8 +195,7 @@ impl TestApp {
         config.gateway_tokens = opts.gateway_tokens;
         config.admin_tokens = opts.admin_tokens;
         config.plans = opts.plans;
-        // Generous: a loaded CI machine must not turn a slow answer into a degraded one.
-        config.redis_timeout_ms = 2000;
+        config.redis_timeout_ms = opts.redis_timeout_ms;
         (opts.tune)(&mut config);
         let clock = ManualClock::new(opts.now);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -443,25 +446,82 @@ pub struct PrivateRedis {
     pub port: u16,
     child: Child,
     dir: PathBuf,
+    /// Extra `redis-server` arguments, kept across restarts.
+    args: Vec<String>,
 }
 
 impl PrivateRedis {
     pub fn start() -> PrivateRedis {
+        Self::start_with(&[])
+    }
+
+    /// Started with extra `redis-server` arguments (`["--key-load-delay", "50"]`).
+    pub fn start_with(args: &[&str]) -> PrivateRedis {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("quotad-redis-{port}-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Self::launch(port, &dir);
-        PrivateRedis { port, child, dir }
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = Self::launch(port, &dir, &args);
+        PrivateRedis {
+            port,
+            child,
+            dir,
+            args,
+        }
     }
 
-    /// Starts it again on the same port, empty (it keeps nothing on disk).
+    /// Starts it again on the same port: empty, unless a `SAVE` left a dump in its folder (it
+    /// saves nothing by itself).
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::launch(self.port, &self.dir);
+        self.child = Self::launch(self.port, &self.dir, &self.args);
     }
 
-    fn launch(port: u16, dir: &std::path::Path) -> Child {
+    /// Stops the server (SIGSTOP): it holds its connections and answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT); it then runs what was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} redis-server");
+    }
+
+    /// Runs one command on a connection of its own (so a blocked connection cannot hold it up),
+    /// e.g. `["CONFIG", "SET", "maxmemory", "1mb"]`.
+    pub async fn call<T: deadpool_redis::redis::FromRedisValue>(
+        &self,
+        args: &[&str],
+    ) -> deadpool_redis::redis::RedisResult<T> {
+        let client = deadpool_redis::redis::Client::open(self.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cmd = deadpool_redis::redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    /// One field of `INFO` (`"used_memory"`, `"loading"`).
+    pub async fn info(&self, field: &str) -> String {
+        let info: String = self.call(&["INFO"]).await.expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("INFO has no {field}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn launch(port: u16, dir: &std::path::Path, args: &[String]) -> Child {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -473,6 +533,7 @@ impl PrivateRedis {
                 "--appendonly",
                 "no",
             ])
+            .args(args)
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
@@ -491,6 +552,11 @@ impl PrivateRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The folder it saves in (its working directory).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// Kills the server (SIGKILL) and waits for it to go.

@@ -17,6 +17,7 @@ mod periods;
 mod plans;
 mod process;
 mod prometheus;
+mod redis_faults;
 mod refusals;
 mod script_contracts;
 mod serving;
