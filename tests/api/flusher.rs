@@ -128,15 +128,7 @@ async fn a_row_postgres_refuses_is_set_aside_and_every_other_counter_is_written(
     }
     assert!(dirty_score(&app, bad).await.is_some());
     // Counted: the exported counter (one recorder per process, so at least this test's two).
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let rejected: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("quotad_flush_rejected_counters_total "))

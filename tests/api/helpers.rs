@@ -286,6 +286,18 @@ impl TestApp {
         self.clock.set(at.parse().unwrap());
     }
 
+    /// The daemon's `/metrics` text (this process' one recorder: every test's series).
+    pub async fn metrics_text(&self) -> String {
+        let answer = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(answer.status(), 200, "GET /metrics");
+        answer.text().await.expect("/metrics body")
+    }
+
     /// Moves the daemon's clock to `at`.
     pub fn set_at(&self, at: DateTime<Utc>) {
         self.clock.set(at);

@@ -263,15 +263,7 @@ async fn an_amount_of_the_wrong_type_is_invalid_amount_and_other_wrong_types_inv
 
 /// Bytes of /metrics right now.
 async fn metrics_size(app: &TestApp) -> (usize, String) {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     (text.len(), text)
 }
 

@@ -67,15 +67,7 @@ fn assert_unavailable(a: &Answer, what: &str) {
 
 /// `quotad_redis_errors_total{kind=...}` as this process' recorder has it (0 when absent).
 async fn redis_errors(app: &TestApp, kind: &str) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let series = format!("quotad_redis_errors_total{{kind=\"{kind}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&series))

@@ -182,16 +182,9 @@ async fn a_request_past_its_deadline_is_answered_503_timeout() {
     );
     // The body never arrived whole, so nothing was decided or counted.
     assert_eq!(app.used(user, "ai_generation").await, 0);
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
+    assert!(app
+        .metrics_text()
         .await
-        .unwrap();
-    assert!(metrics
-        .text()
-        .await
-        .unwrap()
         .contains("quotad_http_shed_total{reason=\"timeout\"}"));
 }
 
