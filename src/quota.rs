@@ -453,6 +453,7 @@ impl Quota {
             .hydrate(user, period, &snap, self.clock.now())
             .await?
         {
+            self.refusals.forget(&user);
             metrics::counter!(m::HYDRATIONS).increment(1);
         }
         Ok(())
@@ -464,6 +465,8 @@ impl Quota {
         for _ in 0..HYDRATE_ATTEMPTS {
             match self.store.refund(user, key).await? {
                 RefundReply::Refunded { used, stored_plan, usage_type, amount, period } => {
+                    // Other replicas forget on the script's pub/sub message; this one need not wait.
+                    self.refusals.forget(&user);
                     let plans = self.plans.current();
                     let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
                     let limit = plans.usage_type(&usage_type).and_then(|t| t.limit(&plan));
@@ -517,6 +520,7 @@ impl Quota {
         for _ in 0..HYDRATE_ATTEMPTS {
             match self.store.release(user, usage_type, amount).await? {
                 Some((used, stored, released)) => {
+                    self.refusals.forget(&user);
                     let plan = plans.effective_plan(stored.as_deref()).to_owned();
                     let limit = ty.limit(&plan);
                     let view = CounterView {
@@ -619,11 +623,12 @@ impl Quota {
             .filter_map(|p| Some([p.previous()?, Period::current(PeriodKind::Month, p.end()?)]))
             .flatten()
             .collect();
-        if let Err(e) = self
+        let written = self
             .store
             .set_plan(user, &stored.plan, stored.version, &periods, &adjacent)
-            .await
-        {
+            .await;
+        self.refusals.forget(&user);
+        if let Err(e) = written {
             tracing::warn!(error.message = %e, "plan stored in postgres but not in redis");
             return Err(ApiError::unavailable(
                 "REDIS_UNAVAILABLE",

@@ -67,5 +67,9 @@ pub async fn reconcile(
         ReconcileError::Db(e) => ApiError::from(e),
         ReconcileError::Flush(e) => ApiError::internal(&e),
     })?;
+    if report.repaired + report.loaded > 0 {
+        // Other replicas forget on the repair scripts' pub/sub messages.
+        state.quota.refusals.forget_all();
+    }
     Ok(Json(report).into_response())
 }
