@@ -3,7 +3,9 @@
 //!
 //! A counter that differs only because the flusher has not written it yet (it waits in a dirty
 //! set, and Redis' version is ahead) is *unflushed*, not drift. Rows of a month whose Redis hashes
-//! have expired (35 days after the month) are *expired*, not drift.
+//! have expired (35 days after the month) are *expired*, not drift. Rows of a user Redis holds no
+//! counter of for the period (never used since a Redis restart, say) are *not loaded*, not drift:
+//! Redis loads them from Postgres on their first use, so the two sides cannot disagree.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -27,8 +29,6 @@ pub const RECONCILE_CONNECTION: &str = "quotad-reconcile";
 pub enum DriftKind {
     /// Redis has it (and it is not waiting to be flushed); Postgres does not.
     MissingInPostgres,
-    /// Postgres has it; Redis has no counter for this user and period.
-    MissingInRedis,
     /// Both have it with different counts, and the difference is not an unflushed change.
     Different,
 }
@@ -52,8 +52,8 @@ pub struct Drift {
     pub usage_type: String,
     /// What is wrong.
     pub kind: DriftKind,
-    /// Redis' side, if it has one.
-    pub redis: Option<Side>,
+    /// Redis' side (a counter Redis lacks is not loaded, not drift).
+    pub redis: Side,
     /// Postgres' side, if it has one.
     pub postgres: Option<Side>,
 }
@@ -71,6 +71,12 @@ pub struct Report {
     pub unflushed: u64,
     /// Postgres rows whose Redis hash has expired with its month.
     pub expired: u64,
+    /// Postgres rows of users Redis holds no counter of for this period; Redis loads them from
+    /// Postgres on first use.
+    pub not_loaded: u64,
+    /// Not-loaded counters a repair loaded from Postgres (so every replica forgets the users'
+    /// remembered refusals, as after any load).
+    pub loaded: u64,
     /// Everything else.
     pub drift: Vec<Drift>,
     /// Counters repaired (with `--repair`).
@@ -138,10 +144,13 @@ pub async fn reconcile(
         in_sync: 0,
         unflushed: 0,
         expired: 0,
+        not_loaded: 0,
+        loaded: 0,
         drift: Vec::new(),
         repaired: 0,
     };
     let mut seen = BTreeSet::new();
+    let mut unloaded = Vec::new();
     for counter in &live {
         seen.insert(counter.user);
         let v: i64 = counter
@@ -181,7 +190,7 @@ pub async fn reconcile(
                     user_id: counter.user,
                     usage_type: ty.to_owned(),
                     kind,
-                    redis: Some(redis),
+                    redis,
                     postgres,
                 }),
             }
@@ -191,26 +200,16 @@ pub async fn reconcile(
         if seen.contains(user) {
             continue;
         }
-        for (ty, side) in types {
-            report.compared += 1;
-            if expired {
-                report.expired += 1;
-                continue;
-            }
-            report.drift.push(Drift {
-                user_id: *user,
-                usage_type: ty.clone(),
-                kind: DriftKind::MissingInRedis,
-                redis: None,
-                postgres: Some(*side),
-            });
+        let n = types.len() as u64;
+        report.compared += n;
+        if expired {
+            report.expired += n;
+        } else {
+            report.not_loaded += n;
+            unloaded.push((*user, n));
         }
     }
-    for kind in [
-        DriftKind::MissingInPostgres,
-        DriftKind::MissingInRedis,
-        DriftKind::Different,
-    ] {
+    for kind in [DriftKind::MissingInPostgres, DriftKind::Different] {
         let n = report.drift.iter().filter(|d| d.kind == kind).count();
         let label = serde_json::to_value(kind)
             .ok()
@@ -221,12 +220,20 @@ pub async fn reconcile(
     if repair && !report.drift.is_empty() {
         report.repaired = self::repair(&store, pool, period, &report.drift).await?;
     }
+    if repair {
+        for (user, n) in unloaded {
+            let snap = db::snapshot(pool, user, period).await?;
+            if store.hydrate(user, period, &snap, now).await? {
+                report.loaded += n;
+            }
+        }
+    }
     Ok(report)
 }
 
-/// Writes the newer side over the older, per (user, period): Redis missing → load from Postgres;
-/// Postgres newer → overwrite Redis; otherwise (Redis newer, or a tie) → bump Redis' version and
-/// flush it, so Postgres takes Redis' counts.
+/// Writes the newer side over the older, per (user, period): Postgres newer → overwrite Redis;
+/// otherwise (Redis newer, or a tie) → bump Redis' version and flush it, so Postgres takes Redis'
+/// counts. (Every drifting counter has a Redis side: one Redis lacks is only not loaded yet.)
 async fn repair(
     store: &RedisStore,
     pool: &PgPool,
@@ -241,30 +248,19 @@ async fn repair(
     let mut touched = false;
     for (user, items) in by_user {
         let snap = db::snapshot(pool, user, period).await?;
-        let redis_v = items
-            .iter()
-            .filter_map(|d| d.redis.map(|s| s.version))
-            .max();
-        let done = match redis_v {
-            None => {
-                store
-                    .hydrate(user, period, &snap, chrono::Utc::now())
-                    .await?
-            }
-            Some(v) if snap.version > v => {
-                // Every type Redis has must be set, so a type Postgres lacks goes to 0.
-                let mut fields = snap.fields.clone();
-                for d in &items {
-                    if d.postgres.is_none() {
-                        fields.push((d.usage_type.clone(), "0".into()));
-                    }
+        let redis_v = items.iter().map(|d| d.redis.version).max().unwrap_or(0);
+        let done = if snap.version > redis_v {
+            // Every type Redis has must be set, so a type Postgres lacks goes to 0.
+            let mut fields = snap.fields.clone();
+            for d in &items {
+                if d.postgres.is_none() {
+                    fields.push((d.usage_type.clone(), "0".into()));
                 }
-                store.overwrite(user, period, snap.version, &fields).await?
             }
-            Some(_) => {
-                touched = true;
-                store.touch(user, period).await?
-            }
+            store.overwrite(user, period, snap.version, &fields).await?
+        } else {
+            touched = true;
+            store.touch(user, period).await?
         };
         if done {
             repaired += items.len() as u64;
@@ -289,17 +285,19 @@ impl Report {
                 d.user_id,
                 d.usage_type,
                 format!("{:?}", d.kind),
-                side(d.redis),
+                side(Some(d.redis)),
                 side(d.postgres)
             ));
         }
         out.push_str(&format!(
-            "period {}: {} compared, {} in sync, {} unflushed, {} expired in Redis, {} drifting, {} repaired\n",
+            "period {}: {} compared, {} in sync, {} unflushed, {} expired in Redis, {} not loaded in Redis ({} loaded), {} drifting, {} repaired\n",
             self.period,
             self.compared,
             self.in_sync,
             self.unflushed,
             self.expired,
+            self.not_loaded,
+            self.loaded,
             self.drift.len(),
             self.repaired
         ));

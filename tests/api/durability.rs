@@ -429,7 +429,7 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
     }
     app.flush().await;
     app.consume(unflushed, "ai_generation").await;
-    // Postgres-only: a row for a user Redis has never loaded.
+    // Postgres-only: a row for a user Redis has never loaded (not drift: loaded on first use).
     sqlx::query("INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, version) VALUES ($1, 'ai_generation', 4, $2, $3, 2)")
         .bind(pg_only).bind(month_start(0)).bind(month_start(1)).execute(&db).await.unwrap();
     // Different: Postgres changed behind quotad's back (same version, another count).
@@ -452,8 +452,13 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
     assert_eq!(report.status, 200, "{:?}", report.body);
     let b = &report.body;
     assert_eq!(
-        (&b["period"], &b["in_sync"], &b["unflushed"]),
-        (&json!(period_id(0)), &json!(1), &json!(1))
+        (
+            &b["period"],
+            &b["in_sync"],
+            &b["unflushed"],
+            &b["not_loaded"]
+        ),
+        (&json!(period_id(0)), &json!(1), &json!(1), &json!(1))
     );
     let kind_of = |u: Uuid| {
         b["drift"]
@@ -463,10 +468,10 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
             .find(|d| d["user_id"] == json!(u))
             .map(|d| d["kind"].clone())
     };
-    assert_eq!(kind_of(pg_only), Some(json!("missing_in_redis")));
+    assert_eq!(kind_of(pg_only), None);
     assert_eq!(kind_of(different), Some(json!("different")));
     assert_eq!(kind_of(redis_only), Some(json!("missing_in_postgres")));
-    assert_eq!(b["drift"].as_array().unwrap().len(), 3);
+    assert_eq!(b["drift"].as_array().unwrap().len(), 2);
 
     let repaired = app
         .post(
@@ -474,7 +479,12 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
             json!({"period": period_id(0), "repair": true}),
         )
         .await;
-    assert_eq!(repaired.body["repaired"], 3, "{:?}", repaired.body);
+    assert_eq!(
+        (&repaired.body["repaired"], &repaired.body["loaded"]),
+        (&json!(2), &json!(1)),
+        "{:?}",
+        repaired.body
+    );
     app.flush().await;
     let after = app
         .post("/v1/admin/reconcile", json!({"period": period_id(0)}))
@@ -483,7 +493,7 @@ async fn reconcile_reports_each_kind_of_drift_and_repair_makes_the_sides_agree()
     assert_eq!(
         app.used(pg_only, "ai_generation").await,
         4,
-        "loaded from Postgres"
+        "loaded from Postgres on first use"
     );
     assert_eq!(
         row(&app, different, "ai_generation").await.map(|r| r.0),
