@@ -387,18 +387,23 @@ fn held_consume(app: &TestApp) -> tokio::task::JoinHandle<u16> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn shutdown_lets_a_running_request_finish_and_answer() {
-    let mut app = TestApp::spawn_with(Options {
-        shutdown_timeout_ms: 5_000,
+/// A daemon whose requests wait on a Postgres lock for longer than any bound under test, stopping
+/// within `shutdown_timeout_ms`.
+async fn app_for_a_held_lock(shutdown_timeout_ms: u64) -> TestApp {
+    TestApp::spawn_with(Options {
+        shutdown_timeout_ms,
         tune: |c| {
-            // Held by a lock for longer than any bound under test.
             c.database_timeout_ms = 60_000;
             c.request_timeout_ms = 600_000;
         },
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_lets_a_running_request_finish_and_answer() {
+    let mut app = app_for_a_held_lock(5_000).await;
     let lock = lock_usage_table(&app).await;
     let held = held_consume(&app);
     wait_for_lock_waiters(&app, 1).await;
@@ -420,16 +425,7 @@ async fn shutdown_lets_a_running_request_finish_and_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_waits_for_a_stuck_request_only_up_to_the_bound() {
-    let mut app = TestApp::spawn_with(Options {
-        shutdown_timeout_ms: 1_500,
-        tune: |c| {
-            // Held by a lock for longer than any bound under test.
-            c.database_timeout_ms = 60_000;
-            c.request_timeout_ms = 600_000;
-        },
-        ..Options::default()
-    })
-    .await;
+    let mut app = app_for_a_held_lock(1_500).await;
     let lock = lock_usage_table(&app).await;
     let held = held_consume(&app);
     wait_for_lock_waiters(&app, 1).await;
