@@ -93,7 +93,11 @@ impl Period {
             return Some(Period::Lifetime);
         }
         let (y, m) = s.split_once('-')?;
-        if y.len() != 4 || m.len() != 2 {
+        // Exactly what `id` writes: four and two ASCII digits. (`str::parse` alone would also take
+        // a sign, so `+202-11` would name the year 202 under an id that is not its own.)
+        let digits =
+            |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_digit());
+        if !digits(y, 4) || !digits(m, 2) {
             return None;
         }
         let year: i32 = y.parse().ok()?;
@@ -260,7 +264,10 @@ mod tests {
         ] {
             assert_eq!(Period::parse_id(&p.id()), Some(p));
         }
-        for bad in ["", "2026", "2026-13", "2026-00", "26-11", "2026-1", "life2"] {
+        for bad in [
+            "", "2026", "2026-13", "2026-00", "26-11", "2026-1", "life2", "+202-11", "2026-+1",
+            "-026-11", " 026-11", "2026-1 ",
+        ] {
             assert_eq!(Period::parse_id(bad), None, "{bad}");
         }
     }
@@ -270,5 +277,95 @@ mod tests {
         let p = month_at("2026-11-15T00:00:00Z");
         let expected = (at("2026-12-01T00:00:00Z") + chrono::Duration::days(35)).timestamp();
         assert_eq!(p.expire_at(chrono::Duration::days(35)), Some(expected));
+    }
+
+    mod props {
+        //! Properties of the period math over any instant from 1970 to 2400, to the millisecond.
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// 2400-01-01T00:00:00Z in ms.
+        const UNTIL_MS: i64 = 13_569_465_600_000;
+
+        fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+            (0..UNTIL_MS).prop_map(|ms| DateTime::from_timestamp_millis(ms).expect("in range"))
+        }
+
+        fn month_of(t: DateTime<Utc>) -> Period {
+            Period::current(PeriodKind::Month, t)
+        }
+
+        proptest! {
+            #[test]
+            fn an_instant_lies_in_its_month_and_the_month_is_a_calendar_month(t in instant()) {
+                let p = month_of(t);
+                let (start, end) = (p.start(), p.end().unwrap());
+                prop_assert!(start <= t && t < end, "{t} outside [{start}, {end})");
+                prop_assert_eq!((start.day(), start.time()), (1, chrono::NaiveTime::MIN));
+                prop_assert_eq!((end.day(), end.time()), (1, chrono::NaiveTime::MIN));
+                prop_assert!((28..=31).contains(&(end - start).num_days()));
+                prop_assert_eq!((end - start).num_seconds() % 86_400, 0);
+                // Both ends: the first instant is in the month, the last millisecond too, the end not.
+                prop_assert_eq!(month_of(start), p);
+                prop_assert_eq!(month_of(end - chrono::Duration::milliseconds(1)), p);
+                prop_assert_ne!(month_of(end), p);
+            }
+
+            #[test]
+            fn consecutive_months_tile_time_without_gap_or_overlap(t in instant()) {
+                let p = month_of(t);
+                let next = month_of(p.end().unwrap());
+                prop_assert_eq!(next.start(), p.end().unwrap());
+                prop_assert_eq!(next.previous(), Some(p));
+                let before = p.previous().unwrap();
+                prop_assert_eq!(before.end(), Some(p.start()));
+                prop_assert_eq!(month_of(p.start() - chrono::Duration::milliseconds(1)), before);
+            }
+
+            #[test]
+            fn seconds_until_reset_is_the_wait_rounded_up_and_never_zero(t in instant()) {
+                let p = month_of(t);
+                let end = p.end().unwrap();
+                let wait = p.seconds_until_reset(t).unwrap() as i64;
+                prop_assert!(wait >= 1);
+                // Waiting that long reaches the reset; a second less does not (unless 1 s is the floor).
+                prop_assert!(t + chrono::Duration::seconds(wait) >= end);
+                if wait > 1 {
+                    prop_assert!(t + chrono::Duration::seconds(wait - 1) < end);
+                }
+                prop_assert!(wait <= 31 * 86_400);
+            }
+
+            #[test]
+            fn ids_round_trip_and_sort_in_time_order(a in instant(), b in instant()) {
+                let (pa, pb) = (month_of(a), month_of(b));
+                prop_assert_eq!(Period::parse_id(&pa.id()), Some(pa));
+                prop_assert_eq!(pa.id().cmp(&pb.id()), pa.start().cmp(&pb.start()));
+                prop_assert_eq!(pa == pb, pa.id() == pb.id());
+            }
+
+            #[test]
+            fn parse_id_takes_only_what_id_writes(
+                s in prop_oneof![
+                    "[0-9+ -]{4}-[0-9+ -]{2}",
+                    "[0-9]{1,5}-[0-9]{1,3}",
+                    "[+-]?[0-9]{3,4}-[+-]?[0-9]{1,2}",
+                    "\\PC{0,12}",
+                    Just("life".to_owned()),
+                ]
+            ) {
+                if let Some(p) = Period::parse_id(&s) {
+                    prop_assert_eq!(p.id(), s);
+                }
+            }
+
+            #[test]
+            fn counters_expire_the_grace_after_the_month_ends(t in instant(), days in 0i64..400) {
+                let p = month_of(t);
+                let grace = chrono::Duration::days(days);
+                prop_assert_eq!(p.expire_at(grace), Some((p.end().unwrap() + grace).timestamp()));
+                prop_assert_eq!(Period::Lifetime.expire_at(grace), None);
+            }
+        }
     }
 }

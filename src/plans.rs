@@ -420,4 +420,217 @@ mod tests {
         assert_eq!(plans.effective_plan(Some("GOLD")), "FREE");
         assert_eq!(plans.effective_plan(None), "FREE");
     }
+
+    mod props {
+        //! Properties of the parser over generated plans files: every valid file is read exactly
+        //! as written, every file broken in one way is refused naming what is wrong, and no text
+        //! at all makes it panic.
+        use super::super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        struct Spec {
+            /// name, period, fail (`None` = left out), label (`None` = left out)
+            types: Vec<(String, PeriodKind, Option<FailPolicy>, Option<String>)>,
+            /// name, one limit per type (in `types` order)
+            plans: Vec<(String, Vec<i64>)>,
+            default_plan: usize,
+        }
+
+        impl Spec {
+            fn render(&self) -> String {
+                let mut out = format!(
+                    "upgrade_url = \"/billing\"\ndefault_plan = \"{}\"\n\n[types]\n",
+                    self.plans[self.default_plan].0
+                );
+                for (name, period, fail, label) in &self.types {
+                    let period = match period {
+                        PeriodKind::Month => "month",
+                        PeriodKind::Lifetime => "lifetime",
+                    };
+                    out += &format!("\"{name}\" = {{ period = \"{period}\"");
+                    match fail {
+                        Some(FailPolicy::Open) => out += ", fail = \"open\"",
+                        Some(FailPolicy::Closed) => out += ", fail = \"closed\"",
+                        None => {}
+                    }
+                    if let Some(label) = label {
+                        out += &format!(", label = \"{label}\"");
+                    }
+                    out += " }\n";
+                }
+                for (plan, limits) in &self.plans {
+                    out += &format!("\n[plans.\"{plan}\"]\n");
+                    for ((ty, ..), limit) in self.types.iter().zip(limits) {
+                        out += &format!("\"{ty}\" = {limit}\n");
+                    }
+                }
+                out
+            }
+        }
+
+        fn type_name() -> impl Strategy<Value = String> {
+            "[a-z][a-z0-9_]{0,12}"
+                .prop_filter("reserved", |n| !RESERVED_TYPE_NAMES.contains(&n.as_str()))
+        }
+
+        fn limit() -> impl Strategy<Value = i64> {
+            prop_oneof![Just(-1), 0i64..100, 0..=MAX_LIMIT]
+        }
+
+        fn spec() -> impl Strategy<Value = Spec> {
+            let types = proptest::collection::btree_map(
+                type_name(),
+                (
+                    prop_oneof![Just(PeriodKind::Month), Just(PeriodKind::Lifetime)],
+                    proptest::option::of(prop_oneof![
+                        Just(FailPolicy::Open),
+                        Just(FailPolicy::Closed)
+                    ]),
+                    proptest::option::of("[A-Za-z0-9 ]{1,20}"),
+                ),
+                1..5,
+            );
+            let plan_names = proptest::collection::btree_set("[A-Za-z0-9_-]{1,12}", 1..5);
+            (types, plan_names)
+                .prop_flat_map(|(types, plans)| {
+                    let n = types.len();
+                    let limits = proptest::collection::vec(
+                        proptest::collection::vec(limit(), n),
+                        plans.len(),
+                    );
+                    let default = 0..plans.len();
+                    (Just(types), Just(plans), limits, default)
+                })
+                .prop_map(|(types, plans, limits, default_plan)| Spec {
+                    types: types
+                        .into_iter()
+                        .map(|(n, (p, f, l))| (n, p, f, l))
+                        .collect(),
+                    plans: plans.into_iter().zip(limits).collect(),
+                    default_plan,
+                })
+        }
+
+        fn refused(text: &str) -> String {
+            match Plans::parse(text, "gen.toml") {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => e.to_string(),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn a_valid_file_is_read_exactly_as_written(spec in spec(), other in "[A-Za-z0-9_-]{1,12}") {
+                let plans = Plans::parse(&spec.render(), "gen.toml").map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let default = &spec.plans[spec.default_plan].0;
+                prop_assert_eq!(&plans.default_plan, default);
+                let names: Vec<&String> = spec.plans.iter().map(|(n, _)| n).collect();
+                prop_assert_eq!(plans.plan_names.iter().collect::<Vec<_>>(), names.clone());
+                prop_assert_eq!(plans.types.len(), spec.types.len());
+                for (i, (name, period, fail, label)) in spec.types.iter().enumerate() {
+                    let ty = plans.usage_type(name).expect("declared type");
+                    prop_assert_eq!(ty.period, *period);
+                    prop_assert_eq!(ty.fail, fail.unwrap_or(FailPolicy::Open));
+                    prop_assert_eq!(&ty.label, &label.clone().unwrap_or_else(|| default_label(name)));
+                    let mut flat = Vec::new();
+                    for (plan, limits) in &spec.plans {
+                        let l = limits[i];
+                        prop_assert_eq!(ty.limit(plan), u64::try_from(l).ok());
+                        flat.push(plan.clone());
+                        flat.push(l.to_string());
+                    }
+                    prop_assert_eq!(&ty.script_limits, &flat);
+                }
+                for (plan, _) in &spec.plans {
+                    prop_assert!(plans.has_plan(plan));
+                    prop_assert_eq!(plans.effective_plan(Some(plan)), plan.as_str());
+                }
+                let expected = if names.contains(&&other) { other.as_str() } else { default.as_str() };
+                prop_assert_eq!(plans.effective_plan(Some(&other)), expected);
+                prop_assert_eq!(plans.effective_plan(None), default.as_str());
+            }
+
+            #[test]
+            fn a_limit_out_of_range_is_refused_naming_plan_and_type(
+                spec in spec(),
+                bad in prop_oneof![i64::MIN..-1, (MAX_LIMIT + 1)..=i64::MAX],
+                at in any::<prop::sample::Index>(),
+            ) {
+                let mut spec = spec;
+                let plan = at.index(spec.plans.len());
+                let ty = at.index(spec.types.len());
+                spec.plans[plan].1[ty] = bad;
+                let err = refused(&spec.render());
+                prop_assert!(err.starts_with("plans file gen.toml: "), "{}", err);
+                let expected = format!("plan {}: type {}: limit {bad} is out of range", spec.plans[plan].0, spec.types[ty].0);
+                prop_assert!(err.contains(&expected), "{}", err);
+            }
+
+            #[test]
+            fn a_missing_limit_is_refused_naming_plan_and_type(spec in spec(), at in any::<prop::sample::Index>()) {
+                let text = spec.render();
+                let plan = &spec.plans[at.index(spec.plans.len())].0;
+                let ty = &spec.types[at.index(spec.types.len())].0;
+                // Drop that one line from that plan's table.
+                let table = format!("[plans.\"{plan}\"]\n");
+                let start = text.find(&table).unwrap() + table.len();
+                let line_at = start + text[start..].find(&format!("\"{ty}\" = ")).unwrap();
+                let line_end = line_at + text[line_at..].find('\n').unwrap() + 1;
+                let text = format!("{}{}", &text[..line_at], &text[line_end..]);
+                let err = refused(&text);
+                prop_assert!(err.contains(&format!("plan {plan}: gives no limit for type {ty}")), "{}", err);
+            }
+
+            #[test]
+            fn names_outside_the_rules_are_refused(
+                spec in spec(),
+                bad_type in prop_oneof![
+                    "[A-Z][a-z]{0,5}", "[0-9_][a-z]{0,5}", "[a-z]{1,3}-[a-z]{1,3}", "[a-z]{64,70}",
+                    Just("v".to_owned()), Just("pv".to_owned()),
+                ],
+                bad_plan in prop_oneof!["[a-z]{1,3}[ .:/é][a-z]{1,3}", "[a-z]{65,70}"],
+            ) {
+                // A bad name never equals a generated (valid) one, so it replaces exactly one.
+                let mut typed = spec.clone();
+                typed.types[0].0 = bad_type.clone();
+                let err = refused(&typed.render());
+                prop_assert!(err.contains(&format!("type {bad_type:?}: a type name is")), "{}", err);
+                let mut planned = spec;
+                planned.plans[0].0 = bad_plan;
+                let err = refused(&planned.render());
+                prop_assert!(err.contains("a plan name is 1 to 64"), "{}", err);
+            }
+
+            #[test]
+            fn an_undeclared_type_or_default_plan_is_refused(spec in spec(), extra in type_name(), other in "[A-Z]{1,8}") {
+                if !spec.types.iter().any(|t| t.0 == extra) {
+                    let text = spec.render().replacen(&format!("[plans.\"{}\"]\n", spec.plans[0].0), &format!("[plans.\"{}\"]\n{extra} = 1\n", spec.plans[0].0), 1);
+                    let err = refused(&text);
+                    prop_assert!(err.contains(&format!("type {extra} is not declared")), "{}", err);
+                }
+                if !spec.plans.iter().any(|p| p.0 == other) {
+                    let text = spec.render().replacen(
+                        &format!("default_plan = \"{}\"", spec.plans[spec.default_plan].0),
+                        &format!("default_plan = \"{other}\""),
+                        1,
+                    );
+                    let err = refused(&text);
+                    prop_assert!(err.contains(&format!("default_plan \"{other}\" is not one of the plans")), "{}", err);
+                }
+            }
+
+            #[test]
+            fn no_text_makes_the_parser_panic(spec in spec(), cut in any::<prop::sample::Index>(), junk in "\\PC{0,40}") {
+                let text = spec.render();
+                // A prefix of a valid file (at a character boundary), then anything.
+                let mut at = cut.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let _ = Plans::parse(&format!("{}{junk}", &text[..at]), "gen.toml");
+                let _ = Plans::parse(&junk, "gen.toml");
+            }
+        }
+    }
 }
