@@ -8,6 +8,7 @@ mod faults;
 mod flusher;
 mod idempotency;
 mod inputs;
+mod model;
 mod month_start;
 mod observability;
 mod openapi;
