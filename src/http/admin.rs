@@ -17,6 +17,7 @@ use crate::reconcile::{self, ReconcileError, Report};
 pub struct ReconcileRequest {
     /// `2026-11` or `lifetime`; the current month when absent.
     #[serde(default)]
+    #[schema(pattern = r"^(lifetime|[0-9]{4}-(0[1-9]|1[0-2]))$")]
     period: Option<String>,
     /// Write the newer side over the older.
     #[serde(default)]

@@ -1,12 +1,19 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 description, generated from the handlers' and types'
-//! annotations, so it describes what the code does.
+//! annotations, so it describes what the code does, with the plan and usage type names in force
+//! filled in on each request (a plans reload changes them).
 
+use std::sync::OnceLock;
+
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, health, quota, ui};
+use super::{admin, health, quota, ui, AppState, MAX_BODY};
+use crate::period::PeriodKind;
+use crate::plans::Plans;
 
 /// The API description.
 #[derive(OpenApi)]
@@ -59,8 +66,109 @@ impl Modify for BearerAuth {
 }
 
 /// `GET /openapi.json`.
-#[utoipa::path(get, path = "/openapi.json", tag = "ops", description = "This description (OpenAPI 3.1).",
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", description = "This description (OpenAPI 3.1), with the plan and usage type names in force as enums.",
     responses((status = 200, description = "The OpenAPI document", body = Object)))]
-pub async fn openapi_json() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+pub async fn openapi_json(State(state): State<AppState>) -> Response {
+    let plans = state.quota.plans.current();
+    Json(document(&plans)).into_response()
+}
+
+/// The description with the plans in force: the generated document (built once), the names a
+/// request may use as enums, and what every route shares (see [`shared_responses`]).
+pub fn document(plans: &Plans) -> Value {
+    static BASE: OnceLock<Value> = OnceLock::new();
+    let mut doc = BASE
+        .get_or_init(|| {
+            let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description is JSON");
+            doc["components"]["schemas"]["DecisionRequest"]["properties"]["metadata"] =
+                quota::metadata_schema();
+            shared_responses(&mut doc);
+            refund_links(&mut doc);
+            doc
+        })
+        .clone();
+    let types: Vec<Value> = plans.types.keys().map(|t| json!(t)).collect();
+    let lifetime: Vec<Value> = plans
+        .types
+        .values()
+        .filter(|t| t.period == PeriodKind::Lifetime)
+        .map(|t| json!(t.name))
+        .collect();
+    let names: Vec<Value> = plans.plan_names.iter().map(|p| json!(p)).collect();
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["DecisionRequest"]["properties"]["type"]["enum"] = Value::Array(types);
+    // `plan` may be null (the stored plan applies).
+    let mut or_null = names.clone();
+    or_null.push(Value::Null);
+    schemas["DecisionRequest"]["properties"]["plan"]["enum"] = Value::Array(or_null);
+    schemas["PlanRequest"]["properties"]["plan"]["enum"] = Value::Array(names);
+    // Release takes lifetime types only; with none configured every type is refused, which an
+    // empty enum cannot say in every tool, so the schema then stays a plain string.
+    if !lifetime.is_empty() {
+        schemas["ReleaseRequest"]["properties"]["type"]["enum"] = Value::Array(lifetime);
+    }
+    doc
+}
+
+/// What the middleware answers on every route it guards, whatever the handler: 403
+/// `LOOPBACK_ONLY` (no tokens configured and a peer off loopback), 413 on a body over
+/// [`MAX_BODY`], and `Retry-After` on a 503 (`OVERLOADED` and `TIMEOUT` carry it).
+fn shared_responses(doc: &mut Value) {
+    let error_body =
+        json!({"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}});
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, ops) in paths.iter_mut() {
+        let guarded = path.starts_with("/v1/");
+        let Some(ops) = ops.as_object_mut() else {
+            continue;
+        };
+        for op in ops.values_mut() {
+            let has_body = op.get("requestBody").is_some();
+            let responses = &mut op["responses"];
+            if guarded {
+                let loopback = "LOOPBACK_ONLY: quotad has no tokens configured and the client is not on loopback";
+                match responses.get_mut("403") {
+                    Some(r) => {
+                        let text = r["description"].as_str().unwrap_or_default();
+                        r["description"] = json!(format!("{text}; or {loopback}"));
+                    }
+                    None => {
+                        responses["403"] =
+                            json!({"description": loopback, "content": error_body.clone()});
+                    }
+                }
+                if has_body && responses.get("413").is_none() {
+                    responses["413"] = json!({
+                        "description": format!("Body over {} KiB", MAX_BODY / 1024),
+                        "content": error_body.clone(),
+                    });
+                }
+            }
+            if path.starts_with("/v1/") || path.starts_with("/ui/") {
+                responses["503"]["headers"]["Retry-After"] = json!({
+                    "description": "Seconds to wait before retrying; sent with OVERLOADED and TIMEOUT",
+                    "schema": {"type": "integer", "minimum": 0},
+                });
+            }
+        }
+    }
+}
+
+/// Links from a counted call to its refund: what a consume or track counted under an
+/// `idempotency_key` is given back by a refund naming the same user and key.
+fn refund_links(doc: &mut Value) {
+    for path in ["/v1/consume", "/v1/track"] {
+        doc["paths"][path]["post"]["responses"]["200"]["links"] = json!({
+            "Refund": {
+                "operationId": "refund",
+                "description": "Give back what this call counted.",
+                "requestBody": {
+                    "user_id": "$response.body#/user_id",
+                    "idempotency_key": "$request.body#/idempotency_key",
+                },
+            },
+        });
+    }
 }

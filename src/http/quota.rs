@@ -12,7 +12,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{parse_user_id, ApiJson, AppState, UserIdPath};
+use super::{parse_user_id, whole_number, ApiJson, AppState, UserIdPath};
 use crate::error::{ApiError, ErrorBody};
 use crate::period::PeriodKind;
 use crate::plans::{FailPolicy, Plans};
@@ -39,13 +39,18 @@ pub struct DecisionRequest {
     /// A configured usage type (see `GET /v1/plans`).
     #[serde(rename = "type")]
     usage_type: String,
-    /// How much, 1 to 1,000,000; default 1.
+    /// How much, 1 to 1,000,000; default 1. A whole number; `3.0` is the same as `3`.
     #[serde(default)]
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000000)]
     amount: Option<Value>,
-    /// Makes a retry count once: the same key for the same user within 24 h returns the first answer.
+    /// Makes a retry count once: the same key for the same user within 24 h returns the first
+    /// answer. 1 to 255 characters, none of them a control character.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 255)]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     idempotency_key: Option<String>,
     /// A plan the caller vouches for, overriding the stored one for this call.
     #[serde(default)]
@@ -63,13 +68,13 @@ impl DecisionRequest {
         let amount = parse_amount(self.amount.as_ref())?;
         if let Some(key) = &self.idempotency_key {
             if key.is_empty()
-                || key.len() > MAX_IDEMPOTENCY_KEY
+                || key.chars().count() > MAX_IDEMPOTENCY_KEY
                 || key.chars().any(char::is_control)
             {
                 return Err(ApiError::invalid(
                     "INVALID_IDEMPOTENCY_KEY",
                     "idempotency_key",
-                    format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes without control characters."),
+                    format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, none of them a control character."),
                 ));
             }
         }
@@ -92,12 +97,15 @@ impl DecisionRequest {
 
 fn parse_amount(raw: Option<&Value>) -> Result<u64, ApiError> {
     let Some(raw) = raw else { return Ok(1) };
-    match raw.as_u64() {
+    match whole_number(raw) {
         Some(n) if (1..=MAX_AMOUNT).contains(&n) => Ok(n),
         _ => Err(ApiError::invalid(
             "INVALID_AMOUNT",
             "amount",
-            format!("amount must be a whole number from 1 to {MAX_AMOUNT}; got {raw}."),
+            format!(
+                "amount must be a whole number from 1 to {MAX_AMOUNT}; got {}.",
+                super::short(&raw.to_string())
+            ),
         )),
     }
 }
@@ -134,8 +142,8 @@ fn parse_metadata(
                 Value::String(s) if s.contains('\0') => {
                     return Err(bad(format!("metadata {name:?} contains a NUL character (\\u0000), which cannot be stored; remove it.")))
                 }
-                Value::String(s) if s.len() > MAX_META_TEXT => {
-                    return Err(bad(format!("metadata {name:?} is over {MAX_META_TEXT} bytes.")))
+                Value::String(s) if s.chars().count() > MAX_META_TEXT => {
+                    return Err(bad(format!("metadata {name:?} is over {MAX_META_TEXT} characters.")))
                 }
                 v @ (Value::String(_) | Value::Bool(_) | Value::Null) => MetaValue::Text(v.to_string()),
                 Value::Array(_) | Value::Object(_) => {
@@ -145,6 +153,23 @@ fn parse_metadata(
             Ok((name, value))
         })
         .collect()
+}
+
+/// The JSON Schema of `metadata`, as [`parse_metadata`] checks it (the derive cannot say it):
+/// at most [`MAX_METADATA_KEYS`] names of 1 to 64 letters, digits, `_`, `-` or `.`; each value a
+/// number, a string of at most 1024 characters without NUL, a boolean or null.
+pub(crate) fn metadata_schema() -> Value {
+    serde_json::json!({
+        "type": ["object", "null"],
+        "description": "At most 16 entries; numbers are summed per counter, other values kept as the latest.",
+        "maxProperties": MAX_METADATA_KEYS,
+        "propertyNames": {"pattern": format!("^[A-Za-z0-9_.-]{{1,{MAX_META_NAME}}}$")},
+        "additionalProperties": {
+            "type": ["number", "string", "boolean", "null"],
+            "maxLength": MAX_META_TEXT,
+            "pattern": "^[^\\u0000]*$",
+        },
+    })
 }
 
 /// A counter in JSON: used, limit, remaining, unlimited and the period bounds.
@@ -397,7 +422,7 @@ pub struct ReleaseRequest {
     /// A lifetime usage type.
     #[serde(rename = "type")]
     usage_type: String,
-    /// How much, 1 to 1,000,000; default 1.
+    /// How much, 1 to 1,000,000; default 1. A whole number; `3.0` is the same as `3`.
     #[serde(default)]
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000000)]
     amount: Option<Value>,

@@ -13,10 +13,11 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::Sha256;
 use uuid::Uuid;
 
-use super::{ApiQuery, AppState, Bearer, OptionalJson, UserIdPath};
+use super::{short, whole_number, ApiQuery, AppState, Bearer, OptionalJson, UserIdPath};
 use crate::error::{ApiError, ErrorBody};
 use crate::quota::Usage;
 
@@ -79,9 +80,11 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"ttl_seconds": 3600}))]
 pub struct LinkRequest {
-    /// How long the link works, in seconds (60 to 604800; default 3600).
+    /// How long the link works, in seconds (60 to 604800; default 3600). A whole number; `3600.0`
+    /// is the same as `3600`.
     #[serde(default)]
-    ttl_seconds: Option<i64>,
+    #[schema(value_type = Option<i64>, minimum = 60, maximum = 604800)]
+    ttl_seconds: Option<Value>,
 }
 
 /// A signed link to a usage page.
@@ -114,14 +117,19 @@ pub async fn issue_link(
     UserIdPath(user): UserIdPath,
     OptionalJson(body): OptionalJson<LinkRequest>,
 ) -> Result<Response, ApiError> {
-    let ttl = body.ttl_seconds.unwrap_or(DEFAULT_TTL_SECS);
-    if !(60..=MAX_TTL_SECS).contains(&ttl) {
-        return Err(ApiError::invalid(
-            "INVALID_TTL",
-            "ttl_seconds",
-            format!("ttl_seconds must be from 60 to {MAX_TTL_SECS} (7 days); got {ttl}."),
-        ));
-    }
+    let ttl = match &body.ttl_seconds {
+        None => DEFAULT_TTL_SECS,
+        Some(raw) => whole_number(raw)
+            .filter(|t| (60..=MAX_TTL_SECS as u64).contains(t))
+            .map(|t| t as i64)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "INVALID_TTL",
+                    "ttl_seconds",
+                    format!("ttl_seconds must be a whole number from 60 to {MAX_TTL_SECS} (7 days); got {}.", short(&raw.to_string())),
+                )
+            })?,
+    };
     let expires = state.quota.clock.now().timestamp() + ttl;
     let sig = state.links.sign(&user, expires);
     let json = LinkJson {

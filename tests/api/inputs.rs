@@ -169,6 +169,9 @@ async fn without_tokens_a_link_is_still_checked_and_loopback_callers_without_one
 
 #[tokio::test]
 async fn a_usage_link_needs_no_body_and_hostile_ttls_are_refused() {
+    // A JSON `null` body is the defaults too (the description allows it: `oneOf [null, LinkRequest]`);
+    // a whole number written `3600.0` is 3600 (JSON Schema's `integer` takes it); every other
+    // wrong type or range is INVALID_TTL, as a wrong amount is INVALID_AMOUNT.
     let app = TestApp::spawn().await;
     let user = Uuid::new_v4();
     let path = format!("/v1/users/{user}/usage-link");
@@ -178,11 +181,21 @@ async fn a_usage_link_needs_no_body_and_hostile_ttls_are_refused() {
     let empty = raw(&app, "POST", &path, Some("")).await.0;
     let blank = raw(&app, "POST", &path, Some(" \n")).await.0;
     let braces = app.post(&path, json!({})).await;
+    let null = raw(&app, "POST", &path, Some(" null ")).await.0;
+    let nulls = raw(&app, "POST", &path, Some(r#"{"ttl_seconds": null}"#))
+        .await
+        .0;
+    let float = raw(&app, "POST", &path, Some(r#"{"ttl_seconds": 3600.0}"#))
+        .await
+        .0;
     for (what, a) in [
         ("no body", &no_body),
         ("empty", &empty),
         ("blank", &blank),
         ("{}", &braces),
+        ("null", &null),
+        ("ttl_seconds null", &nulls),
+        ("3600.0", &float),
     ] {
         assert_eq!(a.status, 200, "{what}: {:?}", a.body);
         assert_eq!(
@@ -193,9 +206,11 @@ async fn a_usage_link_needs_no_body_and_hostile_ttls_are_refused() {
     }
 
     for (body, code, field) in [
-        (r#"{"ttl_seconds": "3600"}"#, "INVALID_FIELD", "ttl_seconds"),
-        (r#"{"ttl_seconds": 1e300}"#, "INVALID_FIELD", "ttl_seconds"),
-        (r#"{"ttl_seconds": 3600.5}"#, "INVALID_FIELD", "ttl_seconds"),
+        (r#"{"ttl_seconds": "3600"}"#, "INVALID_TTL", "ttl_seconds"),
+        (r#"{"ttl_seconds": 1e300}"#, "INVALID_TTL", "ttl_seconds"),
+        (r#"{"ttl_seconds": 3600.5}"#, "INVALID_TTL", "ttl_seconds"),
+        (r#"{"ttl_seconds": 59.0}"#, "INVALID_TTL", "ttl_seconds"),
+        (r#"{"ttl_seconds": true}"#, "INVALID_TTL", "ttl_seconds"),
         (
             r#"{"ttl_seconds": 9223372036854775807}"#,
             "INVALID_TTL",
@@ -218,8 +233,10 @@ async fn a_usage_link_needs_no_body_and_hostile_ttls_are_refused() {
             a.body
         );
     }
-    let (not_object, _) = raw(&app, "POST", &path, Some("[]")).await;
-    assert_eq!(not_object.body["code"], "NOT_AN_OBJECT");
+    for body in ["[]", "3600", "\"null\""] {
+        let (not_object, _) = raw(&app, "POST", &path, Some(body)).await;
+        assert_eq!(not_object.body["code"], "NOT_AN_OBJECT", "{body}");
+    }
 }
 
 #[tokio::test]
@@ -296,4 +313,103 @@ async fn made_up_methods_do_not_grow_the_metrics() {
         !text.contains("method=\"X"),
         "a made-up method became a label"
     );
+}
+
+#[tokio::test]
+async fn a_whole_number_written_with_a_zero_fraction_is_that_number() {
+    // JSON Schema's `integer`, which the description gives amount and ttl_seconds, takes `3.0`;
+    // so does quotad, as the same number. A fraction or an out-of-range value is still refused.
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+
+    let (a, _) = raw(
+        &app,
+        "POST",
+        "/v1/consume",
+        Some(&format!(
+            r#"{{"user_id": "{user}", "type": "kb_file", "amount": 3.0}}"#
+        )),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(app.used(user, "kb_file").await, 3);
+    let (a, _) = raw(
+        &app,
+        "POST",
+        "/v1/release",
+        Some(&format!(
+            r#"{{"user_id": "{user}", "type": "kb_file", "amount": 2.0}}"#
+        )),
+    )
+    .await;
+    assert_eq!(
+        (a.status, &a.body["released"]),
+        (200, &json!(2)),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(app.used(user, "kb_file").await, 1);
+
+    for amount in ["3.5", "0.0", "-0.0", "1000001.0", "1e300", "-2.0"] {
+        let (a, _) = raw(
+            &app,
+            "POST",
+            "/v1/consume",
+            Some(&format!(
+                r#"{{"user_id": "{user}", "type": "kb_file", "amount": {amount}}}"#
+            )),
+        )
+        .await;
+        assert_eq!(
+            (a.status, &a.body["code"]),
+            (400, &json!("INVALID_AMOUNT")),
+            "amount {amount}: {:?}",
+            a.body
+        );
+    }
+    assert_eq!(app.used(user, "kb_file").await, 1, "nothing more counted");
+}
+
+#[tokio::test]
+async fn length_limits_count_characters_not_bytes() {
+    // The description's maxLength counts characters; so does quotad. "é" is two bytes in UTF-8.
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let consume = |key: String, text: String| json!({"user_id": user, "type": "kb_file", "idempotency_key": key, "metadata": {"note": text}});
+
+    let a = app
+        .post("/v1/consume", consume("é".repeat(255), "é".repeat(1024)))
+        .await;
+    assert_eq!(a.status, 200, "255 and 1024 characters: {:?}", a.body);
+
+    let a = app
+        .post("/v1/consume", consume("é".repeat(256), "x".to_owned()))
+        .await;
+    assert_eq!(
+        (a.status, &a.body["code"], &a.body["field"]),
+        (
+            400,
+            &json!("INVALID_IDEMPOTENCY_KEY"),
+            &json!("idempotency_key")
+        ),
+        "{:?}",
+        a.body
+    );
+    let a = app
+        .post("/v1/consume", consume("k2".to_owned(), "é".repeat(1025)))
+        .await;
+    assert_eq!(
+        (a.status, &a.body["code"]),
+        (400, &json!("INVALID_METADATA")),
+        "{:?}",
+        a.body
+    );
+    let a = app
+        .post("/v1/consume", consume("k\u{85}".to_owned(), "x".to_owned()))
+        .await;
+    assert_eq!(
+        a.body["code"], "INVALID_IDEMPOTENCY_KEY",
+        "a control character (U+0085) is still refused"
+    );
+    assert_eq!(app.used(user, "kb_file").await, 1);
 }

@@ -20,6 +20,7 @@ mod process;
 mod prometheus;
 mod redis_faults;
 mod refusals;
+mod schemathesis;
 mod script_contracts;
 mod serving;
 mod startup;

@@ -222,3 +222,190 @@ async fn real_answers_carry_exactly_the_fields_their_schemas_describe() {
         .into()
     );
 }
+
+/// The names a request may use, as the description lists them.
+fn names(v: &Value) -> Vec<Value> {
+    v.as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_description_lists_the_plans_and_types_in_force_and_follows_a_reload() {
+    let file = crate::helpers::plans_file("50");
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        plans: Some(file.0.clone()),
+        ..Default::default()
+    })
+    .await;
+
+    let spec = app.get("/openapi.json").await.body;
+    let schemas = &spec["components"]["schemas"];
+    let decision = &schemas["DecisionRequest"]["properties"];
+    assert_eq!(
+        names(&decision["type"]["enum"]),
+        [json!("ai_generation"), json!("export"), json!("kb_file")]
+    );
+    assert_eq!(
+        names(&decision["plan"]["enum"]),
+        [
+            json!("ENTERPRISE"),
+            json!("FREE"),
+            json!("PRO"),
+            Value::Null
+        ],
+        "plan may also be null"
+    );
+    assert_eq!(
+        names(&schemas["PlanRequest"]["properties"]["plan"]["enum"]),
+        [json!("ENTERPRISE"), json!("FREE"), json!("PRO")]
+    );
+    assert_eq!(
+        names(&schemas["ReleaseRequest"]["properties"]["type"]["enum"]),
+        [json!("kb_file")],
+        "release takes lifetime types only"
+    );
+
+    // A reloaded plans file changes the lists on the next request.
+    let text = quotad::plans::BUILT_IN
+        .replace(
+            "kb_file       =",
+            "seat = { period = \"lifetime\" }\nkb_file       =",
+        )
+        .replace("kb_file = 20", "kb_file = 20\nseat = 3")
+        .replace("kb_file = 1000", "kb_file = 1000\nseat = 10")
+        .replace("kb_file = -1", "kb_file = -1\nseat = -1\n\n[plans.TEAM]\nai_generation = -1\nexport = -1\nkb_file = -1\nseat = 50");
+    crate::helpers::tempfile_path::rewrite(&file, &text);
+    app.state.quota.plans.reload().expect("the new plans load");
+    let spec = app.get("/openapi.json").await.body;
+    let schemas = &spec["components"]["schemas"];
+    assert_eq!(
+        names(&schemas["PlanRequest"]["properties"]["plan"]["enum"]),
+        [
+            json!("ENTERPRISE"),
+            json!("FREE"),
+            json!("PRO"),
+            json!("TEAM")
+        ]
+    );
+    assert_eq!(
+        names(&schemas["ReleaseRequest"]["properties"]["type"]["enum"]),
+        [json!("kb_file"), json!("seat")]
+    );
+    assert!(
+        names(&schemas["DecisionRequest"]["properties"]["type"]["enum"]).contains(&json!("seat"))
+    );
+    // The server takes what the description now lists.
+    let a = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": Uuid::new_v4(), "type": "seat", "plan": "TEAM"}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+}
+
+#[tokio::test]
+async fn the_description_states_the_bounds_the_server_checks() {
+    let app = TestApp::spawn().await;
+    let spec = app.get("/openapi.json").await.body;
+    let schemas = &spec["components"]["schemas"];
+
+    let ttl = &schemas["LinkRequest"]["properties"]["ttl_seconds"];
+    assert_eq!(
+        (&ttl["minimum"], &ttl["maximum"]),
+        (&json!(60), &json!(604800))
+    );
+
+    let key = &schemas["DecisionRequest"]["properties"]["idempotency_key"];
+    assert_eq!(
+        (&key["minLength"], &key["maxLength"]),
+        (&json!(1), &json!(255))
+    );
+    assert!(
+        key["pattern"].is_string(),
+        "control characters are refused: {key}"
+    );
+
+    let metadata = &schemas["DecisionRequest"]["properties"]["metadata"];
+    assert_eq!(metadata["maxProperties"], 16);
+    assert!(
+        metadata["propertyNames"]["pattern"].is_string(),
+        "{metadata}"
+    );
+    assert_eq!(metadata["additionalProperties"]["maxLength"], 1024);
+
+    // The period pattern and the server agree, on both sides of the line.
+    let pattern = schemas["ReconcileRequest"]["properties"]["period"]["pattern"]
+        .as_str()
+        .expect("period has a pattern")
+        .to_owned();
+    assert_eq!(pattern, "^(lifetime|[0-9]{4}-(0[1-9]|1[0-2]))$");
+    let month = crate::helpers::period_id(0);
+    for (period, status) in [
+        (month.as_str(), 200),
+        ("lifetime", 200),
+        ("+202-11", 400),
+        ("2026-+1", 400),
+        ("-026-11", 400),
+        ("2026-13", 400),
+        ("life", 400),
+        ("२०२६-११", 400),
+    ] {
+        let a = app
+            .post("/v1/admin/reconcile", json!({"period": period}))
+            .await;
+        assert_eq!(a.status, status, "{period}: {:?}", a.body);
+        if status == 400 {
+            assert_eq!(
+                (&a.body["code"], &a.body["field"]),
+                (&json!("INVALID_PERIOD"), &json!("period"))
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn what_the_middleware_answers_is_described_on_every_route_it_guards() {
+    let app = TestApp::spawn().await;
+    let spec = app.get("/openapi.json").await.body;
+
+    for (method, path) in ROUTES {
+        let op = &spec["paths"][path][method];
+        let responses = &op["responses"];
+        if path.starts_with("/v1/") {
+            let forbidden = responses["403"]["description"].as_str().unwrap_or_default();
+            assert!(
+                forbidden.contains("LOOPBACK_ONLY"),
+                "{method} {path}: 403 LOOPBACK_ONLY is described: {forbidden:?}"
+            );
+            if op.get("requestBody").is_some() {
+                assert_eq!(
+                    responses["413"]["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody",
+                    "{method} {path}: 413 is described"
+                );
+            }
+        }
+        if path.starts_with("/v1/") || path.starts_with("/ui/") {
+            assert!(
+                responses["503"]["headers"]["Retry-After"].is_object(),
+                "{method} {path}: the 503's Retry-After is described"
+            );
+        }
+    }
+
+    // The refund a consume or track can be given back by is linked from its answer.
+    for path in ["/v1/consume", "/v1/track"] {
+        let link = &spec["paths"][path]["post"]["responses"]["200"]["links"]["Refund"];
+        assert_eq!(link["operationId"], "refund", "{path}: {link}");
+        assert_eq!(spec["paths"]["/v1/refund"]["post"]["operationId"], "refund");
+    }
+
+    // And the answers are what is described: a body over 16 KiB on a call that takes one.
+    let user = Uuid::new_v4();
+    let big = json!({"ttl_seconds": 3600, "pad": "x".repeat(20_000)});
+    let a = app.post(&format!("/v1/users/{user}/usage-link"), big).await;
+    assert_eq!(
+        (a.status, &a.body["code"]),
+        (413, &json!("PAYLOAD_TOO_LARGE"))
+    );
+}
