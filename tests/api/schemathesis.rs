@@ -38,6 +38,12 @@ async fn schemathesis_finds_no_failure_in_the_described_api() {
     let app = TestApp::spawn_with(Options {
         admin_tokens: vec![admin.clone()],
         gateway_tokens: vec![gateway.clone()],
+        // Any 5xx fails the run: deadlines generous enough that a busy CI machine does not turn a
+        // slow Postgres or Redis answer into a 503.
+        tune: |c| {
+            c.database_timeout_ms = 5_000;
+            c.request_timeout_ms = 30_000;
+        },
         ..Options::default()
     })
     .await;
