@@ -161,8 +161,8 @@ pub struct LinkQuery {
         (status = 200, description = "The page", content_type = "text/html", body = String),
         (status = 400, description = "The user id or a query parameter is not valid", body = ErrorBody),
         (status = 401, description = "Neither a link nor an admin token", content_type = "text/html", body = String),
-        (status = 403, description = "A forged or expired link", content_type = "text/html", body = String),
-        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
+        (status = 403, description = "A forged or expired link; or, with no token configured, a client off loopback", content_type = "text/html", body = String),
+        (status = 503, description = "Starting, overloaded (OVERLOADED) or past the request deadline (TIMEOUT): the JSON error body; a dependency down while the page is read: an HTML page saying so", content((ErrorBody = "application/json"), (String = "text/html"))),
     ),
     security((), ("bearer" = []))
 )]

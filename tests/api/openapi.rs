@@ -409,3 +409,34 @@ async fn what_the_middleware_answers_is_described_on_every_route_it_guards() {
         (413, &json!("PAYLOAD_TOO_LARGE"))
     );
 }
+
+#[tokio::test]
+async fn the_usage_pages_own_503_is_html_and_described_so() {
+    let redis = crate::helpers::PrivateRedis::start();
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        redis_url: redis.url(),
+        redis_timeout_ms: 200,
+        ..Default::default()
+    })
+    .await;
+    let spec = app.get("/openapi.json").await.body;
+    let described = &spec["paths"]["/ui/users/{user_id}"]["get"]["responses"]["503"]["content"];
+    assert!(described["text/html"].is_object(), "{described}");
+    assert!(
+        described["application/json"].is_object(),
+        "the middleware's 503: {described}"
+    );
+
+    redis.pause();
+    let page = app
+        .client
+        .get(format!("{}/ui/users/{}", app.base, Uuid::new_v4()))
+        .send()
+        .await
+        .unwrap();
+    let status = page.status().as_u16();
+    let content_type = page.headers()["content-type"].to_str().unwrap().to_owned();
+    redis.resume();
+    assert_eq!(status, 503);
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+}
