@@ -6,7 +6,7 @@
 //! check of tests/api/schemathesis_hooks.py).
 //!
 //! `QUOTAD_SCHEMATHESIS_SEED` replays a run (the seed is printed); `QUOTAD_SCHEMATHESIS_EXAMPLES`
-//! sets the examples per operation (default 50, about 1,400 cases).
+//! sets the examples per operation (default 50: 1,200 to 1,500 cases, 15 to 25 s).
 
 use std::path::Path;
 use std::process::Command;
