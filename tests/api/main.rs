@@ -21,6 +21,7 @@ mod redis_faults;
 mod refusals;
 mod script_contracts;
 mod serving;
+mod soak;
 mod startup;
 mod ui;
 
