@@ -55,23 +55,27 @@ fn now_ms() -> u64 {
 struct FileClock(Arc<AtomicI64>);
 
 impl FileClock {
+    /// Follows the offset (ms) in `path`. The thread that reads it also ends the process when the
+    /// soak that started it is gone (killed before it could kill its daemons).
     fn follow(path: PathBuf) -> FileClock {
-        let read = move || -> i64 {
+        let read = move || -> Option<i64> {
             std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "the soak's clock file {} holds an offset in ms",
-                        path.display()
-                    )
-                })
         };
-        let clock = FileClock(Arc::new(AtomicI64::new(read())));
+        let first = read().expect("the soak's clock file holds an offset in ms");
+        let clock = FileClock(Arc::new(AtomicI64::new(first)));
         let offset = clock.0.clone();
+        let parent = std::os::unix::process::parent_id();
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(20));
-            offset.store(read(), Ordering::SeqCst);
+            // A rewrite caught half done reads as nothing: keep the last offset.
+            if let Some(now) = read() {
+                offset.store(now, Ordering::SeqCst);
+            }
+            if std::os::unix::process::parent_id() != parent {
+                std::process::exit(0);
+            }
         });
         clock
     }
