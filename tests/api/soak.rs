@@ -663,6 +663,7 @@ async fn chaos_soak() {
     let mut allowed: HashMap<Counter, u64> = HashMap::new();
     let mut refused_counters: std::collections::HashSet<Counter> = Default::default();
     let mut ambiguous: HashMap<(u32, u8), u64> = HashMap::new();
+    let mut unanswered: HashMap<(u32, u8), u64> = HashMap::new();
     let mut bound: HashMap<Counter, u64> = HashMap::new();
     let (mut keyed, mut retried, mut replayed, mut used_over, mut unattributed) = (0, 0, 0, 0, 0);
     for r in &records {
@@ -690,6 +691,9 @@ async fn chaos_soak() {
         ) || r.retried
         {
             *ambiguous.entry((r.user, r.ty)).or_default() += 1;
+        }
+        if r.outcome == Outcome::NoAnswer || r.retried {
+            *unanswered.entry((r.user, r.ty)).or_default() += 1;
         }
         let counter = (r.user, r.ty, r.period);
         match r.outcome {
@@ -745,6 +749,12 @@ async fn chaos_soak() {
         .iter()
         .filter(|(k, e)| **e > ambiguous.get(k).copied().unwrap_or(0))
         .collect();
+    // How much of the extra the calls without an answer alone do not explain (the rest were
+    // answered degraded or 503 after Redis had run their script).
+    let extra_beyond_unanswered: u64 = extra
+        .iter()
+        .map(|(k, e)| e.saturating_sub(unanswered.get(k).copied().unwrap_or(0)))
+        .sum();
     let at_limit = counters
         .iter()
         .filter(|c| refused_counters.contains(c))
@@ -780,7 +790,7 @@ async fn chaos_soak() {
          month end crossed at {:.0} s; requests {} ({:.0}/s; {keyed} with an idempotency key, {retried} sent again, {replayed} replayed); \
          faults {}: redis restart kept {}, redis restart empty {}, redis pause {}, postgres restart {}, daemon SIGKILL {}; \
          answers: allowed {} (month 1 {}, month 2 {}, lifetime {}), degraded {}, 402 {}, 503 {}, no answer {}, not sent {}, other {}; \
-         postgres total {pg_total}; lost {lost} (bound {bound_total}, {} empty restarts{}); extra {extra_total} (ambiguous answers {}); \
+         postgres total {pg_total}; lost {lost} (bound {bound_total}, {} empty restarts{}); extra {extra_total} (ambiguous answers {}; {extra_beyond_unanswered} beyond the calls without an answer); \
          overshoot {} counters; allowed over limit {allowed_over_limit}; counters {} ({at_limit} refused at their limit); \
          reconcile: {compared} counters compared, drift {drift}, not loaded {not_loaded} (loaded by --repair); used over limit in answers {used_over}",
         users.len(),
