@@ -538,11 +538,14 @@ async fn chaos_soak() {
     let mut faults: HashMap<Fault, u64> = HashMap::new();
     // For each empty restart: (oldest unflushed change, kill), both in ms.
     let mut loss_windows: Vec<(u64, u64)> = Vec::new();
+    // Each Redis fault: (pause?, from, to), in ms.
+    let mut redis_faults: Vec<(bool, u64, u64)> = Vec::new();
     let mut unscanned = 0;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut i = 0;
     while started.elapsed() + Duration::from_secs(5) < run_for {
         let fault = FAULT_CYCLE[i % FAULT_CYCLE.len()];
+        let fault_from = now_ms();
         match fault {
             Fault::RedisRestartKept => {
                 tokio::task::block_in_place(|| redis_server.kill());
@@ -588,6 +591,12 @@ async fn chaos_soak() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 d.launch();
             }
+        }
+        if matches!(
+            fault,
+            Fault::RedisPause | Fault::RedisRestartKept | Fault::RedisRestartEmpty
+        ) {
+            redis_faults.push((fault == Fault::RedisPause, fault_from, now_ms()));
         }
         *faults.entry(fault).or_default() += 1;
         i += 1;
@@ -664,6 +673,8 @@ async fn chaos_soak() {
     let mut refused_counters: std::collections::HashSet<Counter> = Default::default();
     let mut ambiguous: HashMap<(u32, u8), u64> = HashMap::new();
     let mut unanswered: HashMap<(u32, u8), u64> = HashMap::new();
+    // Calls answered degraded or 503, per (user, type): during a Redis pause, a Redis kill, other.
+    let mut failed_during: HashMap<(u32, u8), [u64; 3]> = HashMap::new();
     let mut bound: HashMap<Counter, u64> = HashMap::new();
     let (mut keyed, mut retried, mut replayed, mut used_over, mut unattributed) = (0, 0, 0, 0, 0);
     for r in &records {
@@ -694,6 +705,15 @@ async fn chaos_soak() {
         }
         if r.outcome == Outcome::NoAnswer || r.retried {
             *unanswered.entry((r.user, r.ty)).or_default() += 1;
+        }
+        if matches!(r.outcome, Outcome::Degraded | Outcome::Unavailable) {
+            // Which Redis fault the call overlapped, if any (a second's slack after it).
+            let during = redis_faults
+                .iter()
+                .find(|(_, from, to)| r.sent <= to + 1000 && r.received >= *from)
+                .map(|(pause, _, _)| usize::from(!*pause))
+                .unwrap_or(2);
+            failed_during.entry((r.user, r.ty)).or_default()[during] += 1;
         }
         let counter = (r.user, r.ty, r.period);
         match r.outcome {
@@ -751,10 +771,19 @@ async fn chaos_soak() {
         .collect();
     // How much of the extra the calls without an answer alone do not explain (the rest were
     // answered degraded or 503 after Redis had run their script).
-    let extra_beyond_unanswered: u64 = extra
-        .iter()
-        .map(|(k, e)| e.saturating_sub(unanswered.get(k).copied().unwrap_or(0)))
-        .sum();
+    // Each such count is put down to a failed answer of the same user and type: during a Redis
+    // pause first, then a Redis kill, then any other.
+    let mut extra_beyond_unanswered = [0u64; 3];
+    for (k, e) in &extra {
+        let mut left = e.saturating_sub(unanswered.get(k).copied().unwrap_or(0));
+        let failed = failed_during.get(k).copied().unwrap_or_default();
+        for (slot, n) in failed.iter().enumerate() {
+            let take = left.min(*n);
+            extra_beyond_unanswered[slot] += take;
+            left -= take;
+        }
+        extra_beyond_unanswered[2] += left;
+    }
     let at_limit = counters
         .iter()
         .filter(|c| refused_counters.contains(c))
@@ -790,7 +819,7 @@ async fn chaos_soak() {
          month end crossed at {:.0} s; requests {} ({:.0}/s; {keyed} with an idempotency key, {retried} sent again, {replayed} replayed); \
          faults {}: redis restart kept {}, redis restart empty {}, redis pause {}, postgres restart {}, daemon SIGKILL {}; \
          answers: allowed {} (month 1 {}, month 2 {}, lifetime {}), degraded {}, 402 {}, 503 {}, no answer {}, not sent {}, other {}; \
-         postgres total {pg_total}; lost {lost} (bound {bound_total}, {} empty restarts{}); extra {extra_total} (ambiguous answers {}; {extra_beyond_unanswered} beyond the calls without an answer); \
+         postgres total {pg_total}; lost {lost} (bound {bound_total}, {} empty restarts{}); extra {extra_total} (ambiguous answers {}; {} beyond the calls without an answer, with failed answers during a Redis pause {}, a Redis kill {}, neither {}); \
          overshoot {} counters; allowed over limit {allowed_over_limit}; counters {} ({at_limit} refused at their limit); \
          reconcile: {compared} counters compared, drift {drift}, not loaded {not_loaded} (loaded by --repair); used over limit in answers {used_over}",
         users.len(),
@@ -816,6 +845,10 @@ async fn chaos_soak() {
         loss_windows.len(),
         if unscanned > 0 { format!(", {unscanned} unscanned") } else { String::new() },
         ambiguous.values().sum::<u64>(),
+        extra_beyond_unanswered.iter().sum::<u64>(),
+        extra_beyond_unanswered[0],
+        extra_beyond_unanswered[1],
+        extra_beyond_unanswered[2],
         overshoot.len(),
         counters.len(),
     );
