@@ -765,6 +765,12 @@ async fn chaos_soak() {
         allowed_over_limit += a.saturating_sub(limit(c.1));
     }
     let extra_total: u64 = extra.values().sum();
+    let failed_by_fault = failed_during.values().fold([0u64; 3], |mut sum, n| {
+        for (s, v) in sum.iter_mut().zip(n) {
+            *s += v;
+        }
+        sum
+    });
     let extra_unexplained: Vec<_> = extra
         .iter()
         .filter(|(k, e)| **e > ambiguous.get(k).copied().unwrap_or(0))
@@ -818,7 +824,7 @@ async fn chaos_soak() {
         "soak: {load_secs:.0} s, 2 daemons, {CLIENTS} clients, {} users ({WINDOW} at a time, FREE: {AI_LIMIT} ai_generation a month, {KB_LIMIT} kb_file), \
          month end crossed at {:.0} s; requests {} ({:.0}/s; {keyed} with an idempotency key, {retried} sent again, {replayed} replayed); \
          faults {}: redis restart kept {}, redis restart empty {}, redis pause {}, postgres restart {}, daemon SIGKILL {}; \
-         answers: allowed {} (month 1 {}, month 2 {}, lifetime {}), degraded {}, 402 {}, 503 {}, no answer {}, not sent {}, other {}; \
+         answers: allowed {} (month 1 {}, month 2 {}, lifetime {}), degraded {}, 402 {}, 503 {} (degraded or 503 during a Redis pause {}, a Redis kill {}, neither {}), no answer {}, not sent {}, other {}; \
          postgres total {pg_total}; lost {lost} (bound {bound_total}, {} empty restarts{}); extra {extra_total} (ambiguous answers {}; {} beyond the calls without an answer, with failed answers during a Redis pause {}, a Redis kill {}, neither {}); \
          overshoot {} counters; allowed over limit {allowed_over_limit}; counters {} ({at_limit} refused at their limit); \
          reconcile: {compared} counters compared, drift {drift}, not loaded {not_loaded} (loaded by --repair); used over limit in answers {used_over}",
@@ -839,6 +845,9 @@ async fn chaos_soak() {
         t("degraded"),
         t("refused"),
         t("unavailable"),
+        failed_by_fault[0],
+        failed_by_fault[1],
+        failed_by_fault[2],
         t("no_answer"),
         t("not_sent"),
         t("other"),
