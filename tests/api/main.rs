@@ -23,6 +23,7 @@ mod refusals;
 mod schemathesis;
 mod script_contracts;
 mod serving;
+mod soak;
 mod startup;
 mod ui;
 
