@@ -72,15 +72,14 @@ async fn main() {
         for chunk in users.chunks(5000) {
             let mut pipe = redis::pipe();
             for u in chunk {
-                let key = store.counter_key(u, this_month());
-                pipe.hset_multiple(&key, &[("ai_generation", "3"), ("v", "3")])
-                    .ignore();
-                pipe.zadd(
-                    store.dirty_key(u),
-                    RedisStore::dirty_member(u, this_month()),
-                    0,
+                let keys = store.keys(*u);
+                pipe.hset_multiple(
+                    keys.counter(this_month()),
+                    &[("ai_generation", "3"), ("v", "3")],
                 )
                 .ignore();
+                pipe.zadd(keys.dirty(), keys.member(this_month()), 0)
+                    .ignore();
             }
             let _: () = pipe.query_async(&mut redis).await.unwrap();
         }

@@ -352,7 +352,8 @@ impl Flusher {
             let Some((period, sent)) = periods.get(&(user, start)).copied() else {
                 continue;
             };
-            if self.store.catch_up(user, period, version, &fields).await? {
+            let keys = self.store.keys(user);
+            if self.store.catch_up(&keys, period, version, &fields).await? {
                 behind += 1;
                 tracing::warn!(
                     %user,

@@ -17,7 +17,9 @@ use crate::metrics as m;
 use crate::period::{Period, PeriodKind};
 use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
 use crate::refusals::{Refusals, Subject};
-use crate::store::{CountCall, MetaValue, Mode, RedisStore, RefundReply, Status, StoreError};
+use crate::store::{
+    CountCall, MetaValue, Mode, RedisStore, RefundReply, Status, StoreError, UserKeys,
+};
 
 /// How often a call is re-run after loading its counter before it gives up. Two suffice unless
 /// the counter is deleted again between the load and the re-run.
@@ -340,6 +342,7 @@ impl Quota {
         now: DateTime<Utc>,
     ) -> Result<Decision, Fault> {
         let cacheable = cacheable(action, input);
+        let keys = self.store.keys(input.user);
         for _ in 0..HYDRATE_ATTEMPTS {
             let ticket = if cacheable {
                 self.refusals.ticket()
@@ -350,7 +353,7 @@ impl Quota {
                 Action::Check => {
                     self.store
                         .check(
-                            input.user,
+                            &keys,
                             ty,
                             input.amount,
                             period,
@@ -367,7 +370,7 @@ impl Quota {
                         } else {
                             Mode::Track
                         },
-                        user: input.user,
+                        keys: &keys,
                         usage_type: ty,
                         amount: input.amount,
                         period,
@@ -380,7 +383,7 @@ impl Quota {
                 }
             };
             if reply.status == Status::Hydrate {
-                self.hydrate(input.user, period).await?;
+                self.hydrate(&keys, period).await?;
                 continue;
             }
             if reply.status == Status::MetaLimit {
@@ -446,11 +449,12 @@ impl Quota {
     }
 
     /// Loads (user, period) from Postgres into Redis unless another caller already did.
-    async fn hydrate(&self, user: Uuid, period: Period) -> Result<(), Fault> {
+    async fn hydrate(&self, keys: &UserKeys, period: Period) -> Result<(), Fault> {
+        let user = keys.user();
         let snap = db::within(self.db_timeout, db::snapshot(&self.db, user, period)).await?;
         if self
             .store
-            .hydrate(user, period, &snap, self.clock.now())
+            .hydrate(keys, period, &snap, self.clock.now())
             .await?
         {
             self.refusals.forget(&user);
@@ -462,8 +466,9 @@ impl Quota {
     /// Gives back the consume or track recorded under `key`, once.
     #[tracing::instrument(skip_all, fields(user = %user))]
     pub async fn refund(&self, user: Uuid, key: &str) -> Result<Refund, ApiError> {
+        let keys = self.store.keys(user);
         for _ in 0..HYDRATE_ATTEMPTS {
-            match self.store.refund(user, key).await? {
+            match self.store.refund(&keys, key).await? {
                 RefundReply::Refunded { used, stored_plan, usage_type, amount, period } => {
                     // Other replicas forget on the script's pub/sub message; this one need not wait.
                     self.refusals.forget(&user);
@@ -490,7 +495,7 @@ impl Quota {
                         format!("The call with idempotency_key {key:?} was refunded already; a call is refunded once."),
                     ))
                 }
-                RefundReply::Hydrate(period) => self.hydrate(user, period).await?,
+                RefundReply::Hydrate(period) => self.hydrate(&keys, period).await?,
             }
         }
         Err(ApiError::unavailable(
@@ -517,8 +522,9 @@ impl Quota {
                 format!("{usage_type} is counted per month and resets by itself; release only lowers lifetime types. To give back one consume, use /v1/refund."),
             ));
         }
+        let keys = self.store.keys(user);
         for _ in 0..HYDRATE_ATTEMPTS {
-            match self.store.release(user, usage_type, amount).await? {
+            match self.store.release(&keys, usage_type, amount).await? {
                 Some((used, stored, released)) => {
                     self.refusals.forget(&user);
                     let plan = plans.effective_plan(stored.as_deref()).to_owned();
@@ -531,7 +537,7 @@ impl Quota {
                     };
                     return Ok((plan, view, released));
                 }
-                None => self.hydrate(user, Period::Lifetime).await?,
+                None => self.hydrate(&keys, Period::Lifetime).await?,
             }
         }
         Err(ApiError::unavailable(
@@ -546,7 +552,8 @@ impl Quota {
         let plans = self.plans.current();
         let now = self.clock.now();
         let periods = current_periods(&plans, now);
-        let mut maps = self.store.read_counters(user, &periods).await?;
+        let keys = self.store.keys(user);
+        let mut maps = self.store.read_counters(&keys, &periods).await?;
         for _ in 0..HYDRATE_ATTEMPTS {
             let missing: Vec<Period> = periods
                 .iter()
@@ -558,9 +565,9 @@ impl Quota {
                 break;
             }
             for p in missing {
-                self.hydrate(user, p).await?;
+                self.hydrate(&keys, p).await?;
             }
-            maps = self.store.read_counters(user, &periods).await?;
+            maps = self.store.read_counters(&keys, &periods).await?;
         }
         // Every hash carries the plan; the one written by the newest plan change wins.
         let stored = maps
@@ -625,7 +632,13 @@ impl Quota {
             .collect();
         let written = self
             .store
-            .set_plan(user, &stored.plan, stored.version, &periods, &adjacent)
+            .set_plan(
+                &self.store.keys(user),
+                &stored.plan,
+                stored.version,
+                &periods,
+                &adjacent,
+            )
             .await;
         self.refusals.forget(&user);
         if let Err(e) = written {

@@ -223,7 +223,7 @@ pub async fn reconcile(
     if repair {
         for (user, n) in unloaded {
             let snap = db::snapshot(pool, user, period).await?;
-            if store.hydrate(user, period, &snap, now).await? {
+            if store.hydrate(&store.keys(user), period, &snap, now).await? {
                 report.loaded += n;
             }
         }
@@ -248,6 +248,7 @@ async fn repair(
     let mut touched = false;
     for (user, items) in by_user {
         let snap = db::snapshot(pool, user, period).await?;
+        let keys = store.keys(user);
         let redis_v = items.iter().map(|d| d.redis.version).max().unwrap_or(0);
         let done = if snap.version > redis_v {
             // Every type Redis has must be set, so a type Postgres lacks goes to 0.
@@ -257,10 +258,12 @@ async fn repair(
                     fields.push((d.usage_type.clone(), "0".into()));
                 }
             }
-            store.overwrite(user, period, snap.version, &fields).await?
+            store
+                .overwrite(&keys, period, snap.version, &fields)
+                .await?
         } else {
             touched = true;
-            store.touch(user, period).await?
+            store.touch(&keys, period).await?
         };
         if done {
             repaired += items.len() as u64;

@@ -672,9 +672,11 @@ impl RawRedis {
 impl Client for RawRedisClient {
     async fn call(&mut self, n: usize) -> Result<bool, String> {
         let raw = &self.raw;
+        // Built per call, as quotad builds them per request.
+        let keys = raw.store.keys(raw.users[n % raw.users.len()]);
         let call = CountCall {
             mode: Mode::Consume,
-            user: raw.users[n % raw.users.len()],
+            keys: &keys,
             usage_type: raw.plans.usage_type(&raw.usage_type).expect("checked"),
             amount: 1,
             period: bench_period(),

@@ -52,13 +52,14 @@ pub(super) async fn load_counters(
             .load_script(&scripts::CONSUME)
             .ignore();
         for u in chunk {
-            let mut hydrate = store.hydrate_invocation(*u, period, &Snapshot::default(), now);
+            let keys = store.keys(*u);
+            let mut hydrate = store.hydrate_invocation(&keys, period, &Snapshot::default(), now);
             store.arm(&mut hydrate);
             pipe.invoke_script(&hydrate).ignore();
             for ty in types {
                 let call = CountCall {
                     mode: Mode::Consume,
-                    user: *u,
+                    keys: &keys,
                     usage_type: plans.usage_type(ty).expect("in memory_plans"),
                     amount: 1,
                     period,
@@ -192,7 +193,7 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
         let flushed = used_memory(&mut conn).await?;
         let sample: Option<i64> = redis::cmd("MEMORY")
             .arg("USAGE")
-            .arg(store.counter_key(&ids[0], bench_period()))
+            .arg(store.keys(ids[0]).counter(bench_period()))
             .query_async(&mut conn)
             .await
             .map_err(|e| format!("redis: {e}"))?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use deadpool_redis::redis;
 use uuid::Uuid;
 
-use super::{scripts, RedisStore, StoreError, BUCKETS, SCHEMA};
+use super::{keys, scripts, RedisStore, StoreError, UserKeys, BUCKETS};
 use crate::period::Period;
 
 /// One dirty counter, as listed in its bucket's dirty set.
@@ -38,7 +38,12 @@ pub struct DirtyScan {
 impl RedisStore {
     /// The dirty set of bucket `b`.
     pub fn dirty_key_of(&self, bucket: u16) -> String {
-        format!("{}:{SCHEMA}:{{{bucket}}}:dirty", self.prefix)
+        keys::dirty_of(&self.prefix, bucket)
+    }
+
+    /// The counter hash a dirty member names (in the bucket it was listed in).
+    fn counter_of(&self, m: &DirtyMember) -> String {
+        keys::counter_in(&self.prefix, m.bucket, &m.user, m.period)
     }
 
     /// The oldest `per_bucket` members of each dirty set in `buckets`, and the sets' sizes, in
@@ -98,7 +103,7 @@ impl RedisStore {
     ) -> Result<Vec<HashMap<String, String>>, StoreError> {
         let mut pipe = redis::pipe();
         for m in members {
-            pipe.hgetall(self.counter_key(&m.user, m.period));
+            pipe.hgetall(self.counter_of(m));
         }
         self.run_pipe(&pipe).await
     }
@@ -120,7 +125,7 @@ impl RedisStore {
             let mut inv = scripts::UNMARK.prepare_invoke();
             inv.key(self.dirty_key_of(*bucket));
             for (m, _) in items.iter().map(|x| (x.0, x.1)) {
-                inv.key(self.counter_key(&m.user, m.period));
+                inv.key(self.counter_of(m));
             }
             for (m, _) in items.iter().map(|x| (x.0, x.1)) {
                 inv.arg(&m.member);
@@ -159,18 +164,18 @@ impl RedisStore {
     /// (counts by type, `m:` and `s:` fields). Returns whether Redis was older (and so changed).
     pub async fn catch_up(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         period: Period,
         version: i64,
         fields: &[(String, String)],
     ) -> Result<bool, StoreError> {
         let mut inv = scripts::CATCH_UP.prepare_invoke();
-        inv.key(self.counter_key(&user, period))
-            .key(self.dirty_key(&user))
+        inv.key(keys.counter(period))
+            .key(keys.dirty())
             .arg(version)
-            .arg(Self::dirty_member(&user, period))
+            .arg(keys.member(period))
             .arg(self.changes_channel())
-            .arg(user.to_string());
+            .arg(keys.user().to_string());
         for (field, value) in fields {
             inv.arg(field).arg(value);
         }

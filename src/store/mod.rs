@@ -26,10 +26,12 @@
 //! number and migrates, instead of silently reading empty counters.
 
 mod dirty;
+pub mod keys;
 mod scan;
 pub mod scripts;
 
 pub use dirty::{DirtyMember, DirtyScan};
+pub use keys::UserKeys;
 pub use scan::LiveCounter;
 
 use std::collections::HashMap;
@@ -158,8 +160,8 @@ pub enum MetaValue {
 pub struct CountCall<'a> {
     /// Consume or track.
     pub mode: Mode,
-    /// The user.
-    pub user: Uuid,
+    /// The user's keys.
+    pub keys: &'a UserKeys,
     /// The usage type and its plan limits.
     pub usage_type: &'a UsageType,
     /// How much to count.
@@ -309,37 +311,14 @@ impl RedisStore {
         &self.client
     }
 
-    /// The bucket of `user`: `crc16(user) % 1024`.
-    pub fn bucket(user: &Uuid) -> u16 {
-        let mut buf = Uuid::encode_buffer();
-        crc16(user.hyphenated().encode_lower(&mut buf).as_bytes()) % BUCKETS
-    }
-
-    /// The counter hash of `user` in `period`.
-    pub fn counter_key(&self, user: &Uuid, period: Period) -> String {
-        format!(
-            "{}:{SCHEMA}:{{{}}}:c:{}:{}",
-            self.prefix,
-            Self::bucket(user),
-            user,
-            period.id()
-        )
-    }
-
-    /// The dirty set of `user`'s bucket.
-    pub fn dirty_key(&self, user: &Uuid) -> String {
-        format!("{}:{SCHEMA}:{{{}}}:dirty", self.prefix, Self::bucket(user))
-    }
-
-    /// The marker of `user`'s bucket: the time (ms) since which the bucket has held
-    /// its data without a gap (see `start_fresh` in `lua/common.lua`).
-    pub fn since_key(&self, user: &Uuid) -> String {
-        format!("{}:{SCHEMA}:{{{}}}:since", self.prefix, Self::bucket(user))
+    /// The keys of `user`: build them once per request and pass them down.
+    pub fn keys(&self, user: Uuid) -> UserKeys {
+        UserKeys::new(&self.prefix, user)
     }
 
     /// The keys and arguments that let a missing month counter start fresh: previous month's
     /// hash and the bucket's marker; month start (ms), skew margin, EXPIREAT.
-    fn fresh_start(&self, user: &Uuid, period: Period) -> ([String; 2], [i64; 3]) {
+    fn fresh_start(keys: &UserKeys, period: Period) -> ([String; 2], [i64; 3]) {
         let prev = period.previous().unwrap_or(period);
         let month_start = match period {
             Period::Month { .. } => period.start().timestamp_millis(),
@@ -349,7 +328,7 @@ impl RedisStore {
             .expire_at(chrono::Duration::days(GRACE_DAYS))
             .unwrap_or(0);
         (
-            [self.counter_key(user, prev), self.since_key(user)],
+            [keys.counter(prev), keys.since()],
             [month_start, SKEW_MARGIN_MS, expire_at],
         )
     }
@@ -357,23 +336,7 @@ impl RedisStore {
     /// The pub/sub channel on which scripts announce users whose counts went down or whose plan
     /// changed (see [`crate::refusals`]).
     pub fn changes_channel(&self) -> String {
-        format!("{}:{SCHEMA}:changes", self.prefix)
-    }
-
-    /// The idempotency record of `user`'s call with `key`.
-    pub fn idempotency_key(&self, user: &Uuid, key: &str) -> String {
-        format!(
-            "{}:{SCHEMA}:{{{}}}:i:{}:{}",
-            self.prefix,
-            Self::bucket(user),
-            user,
-            key
-        )
-    }
-
-    /// The dirty-set member of a counter.
-    pub fn dirty_member(user: &Uuid, period: Period) -> String {
-        format!("{user}:{}", period.id())
+        keys::changes_channel(&self.prefix)
     }
 
     /// The next connection, in turn.
@@ -530,13 +493,14 @@ impl RedisStore {
     /// The consume script's invocation for `call`: what [`RedisStore::count`] sends (the bench's
     /// raw-Redis ceiling sends the same).
     pub fn count_invocation(&self, call: &CountCall<'_>) -> ScriptInvocation<'static> {
-        let (fresh_keys, fresh_args) = self.fresh_start(&call.user, call.period);
+        let keys = call.keys;
+        let (fresh_keys, fresh_args) = Self::fresh_start(keys, call.period);
         let mut inv = scripts::CONSUME.prepare_invoke();
-        inv.key(self.counter_key(&call.user, call.period))
-            .key(self.dirty_key(&call.user))
+        inv.key(keys.counter(call.period))
+            .key(keys.dirty())
             .key(&fresh_keys);
         if let Some(k) = call.idempotency_key {
-            inv.key(self.idempotency_key(&call.user, k));
+            inv.key(keys.idempotency(k));
         }
         inv.arg(match call.mode {
             Mode::Consume => "consume",
@@ -544,7 +508,7 @@ impl RedisStore {
         })
         .arg(&call.usage_type.name)
         .arg(call.amount)
-        .arg(Self::dirty_member(&call.user, call.period))
+        .arg(keys.member(call.period))
         .arg(call.plan_override.unwrap_or(""))
         .arg(call.default_plan)
         .arg(IDEMPOTENCY_TTL_SECS)
@@ -583,7 +547,7 @@ impl RedisStore {
     #[allow(clippy::too_many_arguments)]
     pub async fn check(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         usage_type: &UsageType,
         amount: u64,
         period: Period,
@@ -591,11 +555,11 @@ impl RedisStore {
         default_plan: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Reply, StoreError> {
-        let (fresh_keys, fresh_args) = self.fresh_start(&user, period);
+        let (fresh_keys, fresh_args) = Self::fresh_start(keys, period);
         let mut inv = scripts::CHECK.prepare_invoke();
-        inv.key(self.counter_key(&user, period)).key(&fresh_keys);
+        inv.key(keys.counter(period)).key(&fresh_keys);
         if let Some(k) = idempotency_key {
-            inv.key(self.idempotency_key(&user, k));
+            inv.key(keys.idempotency(k));
         }
         inv.arg(&usage_type.name)
             .arg(amount)
@@ -608,8 +572,8 @@ impl RedisStore {
     }
 
     /// Refund the call recorded under `key`: reads the record's period, then refunds atomically.
-    pub async fn refund(&self, user: Uuid, key: &str) -> Result<RefundReply, StoreError> {
-        let idem = self.idempotency_key(&user, key);
+    pub async fn refund(&self, keys: &UserKeys, key: &str) -> Result<RefundReply, StoreError> {
+        let idem = keys.idempotency(key);
         let idem_read = idem.clone();
         let period: Option<String> = self
             .with_conn(|mut c| async move { c.hget(idem_read, "pe").await })
@@ -619,12 +583,12 @@ impl RedisStore {
         };
         let mut inv = scripts::REFUND.prepare_invoke();
         inv.key(idem)
-            .key(self.counter_key(&user, period))
-            .key(self.dirty_key(&user))
+            .key(keys.counter(period))
+            .key(keys.dirty())
             .arg(period.id())
-            .arg(Self::dirty_member(&user, period))
+            .arg(keys.member(period))
             .arg(self.changes_channel())
-            .arg(user.to_string());
+            .arg(keys.user().to_string());
         let (status, used, plan, usage_type, amount): (String, i64, String, String, i64) =
             self.run_script(&mut inv).await?;
         Ok(match status.as_str() {
@@ -646,19 +610,19 @@ impl RedisStore {
     /// nothing changed).
     pub async fn release(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         usage_type: &str,
         amount: u64,
     ) -> Result<Option<(u64, Option<String>, u64)>, StoreError> {
         let period = Period::Lifetime;
         let mut inv = scripts::RELEASE.prepare_invoke();
-        inv.key(self.counter_key(&user, period))
-            .key(self.dirty_key(&user))
+        inv.key(keys.counter(period))
+            .key(keys.dirty())
             .arg(usage_type)
             .arg(amount)
-            .arg(Self::dirty_member(&user, period))
+            .arg(keys.member(period))
             .arg(self.changes_channel())
-            .arg(user.to_string());
+            .arg(keys.user().to_string());
         let (status, used, plan, released): (String, i64, String, i64) =
             self.run_script(&mut inv).await?;
         Ok((status == "ok").then(|| {
@@ -676,7 +640,7 @@ impl RedisStore {
     /// loaded with nothing expires after [`EMPTY_LIFETIME_TTL_SECS`].
     pub fn hydrate_invocation(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         period: Period,
         snap: &Snapshot,
         now: DateTime<Utc>,
@@ -686,17 +650,16 @@ impl RedisStore {
             .unwrap_or(0);
         let mut inv = scripts::HYDRATE.prepare_invoke();
         let (plan, plan_version) = snap.plan.clone().unwrap_or_default();
-        inv.key(self.counter_key(&user, period))
-            .key(self.since_key(&user));
+        inv.key(keys.counter(period)).key(keys.since());
         if let Some(prev) = period.previous() {
-            inv.key(self.counter_key(&user, prev));
+            inv.key(keys.counter(prev));
         }
         inv.arg(expire_at)
             .arg(snap.version)
             .arg(plan)
             .arg(plan_version)
             .arg(self.changes_channel())
-            .arg(user.to_string())
+            .arg(keys.user().to_string())
             .arg(now.timestamp_millis())
             .arg(EMPTY_LIFETIME_TTL_SECS)
             .arg(
@@ -714,12 +677,12 @@ impl RedisStore {
     /// is the daemon's clock.
     pub async fn hydrate(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         period: Period,
         snap: &Snapshot,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let mut inv = self.hydrate_invocation(user, period, snap, now);
+        let mut inv = self.hydrate_invocation(keys, period, snap, now);
         let filled: i64 = self.run_script(&mut inv).await?;
         Ok(filled == 1)
     }
@@ -730,7 +693,7 @@ impl RedisStore {
     /// another replica already counts in).
     pub async fn set_plan(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         plan: &str,
         version: i64,
         periods: &[Period],
@@ -738,12 +701,12 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let mut inv = scripts::SET_PLAN.prepare_invoke();
         for p in periods.iter().chain(adjacent) {
-            inv.key(self.counter_key(&user, *p));
+            inv.key(keys.counter(*p));
         }
         inv.arg(plan)
             .arg(version)
             .arg(self.changes_channel())
-            .arg(user.to_string())
+            .arg(keys.user().to_string())
             .arg(periods.len());
         for p in periods {
             inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
@@ -755,12 +718,12 @@ impl RedisStore {
     /// The counter hashes of `user` in `periods`, in one pipeline; `None` where not loaded yet.
     pub async fn read_counters(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         periods: &[Period],
     ) -> Result<Vec<Option<HashMap<String, String>>>, StoreError> {
         let mut pipe = redis::pipe();
         for p in periods {
-            pipe.hgetall(self.counter_key(&user, *p));
+            pipe.hgetall(keys.counter(*p));
         }
         let maps: Vec<HashMap<String, String>> = self.run_pipe(&pipe).await?;
         Ok(maps
@@ -907,22 +870,6 @@ fn classify(e: RedisError) -> StoreError {
     StoreError::Redis(e)
 }
 
-/// CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots.
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in bytes {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -965,44 +912,5 @@ mod tests {
         ));
         assert!(matches!(bug, StoreError::Redis(_)), "{bug:?}");
         assert!(!bug.is_outage());
-    }
-
-    #[test]
-    fn crc16_matches_the_redis_cluster_reference_value() {
-        // The Redis Cluster specification gives crc16("123456789") = 0x31C3.
-        assert_eq!(crc16(b"123456789"), 0x31C3);
-    }
-
-    #[tokio::test]
-    async fn keys_carry_prefix_schema_and_bucket_tag() {
-        let store = RedisStore::new("redis://127.0.0.1:1", "q", Duration::from_millis(10)).unwrap();
-        let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
-        // 495 was computed outside quotad, with Python's CRC-16/XMODEM (the Redis Cluster CRC):
-        //   python3 -c "import binascii; \
-        //     print(binascii.crc_hqx(b'7c9e6679-7425-40de-944b-e07fc1f90ae7', 0) % 1024)"
-        assert_eq!(RedisStore::bucket(&user), 495);
-        let month = Period::Month {
-            year: 2026,
-            month: 11,
-        };
-        assert_eq!(
-            store.counter_key(&user, month),
-            "q:1:{495}:c:7c9e6679-7425-40de-944b-e07fc1f90ae7:2026-11"
-        );
-        assert_eq!(
-            store.counter_key(&user, Period::Lifetime),
-            "q:1:{495}:c:7c9e6679-7425-40de-944b-e07fc1f90ae7:life"
-        );
-        assert_eq!(store.dirty_key(&user), "q:1:{495}:dirty");
-        assert_eq!(store.since_key(&user), "q:1:{495}:since");
-        assert_eq!(
-            store.idempotency_key(&user, "req-1"),
-            "q:1:{495}:i:7c9e6679-7425-40de-944b-e07fc1f90ae7:req-1"
-        );
-        assert_eq!(store.changes_channel(), "q:1:changes");
-        assert_eq!(
-            RedisStore::dirty_member(&user, month),
-            "7c9e6679-7425-40de-944b-e07fc1f90ae7:2026-11"
-        );
     }
 }

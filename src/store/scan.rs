@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use deadpool_redis::redis::{self, AsyncCommands};
 use uuid::Uuid;
 
-use super::{scripts, RedisStore, StoreError, SCHEMA};
+use super::{scripts, RedisStore, StoreError, UserKeys, SCHEMA};
 use crate::period::Period;
 
 /// One counter hash as reconcile sees it.
@@ -39,8 +39,9 @@ impl RedisStore {
             let mut pipe = redis::pipe();
             self.set_name(&mut pipe);
             for u in &users {
-                pipe.hgetall(self.counter_key(u, period));
-                pipe.zscore(self.dirty_key(u), Self::dirty_member(u, period));
+                let keys = self.keys(*u);
+                pipe.hgetall(keys.counter(period));
+                pipe.zscore(keys.dirty(), keys.member(period));
             }
             let replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
             for (user, pair) in users.into_iter().zip(replies.chunks(2)) {
@@ -61,11 +62,11 @@ impl RedisStore {
     }
 
     /// Bumps a loaded counter's version and marks it dirty, so the next flush overwrites Postgres.
-    pub async fn touch(&self, user: Uuid, period: Period) -> Result<bool, StoreError> {
+    pub async fn touch(&self, keys: &UserKeys, period: Period) -> Result<bool, StoreError> {
         let mut inv = scripts::TOUCH.prepare_invoke();
-        inv.key(self.counter_key(&user, period))
-            .key(self.dirty_key(&user))
-            .arg(Self::dirty_member(&user, period));
+        inv.key(keys.counter(period))
+            .key(keys.dirty())
+            .arg(keys.member(period));
         let v: i64 = self.run_script(&mut inv).await?;
         Ok(v > 0)
     }
@@ -73,16 +74,16 @@ impl RedisStore {
     /// Replaces a loaded counter with `fields` at `version` if Redis' version is older.
     pub async fn overwrite(
         &self,
-        user: Uuid,
+        keys: &UserKeys,
         period: Period,
         version: i64,
         fields: &[(String, String)],
     ) -> Result<bool, StoreError> {
         let mut inv = scripts::OVERWRITE.prepare_invoke();
-        inv.key(self.counter_key(&user, period))
+        inv.key(keys.counter(period))
             .arg(version)
             .arg(self.changes_channel())
-            .arg(user.to_string());
+            .arg(keys.user().to_string());
         for (f, v) in fields {
             inv.arg(f).arg(v);
         }

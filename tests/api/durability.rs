@@ -568,8 +568,8 @@ async fn a_counter_reloaded_after_redis_loses_everything_has_postgres_version_an
     .await;
     let store = &app.state.quota.store;
     let keys = [
-        store.counter_key(&user, this_month()),
-        store.counter_key(&user, Period::Lifetime),
+        store.keys(user).counter(this_month()),
+        store.keys(user).counter(Period::Lifetime),
     ];
 
     for loss in ["FLUSHALL", "restart"] {

@@ -24,8 +24,8 @@ fn db_url(app: &TestApp) -> String {
 async fn dirty_score(app: &TestApp, user: Uuid) -> Option<f64> {
     let store = &app.state.quota.store;
     redis::cmd("ZSCORE")
-        .arg(store.dirty_key(&user))
-        .arg(quotad::store::RedisStore::dirty_member(&user, month(app)))
+        .arg(store.keys(user).dirty())
+        .arg(quotad::store::keys::member(&user, month(app)))
         .query_async(&mut app.redis().await)
         .await
         .unwrap()
@@ -82,7 +82,7 @@ async fn a_row_postgres_refuses_is_set_aside_and_every_other_counter_is_written(
     assert_eq!(app.consume(bad, "ai_generation").await.status, 200);
     // What a bad day leaves in Redis: a text value Postgres' jsonb cannot hold (JSON text, as
     // the consume script stores it).
-    let key = app.state.quota.store.counter_key(&bad, month(&app));
+    let key = app.state.quota.store.keys(bad).counter(month(&app));
     let _: () = redis::cmd("HSET")
         .arg(&key)
         .arg("s:ai_generation:model")
@@ -342,7 +342,7 @@ async fn a_redis_restored_from_an_older_dump_is_raised_to_postgres_and_hands_bac
     );
     assert_eq!(used, 10, "max(6 in Redis, 10 in Postgres)");
     assert_eq!(app.used(user, "export").await, 2, "taken from Postgres");
-    let key = app.state.quota.store.counter_key(&user, month(&app));
+    let key = app.state.quota.store.keys(user).counter(month(&app));
     let tokens: String = redis::cmd("HGET")
         .arg(&key)
         .arg("m:ai_generation:tokens")

@@ -276,7 +276,7 @@ async fn a_refund_of_a_key_redis_has_expired_is_404_and_gives_nothing_back() {
         )
         .await;
     assert_eq!(a.status, 200, "{:?}", a.body);
-    let record = app.state.quota.store.idempotency_key(&user, "old");
+    let record = app.state.quota.store.keys(user).idempotency("old");
     let mut conn = app.redis().await;
 
     // Redis expires the record by its own clock, as it would 24 h on (not a delete).

@@ -55,7 +55,7 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
         ] {
             for (months, (plan, pv)) in [(1, new_month), (0, old_month)] {
                 let _: () = redis::cmd("HSET")
-                    .arg(store.counter_key(&user, month_period(months)))
+                    .arg(store.keys(user).counter(month_period(months)))
                     .arg("p")
                     .arg(plan)
                     .arg("pv")
@@ -74,7 +74,7 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
     ] {
         for (months, expected) in [(1, new_month), (0, old_month)] {
             let (p, pv): (String, i64) = redis::cmd("HMGET")
-                .arg(store.counter_key(&user, month_period(months)))
+                .arg(store.keys(user).counter(month_period(months)))
                 .arg("p")
                 .arg("pv")
                 .query_async(&mut conn)
@@ -174,7 +174,7 @@ async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
     app.set_at(restarted_at);
     let mut conn = app.redis().await;
     let _: () = redis::cmd("HSET")
-        .arg(app.state.quota.store.counter_key(&user, last_month()))
+        .arg(app.state.quota.store.keys(user).counter(last_month()))
         .arg("v")
         .arg(1)
         .arg("ai_generation")
@@ -198,7 +198,7 @@ async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
         answer.body
     );
     let since: Option<i64> = redis::cmd("GET")
-        .arg(app.state.quota.store.since_key(&user))
+        .arg(app.state.quota.store.keys(user).since())
         .query_async(&mut conn)
         .await
         .unwrap();

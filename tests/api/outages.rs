@@ -86,7 +86,8 @@ async fn a_plan_change_with_redis_down_is_stored_answers_503_and_a_repeat_puts_i
         .state
         .quota
         .store
-        .counter_key(&user, crate::helpers::month_period(0));
+        .keys(user)
+        .counter(crate::helpers::month_period(0));
     // A snapshot the restarted server loads again, so the user's counter (FREE) survives the
     // outage and only the PUT can change its plan.
     let mut conn = app.redis().await;

@@ -146,8 +146,8 @@ async fn redis_keeps_a_months_hashes_35_days_past_its_end_lifetime_ones_always_a
     let k = app.consume(user, "kb_file").await;
     assert_eq!(k.status, 200, "{:?}", k.body);
 
-    let month_hash = store.counter_key(&user, month_period(0));
-    let life_hash = store.counter_key(&user, Period::Lifetime);
+    let month_hash = store.keys(user).counter(month_period(0));
+    let life_hash = store.keys(user).counter(Period::Lifetime);
     assert_eq!(expire_time(&app, &month_hash).await, this_month_until);
     assert_eq!(
         expire_time(&app, &life_hash).await,
@@ -155,7 +155,7 @@ async fn redis_keeps_a_months_hashes_35_days_past_its_end_lifetime_ones_always_a
         "a lifetime hash exists and never expires"
     );
     let record_ttl: i64 = deadpool_redis::redis::cmd("TTL")
-        .arg(store.idempotency_key(&user, "k1"))
+        .arg(store.keys(user).idempotency("k1"))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
@@ -176,15 +176,15 @@ async fn redis_keeps_a_months_hashes_35_days_past_its_end_lifetime_ones_always_a
     );
     app.set_plan(other, "PRO").await;
     assert_eq!(
-        expire_time(&app, &store.counter_key(&user, month_period(1))).await,
+        expire_time(&app, &store.keys(user).counter(month_period(1))).await,
         next_month_until
     );
     assert_eq!(
-        expire_time(&app, &store.counter_key(&other, month_period(1))).await,
+        expire_time(&app, &store.keys(other).counter(month_period(1))).await,
         next_month_until
     );
     assert_eq!(
-        expire_time(&app, &store.counter_key(&other, Period::Lifetime)).await,
+        expire_time(&app, &store.keys(other).counter(Period::Lifetime)).await,
         -1
     );
     assert_eq!(

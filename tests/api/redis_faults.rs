@@ -445,9 +445,10 @@ async fn a_consume_script_run_past_its_deadline_does_nothing() {
 
     let plans = app.state.quota.plans.current();
     let ty = plans.usage_type("ai_generation").unwrap();
+    let keys = app.state.quota.store.keys(user);
     let call = CountCall {
         mode: Mode::Consume,
-        user,
+        keys: &keys,
         usage_type: ty,
         amount: 1,
         period: Period::current(ty.period, app.clock_now()),

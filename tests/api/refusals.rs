@@ -308,7 +308,7 @@ async fn a_counter_reloaded_from_postgres_lifts_the_refusal_everywhere() {
     // Redis loses the counter before its last two units reached Postgres; another replica loads
     // it again (48) and announces it.
     let mut conn = a.redis().await;
-    let key = a.state.quota.store.counter_key(&user, month_period(0));
+    let key = a.state.quota.store.keys(user).counter(month_period(0));
     let _: i64 = redis::cmd("DEL")
         .arg(&key)
         .query_async(&mut conn)
@@ -410,7 +410,7 @@ async fn a_reconcile_repair_lifts_remembered_refusals() {
         .unwrap();
     }
     let _: i64 = redis::cmd("DEL")
-        .arg(app.state.quota.store.counter_key(&lost, month_period(0)))
+        .arg(app.state.quota.store.keys(lost).counter(month_period(0)))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();

@@ -38,8 +38,8 @@ async fn hset(app: &TestApp, key: &str, field: &str, value: &str) {
 async fn is_dirty(app: &TestApp, user: Uuid, period: Period) -> bool {
     let store = &app.state.quota.store;
     let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(store.dirty_key(&user))
-        .arg(quotad::store::RedisStore::dirty_member(&user, period))
+        .arg(store.keys(user).dirty())
+        .arg(quotad::store::keys::member(&user, period))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
@@ -78,7 +78,7 @@ async fn pg_row(app: &TestApp, user: Uuid, ty: &str) -> Option<(i64, Value, i64)
 async fn a_metadata_sum_beyond_a_float_is_refused_with_400_and_counts_nothing() {
     let app = TestApp::spawn().await;
     let user = Uuid::new_v4();
-    let key = app.state.quota.store.counter_key(&user, month(0));
+    let key = app.state.quota.store.keys(user).counter(month(0));
     let first = app
         .post(
             "/v1/consume",
@@ -113,7 +113,7 @@ async fn a_metadata_sum_beyond_a_float_is_refused_with_400_and_counts_nothing() 
         "no metadata written"
     );
     assert!(!is_dirty(&app, user, month(0)).await, "no dirty mark");
-    let record = app.state.quota.store.idempotency_key(&user, "huge");
+    let record = app.state.quota.store.keys(user).idempotency("huge");
     assert!(!exists(&app, &record).await, "no idempotency record");
     // The sum Postgres holds is the one finite value, kept at full precision.
     let (count, metadata, _) = pg_row(&app, user, "ai_generation").await.unwrap();
@@ -153,7 +153,7 @@ async fn metadata_sums_keep_full_precision() {
             .await;
         assert_eq!(a.status, 200, "{:?}", a.body);
     }
-    let key = app.state.quota.store.counter_key(&user, month(0));
+    let key = app.state.quota.store.keys(user).counter(month(0));
     let stored: f64 = hget(&app, &key, "m:ai_generation:cost")
         .await
         .unwrap()
@@ -170,7 +170,7 @@ async fn metadata_sums_keep_full_precision() {
 async fn a_stored_sum_that_is_not_a_number_starts_again_and_the_call_counts_whole() {
     let app = TestApp::spawn().await;
     let user = Uuid::new_v4();
-    let key = app.state.quota.store.counter_key(&user, month(0));
+    let key = app.state.quota.store.keys(user).counter(month(0));
     app.consume(user, "ai_generation").await;
     app.flush().await;
     hset(&app, &key, "m:ai_generation:prompt_tokens", "not-a-number").await;
@@ -192,7 +192,7 @@ async fn a_stored_sum_that_is_not_a_number_starts_again_and_the_call_counts_whol
         Some("5")
     );
     assert!(is_dirty(&app, user, month(0)).await, "marked dirty");
-    let record = app.state.quota.store.idempotency_key(&user, "k");
+    let record = app.state.quota.store.keys(user).idempotency("k");
     assert!(
         exists(&app, &record).await,
         "the idempotency record is kept"
@@ -206,7 +206,7 @@ async fn a_stored_sum_that_is_not_a_number_starts_again_and_the_call_counts_whol
 async fn a_corrupt_version_stops_the_call_before_it_counts() {
     let app = TestApp::spawn().await;
     let user = Uuid::new_v4();
-    let key = app.state.quota.store.counter_key(&user, month(0));
+    let key = app.state.quota.store.keys(user).counter(month(0));
     app.consume(user, "ai_generation").await;
     app.flush().await;
     hset(&app, &key, "v", "garbage").await;
@@ -225,7 +225,7 @@ async fn a_corrupt_version_stops_the_call_before_it_counts() {
         "nothing counted"
     );
     assert!(!is_dirty(&app, user, month(0)).await);
-    let record = app.state.quota.store.idempotency_key(&user, "k");
+    let record = app.state.quota.store.keys(user).idempotency("k");
     assert!(!exists(&app, &record).await);
 }
 
@@ -318,7 +318,7 @@ async fn check_with_a_key_of_an_earlier_consume_is_409_and_a_new_key_is_decided_
 async fn a_release_or_refund_that_lowers_nothing_changes_nothing() {
     let app = TestApp::spawn().await;
     let user = Uuid::new_v4();
-    let key = app.state.quota.store.counter_key(&user, Period::Lifetime);
+    let key = app.state.quota.store.keys(user).counter(Period::Lifetime);
     let counted = app
         .post(
             "/v1/consume",
@@ -475,7 +475,7 @@ async fn a_month_hash_lost_on_its_own_continues_from_postgres_not_zero() {
         assert_eq!((a.status, &a.body["used"]), (200, &json!(n)));
     }
     app.flush().await;
-    let next = app.state.quota.store.counter_key(&user, month(1));
+    let next = app.state.quota.store.keys(user).counter(month(1));
     let (count, _, version) = pg_row(&app, user, "ai_generation").await.unwrap();
     assert_eq!(count, 2);
 
@@ -485,8 +485,8 @@ async fn a_month_hash_lost_on_its_own_continues_from_postgres_not_zero() {
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
-    assert!(exists(&app, &app.state.quota.store.since_key(&user)).await);
-    assert!(exists(&app, &app.state.quota.store.counter_key(&user, month(0))).await);
+    assert!(exists(&app, &app.state.quota.store.keys(user).since()).await);
+    assert!(exists(&app, &app.state.quota.store.keys(user).counter(month(0))).await);
 
     let a = app.consume(user, "ai_generation").await;
 
@@ -527,7 +527,7 @@ async fn a_month_loaded_again_after_it_ended_still_keeps_its_successor_from_star
     app.flush().await;
     // Month M is lost alone, then loaded again by a refund of one of its calls.
     let _: i64 = redis::cmd("DEL")
-        .arg(store.counter_key(&user, month(0)))
+        .arg(store.keys(user).counter(month(0)))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
@@ -541,7 +541,7 @@ async fn a_month_loaded_again_after_it_ended_still_keeps_its_successor_from_star
     app.flush().await;
     // Then M+1 is lost alone: it must be loaded, not restarted at 0.
     let _: i64 = redis::cmd("DEL")
-        .arg(store.counter_key(&user, month(1)))
+        .arg(store.keys(user).counter(month(1)))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
@@ -592,7 +592,8 @@ async fn reads_of_unknown_users_leave_no_hash_that_never_expires() {
         .state
         .quota
         .store
-        .counter_key(&users[0], Period::Lifetime);
+        .keys(users[0])
+        .counter(Period::Lifetime);
     assert_eq!(
         ttl(&app, &key).await,
         -1,
@@ -627,7 +628,7 @@ async fn a_plan_change_just_before_midnight_reaches_the_next_months_hash() {
     // The other, a moment behind, changes the plan while its clock still reads month M.
     before.set_plan(user, "PRO").await;
 
-    let next = after.state.quota.store.counter_key(&user, month(1));
+    let next = after.state.quota.store.keys(user).counter(month(1));
     assert_eq!(hget(&after, &next, "p").await.as_deref(), Some("PRO"));
     let a = after.consume(user, "ai_generation").await;
     assert_eq!(a.status, 200, "{:?}", a.body);
@@ -638,6 +639,6 @@ async fn a_plan_change_just_before_midnight_reaches_the_next_months_hash() {
         a.body
     );
     // An adjacent month whose hash does not exist is not created by a plan change.
-    let previous = after.state.quota.store.counter_key(&user, month(-1));
+    let previous = after.state.quota.store.keys(user).counter(month(-1));
     assert!(!exists(&after, &previous).await);
 }
