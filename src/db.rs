@@ -12,7 +12,7 @@ use sqlx::{Connection, PgConnection, PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::period::Period;
-use crate::store::Snapshot;
+use crate::store::{CounterHash, Snapshot};
 
 /// The migrations in `migrations/`, embedded.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -141,30 +141,10 @@ pub async fn snapshot(db: &PgPool, user: Uuid, period: Period) -> Result<Snapsho
     };
     for (ty, count, version, metadata) in rows {
         snap.version = snap.version.max(version);
-        let fields = metadata_fields(&ty, metadata);
-        if !fields.is_empty() {
-            snap.fields
-                .push((format!("n:{ty}"), fields.len().to_string()));
-        }
-        snap.fields.extend(fields);
-        snap.fields.push((ty, count.to_string()));
+        snap.fields
+            .extend(CounterHash::row_fields(&ty, count, metadata, true));
     }
     Ok(snap)
-}
-
-/// A row's metadata as counter-hash fields: numbers as `m:<type>:<name>` sums, anything else as
-/// `s:<type>:<name>` JSON text.
-pub fn metadata_fields(ty: &str, metadata: serde_json::Value) -> Vec<(String, String)> {
-    let serde_json::Value::Object(fields) = metadata else {
-        return Vec::new();
-    };
-    fields
-        .into_iter()
-        .map(|(name, value)| match value {
-            serde_json::Value::Number(n) => (format!("m:{ty}:{name}"), n.to_string()),
-            other => (format!("s:{ty}:{name}"), other.to_string()),
-        })
-        .collect()
 }
 
 /// A user's stored plan.

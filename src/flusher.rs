@@ -19,14 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use serde_json::{Map, Number, Value};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::db::{self, Totals};
 use crate::metrics as m;
 use crate::period::Period;
-use crate::store::{DirtyMember, RedisStore, StoreError, BUCKETS};
+use crate::store::{CounterHash, DirtyMember, RedisStore, StoreError, BUCKETS};
 
 /// Buckets scanned per batch: one pipeline, one upsert, one unmark pipeline each.
 const BUCKETS_PER_BATCH: u16 = 128;
@@ -219,9 +218,9 @@ impl Flusher {
         let mut owners = Vec::new();
         let mut versions = Vec::with_capacity(scan.members.len());
         for (i, (member, hash)) in scan.members.iter().zip(&hashes).enumerate() {
-            let version = hash.get("v").and_then(|v| v.parse::<i64>().ok());
+            let version = hash.version;
             if let Some(v) = version {
-                for (ty, count, metadata) in rows_of(hash) {
+                for (ty, count, metadata) in hash.rows() {
                     totals.push(member.user, ty, count, member.period, metadata, v);
                     owners.push(i);
                 }
@@ -342,10 +341,12 @@ impl Flusher {
                 .entry((row.user, row.period_start))
                 .or_insert((0, Vec::new()));
             entry.0 = entry.0.max(row.version);
-            entry
-                .1
-                .extend(db::metadata_fields(&row.usage_type, row.metadata));
-            entry.1.push((row.usage_type, row.count.to_string()));
+            entry.1.extend(CounterHash::row_fields(
+                &row.usage_type,
+                row.count,
+                row.metadata,
+                false,
+            ));
         }
         let mut behind = 0;
         for ((user, start), (version, fields)) in by_counter {
@@ -457,59 +458,6 @@ struct Written {
     refused: Vec<(usize, String)>,
 }
 
-/// The Postgres rows of one counter hash: (type, count, metadata) for every type field.
-/// Fields with a ':' are metadata (`m:`, `s:`, `n:`); `v`, `p` and `pv` are the hash's own.
-fn rows_of(hash: &HashMap<String, String>) -> Vec<(String, i64, Value)> {
-    // In field order, so the same hash always makes the same rows, metadata in the same order.
-    let mut fields: Vec<(&String, &String)> = hash.iter().collect();
-    fields.sort();
-    let mut rows: Vec<(String, i64, Map<String, Value>)> = fields
-        .iter()
-        .filter(|(k, _)| !k.contains(':') && !matches!(k.as_str(), "v" | "p" | "pv"))
-        .filter_map(|(k, v)| Some(((*k).clone(), v.parse::<i64>().ok()?, Map::new())))
-        .collect();
-    for (key, value) in fields {
-        let Some((kind, rest)) = key.split_once(':') else {
-            continue;
-        };
-        let Some((ty, name)) = rest.split_once(':') else {
-            continue;
-        };
-        let Some(row) = rows.iter_mut().find(|r| r.0 == ty) else {
-            continue;
-        };
-        match kind {
-            "m" => {
-                if let Some(n) = number(value) {
-                    row.2.insert(name.to_owned(), n);
-                }
-            }
-            // A name that is both summed and text keeps the sum.
-            "s" if !hash.contains_key(&format!("m:{ty}:{name}")) => {
-                let v =
-                    serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.clone()));
-                row.2.insert(name.to_owned(), v);
-            }
-            _ => {}
-        }
-    }
-    rows.into_iter()
-        .map(|(t, c, m)| (t, c, Value::Object(m)))
-        .collect()
-}
-
-/// A summed metadata value as JSON: whole numbers stay integers.
-fn number(text: &str) -> Option<Value> {
-    if let Ok(i) = text.parse::<i64>() {
-        return Some(Value::Number(i.into()));
-    }
-    let f: f64 = text.parse().ok()?;
-    if f.fract() == 0.0 && f.abs() < 9.0e15 {
-        return Some(Value::Number((f as i64).into()));
-    }
-    Number::from_f64(f).map(Value::Number)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,45 +482,5 @@ mod tests {
             Pace::after(&left_work, Duration::from_millis(10), second),
             Pace::Full
         );
-    }
-
-    fn hash(fields: &[(&str, &str)]) -> HashMap<String, String> {
-        fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn a_hash_becomes_one_row_per_type_with_its_metadata() {
-        let h = hash(&[
-            ("v", "9"),
-            ("p", "PRO"),
-            ("pv", "2"),
-            ("ai_generation", "12"),
-            ("export", "3"),
-            ("n:ai_generation", "3"),
-            ("m:ai_generation:prompt_tokens", "81200"),
-            ("m:ai_generation:cost", "0.25"),
-            ("s:ai_generation:model", "\"m-1\""),
-        ]);
-        let mut rows = rows_of(&h);
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].0, "ai_generation");
-        assert_eq!(rows[0].1, 12);
-        assert_eq!(
-            rows[0].2,
-            serde_json::json!({"prompt_tokens": 81200, "cost": 0.25, "model": "m-1"})
-        );
-        assert_eq!(rows[1], ("export".to_owned(), 3, serde_json::json!({})));
-    }
-
-    #[test]
-    fn whole_sums_stay_integers_and_fractions_stay_floats() {
-        assert_eq!(number("812"), Some(serde_json::json!(812)));
-        assert_eq!(number("1624.0"), Some(serde_json::json!(1624)));
-        assert_eq!(number("0.5"), Some(serde_json::json!(0.5)));
-        assert_eq!(number("x"), None);
     }
 }

@@ -37,7 +37,8 @@ export = -1
 kb_file = -1
 "#;
 
-/// Hash field names the counter hash uses for itself; a usage type may not take them.
+/// Hash field names the counter hash uses for itself (`store::counter::RESERVED`, whose test
+/// checks this list refuses them); a usage type may not take them.
 const RESERVED_TYPE_NAMES: [&str; 3] = ["v", "p", "pv"];
 /// Largest limit a plan may set: far above any real quota, far below Redis' i64 ceiling.
 const MAX_LIMIT: i64 = 1_000_000_000_000_000;

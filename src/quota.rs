@@ -573,9 +573,9 @@ impl Quota {
         let stored = maps
             .iter()
             .flatten()
-            .filter_map(|m| Some((m.get("pv")?.parse::<i64>().ok()?, m.get("p")?)))
-            .max_by_key(|(pv, _)| *pv)
-            .map(|(_, p)| p.as_str());
+            .filter_map(|h| h.plan.as_ref())
+            .max_by_key(|(_, pv)| *pv)
+            .map(|(p, _)| p.as_str());
         let plan = plans.effective_plan(stored).to_owned();
         let counters = plans
             .types
@@ -588,9 +588,7 @@ impl Quota {
                     .expect("period listed");
                 let used = maps[idx]
                     .as_ref()
-                    .and_then(|m| m.get(&ty.name))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                    .map_or(0, |h| h.count(&ty.name).max(0) as u64);
                 let limit = ty.limit(&plan);
                 (
                     ty.name.clone(),

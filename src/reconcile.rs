@@ -153,26 +153,13 @@ pub async fn reconcile(
     let mut unloaded = Vec::new();
     for counter in &live {
         seen.insert(counter.user);
-        let v: i64 = counter
-            .fields
-            .get("v")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let v = counter.hash.version.unwrap_or(0);
         let theirs = pg.get(&counter.user);
-        let mut types: BTreeSet<&str> = counter
-            .fields
-            .keys()
-            .map(String::as_str)
-            .filter(|k| !k.contains(':') && !matches!(*k, "v" | "p" | "pv"))
-            .collect();
+        let mut types: BTreeSet<&str> = counter.hash.types().collect();
         types.extend(theirs.iter().flat_map(|m| m.keys().map(String::as_str)));
         for ty in types {
             report.compared += 1;
-            let count = counter
-                .fields
-                .get(ty)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
+            let count = counter.hash.count(ty);
             let redis = Side { count, version: v };
             let postgres = theirs.and_then(|m| m.get(ty)).copied();
             let kind = match postgres {

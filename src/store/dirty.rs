@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use deadpool_redis::redis;
 use uuid::Uuid;
 
-use super::{keys, scripts, RedisStore, StoreError, UserKeys, BUCKETS};
+use super::{keys, scripts, CounterHash, RedisStore, StoreError, UserKeys, BUCKETS};
 use crate::period::Period;
 
 /// One dirty counter, as listed in its bucket's dirty set.
@@ -96,16 +96,17 @@ impl RedisStore {
         Ok(cards.into_iter().sum())
     }
 
-    /// The counter hashes of `members`, in one pipeline (empty maps for hashes that are gone).
+    /// The counter hashes of `members`, in one pipeline (not loaded for hashes that are gone).
     pub async fn read_dirty(
         &self,
         members: &[DirtyMember],
-    ) -> Result<Vec<HashMap<String, String>>, StoreError> {
+    ) -> Result<Vec<CounterHash>, StoreError> {
         let mut pipe = redis::pipe();
         for m in members {
             pipe.hgetall(self.counter_of(m));
         }
-        self.run_pipe(&pipe).await
+        let maps: Vec<HashMap<String, String>> = self.run_pipe(&pipe).await?;
+        Ok(maps.iter().map(CounterHash::parse).collect())
     }
 
     /// Takes flushed members off their dirty sets where the counter's version is still the one

@@ -25,11 +25,13 @@
 //! `<period>` is `2026-11` or `life`. The `1` is the schema version: a later layout takes a new
 //! number and migrates, instead of silently reading empty counters.
 
+pub mod counter;
 mod dirty;
 pub mod keys;
 mod scan;
 pub mod scripts;
 
+pub use counter::CounterHash;
 pub use dirty::{DirtyMember, DirtyScan};
 pub use keys::UserKeys;
 pub use scan::LiveCounter;
@@ -720,15 +722,16 @@ impl RedisStore {
         &self,
         keys: &UserKeys,
         periods: &[Period],
-    ) -> Result<Vec<Option<HashMap<String, String>>>, StoreError> {
+    ) -> Result<Vec<Option<CounterHash>>, StoreError> {
         let mut pipe = redis::pipe();
         for p in periods {
             pipe.hgetall(keys.counter(*p));
         }
         let maps: Vec<HashMap<String, String>> = self.run_pipe(&pipe).await?;
         Ok(maps
-            .into_iter()
-            .map(|m| m.contains_key("v").then_some(m))
+            .iter()
+            .map(CounterHash::parse)
+            .map(|h| h.is_loaded().then_some(h))
             .collect())
     }
 

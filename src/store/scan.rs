@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use deadpool_redis::redis::{self, AsyncCommands};
 use uuid::Uuid;
 
-use super::{scripts, RedisStore, StoreError, UserKeys, SCHEMA};
+use super::{scripts, CounterHash, RedisStore, StoreError, UserKeys, SCHEMA};
 use crate::period::Period;
 
 /// One counter hash as reconcile sees it.
@@ -13,8 +13,8 @@ use crate::period::Period;
 pub struct LiveCounter {
     /// The user.
     pub user: Uuid,
-    /// Its fields.
-    pub fields: HashMap<String, String>,
+    /// The hash.
+    pub hash: CounterHash,
     /// Whether it waits in a dirty set (changed since its last flush).
     pub dirty: bool,
 }
@@ -49,10 +49,11 @@ impl RedisStore {
                     .map_err(|e| StoreError::Redis(e.into()))?;
                 let score: Option<f64> = redis::from_redis_value_ref(&pair[1])
                     .map_err(|e| StoreError::Redis(e.into()))?;
-                if fields.contains_key("v") {
+                let hash = CounterHash::parse(&fields);
+                if hash.is_loaded() {
                     out.push(LiveCounter {
                         user,
-                        fields,
+                        hash,
                         dirty: score.is_some(),
                     });
                 }

@@ -188,12 +188,12 @@ async fn a_count_that_arrives_during_a_flush_stays_dirty_and_is_written_next_tim
         .unwrap();
     assert_eq!(scan.members.len(), 1);
     let read = store.read_dirty(&scan.members).await.unwrap();
-    let version: i64 = read[0]["v"].parse().unwrap();
+    let version: i64 = read[0].version.unwrap();
     let mut totals = Totals::default();
     totals.push(
         user,
         "export".into(),
-        read[0]["export"].parse().unwrap(),
+        read[0].count("export"),
         this_month(),
         json!({}),
         version,

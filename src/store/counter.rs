@@ -1,0 +1,251 @@
+//! The counter hash, one per (user, period): the only Rust code that knows its field names. The
+//! scripts in `lua/` are the other side of the same layout (`lua/common.lua` describes it).
+//!
+//! | field | what |
+//! |---|---|
+//! | `<type>` | the count of a usage type |
+//! | `v` | the version: grows on every change, so Postgres can refuse an older total; a hash without it is not loaded from Postgres yet |
+//! | `p`, `pv` | the user's plan and its version in Postgres' `user_plans` |
+//! | `m:<type>:<name>` | a summed numeric metadata value |
+//! | `s:<type>:<name>` | the latest other metadata value, as JSON text |
+//! | `n:<type>` | how many metadata names the type has |
+//! | `x:next` | set once the next month's counter exists (written by the scripts only) |
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Number, Value};
+
+/// The version field.
+const VERSION: &str = "v";
+/// The plan field and its version.
+const PLAN: &str = "p";
+const PLAN_VERSION: &str = "pv";
+/// Field names a usage type may not take: the hash's own.
+pub const RESERVED: [&str; 3] = [VERSION, PLAN, PLAN_VERSION];
+
+/// One counter hash, parsed into what it means.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CounterHash {
+    /// `v`; `None` when the hash is not loaded (or gone).
+    pub version: Option<i64>,
+    /// `p` and `pv`, when the hash carries a plan.
+    pub plan: Option<(String, i64)>,
+    /// Counts by type; `None` for a count that is not a whole number (corrupt data: quotad never
+    /// writes one, and the scripts refuse to count on it).
+    counts: BTreeMap<String, Option<i64>>,
+    /// Metadata by type, as Postgres stores it: sums as JSON numbers (whole sums as integers),
+    /// other values as the JSON they were sent as. A name both summed and kept as text keeps the
+    /// sum.
+    metadata: BTreeMap<String, Map<String, Value>>,
+}
+
+impl CounterHash {
+    /// Reads a hash as `HGETALL` returns it (empty when the key does not exist).
+    pub fn parse(fields: &HashMap<String, String>) -> CounterHash {
+        let mut hash = CounterHash {
+            version: fields.get(VERSION).and_then(|v| v.parse().ok()),
+            plan: fields
+                .get(PLAN_VERSION)
+                .and_then(|pv| pv.parse().ok())
+                .and_then(|pv| Some((fields.get(PLAN)?.clone(), pv))),
+            ..CounterHash::default()
+        };
+        for (key, value) in fields {
+            if !key.contains(':') && !RESERVED.contains(&key.as_str()) {
+                hash.counts.insert(key.clone(), value.parse().ok());
+            }
+        }
+        // In field order, so the same hash always makes the same metadata, in the same order.
+        let mut meta: Vec<(&String, &String)> = fields
+            .iter()
+            .filter(|(k, _)| k.starts_with("m:") || k.starts_with("s:"))
+            .collect();
+        meta.sort();
+        for (key, value) in meta {
+            let Some((kind, rest)) = key.split_once(':') else {
+                continue;
+            };
+            let Some((ty, name)) = rest.split_once(':') else {
+                continue;
+            };
+            let parsed = match kind {
+                "m" => number(value),
+                _ if fields.contains_key(&format!("m:{ty}:{name}")) => None,
+                _ => Some(
+                    serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.clone())),
+                ),
+            };
+            if let Some(v) = parsed {
+                hash.metadata
+                    .entry(ty.to_owned())
+                    .or_default()
+                    .insert(name.to_owned(), v);
+            }
+        }
+        hash
+    }
+
+    /// Whether the hash is loaded from Postgres (it carries a version).
+    pub fn is_loaded(&self) -> bool {
+        self.version.is_some()
+    }
+
+    /// Every usage type the hash holds a count for, in name order.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        self.counts.keys().map(String::as_str)
+    }
+
+    /// The count of `usage_type` (0 when the hash holds none, or one that is not a number).
+    pub fn count(&self, usage_type: &str) -> i64 {
+        self.counts.get(usage_type).copied().flatten().unwrap_or(0)
+    }
+
+    /// The Postgres rows of the hash: (type, count, metadata) for every type with a whole count,
+    /// in type order.
+    pub fn rows(&self) -> Vec<(String, i64, Value)> {
+        self.counts
+            .iter()
+            .filter_map(|(ty, count)| {
+                let meta = self.metadata.get(ty).cloned().unwrap_or_default();
+                Some((ty.clone(), (*count)?, Value::Object(meta)))
+            })
+            .collect()
+    }
+
+    /// The fields that give a counter Postgres' row of `usage_type`: its count, its metadata
+    /// (numbers as `m:` sums, anything else as `s:` JSON text) and, with `names`, how many
+    /// metadata names it has (`n:`, which a load from Postgres sets and a catch-up keeps).
+    pub fn row_fields(
+        usage_type: &str,
+        count: i64,
+        metadata: Value,
+        names: bool,
+    ) -> Vec<(String, String)> {
+        let mut fields = Vec::new();
+        let meta = match metadata {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        if names && !meta.is_empty() {
+            fields.push((format!("n:{usage_type}"), meta.len().to_string()));
+        }
+        for (name, value) in meta {
+            fields.push(match value {
+                Value::Number(n) => (format!("m:{usage_type}:{name}"), n.to_string()),
+                other => (format!("s:{usage_type}:{name}"), other.to_string()),
+            });
+        }
+        fields.push((usage_type.to_owned(), count.to_string()));
+        fields
+    }
+}
+
+/// A summed metadata value as JSON: whole numbers stay integers.
+fn number(text: &str) -> Option<Value> {
+    if let Ok(i) = text.parse::<i64>() {
+        return Some(Value::Number(i.into()));
+    }
+    let f: f64 = text.parse().ok()?;
+    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+        return Some(Value::Number((f as i64).into()));
+    }
+    Number::from_f64(f).map(Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(fields: &[(&str, &str)]) -> HashMap<String, String> {
+        fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_hash_becomes_one_row_per_type_with_its_metadata() {
+        let h = CounterHash::parse(&hash(&[
+            ("v", "9"),
+            ("p", "PRO"),
+            ("pv", "2"),
+            ("ai_generation", "12"),
+            ("export", "3"),
+            ("n:ai_generation", "3"),
+            ("m:ai_generation:prompt_tokens", "81200"),
+            ("m:ai_generation:cost", "0.25"),
+            ("s:ai_generation:model", "\"m-1\""),
+            ("x:next", "1"),
+        ]));
+        assert_eq!(h.version, Some(9));
+        assert_eq!(h.plan, Some(("PRO".to_owned(), 2)));
+        assert_eq!(h.types().collect::<Vec<_>>(), ["ai_generation", "export"]);
+        let rows = h.rows();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].0, "ai_generation");
+        assert_eq!(rows[0].1, 12);
+        assert_eq!(
+            rows[0].2,
+            serde_json::json!({"prompt_tokens": 81200, "cost": 0.25, "model": "m-1"})
+        );
+        assert_eq!(rows[1], ("export".to_owned(), 3, serde_json::json!({})));
+    }
+
+    #[test]
+    fn a_missing_hash_is_not_loaded_and_a_corrupt_count_makes_no_row() {
+        let gone = CounterHash::parse(&HashMap::new());
+        assert!(!gone.is_loaded());
+        assert_eq!(gone.count("ai_generation"), 0);
+        let h = CounterHash::parse(&hash(&[("v", "1"), ("export", "x"), ("kb_file", "2")]));
+        assert_eq!(h.types().collect::<Vec<_>>(), ["export", "kb_file"]);
+        assert_eq!(h.count("export"), 0);
+        assert_eq!(h.rows().len(), 1);
+    }
+
+    #[test]
+    fn a_name_both_summed_and_text_keeps_the_sum() {
+        let h = CounterHash::parse(&hash(&[
+            ("v", "1"),
+            ("export", "1"),
+            ("m:export:size", "5"),
+            ("s:export:size", "\"big\""),
+        ]));
+        assert_eq!(h.rows()[0].2, serde_json::json!({"size": 5}));
+    }
+
+    #[test]
+    fn row_fields_are_what_parse_reads_back() {
+        let meta = serde_json::json!({"tokens": 812, "model": "m-1"});
+        let fields = CounterHash::row_fields("ai_generation", 7, meta.clone(), true);
+        assert_eq!(fields[0], ("n:ai_generation".to_owned(), "2".to_owned()));
+        assert_eq!(
+            CounterHash::row_fields("ai_generation", 7, meta.clone(), false).len(),
+            3
+        );
+        let mut map: HashMap<String, String> = fields.into_iter().collect();
+        map.insert("v".into(), "4".into());
+        let h = CounterHash::parse(&map);
+        assert_eq!(h.rows(), [("ai_generation".to_owned(), 7, meta)]);
+    }
+
+    #[test]
+    fn the_plans_file_refuses_a_type_named_like_a_field_of_the_hash() {
+        for name in RESERVED {
+            let text = crate::plans::BUILT_IN
+                .replace("export ", &format!("{name} "))
+                .replace("export = ", &format!("{name} = "));
+            assert!(
+                crate::plans::Plans::parse(&text, "t").is_err(),
+                "a usage type named {name} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn whole_sums_stay_integers_and_fractions_stay_floats() {
+        assert_eq!(number("812"), Some(serde_json::json!(812)));
+        assert_eq!(number("1624.0"), Some(serde_json::json!(1624)));
+        assert_eq!(number("0.5"), Some(serde_json::json!(0.5)));
+        assert_eq!(number("x"), None);
+    }
+}
