@@ -5,6 +5,7 @@
 //! answers 503 and `/readyz` stays unready until both answer.
 
 mod serve;
+mod supervise;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use crate::plans::PlanBook;
 use crate::quota::Quota;
 use crate::refusals::Refusals;
 use crate::store::RedisStore;
+use supervise::supervise;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -133,18 +135,35 @@ impl App {
         let plans = state.quota.plans.current();
         tracing::info!(config = ?config, plans = %plans.source, types = plans.types.len(), "quotad starting");
 
-        let startup = tokio::spawn(prepare(
-            config.database_url.clone(),
-            state.clone(),
-            config.redis_timeout(),
-        ));
-        let reloader = tokio::spawn(reload_on_sighup(state.quota.clone()));
-        let invalidations = tokio::spawn(state.quota.refusals.clone().listen(
-            state.quota.store.client().clone(),
-            state.quota.store.changes_channel(),
-        ));
-        let (stop_flusher, stopped) = watch::channel(false);
-        let flushing = tokio::spawn(flusher.clone().run(config.flush_interval(), stopped));
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = vec![
+            supervise("startup", stopped.clone(), {
+                let (url, state, timeout) = (
+                    config.database_url.clone(),
+                    state.clone(),
+                    config.redis_timeout(),
+                );
+                move |_| prepare(url.clone(), state.clone(), timeout)
+            }),
+            supervise("reload", stopped.clone(), {
+                let quota = state.quota.clone();
+                move |_| reload_on_sighup(quota.clone())
+            }),
+            supervise("flusher", stopped.clone(), {
+                let (flusher, interval) = (flusher.clone(), config.flush_interval());
+                move |stop| flusher.clone().run(interval, stop)
+            }),
+        ];
+        if state.quota.refusals.enabled() {
+            let (refusals, client, channel) = (
+                state.quota.refusals.clone(),
+                state.quota.store.client().clone(),
+                state.quota.store.changes_channel(),
+            );
+            tasks.push(supervise("invalidations", stopped, move |_| {
+                refusals.clone().listen(client.clone(), channel.clone())
+            }));
+        }
 
         tracing::info!(addr = %listener.local_addr()?, "listening");
         let bound = config.shutdown_timeout();
@@ -168,11 +187,10 @@ impl App {
         )
         .await;
         let began = began.get().copied().unwrap_or_else(Instant::now);
-        startup.abort();
-        reloader.abort();
-        invalidations.abort();
-        let _ = stop_flusher.send(true);
-        let _ = flushing.await;
+        let _ = stop.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
         served?;
 
         // Everything counted is in Redis; write what Postgres does not have yet.
@@ -265,7 +283,7 @@ async fn reload_on_sighup(quota: Quota) {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hangups) = signal(SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP; plans reload is off");
-            return;
+            return std::future::pending().await;
         };
         while hangups.recv().await.is_some() {
             match quota.reload_plans() {

@@ -44,6 +44,9 @@ pub const PLAN_RELOADS: &str = "quotad_plan_reloads_total";
 /// API requests answered 503 without running, by `reason`: `overloaded` (over
 /// `QUOTAD_MAX_IN_FLIGHT`) or `timeout` (past `QUOTAD_REQUEST_TIMEOUT_MS`).
 pub const SHED: &str = "quotad_http_shed_total";
+/// Background tasks that stopped before the daemon did and were started again, by `task`
+/// (flusher, invalidations, startup, reload) and `how` (panicked, returned).
+pub const TASK_RESTARTS: &str = "quotad_task_restarts_total";
 /// 1 while Redis's `maxmemory-policy` could evict counters (quotad then refuses to serve), else 0.
 pub const REDIS_EVICTION_REFUSED: &str = "quotad_redis_eviction_policy_refused";
 
@@ -101,6 +104,10 @@ fn describe() {
         "1 while the refusal cache is subscribed to invalidations, else 0."
     );
     metrics::describe_counter!(PLAN_RELOADS, "Plans-file reloads by result.");
+    metrics::describe_counter!(
+        TASK_RESTARTS,
+        "Background tasks that stopped before the daemon and were started again, by task and how."
+    );
     metrics::describe_counter!(
         SHED,
         "API requests answered 503 without running, by reason (overloaded, timeout)."
