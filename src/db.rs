@@ -147,6 +147,19 @@ pub async fn snapshot(db: &PgPool, user: Uuid, period: Period) -> Result<Snapsho
     Ok(snap)
 }
 
+/// Every row of `period` (user, type, count, version): what reconcile compares Redis with.
+pub async fn period_totals(
+    db: &PgPool,
+    period: Period,
+) -> Result<Vec<(Uuid, String, i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT user_id, type, COALESCE(count, 0), version FROM usage_tracking WHERE period_start = $1",
+    )
+    .bind(period.start())
+    .fetch_all(db)
+    .await
+}
+
 /// A user's stored plan.
 #[derive(Debug, Clone)]
 pub struct StoredPlan {

@@ -10,7 +10,37 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use quotad::config::{Cli, Command};
+use quotad::reconcile::ReconcileError;
 use quotad::{app, clock::SystemClock, db, telemetry};
+
+/// Why a command failed. Each message names the setting or the step at fault.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// A setting that cannot work (the message names it).
+    #[error("{0}")]
+    Config(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr} (QUOTAD_LISTEN): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// The daemon stopped with an error.
+    #[error(transparent)]
+    Run(#[from] app::RunError),
+    /// `QUOTAD_DATABASE_URL` cannot be used.
+    #[error("QUOTAD_DATABASE_URL: {0}")]
+    DatabaseUrl(sqlx::Error),
+    /// Creating or migrating the database failed.
+    #[error("migrating {url}: {source}")]
+    Migrate { url: String, source: sqlx::Error },
+    /// Reconcile failed.
+    #[error("reconcile: {0}")]
+    Reconcile(#[from] ReconcileError),
+    /// The load generator failed.
+    #[error("bench: {0}")]
+    Bench(String),
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -26,7 +56,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(config) => serve(config).await,
         Command::Migrate(config) => migrate(&config.database_url).await,
-        Command::Bench(args) => quotad::bench::run(&args).await.map(|_| ()),
+        Command::Bench(args) => quotad::bench::run(&args)
+            .await
+            .map(|_| ())
+            .map_err(Failure::Bench),
         Command::Reconcile(args) => match reconcile(args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
@@ -43,39 +76,41 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: quotad::config::Config) -> Result<(), String> {
-    config.validate()?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
+/// Validates the configuration (once, in `App::new`), then binds and serves.
+async fn serve(config: quotad::config::Config) -> Result<(), Failure> {
+    let addr = config.listen;
+    let daemon = app::App::new(config, Arc::new(SystemClock))?;
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on {} (QUOTAD_LISTEN): {e}", config.listen))?;
-    app::run(
-        config,
-        Arc::new(SystemClock),
-        listener,
-        app::shutdown_signal(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+        .map_err(|source| Failure::Listen { addr, source })?;
+    daemon.run(listener, app::shutdown_signal()).await?;
+    Ok(())
 }
 
-async fn migrate(url: &str) -> Result<(), String> {
-    let pool = db::lazy_pool(url, None).map_err(|e| format!("QUOTAD_DATABASE_URL: {e}"))?;
+async fn migrate(url: &str) -> Result<(), Failure> {
+    let pool = db::lazy_pool(url, None).map_err(Failure::DatabaseUrl)?;
     db::prepare(url, &pool)
         .await
-        .map_err(|e| format!("migrating {url}: {e}"))?;
+        .map_err(|source| Failure::Migrate {
+            url: url.to_owned(),
+            source,
+        })?;
     tracing::info!("migrations applied");
     Ok(())
 }
 
 /// Runs one reconcile and prints its report; `Ok(true)` when no drift remains.
-async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, String> {
+async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, Failure> {
     use quotad::clock::Clock;
     // The same ranges as `serve` (the Redis deadline is used here too).
-    args.config.validate()?;
+    args.config.validate().map_err(Failure::Config)?;
     let now = SystemClock.now();
     let period = match &args.period {
-        Some(p) => quotad::reconcile::parse_period(p)
-            .ok_or_else(|| format!("--period {p:?}: use a month such as 2026-11, or lifetime"))?,
+        Some(p) => quotad::reconcile::parse_period(p).ok_or_else(|| {
+            Failure::Config(format!(
+                "--period {p:?}: use a month such as 2026-11, or lifetime"
+            ))
+        })?,
         None => quotad::period::Period::current(quotad::period::PeriodKind::Month, now),
     };
     let config = &args.config;
@@ -83,17 +118,13 @@ async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, String> 
         &config.redis_url,
         &config.key_prefix,
         config.redis_timeout(),
-    )?;
-    let pool = db::lazy_pool(&config.database_url, None)
-        .map_err(|e| format!("QUOTAD_DATABASE_URL: {e}"))?;
-    let report = quotad::reconcile::reconcile(&store, &pool, period, args.repair, now)
-        .await
-        .map_err(|e| format!("reconcile: {e}"))?;
+    )
+    .map_err(Failure::Config)?;
+    let pool = db::lazy_pool(&config.database_url, None).map_err(Failure::DatabaseUrl)?;
+    let report = quotad::reconcile::reconcile(&store, &pool, period, args.repair, now).await?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
+        let json = serde_json::to_string_pretty(&report).expect("a report serializes");
+        println!("{json}");
     } else {
         print!("{}", report.to_text());
     }

@@ -123,11 +123,7 @@ pub async fn reconcile(
 ) -> Result<Report, ReconcileError> {
     let store = store.dedicated(RECONCILE_CONNECTION, Duration::from_secs(30));
     let live = store.scan_period(period).await?;
-    let rows: Vec<(Uuid, String, i64, i64)> =
-        sqlx::query_as("SELECT user_id, type, COALESCE(count, 0), version FROM usage_tracking WHERE period_start = $1")
-            .bind(period.start())
-            .fetch_all(pool)
-            .await?;
+    let rows = db::period_totals(pool, period).await?;
 
     let mut pg: HashMap<Uuid, BTreeMap<String, Side>> = HashMap::new();
     for (user, ty, count, version) in rows {

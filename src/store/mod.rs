@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -227,16 +227,13 @@ struct ServerClock {
     measured: AtomicBool,
 }
 
-/// Multiplexed connections per store. Each pipelines every concurrent request over one socket;
-/// a few spread the client-side work over cores.
-const CONNECTIONS: usize = 1;
-
 /// The Redis side of quotad.
 #[derive(Clone)]
 pub struct RedisStore {
     client: redis::Client,
-    conns: Arc<[ConnectionManager]>,
-    next: Arc<AtomicUsize>,
+    /// One multiplexed connection: it pipelines every concurrent request over one socket (more
+    /// sockets measured no faster, and each one more is one more client for Redis to serve).
+    conn: ConnectionManager,
     prefix: Arc<str>,
     timeout: Duration,
     /// The name its connections carry (`CLIENT SETNAME`), so `CLIENT LIST` tells them apart.
@@ -255,12 +252,10 @@ impl RedisStore {
     /// UNWATCH and PING), which made every consume three commands instead of one.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, String> {
         let client = redis::Client::open(url).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
-        let conns =
-            Self::connect(&client, timeout).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
+        let conn = Self::connect(&client, timeout).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
         Ok(RedisStore {
             client,
-            conns,
-            next: Arc::new(AtomicUsize::new(0)),
+            conn,
             prefix: prefix.into(),
             timeout,
             name: REQUESTS_CONNECTION,
@@ -274,18 +269,14 @@ impl RedisStore {
     pub fn dedicated(&self, name: &'static str, timeout: Duration) -> RedisStore {
         RedisStore {
             // Lazy: nothing to fail here (the client was opened already).
-            conns: Self::connect(&self.client, timeout).unwrap_or_else(|_| self.conns.clone()),
-            next: Arc::new(AtomicUsize::new(0)),
+            conn: Self::connect(&self.client, timeout).unwrap_or_else(|_| self.conn.clone()),
             timeout,
             name,
             ..self.clone()
         }
     }
 
-    fn connect(
-        client: &redis::Client,
-        timeout: Duration,
-    ) -> Result<Arc<[ConnectionManager]>, RedisError> {
+    fn connect(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, RedisError> {
         // No response timeout of the client's own (its default is 500 ms): each call has its
         // deadline (`timeout`, or the flusher's and reconcile's longer ones for big pipelines).
         let config = ConnectionManagerConfig::new()
@@ -294,10 +285,7 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let conns = (0..CONNECTIONS)
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(conns.into())
+        ConnectionManager::new_lazy_with_config(client.clone(), config)
     }
 
     /// `CLIENT SETNAME` for this store's connections, to send ahead of other commands in a
@@ -341,13 +329,12 @@ impl RedisStore {
         keys::changes_channel(&self.prefix)
     }
 
-    /// The next connection, in turn.
+    /// The connection (a cheap handle to the shared one).
     fn conn(&self) -> ConnectionManager {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].clone()
+        self.conn.clone()
     }
 
-    /// Runs `f` with one of the connections (in turn), under the Redis deadline, once.
+    /// Runs `f` with the connection, under the Redis deadline, once.
     async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
