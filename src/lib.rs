@@ -24,7 +24,6 @@ pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod db;
-pub mod error;
 pub mod flusher;
 pub mod http;
 pub mod metrics;

@@ -12,7 +12,6 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::db;
-use crate::error::ApiError;
 use crate::metrics as m;
 use crate::period::{Period, PeriodKind};
 use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
@@ -46,13 +45,13 @@ impl Action {
     }
 }
 
-/// A validated consume, check or track request.
+/// A validated consume, check or track request, under the plans it was validated against.
 #[derive(Debug, Clone)]
-pub struct DecisionInput {
+pub struct DecisionInput<'p> {
     /// The user.
     pub user: Uuid,
-    /// The usage type (configured).
-    pub usage_type: String,
+    /// The usage type, resolved once (by [`known_type`]) from the same plans.
+    pub usage_type: &'p UsageType,
     /// How much, 1..=1,000,000.
     pub amount: u64,
     /// Makes a retried consume or track count once.
@@ -144,12 +143,60 @@ pub struct UserPlan {
     pub updated_at: Option<DateTime<Utc>>,
 }
 
-/// A dependency fault on the way to a decision.
+/// Why a quota call gave no answer, in domain terms. `src/http/error.rs` turns each into its
+/// status, code and sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    /// The usage type is not configured; `known` lists the configured ones.
+    #[error("{name:?} is not a configured usage type")]
+    UnknownType { name: String, known: Vec<String> },
+    /// The plan is not configured; `known` lists the configured ones.
+    #[error("{name:?} is not a configured plan")]
+    UnknownPlan { name: String, known: Vec<String> },
+    /// A release on a type counted per month.
+    #[error("{0} is not a lifetime type")]
+    NotALifetimeType(String),
+    /// The counter already holds the most metadata names it may.
+    #[error("the counter holds the most metadata names it may")]
+    TooManyMetadataNames,
+    /// The sum of the named numeric metadata would not be a finite number.
+    #[error("the sum of metadata {0} would not be finite")]
+    MetadataSumTooLarge(String),
+    /// The idempotency key names a call that was refunded.
+    #[error("the idempotency key names a refunded call")]
+    KeyRefunded,
+    /// The idempotency key was used for another call.
+    #[error("the idempotency key was used for another call")]
+    KeyReused,
+    /// No counted call of the user has this idempotency key.
+    #[error("no counted call has idempotency key {0:?}")]
+    UnknownKey(String),
+    /// The call with this idempotency key was refunded already.
+    #[error("the call with idempotency key {0:?} was refunded already")]
+    AlreadyRefunded(String),
+    /// The counter vanished again each time it was loaded.
+    #[error("the counter could not be loaded")]
+    NotLoaded,
+    /// The plan is stored in Postgres, but Redis did not take it.
+    #[error("the plan is stored but not in force: {0}")]
+    PlanNotInForce(StoreError),
+    /// Redis failed.
+    #[error(transparent)]
+    Redis(#[from] StoreError),
+    /// Postgres failed while a counter was loaded from it (always an outage).
+    #[error("loading a counter: {0}")]
+    Load(sqlx::Error),
+    /// Postgres failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// A fault on the way to a decision: an outage (the fail policy may apply) or an answer.
 enum Fault {
     Redis(StoreError),
     Db(sqlx::Error),
     /// An answer for the client that is not an outage (e.g. a reused idempotency key).
-    Api(ApiError),
+    Answer(QuotaError),
 }
 
 impl From<StoreError> for Fault {
@@ -164,12 +211,12 @@ impl From<sqlx::Error> for Fault {
     }
 }
 
-impl From<Fault> for ApiError {
+impl From<Fault> for QuotaError {
     fn from(f: Fault) -> Self {
         match f {
-            Fault::Redis(e) => e.into(),
-            Fault::Db(e) => ApiError::db_unavailable(&e),
-            Fault::Api(e) => e,
+            Fault::Redis(e) => QuotaError::Redis(e),
+            Fault::Db(e) => QuotaError::Load(e),
+            Fault::Answer(e) => e,
         }
     }
 }
@@ -180,7 +227,7 @@ impl Fault {
         match self {
             Fault::Redis(e) => e.is_outage(),
             Fault::Db(_) => true,
-            Fault::Api(_) => false,
+            Fault::Answer(_) => false,
         }
     }
 }
@@ -205,14 +252,14 @@ pub struct Quota {
 impl Quota {
     /// Consume, check or track, as `action` says, under `plans`: the snapshot the caller
     /// validated the input against, so one request sees one version of the plans file.
-    #[tracing::instrument(skip_all, fields(user = %input.user, r#type = %input.usage_type, action = action.label()))]
+    #[tracing::instrument(skip_all, fields(user = %input.user, r#type = %input.usage_type.name, action = action.label()))]
     pub async fn decide(
         &self,
         action: Action,
-        input: &DecisionInput,
+        input: &DecisionInput<'_>,
         plans: &Plans,
-    ) -> Result<Decision, ApiError> {
-        let ty = known_type(plans, &input.usage_type)?;
+    ) -> Result<Decision, QuotaError> {
+        let ty = input.usage_type;
         let now = self.clock.now();
         let period = Period::current(ty.period, now);
         let remembered = self.remembered_refusal(action, input, plans, ty, period, now);
@@ -246,11 +293,11 @@ impl Quota {
     /// counted and returned.
     fn or_fail_policy(
         result: Result<Decision, Fault>,
-        input: &DecisionInput,
+        input: &DecisionInput<'_>,
         ty: &UsageType,
         period: Period,
         now: DateTime<Utc>,
-    ) -> Result<Decision, ApiError> {
+    ) -> Result<Decision, QuotaError> {
         Ok(match result {
             Ok(d) => d,
             Err(fault) if fault.is_outage() && ty.fail == FailPolicy::Open => {
@@ -261,7 +308,7 @@ impl Quota {
                     Fault::Redis(e) => {
                         tracing::warn!(error.message = %e, "redis unavailable; failing open")
                     }
-                    Fault::Api(_) => {}
+                    Fault::Answer(_) => {}
                 }
                 Decision {
                     allowed: true,
@@ -291,7 +338,7 @@ impl Quota {
     fn remembered_refusal(
         &self,
         action: Action,
-        input: &DecisionInput,
+        input: &DecisionInput<'_>,
         plans: &Plans,
         ty: &UsageType,
         period: Period,
@@ -335,7 +382,7 @@ impl Quota {
     async fn decide_in(
         &self,
         action: Action,
-        input: &DecisionInput,
+        input: &DecisionInput<'_>,
         plans: &Plans,
         ty: &UsageType,
         period: Period,
@@ -387,37 +434,16 @@ impl Quota {
                 continue;
             }
             if reply.status == Status::MetaLimit {
-                return Err(Fault::Api(ApiError::invalid(
-                    "TOO_MANY_METADATA_KEYS",
-                    "metadata",
-                    format!(
-                        "This counter already holds the most metadata names it may ({}); send metadata under names it already has, or none.",
-                        crate::store::MAX_METADATA_NAMES
-                    ),
-                )));
+                return Err(Fault::Answer(QuotaError::TooManyMetadataNames));
             }
             if reply.status == Status::MetaSum {
-                return Err(Fault::Api(ApiError::invalid(
-                    "INVALID_METADATA",
-                    "metadata",
-                    format!(
-                        "The sum of {} in this counter would exceed ±{:e}, the largest number it can hold; nothing was counted. Send a smaller value, or this value under a new name.",
-                        reply.detail,
-                        f64::MAX
-                    ),
-                )));
+                return Err(Fault::Answer(QuotaError::MetadataSumTooLarge(reply.detail)));
             }
             if reply.status == Status::Refunded {
-                return Err(Fault::Api(ApiError::conflict(
-                    "IDEMPOTENCY_KEY_REFUNDED",
-                    "This idempotency_key was refunded; a refunded call is over — send the retry with a new key.",
-                )));
+                return Err(Fault::Answer(QuotaError::KeyRefunded));
             }
             if reply.status == Status::Conflict {
-                return Err(Fault::Api(ApiError::conflict(
-                    "IDEMPOTENCY_KEY_REUSED",
-                    "This idempotency_key was used before for a different call (another endpoint, type or amount); use a new key for a new call.",
-                )));
+                return Err(Fault::Answer(QuotaError::KeyReused));
             }
             if let (Some(ticket), Status::Denied) = (ticket, reply.status) {
                 self.refusals.remember(
@@ -465,11 +491,17 @@ impl Quota {
 
     /// Gives back the consume or track recorded under `key`, once.
     #[tracing::instrument(skip_all, fields(user = %user))]
-    pub async fn refund(&self, user: Uuid, key: &str) -> Result<Refund, ApiError> {
+    pub async fn refund(&self, user: Uuid, key: &str) -> Result<Refund, QuotaError> {
         let keys = self.store.keys(user);
         for _ in 0..HYDRATE_ATTEMPTS {
             match self.store.refund(&keys, key).await? {
-                RefundReply::Refunded { used, stored_plan, usage_type, amount, period } => {
+                RefundReply::Refunded {
+                    used,
+                    stored_plan,
+                    usage_type,
+                    amount,
+                    period,
+                } => {
                     // Other replicas forget on the script's pub/sub message; this one need not wait.
                     self.refusals.forget(&user);
                     let plans = self.plans.current();
@@ -477,31 +509,25 @@ impl Quota {
                     let limit = plans.usage_type(&usage_type).and_then(|t| t.limit(&plan));
                     return Ok(Refund {
                         user,
-                        counter: CounterView { used: Some(used), limit, unlimited: limit.is_none(), period },
+                        counter: CounterView {
+                            used: Some(used),
+                            limit,
+                            unlimited: limit.is_none(),
+                            period,
+                        },
                         usage_type,
                         amount,
                         plan,
                     });
                 }
-                RefundReply::Missing => {
-                    return Err(ApiError::not_found(
-                        "UNKNOWN_IDEMPOTENCY_KEY",
-                        format!("No counted call of this user has idempotency_key {key:?} (refused calls are not remembered, and keys expire after 24 hours)."),
-                    ))
-                }
+                RefundReply::Missing => return Err(QuotaError::UnknownKey(key.to_owned())),
                 RefundReply::AlreadyRefunded => {
-                    return Err(ApiError::conflict(
-                        "ALREADY_REFUNDED",
-                        format!("The call with idempotency_key {key:?} was refunded already; a call is refunded once."),
-                    ))
+                    return Err(QuotaError::AlreadyRefunded(key.to_owned()))
                 }
                 RefundReply::Hydrate(period) => self.hydrate(&keys, period).await?,
             }
         }
-        Err(ApiError::unavailable(
-            "REDIS_UNAVAILABLE",
-            "The counter could not be loaded; retry shortly.",
-        ))
+        Err(QuotaError::NotLoaded)
     }
 
     /// Lowers a lifetime counter by `amount`, never below 0: the plan, the counter after it, and
@@ -512,15 +538,11 @@ impl Quota {
         user: Uuid,
         usage_type: &str,
         amount: u64,
-    ) -> Result<(String, CounterView, u64), ApiError> {
+    ) -> Result<(String, CounterView, u64), QuotaError> {
         let plans = self.plans.current();
         let ty = known_type(&plans, usage_type)?;
         if ty.period != PeriodKind::Lifetime {
-            return Err(ApiError::invalid(
-                "NOT_A_LIFETIME_TYPE",
-                "type",
-                format!("{usage_type} is counted per month and resets by itself; release only lowers lifetime types. To give back one consume, use /v1/refund."),
-            ));
+            return Err(QuotaError::NotALifetimeType(usage_type.to_owned()));
         }
         let keys = self.store.keys(user);
         for _ in 0..HYDRATE_ATTEMPTS {
@@ -540,15 +562,12 @@ impl Quota {
                 None => self.hydrate(&keys, Period::Lifetime).await?,
             }
         }
-        Err(ApiError::unavailable(
-            "REDIS_UNAVAILABLE",
-            "The counter could not be loaded; retry shortly.",
-        ))
+        Err(QuotaError::NotLoaded)
     }
 
     /// Every configured type's counter for `user`, and the plan in force.
     #[tracing::instrument(skip_all, fields(user = %user))]
-    pub async fn usage(&self, user: Uuid) -> Result<Usage, ApiError> {
+    pub async fn usage(&self, user: Uuid) -> Result<Usage, QuotaError> {
         let plans = self.plans.current();
         let now = self.clock.now();
         let periods = current_periods(&plans, now);
@@ -614,11 +633,9 @@ impl Quota {
     /// Stores `plan` for `user` in Postgres, then puts it into the user's live Redis counters so
     /// that the next request on any replica counts under it.
     #[tracing::instrument(skip_all, fields(user = %user, plan = %plan))]
-    pub async fn set_plan(&self, user: Uuid, plan: &str) -> Result<UserPlan, ApiError> {
+    pub async fn set_plan(&self, user: Uuid, plan: &str) -> Result<UserPlan, QuotaError> {
         let plans = self.plans.current();
-        if !plans.has_plan(plan) {
-            return Err(unknown_plan(&plans, plan));
-        }
+        known_plan(&plans, plan)?;
         let stored = db::within(self.db_timeout, db::put_plan(&self.db, user, plan)).await?;
         let periods = current_periods(&plans, self.clock.now());
         // The months either side of the current one, where they exist: another replica's clock
@@ -641,10 +658,7 @@ impl Quota {
         self.refusals.forget(&user);
         if let Err(e) = written {
             tracing::warn!(error.message = %e, "plan stored in postgres but not in redis");
-            return Err(ApiError::unavailable(
-                "REDIS_UNAVAILABLE",
-                "The plan is stored, but the usage store (Redis) did not take it, so it is not in force yet; repeat this request.",
-            ));
+            return Err(QuotaError::PlanNotInForce(e));
         }
         Ok(UserPlan {
             user,
@@ -655,7 +669,7 @@ impl Quota {
     }
 
     /// The plan stored for `user`, or the default.
-    pub async fn get_plan(&self, user: Uuid) -> Result<UserPlan, ApiError> {
+    pub async fn get_plan(&self, user: Uuid) -> Result<UserPlan, QuotaError> {
         let plans = self.plans.current();
         Ok(
             match db::within(self.db_timeout, db::get_plan(&self.db, user)).await? {
@@ -677,11 +691,11 @@ impl Quota {
 }
 
 /// Whether a decision may be answered from, and kept in, the refusal cache.
-fn cacheable(action: Action, input: &DecisionInput) -> bool {
+fn cacheable(action: Action, input: &DecisionInput<'_>) -> bool {
     matches!(action, Action::Consume | Action::Check) && input.idempotency_key.is_none()
 }
 
-fn subject<'a>(input: &'a DecisionInput, ty: &'a UsageType, period: Period) -> Subject<'a> {
+fn subject<'a>(input: &'a DecisionInput<'_>, ty: &'a UsageType, period: Period) -> Subject<'a> {
     Subject {
         user: input.user,
         usage_type: &ty.name,
@@ -690,30 +704,25 @@ fn subject<'a>(input: &'a DecisionInput, ty: &'a UsageType, period: Period) -> S
     }
 }
 
-/// The configured type named `name`, or a 400 that lists the configured ones.
-pub fn known_type<'a>(plans: &'a Plans, name: &str) -> Result<&'a UsageType, ApiError> {
-    plans.usage_type(name).ok_or_else(|| {
-        ApiError::invalid(
-            "UNKNOWN_TYPE",
-            "type",
-            format!(
-                "{name:?} is not a configured usage type; use one of: {}.",
-                plans.types.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        )
-    })
+/// The configured type named `name`.
+pub fn known_type<'a>(plans: &'a Plans, name: &str) -> Result<&'a UsageType, QuotaError> {
+    plans
+        .usage_type(name)
+        .ok_or_else(|| QuotaError::UnknownType {
+            name: name.to_owned(),
+            known: plans.types.keys().cloned().collect(),
+        })
 }
 
-/// A 400 naming the configured plans.
-pub fn unknown_plan(plans: &Plans, plan: &str) -> ApiError {
-    ApiError::invalid(
-        "UNKNOWN_PLAN",
-        "plan",
-        format!(
-            "{plan:?} is not a configured plan; use one of: {}.",
-            plans.plan_names.join(", ")
-        ),
-    )
+/// `plan`, if it is configured.
+pub fn known_plan(plans: &Plans, plan: &str) -> Result<(), QuotaError> {
+    if plans.has_plan(plan) {
+        return Ok(());
+    }
+    Err(QuotaError::UnknownPlan {
+        name: plan.to_owned(),
+        known: plans.plan_names.clone(),
+    })
 }
 
 /// The distinct periods in force at `now` for the configured types.

@@ -6,7 +6,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::{ApiJson, AppState};
-use crate::error::{ApiError, ErrorBody};
+use crate::http::error::{ApiError, ErrorBody};
 use crate::period::{Period, PeriodKind};
 use crate::reconcile::{self, ReconcileError, Report};
 

@@ -2,6 +2,7 @@
 //! every malformed request into a clear 4xx.
 
 mod admin;
+pub mod error;
 pub mod health;
 pub mod openapi;
 mod quota;
@@ -27,7 +28,7 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::metrics as m;
 use crate::quota::Quota;
 

@@ -13,10 +13,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{parse_user_id, whole_number, ApiJson, AppState, UserIdPath};
-use crate::error::{ApiError, ErrorBody};
+use crate::http::error::{ApiError, ErrorBody};
 use crate::period::PeriodKind;
 use crate::plans::{FailPolicy, Plans};
-use crate::quota::{known_type, unknown_plan, Action, CounterView, Decision, DecisionInput};
+use crate::quota::{known_plan, known_type, Action, CounterView, Decision, DecisionInput};
 use crate::store::MetaValue;
 
 /// Largest `amount` of one call.
@@ -62,9 +62,9 @@ pub struct DecisionRequest {
 }
 
 impl DecisionRequest {
-    fn validate(self, plans: &Plans) -> Result<DecisionInput, ApiError> {
+    fn validate(self, plans: &Plans) -> Result<DecisionInput<'_>, ApiError> {
         let user = parse_user_id(&self.user_id)?;
-        known_type(plans, &self.usage_type)?;
+        let usage_type = known_type(plans, &self.usage_type)?;
         let amount = parse_amount(self.amount.as_ref())?;
         if let Some(key) = &self.idempotency_key {
             if key.is_empty()
@@ -79,14 +79,12 @@ impl DecisionRequest {
             }
         }
         if let Some(plan) = &self.plan {
-            if !plans.has_plan(plan) {
-                return Err(unknown_plan(plans, plan));
-            }
+            known_plan(plans, plan)?;
         }
         let metadata = parse_metadata(self.metadata)?;
         Ok(DecisionInput {
             user,
-            usage_type: self.usage_type,
+            usage_type,
             amount,
             idempotency_key: self.idempotency_key,
             plan: self.plan,

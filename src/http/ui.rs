@@ -18,7 +18,7 @@ use sha2::Sha256;
 use uuid::Uuid;
 
 use super::{short, whole_number, ApiQuery, AppState, Bearer, OptionalJson, UserIdPath};
-use crate::error::{ApiError, ErrorBody};
+use crate::http::error::{ApiError, ErrorBody};
 use crate::quota::Usage;
 
 /// Default and longest life of a signed link.
@@ -185,7 +185,7 @@ pub async fn usage_page(
             .into_response()
         }
         Err(e) => page_error(
-            e.status,
+            ApiError::from(e).status,
             "Usage cannot be shown right now; try again in a moment.",
         ),
     }

@@ -1,12 +1,14 @@
 //! The one error type of the HTTP API. Every error answers `{"error": "<sentence>", "code":
 //! "<CODE>"}` plus `"field"` where one input is at fault. A 5xx logs its cause and tells the
-//! client only what it can act on.
+//! client only what it can act on. The domain's errors ([`QuotaError`], [`StoreError`], Postgres')
+//! get their status, code and sentence here, and only here.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::quota::QuotaError;
+use crate::store::{StoreError, MAX_METADATA_NAMES};
 
 /// An API error: status, machine-readable code, and a sentence a person can act on.
 #[derive(Debug, Clone)]
@@ -147,6 +149,76 @@ impl From<sqlx::Error> for ApiError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_) => Self::db_unavailable(&e),
             other => Self::internal(&other),
+        }
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::UnknownType { name, known } => Self::invalid(
+                "UNKNOWN_TYPE",
+                "type",
+                format!(
+                    "{name:?} is not a configured usage type; use one of: {}.",
+                    known.join(", ")
+                ),
+            ),
+            QuotaError::UnknownPlan { name, known } => Self::invalid(
+                "UNKNOWN_PLAN",
+                "plan",
+                format!(
+                    "{name:?} is not a configured plan; use one of: {}.",
+                    known.join(", ")
+                ),
+            ),
+            QuotaError::NotALifetimeType(ty) => Self::invalid(
+                "NOT_A_LIFETIME_TYPE",
+                "type",
+                format!("{ty} is counted per month and resets by itself; release only lowers lifetime types. To give back one consume, use /v1/refund."),
+            ),
+            QuotaError::TooManyMetadataNames => Self::invalid(
+                "TOO_MANY_METADATA_KEYS",
+                "metadata",
+                format!(
+                    "This counter already holds the most metadata names it may ({MAX_METADATA_NAMES}); send metadata under names it already has, or none."
+                ),
+            ),
+            QuotaError::MetadataSumTooLarge(name) => Self::invalid(
+                "INVALID_METADATA",
+                "metadata",
+                format!(
+                    "The sum of {name} in this counter would exceed ±{:e}, the largest number it can hold; nothing was counted. Send a smaller value, or this value under a new name.",
+                    f64::MAX
+                ),
+            ),
+            QuotaError::KeyRefunded => Self::conflict(
+                "IDEMPOTENCY_KEY_REFUNDED",
+                "This idempotency_key was refunded; a refunded call is over — send the retry with a new key.",
+            ),
+            QuotaError::KeyReused => Self::conflict(
+                "IDEMPOTENCY_KEY_REUSED",
+                "This idempotency_key was used before for a different call (another endpoint, type or amount); use a new key for a new call.",
+            ),
+            QuotaError::UnknownKey(key) => Self::not_found(
+                "UNKNOWN_IDEMPOTENCY_KEY",
+                format!("No counted call of this user has idempotency_key {key:?} (refused calls are not remembered, and keys expire after 24 hours)."),
+            ),
+            QuotaError::AlreadyRefunded(key) => Self::conflict(
+                "ALREADY_REFUNDED",
+                format!("The call with idempotency_key {key:?} was refunded already; a call is refunded once."),
+            ),
+            QuotaError::NotLoaded => Self::unavailable(
+                "REDIS_UNAVAILABLE",
+                "The counter could not be loaded; retry shortly.",
+            ),
+            QuotaError::PlanNotInForce(_) => Self::unavailable(
+                "REDIS_UNAVAILABLE",
+                "The plan is stored, but the usage store (Redis) did not take it, so it is not in force yet; repeat this request.",
+            ),
+            QuotaError::Redis(e) => e.into(),
+            QuotaError::Load(e) => Self::db_unavailable(&e),
+            QuotaError::Db(e) => e.into(),
         }
     }
 }
