@@ -1,11 +1,14 @@
-//! Admin calls beyond plans: reconcile.
+//! The admin calls: a user's plan (set and read) and reconcile.
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
 
-use super::{ApiJson, AppState};
+use super::{ApiJson, AppState, UserIdPath};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::period::{Period, PeriodKind};
 use crate::reconcile::{self, ReconcileError, Report};
@@ -34,9 +37,7 @@ pub struct ReconcileRequest {
     responses(
         (status = 200, description = "The report", body = Report),
         (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "Needs an admin token", body = ErrorBody),
-        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -73,4 +74,75 @@ pub async fn reconcile(
         state.quota.refusals.forget_all();
     }
     Ok(Json(report).into_response())
+}
+
+/// Body of a plan change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"plan": "PRO"}))]
+pub struct PlanRequest {
+    /// A configured plan.
+    plan: String,
+}
+
+/// A user's plan.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PlanJson {
+    /// The user.
+    user_id: Uuid,
+    /// The plan in force.
+    plan: String,
+    /// No plan is stored; the default applies.
+    is_default: bool,
+    /// When it was last set.
+    updated_at: Option<DateTime<Utc>>,
+}
+
+impl From<crate::quota::UserPlan> for PlanJson {
+    fn from(p: crate::quota::UserPlan) -> Self {
+        PlanJson {
+            user_id: p.user,
+            plan: p.plan,
+            is_default: p.is_default,
+            updated_at: p.updated_at,
+        }
+    }
+}
+
+/// `PUT /v1/users/{user_id}/plan`: set a user's plan; in force on the next request everywhere.
+#[utoipa::path(
+    put,
+    path = "/v1/users/{user_id}/plan",
+    tag = "admin",
+    description = "Set a user's plan (admin). In force on the next request, on every replica.",
+    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
+    request_body = PlanRequest,
+    responses((status = 200, description = "Stored and in force", body = PlanJson), (status = 403, description = "Needs an admin token", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn put_plan(
+    State(state): State<AppState>,
+    UserIdPath(user): UserIdPath,
+    ApiJson(body): ApiJson<PlanRequest>,
+) -> Result<Response, ApiError> {
+    let p = state.quota.set_plan(user, &body.plan).await?;
+    Ok(Json(PlanJson::from(p)).into_response())
+}
+
+/// `GET /v1/users/{user_id}/plan`: a user's plan.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/plan",
+    tag = "admin",
+    description = "Read a user's plan (admin).",
+    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
+    responses((status = 200, description = "The plan", body = PlanJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 403, description = "Needs an admin token", body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn get_plan(
+    State(state): State<AppState>,
+    UserIdPath(user): UserIdPath,
+) -> Result<Response, ApiError> {
+    let p = state.quota.get_plan(user).await?;
+    Ok(Json(PlanJson::from(p)).into_response())
 }

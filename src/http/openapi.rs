@@ -31,8 +31,8 @@ use crate::plans::Plans;
         quota::release,
         quota::usage,
         quota::plans,
-        quota::put_plan,
-        quota::get_plan,
+        admin::put_plan,
+        admin::get_plan,
         admin::reconcile,
         ui::issue_link,
         ui::usage_page,
@@ -110,9 +110,11 @@ pub fn document(plans: &Plans) -> Value {
     doc
 }
 
-/// What the middleware answers on every route it guards, whatever the handler: 403
-/// `LOOPBACK_ONLY` (no tokens configured and a peer off loopback), 413 on a body over
-/// [`MAX_BODY`], and `Retry-After` on a 503 (`OVERLOADED` and `TIMEOUT` carry it).
+/// What the middleware answers on every route it guards, whatever the handler, so no handler
+/// lists it: 401 without a known token, 403 `LOOPBACK_ONLY` (no tokens configured and a peer off
+/// loopback), 413 on a body over [`MAX_BODY`], 503 while starting, overloaded, past the request
+/// deadline or with a dependency down, and `Retry-After` on a 503 (`OVERLOADED` and `TIMEOUT`
+/// carry it).
 fn shared_responses(doc: &mut Value) {
     let error_body =
         json!({"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}});
@@ -128,6 +130,15 @@ fn shared_responses(doc: &mut Value) {
             let has_body = op.get("requestBody").is_some();
             let responses = &mut op["responses"];
             if guarded {
+                if responses.get("401").is_none() {
+                    responses["401"] = json!({"description": "No or unknown token", "content": error_body.clone()});
+                }
+                if responses.get("503").is_none() {
+                    responses["503"] = json!({
+                        "description": "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down",
+                        "content": error_body.clone(),
+                    });
+                }
                 let loopback = "LOOPBACK_ONLY: quotad has no tokens configured and the client is not on loopback";
                 match responses.get_mut("403") {
                     Some(r) => {
@@ -151,6 +162,10 @@ fn shared_responses(doc: &mut Value) {
                     "description": "Seconds to wait before retrying; sent with OVERLOADED and TIMEOUT",
                     "schema": {"type": "integer", "minimum": 0},
                 });
+            }
+            // By status, whichever way each was declared.
+            if let Some(by_status) = responses.as_object_mut() {
+                by_status.sort_keys();
             }
         }
     }

@@ -315,7 +315,7 @@ fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -
     tag = "quota",
     description = "Atomically check the limit and, if allowed, count. The one call a gateway makes before the action.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn consume(
@@ -332,7 +332,7 @@ pub async fn consume(
     tag = "quota",
     description = "The decision consume would make, counting nothing. 200 whether allowed or not; `allowed` says it.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key names an earlier consume or track (check records nothing under a key)", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key names an earlier consume or track (check records nothing under a key)", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn check(
@@ -349,7 +349,7 @@ pub async fn check(
     tag = "quota",
     description = "Count without enforcing, for actions that already happened; `used` may exceed `limit`.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "Counted", body = DecisionJson), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "Counted", body = DecisionJson), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn track(
@@ -388,7 +388,7 @@ pub(crate) struct RefundJson<'a> {
     tag = "quota",
     description = "Give back exactly one earlier consume or track, named by its idempotency key. Once only.",
     request_body = RefundRequest,
-    responses((status = 200, description = "Given back", body = RefundJson), (status = 404, description = "Unknown or expired key", body = ErrorBody), (status = 409, description = "Refunded before", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "Given back", body = RefundJson), (status = 404, description = "Unknown or expired key", body = ErrorBody), (status = 409, description = "Refunded before", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn refund(
@@ -456,7 +456,7 @@ pub(crate) struct ReleaseJson<'a> {
     tag = "quota",
     description = "Lower a lifetime counter by amount (a stored thing was deleted), never below 0. A month type is 400.",
     request_body = ReleaseRequest,
-    responses((status = 200, description = "The counter after release, and how much was lowered", body = ReleaseJson), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
+    responses((status = 200, description = "The counter after release, and how much was lowered", body = ReleaseJson), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn release(
@@ -505,7 +505,7 @@ pub(crate) struct UsageJson {
     tag = "quota",
     description = "Every configured type: used, limit, remaining, period, resets_at; and the plan.",
     params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    responses((status = 200, description = "The usage", body = UsageJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
+    responses((status = 200, description = "The usage", body = UsageJson), (status = 400, description = "Not a UUID", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn usage(
@@ -561,7 +561,7 @@ pub(crate) struct PlansJson<'a> {
     path = "/v1/plans",
     tag = "quota",
     description = "The plans and usage types in force.",
-    responses((status = 200, description = "The plans", body = PlansJson), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
+    responses((status = 200, description = "The plans", body = PlansJson)),
     security(("bearer" = []))
 )]
 pub async fn plans(State(state): State<AppState>) -> Response {
@@ -598,75 +598,4 @@ pub async fn plans(State(state): State<AppState>) -> Response {
             .collect(),
     };
     Json(json).into_response()
-}
-
-/// Body of a plan change.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"plan": "PRO"}))]
-pub struct PlanRequest {
-    /// A configured plan.
-    plan: String,
-}
-
-/// A user's plan.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct PlanJson {
-    /// The user.
-    user_id: Uuid,
-    /// The plan in force.
-    plan: String,
-    /// No plan is stored; the default applies.
-    is_default: bool,
-    /// When it was last set.
-    updated_at: Option<DateTime<Utc>>,
-}
-
-impl From<crate::quota::UserPlan> for PlanJson {
-    fn from(p: crate::quota::UserPlan) -> Self {
-        PlanJson {
-            user_id: p.user,
-            plan: p.plan,
-            is_default: p.is_default,
-            updated_at: p.updated_at,
-        }
-    }
-}
-
-/// `PUT /v1/users/{user_id}/plan`: set a user's plan; in force on the next request everywhere.
-#[utoipa::path(
-    put,
-    path = "/v1/users/{user_id}/plan",
-    tag = "admin",
-    description = "Set a user's plan (admin). In force on the next request, on every replica.",
-    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    request_body = PlanRequest,
-    responses((status = 200, description = "Stored and in force", body = PlanJson), (status = 403, description = "Needs an admin token", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 413, description = "Body over 16 KiB", body = ErrorBody), (status = 503, description = "Starting, or a dependency is down (fail-closed types)", body = ErrorBody)),
-    security(("bearer" = []))
-)]
-pub async fn put_plan(
-    State(state): State<AppState>,
-    UserIdPath(user): UserIdPath,
-    ApiJson(body): ApiJson<PlanRequest>,
-) -> Result<Response, ApiError> {
-    let p = state.quota.set_plan(user, &body.plan).await?;
-    Ok(Json(PlanJson::from(p)).into_response())
-}
-
-/// `GET /v1/users/{user_id}/plan`: a user's plan.
-#[utoipa::path(
-    get,
-    path = "/v1/users/{user_id}/plan",
-    tag = "admin",
-    description = "Read a user's plan (admin).",
-    params(("user_id" = String, Path, description = "The user, a UUID", format = Uuid)),
-    responses((status = 200, description = "The plan", body = PlanJson), (status = 400, description = "Not a UUID", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "Needs an admin token", body = ErrorBody), (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody)),
-    security(("bearer" = []))
-)]
-pub async fn get_plan(
-    State(state): State<AppState>,
-    UserIdPath(user): UserIdPath,
-) -> Result<Response, ApiError> {
-    let p = state.quota.get_plan(user).await?;
-    Ok(Json(PlanJson::from(p)).into_response())
 }

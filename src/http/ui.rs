@@ -107,8 +107,6 @@ pub(crate) struct LinkJson {
     responses(
         (status = 200, description = "The link", body = LinkJson),
         (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 401, description = "No or unknown token", body = ErrorBody),
-        (status = 503, description = "Starting, overloaded (OVERLOADED), past the request deadline (TIMEOUT), or a dependency is down", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
