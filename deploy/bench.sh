@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/ensure-services.sh
-cargo build --release --bin quotad
+cargo build --release --bin quotad --bin quotad-bench
 
 port=18181
 db="quotad_bench_$$"

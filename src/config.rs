@@ -29,8 +29,14 @@ pub enum Command {
     /// Compare Redis with Postgres for one period, print the drift, optionally repair it.
     /// Exits 1 when drift remains, 0 when there is none (or all of it was repaired).
     Reconcile(ReconcileArgs),
-    /// Load-test a running quotad's consume, against the raw-Redis ceiling in the same run.
-    Bench(crate::bench::BenchArgs),
+    /// Load-test a running quotad's consume, against the raw-Redis ceiling in the same run: runs
+    /// `quotad-bench` (built beside `quotad`) with these arguments (`quotad bench --help`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments for quotad-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Arguments of `quotad reconcile`.
@@ -56,7 +62,7 @@ impl Command {
         match self {
             Command::Serve(c) | Command::Migrate(c) => c,
             Command::Reconcile(r) => &r.config,
-            Command::Bench(_) => {
+            Command::Bench { .. } => {
                 static DEFAULTS: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
                 DEFAULTS.get_or_init(Config::defaults)
             }

@@ -20,7 +20,6 @@
 //! - [`app`]: wiring, start-up and shutdown.
 
 pub mod app;
-pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod db;

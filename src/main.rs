@@ -37,9 +37,12 @@ enum Failure {
     /// Reconcile failed.
     #[error("reconcile: {0}")]
     Reconcile(#[from] ReconcileError),
-    /// The load generator failed.
-    #[error("bench: {0}")]
-    Bench(String),
+    /// The load generator could not be started.
+    #[error("bench: cannot run {path}: {source}. It is built with `cargo build --release -p quotad-bench` and installed beside quotad")]
+    Bench {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[tokio::main]
@@ -56,10 +59,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(config) => serve(config).await,
         Command::Migrate(config) => migrate(&config.database_url).await,
-        Command::Bench(args) => quotad::bench::run(&args)
-            .await
-            .map(|_| ())
-            .map_err(Failure::Bench),
+        Command::Bench { args } => Err(bench(&args)),
         Command::Reconcile(args) => match reconcile(args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
@@ -74,6 +74,27 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `quotad bench`: becomes `quotad-bench` (a crate of its own), found beside this binary, with the
+/// same arguments; returns only if it cannot be started.
+fn bench(args: &[String]) -> Failure {
+    let path = std::env::current_exe()
+        .map(|exe| exe.with_file_name("quotad-bench"))
+        .unwrap_or_else(|_| "quotad-bench".into());
+    let mut command = std::process::Command::new(&path);
+    command.args(args);
+    #[cfg(unix)]
+    let source = {
+        use std::os::unix::process::CommandExt;
+        command.exec()
+    };
+    #[cfg(not(unix))]
+    let source = match command.status() {
+        Ok(status) => std::process::exit(status.code().unwrap_or(2)),
+        Err(e) => e,
+    };
+    Failure::Bench { path, source }
 }
 
 /// Validates the configuration (once, in `App::new`), then binds and serves.

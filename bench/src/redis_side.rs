@@ -8,9 +8,9 @@ use deadpool_redis::redis;
 use uuid::Uuid;
 
 use super::bench_period;
-use crate::period::Period;
-use crate::plans::Plans;
-use crate::store::{scripts, CountCall, Mode, RedisStore, Snapshot};
+use quotad::period::Period;
+use quotad::plans::Plans;
+use quotad::store::{scripts, CountCall, Mode, RedisStore, Snapshot};
 
 /// Users per pipeline.
 const CHUNK: usize = 2_000;
@@ -183,9 +183,9 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
         let loaded = used_memory(&mut conn).await?;
         // What the flusher leaves: the counters, with their dirty-set entries taken off. DEL, not
         // UNLINK: memory freed in the background would still be counted.
-        for b in 0..crate::store::BUCKETS {
+        for b in 0..quotad::store::BUCKETS {
             let _: i64 = redis::cmd("DEL")
-                .arg(format!("{prefix}:{}:{{{b}}}:dirty", crate::store::SCHEMA))
+                .arg(format!("{prefix}:{}:{{{b}}}:dirty", quotad::store::SCHEMA))
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| format!("redis: {e}"))?;

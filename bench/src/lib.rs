@@ -1,4 +1,6 @@
-//! `quotad bench`: a load generator that ships with quotad, as `redis-benchmark` ships with Redis.
+//! `quotad-bench` (run as `quotad bench`): a load generator that ships with quotad, as
+//! `redis-benchmark` ships with Redis. A crate of its own, so the daemon's library carries none
+//! of it.
 //!
 //! It drives a running quotad's `POST /v1/consume` with N distinct users over C keep-alive
 //! connections, closed loop (each connection sends its next request when the last is answered)
@@ -12,15 +14,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Args;
 use deadpool_redis::redis;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::future::BoxFuture;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-use crate::period::Period;
-use crate::plans::Plans;
-use crate::store::{CountCall, Mode, RedisStore};
+use quotad::period::{Period, PeriodKind};
+use quotad::plans::Plans;
+use quotad::store::{CountCall, Mode, RedisStore};
 
 mod redis_side;
 
@@ -173,14 +180,14 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         args.connections,
         args.duration
     );
-    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+    let requests: Arc<Vec<Call>> = Arc::new(
         users
             .iter()
-            .map(|u| http_request(&addr, args, "consume", u, &args.plan, 1))
+            .map(|u| http_request(args, "consume", u, &args.plan, 1))
             .collect(),
     );
     let now = chrono::Utc::now();
-    let this_month = Period::current(crate::period::PeriodKind::Month, now);
+    let this_month = Period::current(PeriodKind::Month, now);
     if args.month_start {
         let last_month = this_month.previous().expect("a month");
         let at = last_month.start();
@@ -196,18 +203,18 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         );
     }
     // Users over the default plan's limit: tracked far past it, then consuming with no plan.
-    let refused: Option<Arc<Vec<Vec<u8>>>> = match args.refused {
+    let refused: Option<Arc<Vec<Call>>> = match args.refused {
         false => None,
         true => {
             let over: Vec<Uuid> = (0..args.users.max(1)).map(|_| Uuid::new_v4()).collect();
             let tracks = over
                 .iter()
-                .map(|u| http_request(&addr, args, "track", u, "", 1_000_000))
+                .map(|u| http_request(args, "track", u, "", 1_000_000))
                 .collect();
             send_all(&addr, args, Arc::new(tracks), 200).await?;
-            let consumes: Vec<Vec<u8>> = over
+            let consumes: Vec<Call> = over
                 .iter()
-                .map(|u| http_request(&addr, args, "consume", u, "", 1))
+                .map(|u| http_request(args, "consume", u, "", 1))
                 .collect();
             let consumes = Arc::new(consumes);
             // One refusal per user from Redis; the near-cache remembers it.
@@ -239,16 +246,18 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             }
             let mut figures = vec![
                 measure("quotad HTTP consume", args, {
-                    let (addr, requests) = (addr.clone(), requests.clone());
-                    move |_| HttpClient::new(addr.clone(), requests.clone(), 200)
+                    let (addr, token, requests) =
+                        (addr.clone(), args.token.clone(), requests.clone());
+                    move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
                 })
                 .await?,
             ];
             if let Some(refused) = &refused {
                 figures.push(
                     measure(REFUSED, args, {
-                        let (addr, requests) = (addr.clone(), refused.clone());
-                        move |_| HttpClient::new(addr.clone(), requests.clone(), 402)
+                        let (addr, token, requests) =
+                            (addr.clone(), args.token.clone(), refused.clone());
+                        move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 402)
                     })
                     .await?,
                 );
@@ -348,13 +357,13 @@ const REFUSED: &str = "quotad HTTP consume, refused (402)";
 async fn send_all(
     addr: &str,
     args: &BenchArgs,
-    requests: Arc<Vec<Vec<u8>>>,
+    requests: Arc<Vec<Call>>,
     expect: u16,
 ) -> Result<(), String> {
     let total = requests.len();
     let (_, errors) = drive(args.connections, None, Duration::ZERO, Some(total), {
-        let addr = addr.to_owned();
-        move |_| HttpClient::new(addr.clone(), requests.clone(), expect)
+        let (addr, token) = (addr.to_owned(), args.token.clone());
+        move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), expect)
     })
     .await?;
     if errors > 0 {
@@ -374,7 +383,7 @@ trait Client: Send + 'static {
 async fn measure<C, F>(name: &str, args: &BenchArgs, make: F) -> Result<Figures, String>
 where
     C: Client,
-    F: Fn(usize) -> futures_lite::BoxFut<C> + Send + Sync + 'static,
+    F: Fn(usize) -> BoxFut<C> + Send + Sync + 'static,
 {
     let duration = Duration::from_secs_f64(args.duration);
     let started = Instant::now();
@@ -398,7 +407,7 @@ async fn drive<C, F>(
 ) -> Result<(Vec<u32>, u64), String>
 where
     C: Client,
-    F: Fn(usize) -> futures_lite::BoxFut<C> + Send + Sync + 'static,
+    F: Fn(usize) -> BoxFut<C> + Send + Sync + 'static,
 {
     let clients = clients.max(1);
     // Every client connects first; the clock starts when all are ready, so set-up time is not
@@ -468,29 +477,17 @@ where
     Ok((samples, errors))
 }
 
-/// Boxed futures without another crate.
-mod futures_lite {
-    use std::future::Future;
-    use std::pin::Pin;
+/// A boxed, sendable future that makes a client.
+type BoxFut<C> = BoxFuture<'static, Result<C, String>>;
 
-    /// A boxed, sendable future that makes a client.
-    pub type BoxFut<C> = Pin<Box<dyn Future<Output = Result<C, String>> + Send>>;
-
-    /// Boxes `f`.
-    pub fn boxed<C, F: Future<Output = Result<C, String>> + Send + 'static>(f: F) -> BoxFut<C> {
-        Box::pin(f)
-    }
+/// One prepared `POST /v1/<call>`: its path and JSON body.
+struct Call {
+    path: &'static str,
+    body: Bytes,
 }
 
 /// A prepared `POST /v1/<call>` for `user`: `plan` sent when not empty, `amount` when not 1.
-fn http_request(
-    addr: &str,
-    args: &BenchArgs,
-    call: &str,
-    user: &Uuid,
-    plan: &str,
-    amount: u64,
-) -> Vec<u8> {
+fn http_request(args: &BenchArgs, call: &str, user: &Uuid, plan: &str, amount: u64) -> Call {
     let mut body = format!(r#"{{"user_id":"{user}","type":"{}""#, args.usage_type);
     if !plan.is_empty() {
         body.push_str(&format!(r#","plan":"{plan}""#));
@@ -499,95 +496,86 @@ fn http_request(
         body.push_str(&format!(r#","amount":{amount}"#));
     }
     body.push('}');
-    let auth = args
-        .token
-        .as_ref()
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    format!(
-        "POST /v1/{call} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    let path = match call {
+        "consume" => "/v1/consume",
+        "track" => "/v1/track",
+        other => unreachable!("no bench call {other}"),
+    };
+    Call {
+        path,
+        body: Bytes::from(body),
+    }
 }
 
-/// A minimal HTTP/1.1 keep-alive client: sends prepared requests, reads status and body.
+/// One keep-alive HTTP/1.1 connection (hyper's client), one request at a time.
 struct HttpClient {
-    stream: TcpStream,
-    requests: Arc<Vec<Vec<u8>>>,
+    sender: SendRequest<Full<Bytes>>,
+    requests: Arc<Vec<Call>>,
+    host: HeaderValue,
+    auth: Option<HeaderValue>,
     /// The status that counts as answered as expected.
     expect: u16,
-    buf: Vec<u8>,
 }
 
 impl HttpClient {
     fn new(
         addr: String,
-        requests: Arc<Vec<Vec<u8>>>,
+        token: Option<String>,
+        requests: Arc<Vec<Call>>,
         expect: u16,
-    ) -> futures_lite::BoxFut<HttpClient> {
-        futures_lite::boxed(async move {
+    ) -> BoxFut<HttpClient> {
+        Box::pin(async move {
             let stream = TcpStream::connect(&addr)
                 .await
                 .map_err(|e| format!("connecting to {addr}: {e}"))?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            tokio::spawn(connection);
+            let host = HeaderValue::from_str(&addr).map_err(|e| e.to_string())?;
+            let auth = token
+                .map(|t| HeaderValue::from_str(&format!("Bearer {t}")))
+                .transpose()
+                .map_err(|e| format!("--token: {e}"))?;
             Ok(HttpClient {
-                stream,
+                sender,
                 requests,
+                host,
+                auth,
                 expect,
-                buf: Vec::with_capacity(4096),
             })
         })
     }
 }
 
-impl HttpClient {
-    /// Reads what has arrived into the buffer.
-    async fn fill(&mut self) -> Result<(), String> {
-        let mut chunk = [0u8; 4096];
-        let read = self
-            .stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading: {e}"))?;
-        if read == 0 {
-            return Err("quotad closed the connection".into());
-        }
-        self.buf.extend_from_slice(&chunk[..read]);
-        Ok(())
-    }
-}
-
 impl Client for HttpClient {
     async fn call(&mut self, n: usize) -> Result<bool, String> {
-        let req = &self.requests[n % self.requests.len()];
-        self.stream
-            .write_all(req)
+        let call = &self.requests[n % self.requests.len()];
+        let mut request = hyper::Request::post(call.path)
+            .header(HOST, self.host.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let request = request
+            .body(Full::new(call.body.clone()))
+            .map_err(|e| e.to_string())?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("quotad closed the connection: {e}"))?;
+        let response = self
+            .sender
+            .send_request(request)
             .await
             .map_err(|e| format!("sending: {e}"))?;
-        self.buf.clear();
-        let (head_end, status, length) = loop {
-            self.fill().await?;
-            if let Some(pos) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..pos]).map_err(|e| e.to_string())?;
-                let status: u16 = head
-                    .get(9..12)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("no status line")?;
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                break (pos + 4, status, length);
-            }
-        };
-        while self.buf.len() < head_end + length {
-            self.fill().await?;
-        }
+        let status = response.status().as_u16();
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading: {e}"))?;
         Ok(status == self.expect)
     }
 }
@@ -612,7 +600,7 @@ struct RawRedisClient {
 /// The month the raw-Redis ceiling counts in: the real current month, so its counters' expiry
 /// (the month's end plus the grace) lies ahead on any day the bench runs.
 fn bench_period() -> Period {
-    Period::current(crate::period::PeriodKind::Month, chrono::Utc::now())
+    Period::current(PeriodKind::Month, chrono::Utc::now())
 }
 
 impl RawRedis {
@@ -649,9 +637,9 @@ impl RawRedis {
         })
     }
 
-    fn client(&self) -> futures_lite::BoxFut<RawRedisClient> {
+    fn client(&self) -> BoxFut<RawRedisClient> {
         let raw = self.clone();
-        futures_lite::boxed(async move {
+        Box::pin(async move {
             // Its own connection: no pipelining across clients.
             let conn = raw
                 .client
@@ -704,7 +692,7 @@ mod seed {
     use sqlx::PgPool;
     use uuid::Uuid;
 
-    use super::{bench_period, futures_lite, Client};
+    use super::{bench_period, BoxFut, Client};
 
     #[derive(Clone)]
     pub struct Seed {
@@ -766,9 +754,9 @@ mod seed {
             })
         }
 
-        pub fn client(&self, _: usize) -> futures_lite::BoxFut<SeedClient> {
+        pub fn client(&self, _: usize) -> BoxFut<SeedClient> {
             let seed = self.clone();
-            futures_lite::boxed(async move {
+            Box::pin(async move {
                 let s = &seed.schema;
                 Ok(SeedClient {
                     select: format!(
