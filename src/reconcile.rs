@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::db;
 use crate::flusher::{FlushError, Flusher};
 use crate::period::Period;
-use crate::store::{RedisStore, StoreError, GRACE_DAYS};
+use crate::store::{CounterHash, RedisStore, StoreError, GRACE_DAYS};
 
 /// The name of reconcile's Redis connection (`CLIENT LIST`).
 pub const RECONCILE_CONNECTION: &str = "quotad-reconcile";
@@ -238,7 +238,12 @@ async fn repair(
             let mut fields = snap.fields.clone();
             for d in &items {
                 if d.postgres.is_none() {
-                    fields.push((d.usage_type.clone(), "0".into()));
+                    fields.extend(CounterHash::row_fields(
+                        &d.usage_type,
+                        0,
+                        serde_json::Value::Null,
+                        false,
+                    ));
                 }
             }
             store

@@ -185,7 +185,7 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
         // UNLINK: memory freed in the background would still be counted.
         for b in 0..quotad::store::BUCKETS {
             let _: i64 = redis::cmd("DEL")
-                .arg(format!("{prefix}:{}:{{{b}}}:dirty", quotad::store::SCHEMA))
+                .arg(quotad::store::keys::dirty_of(&prefix, b))
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| format!("redis: {e}"))?;

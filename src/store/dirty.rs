@@ -71,7 +71,7 @@ impl RedisStore {
                 redis::from_redis_value_ref(&pair[1]).map_err(|e| StoreError::Redis(e.into()))?;
             scan.backlog += card;
             for (member, score) in listed {
-                match parse_member(&member) {
+                match keys::parse_member(&member) {
                     Some((user, period)) => scan.members.push(DirtyMember {
                         bucket: *b,
                         member,
@@ -195,10 +195,4 @@ impl RedisStore {
         }
         self.run_pipe::<()>(&pipe).await
     }
-}
-
-/// `<uuid>:<period id>` → parts.
-fn parse_member(member: &str) -> Option<(Uuid, Period)> {
-    let (user, period) = member.split_once(':')?;
-    Some((Uuid::parse_str(user).ok()?, Period::parse_id(period)?))
 }

@@ -31,6 +31,23 @@ pub fn member(user: &Uuid, period: Period) -> String {
     format!("{user}:{}", period.id())
 }
 
+/// `<user>:<period>` → its parts; `None` for a member quotad did not write.
+pub fn parse_member(member: &str) -> Option<(Uuid, Period)> {
+    let (user, period) = member.split_once(':')?;
+    Some((Uuid::parse_str(user).ok()?, Period::parse_id(period)?))
+}
+
+/// A `SCAN` pattern matching every counter hash of `period`, in every bucket.
+pub fn counters_pattern(prefix: &str, period: Period) -> String {
+    format!("{prefix}:{SCHEMA}:{{*}}:c:*:{}", period.id())
+}
+
+/// The user of a counter key `<prefix>:1:{b}:c:<user>:<period>`.
+pub fn user_of_counter(key: &str) -> Option<Uuid> {
+    let rest = &key[key.find("}:c:")? + 4..];
+    Uuid::parse_str(rest.rsplit_once(':')?.0).ok()
+}
+
 /// The pub/sub channel on which scripts announce users whose counts went down or whose plan
 /// changed (see [`crate::refusals`]).
 pub fn changes_channel(prefix: &str) -> String {
@@ -153,6 +170,10 @@ mod tests {
             "q:1:{495}:i:7c9e6679-7425-40de-944b-e07fc1f90ae7:req-1"
         );
         assert_eq!(changes_channel("q"), "q:1:changes");
+        assert_eq!(counters_pattern("q", month), "q:1:{*}:c:*:2026-11");
+        assert_eq!(user_of_counter(&keys.counter(month)), Some(user));
+        assert_eq!(parse_member(&keys.member(month)), Some((user, month)));
+        assert_eq!(parse_member("not-a-user:2026-11"), None);
         assert_eq!(
             keys.member(month),
             "7c9e6679-7425-40de-944b-e07fc1f90ae7:2026-11"

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use deadpool_redis::redis::{self, AsyncCommands};
 use uuid::Uuid;
 
-use super::{scripts, CounterHash, RedisStore, StoreError, UserKeys, SCHEMA};
+use super::{keys, scripts, CounterHash, RedisStore, StoreError, UserKeys};
 use crate::period::Period;
 
 /// One counter hash as reconcile sees it.
@@ -22,7 +22,7 @@ pub struct LiveCounter {
 impl RedisStore {
     /// Every loaded counter hash of `period` (SCAN, so it does not block Redis).
     pub async fn scan_period(&self, period: Period) -> Result<Vec<LiveCounter>, StoreError> {
-        let pattern = format!("{}:{SCHEMA}:{{*}}:c:*:{}", self.prefix, period.id());
+        let pattern = keys::counters_pattern(&self.prefix, period);
         let keys: Vec<String> = self
             .with_conn(|mut c| async move {
                 let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
@@ -35,7 +35,10 @@ impl RedisStore {
             .await?;
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(1000) {
-            let users: Vec<Uuid> = chunk.iter().filter_map(|k| user_of(k)).collect();
+            let users: Vec<Uuid> = chunk
+                .iter()
+                .filter_map(|k| keys::user_of_counter(k))
+                .collect();
             let mut pipe = redis::pipe();
             self.set_name(&mut pipe);
             for u in &users {
@@ -91,10 +94,4 @@ impl RedisStore {
         let done: i64 = self.run_script(&mut inv).await?;
         Ok(done == 1)
     }
-}
-
-/// The user of a counter key `<prefix>:1:{b}:c:<user>:<period>`.
-fn user_of(key: &str) -> Option<Uuid> {
-    let rest = &key[key.find("}:c:")? + 4..];
-    Uuid::parse_str(rest.rsplit_once(':')?.0).ok()
 }
