@@ -1,5 +1,7 @@
-//! Redis: the hot counters. [`RedisStore`] owns the connections, builds every key, runs the Lua
-//! scripts under a deadline, and speaks the domain (consume, check, refund…) to its callers.
+//! Redis: the hot counters. [`RedisStore`] speaks the domain to its callers (consume, check,
+//! refund, release, hydrate, plan changes) as one Lua script each. Beside it: `keys` builds every
+//! key, `counter` reads and builds the counter hash, `conn` owns the connection, the deadlines
+//! and error classification, `dirty` and `scan` are the flusher's and reconcile's side.
 //!
 //! # Key format (schema version 1)
 //!
