@@ -13,6 +13,10 @@ deploy/ensure-test-tools.sh
 export QUOTAD_TEST_REDIS_URL="${QUOTAD_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 export QUOTAD_TEST_DATABASE_URL="${QUOTAD_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
 
+# `quotad bench` runs the quotad-bench binary found beside quotad (a crate of its own, which the
+# test build of the daemon's package does not produce): build it where the tests' quotad lives.
+cargo build --quiet -p quotad-bench --bin quotad-bench
+
 # nextest when installed (faster, clearer output), else cargo's own runner.
 if cargo nextest --version >/dev/null 2>&1; then runner=(cargo nextest run); else runner=(cargo test); fi
 

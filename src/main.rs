@@ -38,7 +38,7 @@ enum Failure {
     #[error("reconcile: {0}")]
     Reconcile(#[from] ReconcileError),
     /// The load generator could not be started.
-    #[error("bench: cannot run {path}: {source}. It is built with `cargo build --release -p quotad-bench` and installed beside quotad")]
+    #[error("bench: cannot run {path}: {source}. Build it beside this quotad: `cargo build -p quotad-bench` (with `--release` for a release quotad); deploy/test.sh and deploy/bench.sh do")]
     Bench {
         path: std::path::PathBuf,
         source: std::io::Error,
