@@ -29,7 +29,11 @@ use quotad::period::{Period, PeriodKind};
 use quotad::plans::Plans;
 use quotad::store::{CountCall, Mode, RedisStore};
 
+mod cost;
 mod redis_side;
+
+pub use cost::Cost;
+use cost::Probe;
 
 /// Arguments of `quotad bench`.
 #[derive(Debug, Clone, Args)]
@@ -120,6 +124,8 @@ pub struct Figures {
     pub ok: u64,
     /// Requests that failed (connection errors, unexpected statuses).
     pub errors: u64,
+    /// CPU and Redis commands per decision.
+    pub cost: Cost,
 }
 
 impl Figures {
@@ -138,13 +144,15 @@ impl Figures {
             percentiles: [pick(0.5), pick(0.9), pick(0.99), pick(0.999)],
             ok: micros.len() as u64,
             errors,
+            cost: Cost::default(),
         }
     }
 
-    /// One line: rate, percentiles in ms, errors.
+    /// Rate, percentiles in ms and errors; under it, the cost per decision and the Redis commands
+    /// by kind.
     pub fn line(&self) -> String {
         let ms = |us: f64| us / 1000.0;
-        format!(
+        let mut text = format!(
             "{:<38} {:>9.0} req/s   p50 {:>6.3} ms  p90 {:>6.3} ms  p99 {:>6.3} ms  p99.9 {:>6.3} ms   errors {}",
             self.name,
             self.rate,
@@ -153,7 +161,16 @@ impl Figures {
             ms(self.percentiles[2]),
             ms(self.percentiles[3]),
             self.errors
-        )
+        );
+        let summary = self.cost.summary();
+        if !summary.is_empty() {
+            text.push_str(&format!("\n    {summary}"));
+        }
+        let breakdown = self.cost.breakdown();
+        if !breakdown.is_empty() {
+            text.push_str(&format!("\n    redis commands per decision: {breakdown}"));
+        }
+        text
     }
 }
 
@@ -238,6 +255,10 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         ),
         false => None,
     };
+    let probe = Probe::new(&args.redis_url, &addr);
+    if !probe.sees_quotad() {
+        println!("  (quotad at {addr} is not a process of this machine: its CPU is not read)");
+    }
     let mut runs: Vec<Vec<Figures>> = Vec::new();
     let outcome = async {
         for run in 1..=args.runs.max(1) {
@@ -245,7 +266,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                 println!("run {run}/{}:", args.runs);
             }
             let mut figures = vec![
-                measure("quotad HTTP consume", args, {
+                measure("quotad HTTP consume", args, &probe, {
                     let (addr, token, requests) =
                         (addr.clone(), args.token.clone(), requests.clone());
                     move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
@@ -254,7 +275,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             ];
             if let Some(refused) = &refused {
                 figures.push(
-                    measure(REFUSED, args, {
+                    measure(REFUSED, args, &probe, {
                         let (addr, token, requests) =
                             (addr.clone(), args.token.clone(), refused.clone());
                         move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 402)
@@ -265,7 +286,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             if let Some(raw) = &raw {
                 let raw = raw.clone();
                 figures.push(
-                    measure("raw Redis EVALSHA (same script)", args, move |_| {
+                    measure("raw Redis EVALSHA (same script)", args, &probe, move |_| {
                         raw.client()
                     })
                     .await?,
@@ -274,9 +295,12 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             if let Some(seed) = &seed {
                 let seed = seed.clone();
                 figures.push(
-                    measure("seed design (SELECT + increment_usage)", args, move |i| {
-                        seed.client(i)
-                    })
+                    measure(
+                        "seed design (SELECT + increment_usage)",
+                        args,
+                        &probe,
+                        move |i| seed.client(i),
+                    )
                     .await?,
                 );
             }
@@ -307,6 +331,14 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                 v.sort_by(f64::total_cmp);
                 *slot = v[v.len() / 2];
             }
+            let median_of = |get: &dyn Fn(&Figures) -> Option<f64>| {
+                let mut v: Vec<f64> = runs.iter().filter_map(|r| get(&r[i])).collect();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied()
+            };
+            f.cost.quotad_us = median_of(&|x| x.cost.quotad_us);
+            f.cost.redis_us = median_of(&|x| x.cost.redis_us);
+            f.cost.commands = median_of(&|x| x.cost.commands);
             f.name = format!("median: {}", f.name);
             f
         })
@@ -380,20 +412,25 @@ trait Client: Send + 'static {
     fn call(&mut self, n: usize) -> impl std::future::Future<Output = Result<bool, String>> + Send;
 }
 
-async fn measure<C, F>(name: &str, args: &BenchArgs, make: F) -> Result<Figures, String>
+async fn measure<C, F>(
+    name: &str,
+    args: &BenchArgs,
+    probe: &Probe,
+    make: F,
+) -> Result<Figures, String>
 where
     C: Client,
     F: Fn(usize) -> BoxFut<C> + Send + Sync + 'static,
 {
     let duration = Duration::from_secs_f64(args.duration);
+    let before = probe.read().await;
     let started = Instant::now();
     let (samples, errors) = drive(args.connections, args.rate, duration, None, make).await?;
-    Ok(Figures::from_samples(
-        name,
-        samples,
-        errors,
-        started.elapsed(),
-    ))
+    let elapsed = started.elapsed();
+    let after = probe.read().await;
+    let mut figures = Figures::from_samples(name, samples, errors, elapsed);
+    figures.cost = probe.cost(&before, &after, figures.ok + figures.errors);
+    Ok(figures)
 }
 
 /// Runs `clients` clients for `duration` (or until `total` calls are made), closed loop or at

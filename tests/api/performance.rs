@@ -159,6 +159,30 @@ async fn quotad_bench_measures_quotad_raw_redis_and_the_seed_design() {
         .find(|l| l.starts_with("median: quotad HTTP consume, refused"))
         .unwrap();
     assert!(refused.ends_with("errors 0"), "{refused}");
+    // Under each figure, its cost per decision: quotad's CPU (the daemon listens in this
+    // process), Redis' CPU and commands, and the commands by kind (the consume script is one
+    // EVALSHA, whose own commands Redis counts too).
+    let under = |head: &str| -> Vec<&str> {
+        text.lines()
+            .skip_while(|l| !l.starts_with(head))
+            .skip(1)
+            .take(2)
+            .collect()
+    };
+    let http = under("median: quotad HTTP consume ");
+    assert!(
+        http[0].contains("per decision: quotad ") && http[0].contains("redis cmds"),
+        "{http:?}"
+    );
+    let raw = under("median: raw Redis EVALSHA");
+    assert!(
+        raw[0].contains(" µs") && raw[0].contains("redis cmds"),
+        "{raw:?}"
+    );
+    assert!(
+        raw[1].starts_with("    redis commands per decision: ") && raw[1].contains("evalsha "),
+        "{raw:?}"
+    );
     let schemas: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'quotad_bench_seed_%'",
     )
