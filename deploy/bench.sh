@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts a release quotad on a spare port with its own key prefix and database, runs
-# `quotad bench` against it with the arguments given, then stops it and removes both.
+# Starts a release quotad on a spare port with its own key prefix and database, and a Redis of its
+# own (so that the Redis CPU and commands per decision the bench reports are the bench's alone),
+# runs `quotad bench` against them with the arguments given, then stops and removes them.
 #   deploy/bench.sh -c 1 --runs 3 --duration 5          # sequential latency
 #   deploy/bench.sh -c 50 --runs 3 --duration 10 --seed # throughput, against raw Redis and the seed design
 #   deploy/bench.sh -c 50 --runs 3 --refused             # refused (near-cache) beside allowed
@@ -12,16 +13,24 @@ deploy/ensure-services.sh
 cargo build --release --bin quotad --bin quotad-bench
 
 port=18181
+redis_port=18379
 db="quotad_bench_$$"
 pg="postgres://postgres@127.0.0.1:5432"
-export QUOTAD_DATABASE_URL="$pg/$db" QUOTAD_REDIS_URL="redis://127.0.0.1:6379" QUOTAD_KEY_PREFIX="bench$$"
+redis_dir=$(mktemp -d)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$redis_dir" \
+  --maxmemory-policy noeviction --daemonize no --logfile "$redis_dir/redis.log" &
+redis_pid=$!
+for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+export QUOTAD_DATABASE_URL="$pg/$db" QUOTAD_REDIS_URL="redis://127.0.0.1:$redis_port" QUOTAD_KEY_PREFIX="bench$$"
 QUOTAD_LISTEN="127.0.0.1:$port" QUOTAD_LOG=warn target/release/quotad serve &
 pid=$!
 cleanup() {
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+  kill "$redis_pid" 2>/dev/null || true
+  wait "$redis_pid" 2>/dev/null || true
+  rm -rf "$redis_dir"
   psql -q "$pg/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
-  redis-cli -h 127.0.0.1 --scan --pattern "bench$$:*" | xargs -r redis-cli -h 127.0.0.1 unlink >/dev/null
 }
 trap cleanup EXIT
 for _ in $(seq 1 100); do
