@@ -21,8 +21,8 @@ if [[ $# -gt 0 && $1 != "--" ]]; then rounds=$1; shift; fi
 [[ ${1:-} == "--" ]] && shift
 bench_args=("$@")
 [[ ${#bench_args[@]} -gt 0 ]] || bench_args=(-c 50 --duration 5)
-a_bench=${A_BENCH:-target/release/quotad-bench}
-b_bench=${B_BENCH:-target/release/quotad-bench}
+a_bench=${A_BENCH:-${CARGO_TARGET_DIR:-target}/release/quotad-bench}
+b_bench=${B_BENCH:-${CARGO_TARGET_DIR:-target}/release/quotad-bench}
 
 deploy/ensure-services.sh >/dev/null
 pg="postgres://postgres@127.0.0.1:5432"

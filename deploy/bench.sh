@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/ensure-services.sh
 cargo build --release --bin quotad --bin quotad-bench
+bin="${CARGO_TARGET_DIR:-target}/release"
 
 port=18181
 redis_port=18379
@@ -22,7 +23,7 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --d
 redis_pid=$!
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
 export QUOTAD_DATABASE_URL="$pg/$db" QUOTAD_REDIS_URL="redis://127.0.0.1:$redis_port" QUOTAD_KEY_PREFIX="bench$$"
-QUOTAD_LISTEN="127.0.0.1:$port" QUOTAD_LOG=warn target/release/quotad serve &
+QUOTAD_LISTEN="127.0.0.1:$port" QUOTAD_LOG=warn "$bin/quotad" serve &
 pid=$!
 cleanup() {
   kill "$pid" 2>/dev/null || true
@@ -37,4 +38,4 @@ for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$port/readyz" >/dev/null && break
   sleep 0.1
 done
-target/release/quotad bench --url "http://127.0.0.1:$port" "$@"
+"$bin/quotad" bench --url "http://127.0.0.1:$port" "$@"
