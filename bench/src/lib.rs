@@ -712,7 +712,7 @@ impl Client for RawRedisClient {
         };
         let mut inv = raw.store.count_invocation(&call);
         raw.store.arm(&mut inv);
-        let reply: Result<(String, i64, String, i64, String), _> =
+        let reply: Result<(String, i64, String, i64, String, String), _> =
             inv.invoke_async(&mut self.conn).await;
         Ok(reply.is_ok_and(|r| r.0 == "ok"))
     }

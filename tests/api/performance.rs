@@ -159,6 +159,11 @@ async fn quotad_bench_measures_quotad_raw_redis_and_the_seed_design() {
         .find(|l| l.starts_with("median: quotad HTTP consume, refused"))
         .unwrap();
     assert!(refused.ends_with("errors 0"), "{refused}");
+    let raw_redis = text
+        .lines()
+        .find(|l| l.starts_with("median: raw Redis EVALSHA"))
+        .unwrap();
+    assert!(raw_redis.ends_with("errors 0"), "{raw_redis}");
     // Under each figure, its cost per decision: quotad's CPU (the daemon listens in this
     // process), Redis' CPU and commands, and the commands by kind (the consume script is one
     // EVALSHA, whose own commands Redis counts too).
