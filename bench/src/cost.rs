@@ -11,7 +11,14 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use deadpool_redis::redis;
+
+/// How long one reading waits for Redis. A Redis that does not answer by then (hung, or
+/// unreachable) leaves that reading without Redis figures: the cost line then omits Redis' CPU
+/// and commands instead of holding the bench up.
+const READ_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Where the costs are read from.
 pub struct Probe {
@@ -20,6 +27,8 @@ pub struct Probe {
     pid: Option<u32>,
     /// Clock ticks per second of `/proc/<pid>/stat`'s times.
     hz: f64,
+    /// How long a reading waits for Redis.
+    deadline: Duration,
 }
 
 /// The counters at one moment.
@@ -61,6 +70,7 @@ impl Probe {
             redis: redis::Client::open(redis_url).ok(),
             pid,
             hz: clock_ticks_per_second(),
+            deadline: READ_DEADLINE,
         }
     }
 
@@ -78,15 +88,15 @@ impl Probe {
         let Some(client) = &self.redis else {
             return reading;
         };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-            return reading;
+        let info = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("INFO")
+                .arg("cpu")
+                .arg("commandstats")
+                .query_async::<String>(&mut conn)
+                .await
         };
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("cpu")
-            .arg("commandstats")
-            .query_async(&mut conn)
-            .await;
-        if let Ok(text) = info {
+        if let Ok(Ok(text)) = tokio::time::timeout(self.deadline, info).await {
             reading.redis_cpu = redis_cpu(&text);
             reading.commands = command_calls(&text);
         }
@@ -107,6 +117,9 @@ impl Probe {
             (Some(b), Some(a)) => Some(per((a - b).max(0.0) * 1e6)),
             _ => None,
         };
+        // Commands only from two readings of Redis: one missing would count every call since Redis
+        // started.
+        let both = before.redis_cpu.is_some() && after.redis_cpu.is_some();
         let mut by_command: Vec<(String, f64)> = after
             .commands
             .iter()
@@ -116,12 +129,10 @@ impl Probe {
                 let was = before.commands.get(name).copied().unwrap_or(0);
                 (name.clone(), per(calls.saturating_sub(was) as f64))
             })
-            .filter(|(_, n)| *n > 0.0)
+            .filter(|(_, n)| both && *n > 0.0)
             .collect();
         by_command.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let commands = after
-            .redis_cpu
-            .map(|_| by_command.iter().map(|(_, n)| n).sum());
+        let commands = both.then(|| by_command.iter().map(|(_, n)| n).sum());
         Cost {
             quotad_us,
             redis_us,
@@ -262,6 +273,7 @@ mod tests {
             redis: None,
             pid: None,
             hz: 100.0,
+            deadline: READ_DEADLINE,
         };
         let before = Reading {
             quotad_ticks: Some(100),
@@ -284,6 +296,37 @@ mod tests {
         assert!((cost.redis_us.unwrap() - 10.0).abs() < 1e-9);
         assert!((cost.commands.unwrap() - 3.3).abs() < 1e-9);
         assert_eq!(cost.breakdown(), "hget 2.30, evalsha 1.00");
+        // A reading that missed Redis gives no Redis figures, not every call since it started.
+        let missed = Reading {
+            redis_cpu: None,
+            commands: BTreeMap::new(),
+            ..before
+        };
+        let partial = probe.cost(&missed, &after, 10_000);
+        assert_eq!((partial.redis_us, partial.commands), (None, None));
+        assert!(partial.by_command.is_empty());
+        assert_eq!(
+            partial.quotad_us, cost.quotad_us,
+            "quotad's CPU is read on its own"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redis_that_never_answers_leaves_the_reading_without_redis_figures_in_time() {
+        // Accepts connections and never replies: a hung Redis.
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://{}", hung.local_addr().unwrap());
+        let mut probe = Probe::new(&url, "example.com:80");
+        probe.deadline = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let reading = probe.read().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(reading.redis_cpu.is_none() && reading.commands.is_empty());
+        assert!(reading.quotad_ticks.is_none(), "quotad is not local here");
     }
 
     #[test]
