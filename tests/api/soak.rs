@@ -389,11 +389,12 @@ const FAULT_CYCLE: [Fault; 5] = [
     Fault::RedisRestartEmpty,
 ];
 
-/// The Redis time (ms) of the oldest change not yet in Postgres, from the dirty sets' scores
-/// (each member is scored by its first change since its last flush); the time of the scan when
-/// nothing is dirty. Every count Redis could lose after this call was made at or after it.
-async fn oldest_unflushed_ms(url: &str) -> Option<u64> {
-    let scanned = now_ms();
+/// One command per bucket's dirty set (`add` appends it for the set's key), sent in one pipeline;
+/// `None` when Redis does not connect within 2 s or answer within 3 s.
+async fn over_dirty_sets<T: redis::FromRedisValue>(
+    url: &str,
+    add: impl Fn(&mut redis::Pipeline, String),
+) -> Option<Vec<T>> {
     let client = redis::Client::open(url).ok()?;
     let mut conn = tokio::time::timeout(
         Duration::from_secs(2),
@@ -403,18 +404,24 @@ async fn oldest_unflushed_ms(url: &str) -> Option<u64> {
     .ok()?
     .ok()?;
     let mut pipe = redis::pipe();
-    for b in 0..1024 {
-        pipe.cmd("ZRANGE")
-            .arg(format!("{PREFIX}:1:{{{b}}}:dirty"))
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES");
+    for b in 0..quotad::store::BUCKETS {
+        add(&mut pipe, quotad::store::keys::dirty_of(PREFIX, b));
     }
-    let heads: Vec<Vec<(String, f64)>> =
-        tokio::time::timeout(Duration::from_secs(3), pipe.query_async(&mut conn))
-            .await
-            .ok()?
-            .ok()?;
+    tokio::time::timeout(Duration::from_secs(3), pipe.query_async(&mut conn))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// The Redis time (ms) of the oldest change not yet in Postgres, from the dirty sets' scores
+/// (each member is scored by its first change since its last flush); the time of the scan when
+/// nothing is dirty. Every count Redis could lose after this call was made at or after it.
+async fn oldest_unflushed_ms(url: &str) -> Option<u64> {
+    let scanned = now_ms();
+    let heads: Vec<Vec<(String, f64)>> = over_dirty_sets(url, |pipe, key| {
+        pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
+    })
+    .await?;
     Some(
         heads
             .iter()
@@ -428,19 +435,10 @@ async fn oldest_unflushed_ms(url: &str) -> Option<u64> {
 
 /// Members waiting in the dirty sets, or `None` when Redis does not answer.
 async fn dirty_count(url: &str) -> Option<u64> {
-    let client = redis::Client::open(url).ok()?;
-    let mut conn = tokio::time::timeout(
-        Duration::from_secs(2),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let mut pipe = redis::pipe();
-    for b in 0..1024 {
-        pipe.cmd("ZCARD").arg(format!("{PREFIX}:1:{{{b}}}:dirty"));
-    }
-    let counts: Vec<u64> = pipe.query_async(&mut conn).await.ok()?;
+    let counts: Vec<u64> = over_dirty_sets(url, |pipe, key| {
+        pipe.cmd("ZCARD").arg(key);
+    })
+    .await?;
     Some(counts.iter().sum())
 }
 
