@@ -393,6 +393,32 @@ async fn what_the_middleware_answers_is_described_on_every_route_it_guards() {
         }
     }
 
+    // No handler lists 401 or 503: they are added once for every guarded operation, as the JSON
+    // error body (every operation of the description, not only those this test names).
+    let paths = spec["paths"].as_object().expect("paths");
+    let guarded: Vec<_> = paths
+        .iter()
+        .filter(|(p, _)| p.starts_with("/v1/"))
+        .collect();
+    assert!(guarded.len() >= 10, "{}", guarded.len());
+    for (path, ops) in guarded {
+        for (method, op) in ops.as_object().expect("operations") {
+            for status in ["401", "503"] {
+                let r = &op["responses"][status];
+                assert!(
+                    r["description"].as_str().is_some_and(|d| !d.is_empty())
+                        && r["content"]["application/json"]["schema"]["$ref"]
+                            == "#/components/schemas/ErrorBody",
+                    "{method} {path}: {status} is described with the error body: {r}"
+                );
+            }
+            let statuses: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
+            let mut sorted = statuses.clone();
+            sorted.sort();
+            assert_eq!(statuses, sorted, "{method} {path}: responses by status");
+        }
+    }
+
     // The refund a consume or track can be given back by is linked from its answer.
     for path in ["/v1/consume", "/v1/track"] {
         let link = &spec["paths"][path]["post"]["responses"]["200"]["links"]["Refund"];

@@ -231,3 +231,39 @@ async fn quotad_bench_measures_redis_memory_per_active_user_month() {
     let keys: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
     assert_eq!(keys, 0);
 }
+
+#[test]
+fn quotad_bench_passes_its_arguments_through_and_says_how_to_build_a_missing_load_generator() {
+    // Its arguments, --help included, are the load generator's.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_quotad"))
+        .args(["bench", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && text.contains("quotad-bench") && text.contains("--connections"),
+        "{text}{}",
+        String::from_utf8_lossy(&help.stderr)
+    );
+
+    // A quotad without quotad-bench beside it: exit 2, naming the path and how to build it.
+    let dir = std::env::temp_dir().join(format!("quotad-alone-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir(&dir).unwrap();
+    let alone = dir.join("quotad");
+    std::fs::copy(env!("CARGO_BIN_EXE_quotad"), &alone).unwrap();
+    let out = std::process::Command::new(&alone)
+        .args(["bench", "--users", "1"])
+        .env("QUOTAD_LOG", "off")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot run {}",
+            dir.join("quotad-bench").display()
+        )) && err.contains("cargo build -p quotad-bench"),
+        "{err}"
+    );
+}
