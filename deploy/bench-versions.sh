@@ -55,9 +55,11 @@ hz=$(getconf CLK_TCK)
 measure() { # bench port pid prefix
   local before after out rate p99 secs
   before=$(ticks "$3")
-  out=$($1 --url "http://127.0.0.1:$2" --no-redis --runs 1 --preload --key-prefix "$4" "${bench_args[@]}")
+  out=$($1 --url "http://127.0.0.1:$2" --no-redis --runs 1 --preload --key-prefix "$4" "${bench_args[@]}") ||
+    { echo "the load generator failed ($1):" >&2; echo "$out" >&2; return 1; }
   after=$(ticks "$3")
   rate=$(grep -m1 '^quotad HTTP consume' <<<"$out" | awk '{print $4}')
+  [[ -n $rate ]] || { echo "no consume figure in the load generator's output:" >&2; echo "$out" >&2; return 1; }
   p99=$(grep -m1 '^quotad HTTP consume' <<<"$out" | sed -E 's/.* p99 +([0-9.]+) ms.*/\1/')
   secs=$(grep -oE '[0-9.]+ s each' <<<"$out" | awk '{print $1}')
   awk -v r="$rate" -v p="$p99" -v t=$((after - before)) -v hz="$hz" -v s="$secs" \
@@ -70,9 +72,11 @@ echo "A: $a_bin ($a_bench)"
 echo "B: $b_bin ($b_bench)"
 echo "bench args: ${bench_args[*]}; $rounds rounds, A then B each round"
 for i in $(seq 1 "$rounds"); do
-  read -r r p c < <(measure "$a_bench" 18191 "$a_pid" "${tag}a"); ra+=("$r") pa+=("$p") ca+=("$c")
+  line=$(measure "$a_bench" 18191 "$a_pid" "${tag}a") || exit 1
+  read -r r p c <<<"$line"; ra+=("$r") pa+=("$p") ca+=("$c")
   echo "round $i A: $r req/s, p99 $p ms, quotad CPU $c µs/decision"
-  read -r r p c < <(measure "$b_bench" 18192 "$b_pid" "${tag}b"); rb+=("$r") pb+=("$p") cb+=("$c")
+  line=$(measure "$b_bench" 18192 "$b_pid" "${tag}b") || exit 1
+  read -r r p c <<<"$line"; rb+=("$r") pb+=("$p") cb+=("$c")
   echo "round $i B: $r req/s, p99 $p ms, quotad CPU $c µs/decision"
 done
 mra=$(printf '%s\n' "${ra[@]}" | median) mrb=$(printf '%s\n' "${rb[@]}" | median)
