@@ -58,7 +58,6 @@ pub fn changes_channel(prefix: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct UserKeys {
     user: Uuid,
-    bucket: u16,
     /// `<prefix>:1:{<bucket>}`, which every key of the user starts with.
     base: String,
 }
@@ -66,22 +65,15 @@ pub struct UserKeys {
 impl UserKeys {
     /// The keys of `user` under `prefix`.
     pub fn new(prefix: &str, user: Uuid) -> UserKeys {
-        let bucket = bucket(&user);
         UserKeys {
             user,
-            bucket,
-            base: format!("{prefix}:{SCHEMA}:{{{bucket}}}"),
+            base: format!("{prefix}:{SCHEMA}:{{{}}}", bucket(&user)),
         }
     }
 
     /// The user.
     pub fn user(&self) -> Uuid {
         self.user
-    }
-
-    /// The user's bucket.
-    pub fn bucket(&self) -> u16 {
-        self.bucket
     }
 
     /// The counter hash of `period`.
@@ -145,7 +137,6 @@ mod tests {
         //     print(binascii.crc_hqx(b'7c9e6679-7425-40de-944b-e07fc1f90ae7', 0) % 1024)"
         assert_eq!(bucket(&user), 495);
         let keys = UserKeys::new("q", user);
-        assert_eq!(keys.bucket(), 495);
         let month = Period::Month {
             year: 2026,
             month: 11,
