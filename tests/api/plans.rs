@@ -16,6 +16,9 @@ async fn a_plan_set_through_one_daemon_is_in_force_on_the_next_request_to_anothe
     assert_eq!(b.consume(user, "ai_generation").await.status, 402);
 
     a.set_plan(user, "PRO").await;
+    // b may remember its refusal: it forgets it when the change's announcement reaches it
+    // (milliseconds; tests/api/refusals.rs covers that path), after which Redis decides.
+    heard_the_change(&b).await;
     let upgraded = b.consume(user, "ai_generation").await;
 
     assert_eq!(
@@ -28,6 +31,7 @@ async fn a_plan_set_through_one_daemon_is_in_force_on_the_next_request_to_anothe
     );
 
     b.set_plan(user, "FREE").await;
+    heard_the_change(&a).await;
     let downgraded = a.consume(user, "ai_generation").await;
     assert_eq!(
         (downgraded.status, &downgraded.body["plan"]),
@@ -38,6 +42,18 @@ async fn a_plan_set_through_one_daemon_is_in_force_on_the_next_request_to_anothe
         (&stored.body["plan"], &stored.body["is_default"]),
         (&json!("FREE"), &json!(false))
     );
+}
+
+/// Waits until `app` remembers no refusal (it has heard every plan-change announcement).
+async fn heard_the_change(app: &TestApp) {
+    let started = std::time::Instant::now();
+    while app.state.quota.refusals.users() > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the replica did not hear the plan change within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
 
 #[tokio::test]
