@@ -70,6 +70,6 @@ for i = 5, #ARGV, 2 do
   end
 end
 redis.call('HSET', hash, 'v', math.max(cur, pg) + 1)
-mark_dirty(KEYS[2], ARGV[2])
+mark_dirty(hash, KEYS[2], ARGV[2])
 announce(ARGV[3], ARGV[4])
 return 1

@@ -21,12 +21,15 @@ if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
   return {'conflict', 0, '', 0}
 end
 
-if redis.call('HEXISTS', hash, 'v') == 0
-    and not start_fresh(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
-  return {'hydrate', 0, '', 0}
+local got = redis.call('HMGET', hash, 'v', field, 'p')
+if not got[1] then
+  if not start_fresh(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
+    return {'hydrate', 0, '', 0}
+  end
+  got = redis.call('HMGET', hash, 'v', field, 'p')
 end
-local plan, limit = resolve_plan(hash, ARGV[3], ARGV[4], 8)
-local used = stored_count(hash, field)
+local plan, limit = resolve_plan(got[3], ARGV[3], ARGV[4], 8)
+local used = whole(got[2], hash, field)
 if limit >= 0 and used + amount > limit then
   return {'denied', used, plan, limit}
 end

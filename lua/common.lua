@@ -25,16 +25,18 @@ end
 -- A counter hash holds one field per usage type (its count), `v` (the version: it grows on every
 -- change, so Postgres can refuse an older total), `p`/`pv` (the user's plan and its version in
 -- Postgres' user_plans), `m:<type>:<name>` / `s:<type>:<name>` (summed numeric metadata and
--- latest other metadata, as JSON text) and `n:<type>` (how many metadata names the type has). A hash without `v` has not been loaded from Postgres yet: every script
--- that reads or writes counts answers "hydrate" for it and changes nothing.
+-- latest other metadata, as JSON text), `n:<type>` (how many metadata names the type has) and
+-- `x:dirty` (set exactly while the counter is in its bucket's dirty set; see mark_dirty). A hash
+-- without `v` has not been loaded from Postgres yet: every script that reads or writes counts
+-- answers "hydrate" for it and changes nothing.
 
--- The plan in force and its limit for one type. `override` wins when not empty; else the stored
--- plan; a plan no longer configured falls back to `default`. ARGV[first..] are plan, limit pairs
--- (limit -1 = unlimited).
-local function resolve_plan(hash, override, default, first)
+-- The plan in force and its limit for one type. `override` wins when not empty; else `stored`
+-- (the hash's `p`, nil when it has none); a plan no longer configured falls back to `default`.
+-- ARGV[first..] are plan, limit pairs (limit -1 = unlimited).
+local function resolve_plan(stored, override, default, first)
   local plan = override
   if plan == '' then
-    plan = redis.call('HGET', hash, 'p') or default
+    plan = stored or default
   end
   local default_limit = nil
   for i = first, #ARGV, 2 do
@@ -51,20 +53,31 @@ end
 -- Marks a counter as changed since its last flush. The dirty set is a sorted set scored by the
 -- Redis server's time (ms) of the first unflushed change: the flusher takes the oldest first, and
 -- the score tells how far behind Postgres is. NX keeps the first time.
-local function mark_dirty(dirty, member)
+--
+-- The hash's DIRTY field mirrors membership: every script that adds the member sets it, and
+-- unmark.lua clears it in the step that removes the member. So the counting script, which reads
+-- the hash anyway, marks only a counter's first change after a flush and skips the ZADD on every
+-- other call. (Only a dirty set deleted by hand can leave a flag without its member: `quotad
+-- reconcile` reports the drift that follows, and `--repair` marks the counter again.)
+local DIRTY = 'x:dirty'
+local function mark_dirty(hash, dirty, member)
   redis.call('ZADD', dirty, 'NX', call_now_ms, member)
+  redis.call('HSET', hash, DIRTY, 1)
 end
 
 -- A count, `v` or `n:<type>` as stored (`raw`, nil when missing = 0). A value that is not a whole
--- number can only be corrupt data (a hand edit): the script stops with an error reply before it
--- writes anything, instead of counting on top of it.
+-- number, or is beyond 2^53 (where a script's numbers stop being exact), can only be corrupt data
+-- (a hand edit): the script stops with an error reply before it writes anything, instead of
+-- counting on top of it.
+local EXACT = 9007199254740992
 local function whole(raw, hash, field)
   if not raw then
     return 0
   end
   local n = tonumber(raw)
-  if not n or n ~= n or n == math.huge or n == -math.huge or n ~= math.floor(n) then
-    error({err = 'quotad: field ' .. field .. ' of ' .. hash .. ' holds ' .. raw .. ', not a whole number'})
+  if not n or n ~= math.floor(n) or n >= EXACT or n <= -EXACT then
+    error({err = 'quotad: field ' .. field .. ' of ' .. hash .. ' holds ' .. raw
+      .. ', not a whole number within ±2^53'})
   end
   return n
 end
@@ -89,7 +102,7 @@ local function lower(hash, field, amount, dirty, member)
   local new = used - given
   redis.call('HSET', hash, field, new)
   redis.call('HINCRBY', hash, 'v', 1)
-  mark_dirty(dirty, member)
+  mark_dirty(hash, dirty, member)
   return new, given
 end
 

@@ -35,7 +35,7 @@
 --
 -- Order: every read and every check that can refuse comes first; the writes that follow cannot
 -- fail, so a call either changes nothing or counts, bumps `v`, writes its metadata, marks the
--- counter dirty and stores its idempotency record, all together. (A fresh start, which writes,
+-- counter dirty (if it is not yet) and stores its idempotency record, all together. (A fresh start, which writes,
 -- is the one exception: it only creates the empty counter a check would create too.)
 --
 -- A stored count, `v` or `n:<type>` that is not a whole number is corrupt data: the script stops
@@ -60,16 +60,23 @@ if idem then
   end
 end
 
-local version = redis.call('HGET', hash, 'v')
-if not version and not start_fresh(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
-  return {'hydrate', 0, '', 0, '', ''}
+-- Everything the decision reads, in one call: version, count, dirty flag, stored plan.
+local got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p')
+if not got[1] then
+  if not start_fresh(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
+    return {'hydrate', 0, '', 0, '', ''}
+  end
+  got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p')
 end
-whole(version, hash, 'v') -- a corrupt version stops the script here, before any write
+local version = whole(got[1], hash, 'v') -- a corrupt version stops the script here, before any write
 
 local nmeta = tonumber(ARGV[13])
 local first_meta, last_meta = 14, 13 + 3 * nmeta
-local plan, limit = resolve_plan(hash, ARGV[5], ARGV[6], last_meta + 1)
-local used = stored_count(hash, field)
+local plan, limit = resolve_plan(got[4], ARGV[5], ARGV[6], last_meta + 1)
+local used = whole(got[2], hash, field)
+if used + amount >= EXACT then
+  return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. hash .. ' would pass 2^53; nothing counted')
+end
 
 if mode == 'consume' and limit >= 0 and used + amount > limit then
   return {'denied', used, plan, limit, ARGV[8], ''}
@@ -109,8 +116,16 @@ end
 if fresh > 0 then
   redis.call('HINCRBY', hash, 'n:' .. field, fresh)
 end
-used = redis.call('HINCRBY', hash, field, amount)
-redis.call('HINCRBY', hash, 'v', 1)
+-- Count and version in one write ('%d': whole numbers, never a float's exponent form); the
+-- dirty mark only on the first change since the counter's last flush (see mark_dirty).
+used = used + amount
+if got[3] then
+  redis.call('HSET', hash, field, string.format('%d', used), 'v', string.format('%d', version + 1))
+else
+  redis.call('HSET', hash, field, string.format('%d', used), 'v', string.format('%d', version + 1),
+    DIRTY, 1)
+  redis.call('ZADD', dirty, 'NX', call_now_ms, ARGV[4])
+end
 for _, kv in ipairs(sums) do
   redis.call('HSET', hash, kv[1], kv[2])
 end
@@ -124,7 +139,6 @@ if ARGV[10] == '0' then
   -- it (see hydrate.lua); this count makes it last.
   redis.call('PERSIST', hash)
 end
-mark_dirty(dirty, ARGV[4])
 
 if idem then
   redis.call('HSET', idem, 'k', mode, 't', field, 'a', amount, 'u', used, 'pl', plan, 'l', limit,

@@ -10,5 +10,5 @@ if redis.call('HEXISTS', KEYS[1], 'v') == 0 then
   return 0
 end
 local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
-mark_dirty(KEYS[2], ARGV[1])
+mark_dirty(KEYS[1], KEYS[2], ARGV[1])
 return v

@@ -1,6 +1,7 @@
 -- unmark: after a flush, take counters off the dirty set, but only those that did not change
 -- since they were read: a count that arrived during the flush keeps its member, so the next
--- flush writes it. Never loses an update, never needs a lock.
+-- flush writes it. Never loses an update, never needs a lock. A removed counter's `x:dirty` flag
+-- goes in the same step (see mark_dirty in common.lua).
 --
 -- KEYS[1]      dirty set  {prefix}:1:{b}:dirty
 -- KEYS[2..n+1] the counter hashes flushed (all in the same bucket, so the same slot)
@@ -15,6 +16,9 @@ for i = 1, n do
   local written = ARGV[n + i]
   if (written == '' and not v) or v == written then
     removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    if v then
+      redis.call('HDEL', KEYS[i + 1], 'x:dirty')
+    end
   end
 end
 return removed

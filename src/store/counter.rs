@@ -10,6 +10,7 @@
 //! | `s:<type>:<name>` | the latest other metadata value, as JSON text |
 //! | `n:<type>` | how many metadata names the type has |
 //! | `x:next` | set once the next month's counter exists (written by the scripts only) |
+//! | `x:dirty` | set exactly while the counter is on its bucket's dirty set (scripts only) |
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -9,7 +9,8 @@
 //! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>,
 //!                                      s:<type>:<name>, n:<type>, x:next (set once the next
 //!                                      month's counter was created: it never starts fresh
-//!                                      again). Months expire 35 days after their end; a
+//!                                      again), x:dirty (set while on the dirty set). Months
+//!                                      expire 35 days after their end; a
 //!                                      lifetime hash loaded with nothing expires after 24 h
 //!                                      until something is counted in it
 //! <prefix>:1:{<b>}:dirty               sorted set of "<user>:<period>" changed since their last

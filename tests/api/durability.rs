@@ -636,6 +636,8 @@ async fn a_counter_reloaded_after_redis_loses_everything_has_postgres_version_an
             expected.insert(ty.to_owned(), (count + 1).to_string());
             // The version goes on from Postgres' (not from 0), so the next flush is taken.
             expected.insert("v".to_owned(), (version + 1).to_string());
+            // And the count marked the counter dirty (the flag that mirrors the dirty set).
+            expected.insert("x:dirty".to_owned(), "1".to_owned());
             assert_eq!(
                 hash_fields(&app, key).await,
                 expected,

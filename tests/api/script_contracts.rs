@@ -9,7 +9,7 @@ use quotad::period::{Period, PeriodKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{month_start, Options, TestApp};
+use crate::helpers::{month_start, period_id, Options, PrivateRedis, TestApp};
 
 fn month(n: i32) -> Period {
     Period::current(PeriodKind::Month, month_start(n))
@@ -641,4 +641,115 @@ async fn a_plan_change_just_before_midnight_reaches_the_next_months_hash() {
     // An adjacent month whose hash does not exist is not created by a plan change.
     let previous = after.state.quota.store.keys(user).counter(month(-1));
     assert!(!exists(&after, &previous).await);
+}
+
+/// How many times Redis ran `command` (from `INFO commandstats`; scripts' calls included).
+async fn calls(redis_server: &PrivateRedis, command: &str) -> u64 {
+    let stats: String = redis_server
+        .call(&["INFO", "commandstats"])
+        .await
+        .expect("INFO commandstats");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_counter_is_marked_dirty_on_its_first_change_after_a_flush_and_the_flush_clears_the_mark()
+{
+    let redis_server = PrivateRedis::start();
+    let app = TestApp::spawn_with(Options {
+        redis_url: redis_server.url(),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let period = month(0);
+    let key = app.state.quota.store.keys(user).counter(period);
+
+    for _ in 0..5 {
+        assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    }
+    assert!(is_dirty(&app, user, period).await);
+    assert_eq!(hget(&app, &key, "x:dirty").await.as_deref(), Some("1"));
+    assert_eq!(
+        calls(&redis_server, "zadd").await,
+        1,
+        "five counts, one mark"
+    );
+
+    app.flush().await;
+    assert!(!is_dirty(&app, user, period).await);
+    assert_eq!(hget(&app, &key, "x:dirty").await, None);
+    assert_eq!(
+        pg_row(&app, user, "ai_generation").await.map(|r| r.0),
+        Some(5)
+    );
+
+    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    assert!(is_dirty(&app, user, period).await);
+    assert_eq!(hget(&app, &key, "x:dirty").await.as_deref(), Some("1"));
+    assert_eq!(calls(&redis_server, "zadd").await, 2);
+    app.flush().await;
+    assert_eq!(
+        pg_row(&app, user, "ai_generation").await.map(|r| r.0),
+        Some(6)
+    );
+}
+
+/// The mark lives in two places (the dirty set and the hash's flag), kept together by the
+/// scripts. A dirty set deleted by hand leaves flags behind, so later counts are not flushed:
+/// reconcile must see that, and its repair must make them flush again.
+#[tokio::test]
+async fn counts_left_unflushed_by_a_dirty_set_deleted_by_hand_are_found_and_repaired_by_reconcile()
+{
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let keys = app.state.quota.store.keys(user);
+    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    app.flush().await;
+    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys.dirty())
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    app.flush().await;
+    assert_eq!(
+        pg_row(&app, user, "ai_generation").await.map(|r| r.0),
+        Some(1),
+        "the flag without its member keeps the counter off the flusher's list"
+    );
+
+    let report = app
+        .post("/v1/admin/reconcile", json!({"period": period_id(0)}))
+        .await;
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    let drift = report.body["drift"].as_array().unwrap().clone();
+    assert!(
+        drift.iter().any(|d| d["user_id"] == json!(user)),
+        "{:?}",
+        report.body
+    );
+    let repaired = app
+        .post(
+            "/v1/admin/reconcile",
+            json!({"period": period_id(0), "repair": true}),
+        )
+        .await;
+    assert_eq!(repaired.status, 200, "{:?}", repaired.body);
+    app.flush().await;
+    assert_eq!(
+        pg_row(&app, user, "ai_generation").await.map(|r| r.0),
+        Some(3)
+    );
+    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    app.flush().await;
+    assert_eq!(
+        pg_row(&app, user, "ai_generation").await.map(|r| r.0),
+        Some(4),
+        "counts after the repair flush as usual"
+    );
 }
