@@ -81,7 +81,7 @@ impl App {
         let db = db::lazy_pool(&config.database_url, Some(config.database_timeout()))
             .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
         let flusher = Flusher::new(&store, &db);
-        let state = AppState {
+        let state = AppState::new(http::Shared {
             quota: Quota {
                 store,
                 db,
@@ -102,7 +102,7 @@ impl App {
                 config.request_timeout(),
             )),
             eviction: Arc::new(http::health::EvictionCheck::default()),
-        };
+        });
         Ok(App {
             config,
             state,

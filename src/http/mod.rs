@@ -37,9 +37,28 @@ use crate::quota::Quota;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
 
-/// What every handler shares. Cheap to clone: every field is a handle.
+/// What every handler shares: one pointer, cloned by every layer and handler of every request
+/// (one reference-count increment, however many handles it holds).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// The state of a daemon.
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] points to.
+pub struct Shared {
     /// The quota service.
     pub quota: Quota,
     /// Bearer tokens by scope.
