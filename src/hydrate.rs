@@ -19,7 +19,7 @@
 //! [`WINDOW`], comes before it).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +67,8 @@ pub struct Hydrator {
     queue: mpsc::UnboundedSender<Waiter>,
     /// Postgres statements sent (one per batch), for tests and the bench.
     queries: Arc<AtomicU64>,
+    /// Loads asked for and not answered yet.
+    waiting: Arc<AtomicUsize>,
 }
 
 /// What every batch needs.
@@ -97,13 +99,18 @@ impl Hydrator {
             queries: queries.clone(),
         });
         tokio::spawn(gather(loader, waiting));
-        Hydrator { queue, queries }
+        Hydrator {
+            queue,
+            queries,
+            waiting: Arc::default(),
+        }
     }
 
     /// Loads (user, period) from Postgres into Redis unless it is loaded already. `true` when
     /// this call's load filled the counter (at most one of the calls for the same counter in a
     /// batch); `false` when another had loaded it.
     pub async fn load(&self, keys: &UserKeys, period: Period) -> Result<bool, LoadError> {
+        let _waiting = Waiting::count(&self.waiting);
         let (reply, answer) = oneshot::channel();
         let waiter = Waiter {
             keys: keys.clone(),
@@ -122,6 +129,27 @@ impl Hydrator {
     /// Postgres statements sent so far (one per batch).
     pub fn queries(&self) -> u64 {
         self.queries.load(Ordering::Relaxed)
+    }
+
+    /// Loads asked for and not answered yet (nor given up on by their callers).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// One load counted in [`Hydrator::waiting`] while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(n: &'a AtomicUsize) -> Waiting<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
