@@ -7,6 +7,10 @@
 #   deploy/bench.sh -c 50 --runs 3 --refused             # refused (near-cache) beside allowed
 #   deploy/bench.sh -c 50 --users 1000000 --preload      # growth: a million users, loaded straight into Redis
 #   deploy/bench.sh --memory --users 1000000             # Redis bytes per active (user, month)
+#   deploy/bench.sh -c 50 --users 1000000 --first-use --seed  # first requests, beside the seed design
+#   deploy/bench.sh -c 50 --recovery --runs 3            # back to the hot rate after a FLUSHALL
+# QUOTAD_BIN=path runs that daemon instead of this tree's (an older build, to compare), with this
+# tree's load generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/ensure-services.sh
@@ -23,7 +27,7 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --d
 redis_pid=$!
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
 export QUOTAD_DATABASE_URL="$pg/$db" QUOTAD_REDIS_URL="redis://127.0.0.1:$redis_port" QUOTAD_KEY_PREFIX="bench$$"
-QUOTAD_LISTEN="127.0.0.1:$port" QUOTAD_LOG=warn "$bin/quotad" serve &
+QUOTAD_LISTEN="127.0.0.1:$port" QUOTAD_LOG=warn "${QUOTAD_BIN:-$bin/quotad}" serve &
 pid=$!
 cleanup() {
   kill "$pid" 2>/dev/null || true

@@ -22,6 +22,7 @@ use crate::flusher::{Drained, Flusher};
 use crate::http::health::Policy;
 use crate::http::ui::LinkSigner;
 use crate::http::{self, AppState, Tokens};
+use crate::hydrate::Hydrator;
 use crate::metrics as m;
 use crate::plans::PlanBook;
 use crate::quota::Quota;
@@ -83,6 +84,12 @@ impl App {
         let flusher = Flusher::new(&store, &db);
         let state = AppState::new(http::Shared {
             quota: Quota {
+                hydrator: Hydrator::new(
+                    db.clone(),
+                    store.clone(),
+                    config.database_timeout(),
+                    clock.clone(),
+                ),
                 store,
                 db,
                 db_timeout: config.database_timeout(),

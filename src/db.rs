@@ -147,6 +147,65 @@ pub async fn snapshot(db: &PgPool, user: Uuid, period: Period) -> Result<Snapsho
     Ok(snap)
 }
 
+/// [`snapshot`] for many (user, period) pairs in one statement (the pairs go as two arrays
+/// through `UNNEST`). Returns one entry per pair, in order: its snapshot, or the error decoding
+/// one of its rows, so a row that cannot be read fails its own pair only. The outer error is the
+/// statement's: then no pair has an answer.
+pub async fn snapshots(
+    db: &PgPool,
+    pairs: &[(Uuid, Period)],
+) -> Result<Vec<Result<Snapshot, sqlx::Error>>, sqlx::Error> {
+    use sqlx::Row;
+    let users: Vec<Uuid> = pairs.iter().map(|(u, _)| *u).collect();
+    let starts: Vec<DateTime<Utc>> = pairs.iter().map(|(_, p)| p.start()).collect();
+    // One row per (pair, type) Postgres holds, or one with a NULL type for a pair it has none
+    // of; each with the user's plan (NULL when none is stored).
+    let rows = sqlx::query(
+        r#"SELECT w.i, t.type, COALESCE(t.count, 0) AS count, t.version,
+                  COALESCE(t.metadata, '{}'::jsonb) AS metadata, p.plan, p.version AS plan_version
+           FROM UNNEST($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS w(u, ps, i)
+           LEFT JOIN usage_tracking t ON t.user_id = w.u AND t.period_start = w.ps
+           LEFT JOIN user_plans p ON p.user_id = w.u"#,
+    )
+    .bind(&users)
+    .bind(&starts)
+    .fetch_all(db)
+    .await?;
+    let mut snaps: Vec<Result<Snapshot, sqlx::Error>> =
+        pairs.iter().map(|_| Ok(Snapshot::default())).collect();
+    for row in rows {
+        let i: i64 = row.try_get("i")?;
+        let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| snaps.get_mut(i)) else {
+            continue;
+        };
+        let Ok(snap) = slot else { continue };
+        let read = || -> Result<_, sqlx::Error> {
+            Ok((
+                row.try_get::<Option<String>, _>("type")?,
+                row.try_get::<i64, _>("count")?,
+                row.try_get::<Option<i64>, _>("version")?,
+                row.try_get::<serde_json::Value, _>("metadata")?,
+                row.try_get::<Option<String>, _>("plan")?,
+                row.try_get::<Option<i64>, _>("plan_version")?,
+            ))
+        };
+        match read() {
+            Ok((ty, count, version, metadata, plan, plan_version)) => {
+                if let (Some(plan), Some(pv)) = (plan, plan_version) {
+                    snap.plan = Some((plan, pv));
+                }
+                if let Some(ty) = ty {
+                    snap.version = snap.version.max(version.unwrap_or(0));
+                    snap.fields
+                        .extend(CounterHash::row_fields(&ty, count, metadata, true));
+                }
+            }
+            Err(e) => *slot = Err(e),
+        }
+    }
+    Ok(snaps)
+}
+
 /// Every row of `period` (user, type, count, version): what reconcile compares Redis with.
 pub async fn period_totals(
     db: &PgPool,

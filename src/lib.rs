@@ -14,6 +14,7 @@
 //! - [`store`]: Redis keys and the Lua scripts in `lua/`.
 //! - [`db`]: Postgres queries and migrations.
 //! - [`quota`]: decisions in domain terms, with hydration and fail policies.
+//! - [`hydrate`]: counters Redis does not hold, loaded from Postgres in batches.
 //! - [`refusals`]: the near-cache of refusals and its pub/sub invalidation.
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`http`]: the v1 API.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod flusher;
 pub mod http;
+pub mod hydrate;
 pub mod metrics;
 pub mod period;
 pub mod plans;

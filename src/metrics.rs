@@ -19,6 +19,10 @@ pub const REDIS_SCRIPT_SECONDS: &str = "quotad_redis_script_duration_seconds";
 pub const REDIS_ERRORS: &str = "quotad_redis_errors_total";
 /// Counters loaded from Postgres into Redis.
 pub const HYDRATIONS: &str = "quotad_hydrations_total";
+/// Batches of counter loads: each one Postgres statement and one Redis pipeline.
+pub const HYDRATE_BATCHES: &str = "quotad_hydrate_batches_total";
+/// Distinct counters loaded per batch.
+pub const HYDRATE_BATCH_COUNTERS: &str = "quotad_hydrate_batch_counters";
 /// Postgres rows written by the flusher.
 pub const FLUSH_ROWS: &str = "quotad_flush_rows_total";
 /// Failed flusher passes.
@@ -56,6 +60,9 @@ const LATENCY_BUCKETS: [f64; 16] = [
     0.1, 0.25, 0.5, 1.0,
 ];
 
+/// Batch-size buckets, in counters: powers of two up to the largest batch.
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// Installs the global recorder once per process and returns its handle (tests start many apps
 /// in one process; they share it).
 pub fn install() -> PrometheusHandle {
@@ -64,6 +71,11 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(HYDRATE_BATCH_COUNTERS.into()),
+                    &BATCH_BUCKETS,
+                )
                 .expect("buckets are not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
@@ -86,6 +98,14 @@ fn describe() {
         "Redis time of one decision."
     );
     metrics::describe_counter!(HYDRATIONS, "Counters loaded from Postgres into Redis.");
+    metrics::describe_counter!(
+        HYDRATE_BATCHES,
+        "Batches of counter loads (one Postgres statement and one Redis pipeline each)."
+    );
+    metrics::describe_histogram!(
+        HYDRATE_BATCH_COUNTERS,
+        "Distinct counters loaded per batch."
+    );
     metrics::describe_counter!(REDIS_ERRORS, "Failed Redis calls by kind.");
     metrics::describe_counter!(
         NEAR_LIMIT,

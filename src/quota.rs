@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::db;
+use crate::hydrate::{Hydrator, LoadError};
 use crate::metrics as m;
 use crate::period::{Period, PeriodKind};
 use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
@@ -211,6 +212,15 @@ impl From<sqlx::Error> for Fault {
     }
 }
 
+impl From<LoadError> for Fault {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Db(e) => Fault::Db(e),
+            LoadError::Redis(e) => Fault::Redis(e),
+        }
+    }
+}
+
 impl From<Fault> for QuotaError {
     fn from(f: Fault) -> Self {
         match f {
@@ -247,6 +257,8 @@ pub struct Quota {
     pub clock: Arc<dyn Clock>,
     /// Refusals answered from memory until something could change them.
     pub refusals: Refusals,
+    /// Loads counters Redis does not hold from Postgres, many at once.
+    pub hydrator: Hydrator,
 }
 
 impl Quota {
@@ -476,14 +488,8 @@ impl Quota {
 
     /// Loads (user, period) from Postgres into Redis unless another caller already did.
     async fn hydrate(&self, keys: &UserKeys, period: Period) -> Result<(), Fault> {
-        let user = keys.user();
-        let snap = db::within(self.db_timeout, db::snapshot(&self.db, user, period)).await?;
-        if self
-            .store
-            .hydrate(keys, period, &snap, self.clock.now())
-            .await?
-        {
-            self.refusals.forget(&user);
+        if self.hydrator.load(keys, period).await? {
+            self.refusals.forget(&keys.user());
             metrics::counter!(m::HYDRATIONS).increment(1);
         }
         Ok(())

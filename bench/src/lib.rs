@@ -11,6 +11,7 @@
 //! original design: per request a `SELECT` of the count and a call of `increment_usage()` in
 //! Postgres (made in a scratch schema, dropped afterwards).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,7 @@ use quotad::plans::Plans;
 use quotad::store::{CountCall, Mode, RedisStore};
 
 mod cost;
+mod recovery;
 mod redis_side;
 
 pub use cost::Cost;
@@ -102,6 +104,17 @@ pub struct BenchArgs {
     /// users (no quotad needed).
     #[arg(long)]
     pub memory: bool,
+    /// Measure first requests: no warm-up, and every request of every run is its user's first
+    /// (users are taken once each, across runs), so each one loads its counter from Postgres.
+    /// Needs `--users` above the requests made (a million is plenty on one machine).
+    #[arg(long)]
+    pub first_use: bool,
+    /// Measure the recovery after a Redis restart without persistence: a closed loop on warm
+    /// users for `--duration` seconds (the hot figure), then `FLUSHALL` on `--redis-url`, then
+    /// the time until the rate, sampled per 100 ms, is back to 90 % of the hot figure. Only on a
+    /// Redis of the bench's own (deploy/bench.sh's): it empties it.
+    #[arg(long)]
+    pub recovery: bool,
     /// Postgres for `--seed`.
     #[arg(
         long,
@@ -186,6 +199,9 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         .ok_or("--url must start with http://")?
         .trim_end_matches('/')
         .to_owned();
+    if args.recovery {
+        return recovery::run(args, &addr).await;
+    }
     let users: Arc<Vec<Uuid>> = Arc::new((0..args.users.max(1)).map(|_| Uuid::new_v4()).collect());
     let load = match args.rate {
         Some(r) => format!("open loop at {r:.0} req/s"),
@@ -211,7 +227,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         redis_side::preload(&args.redis_url, &args.key_prefix, &users, last_month, at).await?;
     } else if args.preload {
         redis_side::preload(&args.redis_url, &args.key_prefix, &users, this_month, now).await?;
-    } else if !args.no_warmup {
+    } else if !args.no_warmup && !args.first_use {
         let started = Instant::now();
         send_all(&addr, args, requests.clone(), 200).await?;
         println!(
@@ -259,17 +275,34 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
     if !probe.sees_quotad() {
         println!("  (quotad at {addr} is not a process of this machine: its CPU is not read)");
     }
+    // --first-use: the next user never asked for yet, shared by every client of every run.
+    let cursor = args.first_use.then(|| Arc::new(AtomicUsize::new(0)));
     let mut runs: Vec<Vec<Figures>> = Vec::new();
     let outcome = async {
         for run in 1..=args.runs.max(1) {
             if args.runs > 1 {
                 println!("run {run}/{}:", args.runs);
             }
+            let name = match args.first_use {
+                true => "quotad HTTP consume, first use",
+                false => "quotad HTTP consume",
+            };
             let mut figures = vec![
-                measure("quotad HTTP consume", args, &probe, {
-                    let (addr, token, requests) =
-                        (addr.clone(), args.token.clone(), requests.clone());
-                    move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
+                measure(name, args, &probe, {
+                    let (addr, token, requests, cursor) = (
+                        addr.clone(),
+                        args.token.clone(),
+                        requests.clone(),
+                        cursor.clone(),
+                    );
+                    move |_| {
+                        let client =
+                            HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200);
+                        match &cursor {
+                            Some(c) => HttpClient::taking_each_once(client, c.clone()),
+                            None => client,
+                        }
+                    }
                 })
                 .await?,
             ];
@@ -552,6 +585,9 @@ struct HttpClient {
     auth: Option<HeaderValue>,
     /// The status that counts as answered as expected.
     expect: u16,
+    /// Set: each call takes the next request from it instead of request `n`, and no request
+    /// is sent twice (`--first-use`).
+    cursor: Option<Arc<AtomicUsize>>,
 }
 
 impl HttpClient {
@@ -581,14 +617,33 @@ impl HttpClient {
                 host,
                 auth,
                 expect,
+                cursor: None,
             })
+        })
+    }
+
+    /// The client `made` will be, taking requests from `cursor`, each once.
+    fn taking_each_once(made: BoxFut<HttpClient>, cursor: Arc<AtomicUsize>) -> BoxFut<HttpClient> {
+        Box::pin(async move {
+            let mut client = made.await?;
+            client.cursor = Some(cursor);
+            Ok(client)
         })
     }
 }
 
 impl Client for HttpClient {
     async fn call(&mut self, n: usize) -> Result<bool, String> {
-        let call = &self.requests[n % self.requests.len()];
+        let n = match &self.cursor {
+            None => n % self.requests.len(),
+            Some(c) => c.fetch_add(1, Ordering::Relaxed),
+        };
+        let call = self.requests.get(n).ok_or_else(|| {
+            format!(
+                "--first-use took all {} users; give more with --users",
+                self.requests.len()
+            )
+        })?;
         let mut request = hyper::Request::post(call.path)
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -188,8 +188,10 @@ impl RedisStore {
             .await
     }
 
-    /// Sends a pipeline, one round trip. Pipelines carry no script that includes `common.lua`
-    /// (only reads, `ZREM`s and `lua/unmark.lua`, which can do no harm when run late).
+    /// Sends a pipeline, one round trip, unarmed: for pipelines that carry no script that
+    /// includes `common.lua` (reads, `ZREM`s and `lua/unmark.lua`, which can do no harm when run
+    /// late). The one pipeline of such scripts, [`Self::hydrate_many`]'s, arms each script and
+    /// waits for its own deadline.
     pub(super) async fn run_pipe<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,

@@ -493,6 +493,37 @@ impl RedisStore {
         Ok(filled == 1)
     }
 
+    /// [`Self::hydrate`] for many counters in one round trip: one pipeline of hydrate scripts,
+    /// each armed with its deadline, so one that Redis runs late does nothing, as alone. The
+    /// outer error is the pipeline's (no answer, a lost connection: every counter failed alike);
+    /// inside, each counter's own outcome, so a script that fails fails only its counter.
+    pub async fn hydrate_many(
+        &self,
+        loads: &[(&UserKeys, Period, &Snapshot)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        let mut pipe = redis::pipe();
+        // A pipeline cannot retry on NOSCRIPT (a restarted Redis has no scripts), so it loads
+        // the script first: one command per batch, cheap once loaded.
+        pipe.load_script(&scripts::HYDRATE).ignore();
+        let mut until = tokio::time::Instant::now();
+        for (keys, period, snap) in loads {
+            let mut inv = self.hydrate_invocation(keys, *period, snap, now);
+            until = self.arm(&mut inv);
+            pipe.invoke_script(&inv);
+        }
+        // Each script's reply stands alone: a failed one does not fail the others.
+        pipe.ignore_errors();
+        let pipe = &pipe;
+        let replies: Vec<redis::RedisResult<i64>> = self
+            .with_retry(until, |mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| self.settle(Some(r.map(|filled| filled == 1))))
+            .collect())
+    }
+
     /// Write a user's plan (with its Postgres version) into the counter hashes of `periods` (those
     /// in force now: created if missing), and of `adjacent` (the months next to the current one:
     /// written only if they exist, so a plan change just before midnight reaches a next month

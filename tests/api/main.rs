@@ -6,6 +6,7 @@ mod durability;
 mod errors;
 mod faults;
 mod flusher;
+mod hydration;
 mod idempotency;
 mod inputs;
 mod model;

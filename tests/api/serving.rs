@@ -23,7 +23,7 @@ async fn lock_usage_table(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Pos
     tx
 }
 
-/// Waits until `n` sessions of the app's database wait on a lock.
+/// Waits until `n` sessions of the app's database wait on a lock (one per batch of loads).
 async fn wait_for_lock_waiters(app: &TestApp, n: i64) {
     let pool = app.db().await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -74,7 +74,13 @@ async fn past_the_in_flight_cap_a_request_is_refused_at_once_and_served_once_the
             })
         })
         .collect();
-    wait_for_lock_waiters(&app, 2).await;
+    // Both wait on their loads, which go to Postgres together or one after the other.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.state.quota.hydrator.waiting() < 2 {
+        assert!(Instant::now() < deadline, "the two requests did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for_lock_waiters(&app, 1).await;
 
     let sent = Instant::now();
     let shed = app.consume(Uuid::new_v4(), "ai_generation").await;
