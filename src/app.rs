@@ -4,6 +4,7 @@
 //! once, while a task creates and migrates the database and waits for Redis with backoff; `/v1`
 //! answers 503 and `/readyz` stays unready until both answer.
 
+mod background;
 mod serve;
 mod supervise;
 
@@ -28,6 +29,7 @@ use crate::plans::PlanBook;
 use crate::quota::Quota;
 use crate::refusals::Refusals;
 use crate::store::RedisStore;
+use background::Background;
 use supervise::supervise;
 
 /// Why the daemon could not run.
@@ -156,11 +158,14 @@ impl App {
                 let quota = state.quota.clone();
                 move |_| reload_on_sighup(quota.clone())
             }),
+        ];
+        let background = Background::start("quotad-flusher")?;
+        tasks.push(background.enter(|| {
             supervise("flusher", stopped.clone(), {
                 let (flusher, interval) = (flusher.clone(), config.flush_interval());
                 move |stop| flusher.clone().run(interval, stop)
-            }),
-        ];
+            })
+        }));
         if state.quota.refusals.enabled() {
             let (refusals, client, channel) = (
                 state.quota.refusals.clone(),
@@ -202,7 +207,9 @@ impl App {
 
         // Everything counted is in Redis; write what Postgres does not have yet.
         let drained = if state.ready.load(Ordering::Acquire) {
-            flusher.drain(bound.saturating_sub(began.elapsed())).await
+            let left = bound.saturating_sub(began.elapsed());
+            let drain = background.run(async move { flusher.drain(left).await });
+            drain.await.unwrap_or(Drained::Unknown)
         } else {
             Drained::All
         };
