@@ -1,21 +1,17 @@
-//! A thread of its own for the flusher: a single-threaded Tokio runtime at a lower scheduling
-//! priority (nice +10).
+//! A thread of its own for the flusher: a single-threaded Tokio runtime.
 //!
 //! A flusher pass parses thousands of counter hashes and builds multi-row upserts; on the request
 //! runtime that work holds a worker thread between two await points, and every request queued on
 //! that worker waits behind it (at a constant 6,000 req/s on two cores the p99 was ten times what
 //! it is with the flusher idle). On a thread of its own the kernel's scheduler interleaves it with
-//! the request workers at a far finer grain, and the lower priority lets a request worker that
-//! wakes up run first. The runtime lives until the daemon has drained, so the flusher's
+//! the request workers at a far finer grain. (It keeps the default priority: at nice +10 a
+//! saturated machine starved it, and the flush lag under full load passed 2 s.) The runtime lives until the daemon has drained, so the flusher's
 //! connections (created on it) outlive every use.
 
 use std::future::Future;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-
-/// The nice value of the flusher's thread: below the request workers' (0), above idle.
-const NICE: i32 = 10;
 
 /// A runtime on a thread of its own; stops when dropped.
 pub struct Background {
@@ -36,7 +32,6 @@ impl Background {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                lower_priority();
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
@@ -72,22 +67,5 @@ impl Drop for Background {
             // Dropping the runtime cancels what still runs on it; that takes no time to speak of.
             let _ = thread.join();
         }
-    }
-}
-
-/// Lowers the calling thread's scheduling priority to [`NICE`]. Best effort: a thread that cannot
-/// (a restricted container) keeps the default and says so.
-fn lower_priority() {
-    // SAFETY: gettid and setpriority take no pointers; on Linux, PRIO_PROCESS with a thread id
-    // sets that thread's nice value alone.
-    let set = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, NICE)
-    };
-    if set != 0 {
-        tracing::warn!(
-            error.message = %std::io::Error::last_os_error(),
-            "could not lower the flusher thread's priority; it runs at the default"
-        );
     }
 }
