@@ -27,11 +27,8 @@ use crate::metrics as m;
 use crate::period::Period;
 use crate::store::{CounterHash, DirtyMember, RedisStore, StoreError, BUCKETS};
 
-/// Buckets scanned per batch at full pace: one pipeline, one upsert, one unmark pipeline each.
+/// Buckets scanned per batch: one pipeline, one upsert, one unmark pipeline each.
 const BUCKETS_PER_BATCH: u16 = 128;
-/// Buckets per batch at the gentle pace: smaller statements, so no single upsert or pipeline
-/// holds Redis, Postgres or a core for long while requests wait behind it.
-const GENTLE_BUCKETS_PER_BATCH: u16 = 16;
 /// Oldest members taken from each bucket's dirty set per batch.
 const MEMBERS_PER_BUCKET: usize = 128;
 /// Batches in flight at once: one waits on Postgres while the next reads Redis. They cover
@@ -96,39 +93,19 @@ pub enum Drained {
 pub enum Pace {
     /// Every batch as fast as it goes, several in flight: for catching up, and for shutdown.
     Full,
-    /// Small batches, one at a time, spread evenly over `within` (half the flush interval): each
-    /// batch starts on its own slot and is followed by a pause at least as long as it took. A
-    /// pass that keeps up leaves at least half the machine to the requests it shares it with,
-    /// and its work comes in short pieces instead of one burst that requests queue behind.
-    Gentle {
-        /// How long the pass may spread over.
-        within: Duration,
-    },
+    /// One batch at a time, each followed by a pause as long as it took, so a pass that keeps
+    /// up leaves half the machine to the requests it shares it with.
+    Gentle,
 }
 
 impl Pace {
     /// The pace of the next pass: full while behind (work left over, or a pass that took more
-    /// than half the interval), else gentle over half the interval.
+    /// than half the interval), else gentle.
     fn after(out: &FlushOutcome, took: Duration, interval: Duration) -> Pace {
         if out.more || took > interval / 2 {
             Pace::Full
         } else {
-            Pace::Gentle {
-                within: interval / 2,
-            }
-        }
-    }
-
-    /// Buckets per batch, batches in flight at once, and the slot each batch starts on (zero:
-    /// as soon as the last is done).
-    fn shape(self) -> (u16, usize, Duration) {
-        match self {
-            Pace::Full => (BUCKETS_PER_BATCH, BATCHES_IN_FLIGHT, Duration::ZERO),
-            Pace::Gentle { within } => (
-                GENTLE_BUCKETS_PER_BATCH,
-                1,
-                within / u32::from(BUCKETS / GENTLE_BUCKETS_PER_BATCH),
-            ),
+            Pace::Gentle
         }
     }
 }
@@ -187,19 +164,22 @@ impl Flusher {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let (width, in_flight, slot) = pace.shape();
-        let mut batches = futures_util::stream::iter((0..BUCKETS).step_by(width as usize).map(
-            |start| async move {
-                let started = Instant::now();
-                let b = self.batch(start..start + width, now_ms).await?;
-                if matches!(pace, Pace::Gentle { .. }) && b.counters > 0 {
-                    let took = started.elapsed();
-                    tokio::time::sleep(took.max(slot.saturating_sub(took))).await;
-                }
-                Ok::<_, FlushError>(b)
-            },
-        ))
-        .buffer_unordered(in_flight);
+        let in_flight = match pace {
+            Pace::Full => BATCHES_IN_FLIGHT,
+            Pace::Gentle => 1,
+        };
+        let mut batches =
+            futures_util::stream::iter((0..BUCKETS).step_by(BUCKETS_PER_BATCH as usize).map(
+                |start| async move {
+                    let started = Instant::now();
+                    let b = self.batch(start, now_ms).await?;
+                    if pace == Pace::Gentle && b.counters > 0 {
+                        tokio::time::sleep(started.elapsed()).await;
+                    }
+                    Ok::<_, FlushError>(b)
+                },
+            ))
+            .buffer_unordered(in_flight);
         let mut out = FlushOutcome::default();
         while let Some(batch) = batches.next().await {
             let b = batch?;
@@ -216,13 +196,12 @@ impl Flusher {
     }
 
     /// One group of buckets: read the oldest dirty counters, upsert them, unmark them.
-    async fn batch(
-        &self,
-        buckets: std::ops::Range<u16>,
-        now_ms: i64,
-    ) -> Result<FlushOutcome, FlushError> {
+    async fn batch(&self, start: u16, now_ms: i64) -> Result<FlushOutcome, FlushError> {
         let mut out = FlushOutcome::default();
-        let scan = self.store.scan_dirty(buckets, MEMBERS_PER_BUCKET).await?;
+        let scan = self
+            .store
+            .scan_dirty(start..start + BUCKETS_PER_BATCH, MEMBERS_PER_BUCKET)
+            .await?;
         out.backlog = scan.backlog;
         self.store.drop_garbage(&scan.garbage).await?;
         if scan.members.is_empty() {
@@ -398,9 +377,7 @@ impl Flusher {
     pub async fn run(self, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mut next = tokio::time::Instant::now() + interval;
         let mut backoff = interval;
-        let mut pace = Pace::Gentle {
-            within: interval / 2,
-        };
+        let mut pace = Pace::Gentle;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
@@ -495,9 +472,7 @@ mod tests {
         };
         assert_eq!(
             Pace::after(&kept_up, Duration::from_millis(200), second),
-            Pace::Gentle {
-                within: Duration::from_millis(500)
-            }
+            Pace::Gentle
         );
         assert_eq!(
             Pace::after(&kept_up, Duration::from_millis(600), second),
@@ -507,17 +482,5 @@ mod tests {
             Pace::after(&left_work, Duration::from_millis(10), second),
             Pace::Full
         );
-    }
-
-    #[test]
-    fn a_gentle_pass_is_small_batches_one_at_a_time_on_even_slots_over_half_the_interval() {
-        let (width, in_flight, slot) = Pace::Gentle {
-            within: Duration::from_millis(500),
-        }
-        .shape();
-        let batches = u32::from(BUCKETS / width);
-        assert_eq!((in_flight, slot * batches), (1, Duration::from_millis(500)));
-        assert!(width < BUCKETS_PER_BATCH);
-        assert_eq!(Pace::Full.shape().2, Duration::ZERO);
     }
 }
