@@ -580,3 +580,55 @@ async fn after_a_postgres_restart_loads_and_flushes_work_at_once() {
         (Some(&2), Some(&1))
     );
 }
+
+/// The names of this process' threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+/// The flusher's passes run on a thread of their own (so they never hold a request worker), and
+/// that thread lives exactly as long as the daemon: it flushes while serving, drains at the stop,
+/// and is gone once the daemon has returned.
+#[tokio::test]
+async fn the_flusher_runs_on_a_thread_of_its_own_from_start_to_drain() {
+    let mut app = TestApp::spawn_with(Options {
+        flush_interval_ms: 50,
+        ..Options::default()
+    })
+    .await;
+    assert!(
+        thread_names().iter().any(|n| n == "quotad-flusher"),
+        "{:?}",
+        thread_names()
+    );
+    let user = Uuid::new_v4();
+    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while postgres_totals(&db_url(&app), "ai_generation")
+        .await
+        .get(&user)
+        != Some(&1)
+    {
+        assert!(Instant::now() < deadline, "no pass wrote the count in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Counted just before the stop: the drain, run on the flusher's thread, writes it.
+    assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    app.stop().await.expect("a clean stop");
+    assert_eq!(
+        postgres_totals(&db_url(&app), "ai_generation")
+            .await
+            .get(&user),
+        Some(&2)
+    );
+    assert!(
+        !thread_names().iter().any(|n| n == "quotad-flusher"),
+        "{:?}",
+        thread_names()
+    );
+}
