@@ -589,9 +589,9 @@ impl Quota {
             if missing.is_empty() {
                 break;
             }
-            for p in missing {
-                self.hydrate(&keys, p).await?;
-            }
+            // Asked for together, so the loads share one batch (one Postgres statement).
+            futures_util::future::try_join_all(missing.iter().map(|p| self.hydrate(&keys, *p)))
+                .await?;
             maps = self.store.read_counters(&keys, &periods).await?;
         }
         // Every hash carries the plan; the one written by the newest plan change wins.

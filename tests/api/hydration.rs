@@ -172,3 +172,31 @@ async fn with_postgres_hung_every_waiter_of_a_batch_gets_its_own_fail_policy_in_
     let after = app.consume(Uuid::new_v4(), "kb_file").await;
     assert_eq!((after.status, &after.body["used"]), (200, &json!(1)));
 }
+
+#[tokio::test]
+async fn a_usage_read_loads_all_its_missing_periods_with_one_postgres_statement() {
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    let user = Uuid::new_v4();
+    earlier_total(&db, user, 7).await;
+    sqlx::query(
+        "INSERT INTO usage_tracking (user_id, type, count, period_start, period_end, version)
+         VALUES ($1, 'kb_file', 12, '1970-01-01T00:00:00Z', NULL, 2)",
+    )
+    .bind(user)
+    .execute(&db)
+    .await
+    .unwrap();
+    let before = app.state.quota.hydrator.queries();
+
+    let usage = app.get(&format!("/v1/users/{user}/usage")).await;
+
+    assert_eq!(usage.status, 200, "{:?}", usage.body);
+    assert_eq!(
+        app.state.quota.hydrator.queries() - before,
+        1,
+        "the month and the lifetime counter load together"
+    );
+    assert_eq!(app.used(user, "ai_generation").await, 7);
+    assert_eq!(app.used(user, "kb_file").await, 12);
+}
