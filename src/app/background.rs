@@ -5,8 +5,9 @@
 //! that worker waits behind it (at a constant 6,000 req/s on two cores the p99 was ten times what
 //! it is with the flusher idle). On a thread of its own the kernel's scheduler interleaves it with
 //! the request workers at a far finer grain. (It keeps the default priority: at nice +10 a
-//! saturated machine starved it, and the flush lag under full load passed 2 s.) The runtime lives until the daemon has drained, so the flusher's
-//! connections (created on it) outlive every use.
+//! saturated machine starved it, and the flush lag under full load passed 2 s.) The runtime
+//! lives until the daemon has drained, so the flusher's connections (created on it) outlive
+//! every use.
 
 use std::future::Future;
 
