@@ -239,13 +239,13 @@ impl Loader {
                             let mut first = filled;
                             answer_all(waiters, || Ok(std::mem::take(&mut first)));
                         }
-                        Err(e) => answer_all(waiters, || Err(LoadError::Redis(copy_store(&e)))),
+                        Err(e) => answer_all(waiters, || Err(LoadError::Redis(e.clone()))),
                     }
                 }
             }
             Err(e) => {
                 for (waiters, _) in loaded {
-                    answer_all(waiters, || Err(LoadError::Redis(copy_store(&e))));
+                    answer_all(waiters, || Err(LoadError::Redis(e.clone())));
                 }
             }
         }
@@ -269,17 +269,5 @@ fn copy_of(e: &sqlx::Error) -> sqlx::Error {
         sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
         sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
         other => sqlx::Error::Protocol(other.to_string()),
-    }
-}
-
-/// The same Redis failure for another waiter of the batch.
-fn copy_store(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
-        StoreError::Refused { reason, detail } => StoreError::Refused {
-            reason,
-            detail: detail.clone(),
-        },
-        StoreError::Redis(r) => StoreError::Redis(r.clone()),
     }
 }

@@ -73,7 +73,7 @@ pub const EMPTY_LIFETIME_TTL_SECS: u64 = 24 * 3600;
 pub const SKEW_MARGIN_MS: i64 = 60_000;
 
 /// Why a Redis call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Redis did not answer in time, could not be reached, or ran a script only after the
     /// call's deadline (and so refused it): the fail policy decides.

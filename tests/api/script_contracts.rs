@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{month_start, period_id, Options, PrivateRedis, TestApp};
+use crate::performance::commandstats;
 
 fn month(n: i32) -> Period {
     Period::current(PeriodKind::Month, month_start(n))
@@ -643,16 +644,13 @@ async fn a_plan_change_just_before_midnight_reaches_the_next_months_hash() {
     assert!(!exists(&after, &previous).await);
 }
 
-/// How many times Redis ran `command` (from `INFO commandstats`; scripts' calls included).
-async fn calls(redis_server: &PrivateRedis, command: &str) -> u64 {
-    let stats: String = redis_server
-        .call(&["INFO", "commandstats"])
+/// How many times Redis ran `command` (scripts' calls included).
+async fn calls(app: &TestApp, command: &str) -> u64 {
+    commandstats(&mut app.redis().await)
         .await
-        .expect("INFO commandstats");
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+        .get(command)
+        .copied()
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -673,11 +671,7 @@ async fn a_counter_is_marked_dirty_on_its_first_change_after_a_flush_and_the_flu
     }
     assert!(is_dirty(&app, user, period).await);
     assert_eq!(hget(&app, &key, "x:dirty").await.as_deref(), Some("1"));
-    assert_eq!(
-        calls(&redis_server, "zadd").await,
-        1,
-        "five counts, one mark"
-    );
+    assert_eq!(calls(&app, "zadd").await, 1, "five counts, one mark");
 
     app.flush().await;
     assert!(!is_dirty(&app, user, period).await);
@@ -690,7 +684,7 @@ async fn a_counter_is_marked_dirty_on_its_first_change_after_a_flush_and_the_flu
     assert_eq!(app.consume(user, "ai_generation").await.status, 200);
     assert!(is_dirty(&app, user, period).await);
     assert_eq!(hget(&app, &key, "x:dirty").await.as_deref(), Some("1"));
-    assert_eq!(calls(&redis_server, "zadd").await, 2);
+    assert_eq!(calls(&app, "zadd").await, 2);
     app.flush().await;
     assert_eq!(
         pg_row(&app, user, "ai_generation").await.map(|r| r.0),
@@ -727,9 +721,14 @@ async fn counts_left_unflushed_by_a_dirty_set_deleted_by_hand_are_found_and_repa
         .post("/v1/admin/reconcile", json!({"period": period_id(0)}))
         .await;
     assert_eq!(report.status, 200, "{:?}", report.body);
-    let drift = report.body["drift"].as_array().unwrap().clone();
-    assert!(
-        drift.iter().any(|d| d["user_id"] == json!(user)),
+    assert_eq!(
+        report.body["drift"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["user_id"].clone(), d["kind"].clone()))
+            .collect::<Vec<_>>(),
+        vec![(json!(user), json!("different"))],
         "{:?}",
         report.body
     );
@@ -752,4 +751,46 @@ async fn counts_left_unflushed_by_a_dirty_set_deleted_by_hand_are_found_and_repa
         Some(4),
         "counts after the repair flush as usual"
     );
+}
+
+/// Counts are whole numbers below 2^53 (where a script's numbers stop being exact), written in
+/// full digits: a count that would reach 2^53, or a stored one already there (corrupt data), stops
+/// the call before it writes anything.
+#[tokio::test]
+async fn counts_near_2_pow_53_are_written_exactly_and_one_that_would_reach_it_is_refused() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let key = app.state.quota.store.keys(user).counter(month(0));
+    let track = |amount: u64| {
+        app.post(
+            "/v1/track",
+            json!({"user_id": user, "type": "ai_generation", "amount": amount}),
+        )
+    };
+    assert_eq!(track(1).await.status, 200);
+    app.flush().await;
+
+    hset(&app, &key, "ai_generation", "9007199254740000").await;
+    let near = track(5).await;
+    assert_eq!(near.status, 200, "{:?}", near.body);
+    assert_eq!(
+        hget(&app, &key, "ai_generation").await.as_deref(),
+        Some("9007199254740005"),
+        "full digits, no exponent form"
+    );
+
+    for stored in ["9007199254740991", "9007199254740992"] {
+        hset(&app, &key, "ai_generation", stored).await;
+        let version = hget(&app, &key, "v").await;
+        let a = track(1).await;
+        assert!(a.status >= 500, "{stored}: {:?}", a.body);
+        assert_eq!(
+            (
+                hget(&app, &key, "ai_generation").await.as_deref(),
+                hget(&app, &key, "v").await
+            ),
+            (Some(stored), version),
+            "{stored}: nothing written"
+        );
+    }
 }
