@@ -9,7 +9,10 @@
 //! - **one Postgres statement** reads every (user, period) of the batch ([`db::snapshots`]);
 //!   the same pair asked for twice is read once;
 //! - **one Redis pipeline** of `lua/hydrate.lua` scripts fills them, each script armed with its
-//!   deadline as when sent alone ([`RedisStore::hydrate_many`]).
+//!   deadline as when sent alone ([`RedisStore::hydrate_many`]); a waiter's own call (the
+//!   consume that found the counter missing) rides in the same pipeline right after its fill
+//!   ([`Hydrator::load_then`]), so a first request costs one round trip to Redis after its load
+//!   instead of two.
 //!
 //! Each waiter gets the answer it would have got alone. A failed statement or pipeline fails
 //! every waiter of the batch with that error (each then follows its own type's fail policy); a
@@ -32,7 +35,9 @@ use crate::clock::Clock;
 use crate::db;
 use crate::metrics as m;
 use crate::period::Period;
-use crate::store::{RedisStore, Snapshot, StoreError, UserKeys};
+use deadpool_redis::redis::{self, ScriptInvocation};
+
+use crate::store::{Load, RedisStore, Snapshot, StoreError, UserKeys};
 
 /// How long the first load of a batch waits for others to join it.
 pub const WINDOW: Duration = Duration::from_millis(1);
@@ -56,8 +61,21 @@ struct Waiter {
     period: Period,
     /// When it was asked for: its Postgres deadline runs from here.
     asked: Instant,
+    /// The script to run right after the fill, in the same pipeline (taken by the batch).
+    follow_up: Option<ScriptInvocation<'static>>,
+    /// Whether it came with one.
+    had_follow_up: bool,
+    reply: oneshot::Sender<Result<Loaded, LoadError>>,
+}
+
+/// What one load did.
+#[derive(Debug)]
+pub struct Loaded {
     /// `true` for the one waiter of a (user, period) whose load filled the counter.
-    reply: oneshot::Sender<Result<bool, LoadError>>,
+    pub filled: bool,
+    /// The reply of the waiter's follow-up script; `None` when it had none, or Redis did not run
+    /// it (send it again alone).
+    pub follow_up: Option<Result<redis::Value, StoreError>>,
 }
 
 /// Loads counters from Postgres into Redis in batches (see the module's documentation). A cheap
@@ -110,12 +128,25 @@ impl Hydrator {
     /// this call's load filled the counter (at most one of the calls for the same counter in a
     /// batch); `false` when another had loaded it.
     pub async fn load(&self, keys: &UserKeys, period: Period) -> Result<bool, LoadError> {
+        Ok(self.load_then(keys, period, None).await?.filled)
+    }
+
+    /// [`Self::load`], then `follow_up` (a script for the same user, unarmed) in the same Redis
+    /// pipeline right after the fill: its reply comes back with the load's.
+    pub async fn load_then(
+        &self,
+        keys: &UserKeys,
+        period: Period,
+        follow_up: Option<ScriptInvocation<'static>>,
+    ) -> Result<Loaded, LoadError> {
         let _waiting = Waiting::count(&self.waiting);
         let (reply, answer) = oneshot::channel();
         let waiter = Waiter {
             keys: keys.clone(),
             period,
             asked: Instant::now(),
+            had_follow_up: follow_up.is_some(),
+            follow_up,
             reply,
         };
         if self.queue.send(waiter).is_err() {
@@ -225,19 +256,44 @@ impl Loader {
         if loaded.is_empty() {
             return;
         }
-        let refs: Vec<(&UserKeys, Period, &Snapshot)> = loaded
-            .iter()
-            .map(|(w, snap)| (&w[0].keys, w[0].period, snap))
+        // Each pair's follow-ups go after its fill, in its waiters' order.
+        let mut loads: Vec<Load<'_>> = loaded
+            .iter_mut()
+            .map(|(waiters, snap)| {
+                let follow_ups = waiters
+                    .iter_mut()
+                    .filter_map(|w| w.follow_up.take())
+                    .collect();
+                Load {
+                    keys: &waiters[0].keys,
+                    period: waiters[0].period,
+                    snapshot: snap,
+                    follow_ups,
+                }
+            })
             .collect();
-        let filled = self.store.hydrate_many(&refs, self.clock.now()).await;
+        let filled = self.store.hydrate_many(&mut loads, self.clock.now()).await;
+        drop(loads);
         match filled {
             Ok(outcomes) => {
                 for ((waiters, _), outcome) in loaded.into_iter().zip(outcomes) {
-                    match outcome {
+                    match outcome.filled {
                         Ok(filled) => {
-                            // Only the first waiter of a pair reports the fill.
+                            // Only the first waiter of a pair reports the fill; each waiter
+                            // that sent a follow-up gets its reply, in order.
                             let mut first = filled;
-                            answer_all(waiters, || Ok(std::mem::take(&mut first)));
+                            let mut replies = outcome.follow_ups.into_iter();
+                            for w in waiters {
+                                let follow_up = if w.had_follow_up {
+                                    replies.next().flatten()
+                                } else {
+                                    None
+                                };
+                                let _ = w.reply.send(Ok(Loaded {
+                                    filled: std::mem::take(&mut first),
+                                    follow_up,
+                                }));
+                            }
                         }
                         Err(e) => answer_all(waiters, || Err(LoadError::Redis(e.clone()))),
                     }
@@ -253,7 +309,7 @@ impl Loader {
 }
 
 /// Sends each waiter the answer `answer` makes for it.
-fn answer_all(waiters: Vec<Waiter>, mut answer: impl FnMut() -> Result<bool, LoadError>) {
+fn answer_all(waiters: Vec<Waiter>, mut answer: impl FnMut() -> Result<Loaded, LoadError>) {
     for w in waiters {
         // A waiter that gave up (its request ended) has dropped its receiver: nothing to do.
         let _ = w.reply.send(answer());

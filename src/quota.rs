@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use deadpool_redis::redis::{self, ScriptInvocation};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -18,7 +19,7 @@ use crate::period::{Period, PeriodKind};
 use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
 use crate::refusals::{Refusals, Subject};
 use crate::store::{
-    CountCall, MetaValue, Mode, RedisStore, RefundReply, Status, StoreError, UserKeys,
+    self, CountCall, MetaValue, Mode, RedisStore, RefundReply, Reply, Status, StoreError, UserKeys,
 };
 
 /// How often a call is re-run after loading its counter before it gives up. Two suffice unless
@@ -402,47 +403,61 @@ impl Quota {
     ) -> Result<Decision, Fault> {
         let cacheable = cacheable(action, input);
         let keys = self.store.keys(input.user);
+        // The call, as its script's invocation and the reading of its reply.
+        let invocation = || match action {
+            Action::Check => self.store.check_invocation(
+                &keys,
+                ty,
+                input.amount,
+                period,
+                input.plan.as_deref(),
+                &plans.default_plan,
+                input.idempotency_key.as_deref(),
+            ),
+            Action::Consume | Action::Track => self.store.count_invocation(&CountCall {
+                mode: if action == Action::Consume {
+                    Mode::Consume
+                } else {
+                    Mode::Track
+                },
+                keys: &keys,
+                usage_type: ty,
+                amount: input.amount,
+                period,
+                plan_override: input.plan.as_deref(),
+                default_plan: &plans.default_plan,
+                idempotency_key: input.idempotency_key.as_deref(),
+                metadata: &input.metadata,
+            }),
+        };
+        let read = |raw| match action {
+            Action::Check => store::check_reply(raw, period),
+            Action::Consume | Action::Track => store::count_reply(raw),
+        };
+        // A reply that came back with a load (the call sent again right after the fill, in the
+        // same pipeline), with the refusal-cache ticket taken before it was sent.
+        let mut answered: Option<(Option<u64>, Reply)> = None;
         for _ in 0..HYDRATE_ATTEMPTS {
-            let ticket = if cacheable {
-                self.refusals.ticket()
-            } else {
-                None
-            };
-            let reply = match action {
-                Action::Check => {
-                    self.store
-                        .check(
-                            &keys,
-                            ty,
-                            input.amount,
-                            period,
-                            input.plan.as_deref(),
-                            &plans.default_plan,
-                            input.idempotency_key.as_deref(),
-                        )
-                        .await?
-                }
-                Action::Consume | Action::Track => {
-                    let call = CountCall {
-                        mode: if action == Action::Consume {
-                            Mode::Consume
-                        } else {
-                            Mode::Track
-                        },
-                        keys: &keys,
-                        usage_type: ty,
-                        amount: input.amount,
-                        period,
-                        plan_override: input.plan.as_deref(),
-                        default_plan: &plans.default_plan,
-                        idempotency_key: input.idempotency_key.as_deref(),
-                        metadata: &input.metadata,
+            let (ticket, reply) = match answered.take() {
+                Some(answered) => answered,
+                None => {
+                    let ticket = if cacheable {
+                        self.refusals.ticket()
+                    } else {
+                        None
                     };
-                    self.store.count(&call).await?
+                    (ticket, read(self.store.run(&mut invocation()).await?)?)
                 }
             };
             if reply.status == Status::Hydrate {
-                self.hydrate(&keys, period).await?;
+                let ticket = if cacheable {
+                    self.refusals.ticket()
+                } else {
+                    None
+                };
+                if let Some(raw) = self.hydrate_then(&keys, period, invocation()).await? {
+                    answered = Some((ticket, read(raw?)?));
+                }
                 continue;
             }
             if reply.status == Status::MetaLimit {
@@ -488,11 +503,26 @@ impl Quota {
 
     /// Loads (user, period) from Postgres into Redis unless another caller already did.
     async fn hydrate(&self, keys: &UserKeys, period: Period) -> Result<(), Fault> {
-        if self.hydrator.load(keys, period).await? {
+        self.hydrate_then(keys, period, None).await.map(|_| ())
+    }
+
+    /// [`Self::hydrate`], then `follow_up` (unarmed) right after the fill in the same Redis
+    /// pipeline: its reply, or `None` when it was not run (send it again).
+    async fn hydrate_then(
+        &self,
+        keys: &UserKeys,
+        period: Period,
+        follow_up: impl Into<Option<ScriptInvocation<'static>>>,
+    ) -> Result<Option<Result<redis::Value, StoreError>>, Fault> {
+        let loaded = self
+            .hydrator
+            .load_then(keys, period, follow_up.into())
+            .await?;
+        if loaded.filled {
             self.refusals.forget(&keys.user());
             metrics::counter!(m::HYDRATIONS).increment(1);
         }
-        Ok(())
+        Ok(loaded.follow_up)
     }
 
     /// Gives back the consume or track recorded under `key`, once.

@@ -332,19 +332,44 @@ impl RedisStore {
         inv
     }
 
+    /// Runs a call's script (from [`Self::count_invocation`] or [`Self::check_invocation`]),
+    /// armed with its deadline: its raw reply, for [`count_reply`] or [`check_reply`].
+    pub async fn run(&self, inv: &mut ScriptInvocation<'_>) -> Result<redis::Value, StoreError> {
+        self.run_script(inv).await
+    }
+
     /// Consume or track: one EVALSHA.
     pub async fn count(&self, call: &CountCall<'_>) -> Result<Reply, StoreError> {
         let mut inv = self.count_invocation(call);
-        let raw: (String, i64, String, i64, String, String) = self.run_script(&mut inv).await?;
-        let mut reply = to_reply(
-            raw.0.as_str(),
-            raw.1,
-            raw.2,
-            raw.3,
-            Period::parse_id(&raw.4),
-        );
-        reply.detail = raw.5;
-        Ok(reply)
+        let raw: redis::Value = self.run_script(&mut inv).await?;
+        count_reply(raw)
+    }
+
+    /// The check script's invocation (what [`RedisStore::check`] sends).
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_invocation(
+        &self,
+        keys: &UserKeys,
+        usage_type: &UsageType,
+        amount: u64,
+        period: Period,
+        plan_override: Option<&str>,
+        default_plan: &str,
+        idempotency_key: Option<&str>,
+    ) -> ScriptInvocation<'static> {
+        let (fresh_keys, fresh_args) = Self::fresh_start(keys, period);
+        let mut inv = scripts::CHECK.prepare_invoke();
+        inv.key(keys.counter(period)).key(&fresh_keys);
+        if let Some(k) = idempotency_key {
+            inv.key(keys.idempotency(k));
+        }
+        inv.arg(&usage_type.name)
+            .arg(amount)
+            .arg(plan_override.unwrap_or(""))
+            .arg(default_plan)
+            .arg(&fresh_args)
+            .arg(&usage_type.script_limits);
+        inv
     }
 
     /// Check: the decision without counting. With an `idempotency_key` that names an earlier
@@ -361,20 +386,17 @@ impl RedisStore {
         default_plan: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Reply, StoreError> {
-        let (fresh_keys, fresh_args) = Self::fresh_start(keys, period);
-        let mut inv = scripts::CHECK.prepare_invoke();
-        inv.key(keys.counter(period)).key(&fresh_keys);
-        if let Some(k) = idempotency_key {
-            inv.key(keys.idempotency(k));
-        }
-        inv.arg(&usage_type.name)
-            .arg(amount)
-            .arg(plan_override.unwrap_or(""))
-            .arg(default_plan)
-            .arg(&fresh_args)
-            .arg(&usage_type.script_limits);
-        let raw: (String, i64, String, i64) = self.run_script(&mut inv).await?;
-        Ok(to_reply(raw.0.as_str(), raw.1, raw.2, raw.3, Some(period)))
+        let mut inv = self.check_invocation(
+            keys,
+            usage_type,
+            amount,
+            period,
+            plan_override,
+            default_plan,
+            idempotency_key,
+        );
+        let raw: redis::Value = self.run_script(&mut inv).await?;
+        check_reply(raw, period)
     }
 
     /// Refund the call recorded under `key`: reads the record's period, then refunds atomically.
@@ -494,34 +516,92 @@ impl RedisStore {
     }
 
     /// [`Self::hydrate`] for many counters in one round trip: one pipeline of hydrate scripts,
-    /// each armed with its deadline, so one that Redis runs late does nothing, as alone. The
-    /// outer error is the pipeline's (no answer, a lost connection: every counter failed alike);
-    /// inside, each counter's own outcome, so a script that fails fails only its counter.
+    /// each armed with its deadline, so one that Redis runs late does nothing, as alone. Each
+    /// load may carry follow-up scripts (the calls that found the counter missing: a consume's
+    /// count, a check), sent right after its fill in the same pipeline and armed the same way,
+    /// so a first request needs no round trip of its own after its load. The outer error is the
+    /// pipeline's (no answer, a lost connection: every counter failed alike); inside, each
+    /// counter's own outcome and its follow-ups' replies, so a script that fails fails only its
+    /// own call. A follow-up Redis did not run (it had not loaded that script: a restarted
+    /// Redis) answers `None`: its caller sends it again alone.
     pub async fn hydrate_many(
         &self,
-        loads: &[(&UserKeys, Period, &Snapshot)],
+        loads: &mut [Load<'_>],
         now: DateTime<Utc>,
-    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+    ) -> Result<Vec<Filled>, StoreError> {
         let mut pipe = redis::pipe();
-        // A pipeline cannot retry on NOSCRIPT (a restarted Redis has no scripts), so it loads
-        // the script first: one command per batch, cheap once loaded.
-        pipe.load_script(&scripts::HYDRATE).ignore();
         let mut until = tokio::time::Instant::now();
-        for (keys, period, snap) in loads {
-            let mut inv = self.hydrate_invocation(keys, *period, snap, now);
-            until = self.arm(&mut inv);
-            pipe.invoke_script(&inv);
+        for load in loads.iter_mut() {
+            let mut fill = self.hydrate_invocation(load.keys, load.period, load.snapshot, now);
+            until = self.arm(&mut fill);
+            pipe.invoke_script(&fill);
+            for follow_up in &mut load.follow_ups {
+                until = self.arm(follow_up);
+                pipe.invoke_script(follow_up);
+            }
         }
         // Each script's reply stands alone: a failed one does not fail the others.
         pipe.ignore_errors();
-        let pipe = &pipe;
-        let replies: Vec<redis::RedisResult<i64>> = self
-            .with_retry(until, |mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
-        Ok(replies
+        let replies = self.send_scripts(&pipe, until).await?;
+        let mut replies = replies.into_iter();
+        let mut out: Vec<(
+            redis::RedisResult<redis::Value>,
+            Vec<redis::RedisResult<redis::Value>>,
+        )> = loads
+            .iter()
+            .map(|load| {
+                let fill = replies.next().unwrap_or_else(|| Err(short_reply()));
+                let follow = (0..load.follow_ups.len())
+                    .map(|_| replies.next().unwrap_or_else(|| Err(short_reply())))
+                    .collect();
+                (fill, follow)
+            })
+            .collect();
+
+        // A pipeline cannot load a script Redis lacks and resend it, as one EVALSHA does: fills
+        // Redis did not know (a restarted Redis) are sent again after the script is loaded, once;
+        // follow-ups are left to their callers.
+        let missing: Vec<usize> = (0..out.len()).filter(|i| is_noscript(&out[*i].0)).collect();
+        if !missing.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&scripts::HYDRATE).ignore();
+            for i in &missing {
+                let load = &loads[*i];
+                let mut fill = self.hydrate_invocation(load.keys, load.period, load.snapshot, now);
+                until = self.arm(&mut fill);
+                pipe.invoke_script(&fill);
+            }
+            pipe.ignore_errors();
+            let again = self.send_scripts(&pipe, until).await?;
+            for (i, r) in missing.into_iter().zip(again) {
+                out[i].0 = r;
+            }
+        }
+        Ok(out
             .into_iter()
-            .map(|r| self.settle(Some(r.map(|filled| filled == 1))))
+            .map(|(fill, follow)| Filled {
+                filled: self.settle(Some(fill.and_then(|v| {
+                    redis::from_redis_value::<i64>(v)
+                        .map(|n| n == 1)
+                        .map_err(Into::into)
+                }))),
+                follow_ups: follow
+                    .into_iter()
+                    .map(|r| (!is_noscript(&r)).then(|| self.settle(Some(r))))
+                    .collect(),
+            })
             .collect())
+    }
+
+    /// Sends a pipeline of armed scripts (errors ignored: one reply per script), waiting until
+    /// `until`, the last script's deadline.
+    async fn send_scripts(
+        &self,
+        pipe: &redis::Pipeline,
+        until: tokio::time::Instant,
+    ) -> Result<Vec<redis::RedisResult<redis::Value>>, StoreError> {
+        self.with_retry(until, |mut c| async move { pipe.query_async(&mut c).await })
+            .await
     }
 
     /// Write a user's plan (with its Postgres version) into the counter hashes of `periods` (those
@@ -569,6 +649,62 @@ impl RedisStore {
             .map(|h| h.is_loaded().then_some(h))
             .collect())
     }
+}
+
+/// One counter to load in [`RedisStore::hydrate_many`], with the scripts to run right after it.
+pub struct Load<'a> {
+    /// Whose counter.
+    pub keys: &'a UserKeys,
+    /// Which period.
+    pub period: Period,
+    /// What Postgres holds for it.
+    pub snapshot: &'a Snapshot,
+    /// Scripts sent after the fill, in order (unarmed: the pipeline arms them).
+    pub follow_ups: Vec<ScriptInvocation<'static>>,
+}
+
+/// What [`RedisStore::hydrate_many`] did for one [`Load`].
+#[derive(Debug)]
+pub struct Filled {
+    /// `true` if this load filled the counter, `false` if it was loaded already.
+    pub filled: Result<bool, StoreError>,
+    /// Each follow-up's reply, in order; `None` if Redis did not run it (NOSCRIPT).
+    pub follow_ups: Vec<Option<Result<redis::Value, StoreError>>>,
+}
+
+/// Redis answered "unknown script": the script did not run.
+fn is_noscript<T>(r: &redis::RedisResult<T>) -> bool {
+    matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+}
+
+/// A pipeline that answered fewer replies than it sent commands (it cannot happen with a
+/// well-behaved server).
+fn short_reply() -> RedisError {
+    RedisError::from(std::io::Error::other(
+        "redis answered fewer replies than commands sent",
+    ))
+}
+
+/// The consume script's reply (see `lua/consume.lua`) as a [`Reply`].
+pub fn count_reply(raw: redis::Value) -> Result<Reply, StoreError> {
+    let raw: (String, i64, String, i64, String, String) =
+        redis::from_redis_value(raw).map_err(|e| StoreError::Redis(e.into()))?;
+    let mut reply = to_reply(
+        raw.0.as_str(),
+        raw.1,
+        raw.2,
+        raw.3,
+        Period::parse_id(&raw.4),
+    );
+    reply.detail = raw.5;
+    Ok(reply)
+}
+
+/// The check script's reply (see `lua/check.lua`) for `period` as a [`Reply`].
+pub fn check_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreError> {
+    let raw: (String, i64, String, i64) =
+        redis::from_redis_value(raw).map_err(|e| StoreError::Redis(e.into()))?;
+    Ok(to_reply(raw.0.as_str(), raw.1, raw.2, raw.3, Some(period)))
 }
 
 fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Period>) -> Reply {

@@ -8,7 +8,10 @@ use futures::future::join_all;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{month_period, month_start, TestApp};
+use quotad::period::Period;
+use quotad::store::{count_reply, CountCall, Mode, Status};
+
+use crate::helpers::{month_period, month_start, Options, PrivateRedis, TestApp};
 
 /// Writes `count` as `user`'s ai_generation total of this month in Postgres, at version 3.
 async fn earlier_total(db: &sqlx::PgPool, user: Uuid, count: i64) {
@@ -199,4 +202,124 @@ async fn a_usage_read_loads_all_its_missing_periods_with_one_postgres_statement(
     );
     assert_eq!(app.used(user, "ai_generation").await, 7);
     assert_eq!(app.used(user, "kb_file").await, 12);
+}
+
+/// The consume call of one `ai_generation` for `keys`' user, as the request path sends it.
+fn consume_call(
+    app: &TestApp,
+    keys: &quotad::store::UserKeys,
+) -> deadpool_redis::redis::ScriptInvocation<'static> {
+    let plans = app.state.quota.plans.current();
+    let ty = plans.usage_type("ai_generation").unwrap();
+    app.state.quota.store.count_invocation(&CountCall {
+        mode: Mode::Consume,
+        keys,
+        usage_type: ty,
+        amount: 1,
+        period: Period::current(ty.period, app.clock_now()),
+        plan_override: None,
+        default_plan: &plans.default_plan,
+        idempotency_key: None,
+        metadata: &[],
+    })
+}
+
+#[tokio::test]
+async fn a_first_request_is_counted_in_the_same_pipeline_as_its_load() {
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    let hydrator = &app.state.quota.hydrator;
+    let users: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    for (i, user) in users.iter().enumerate() {
+        earlier_total(&db, *user, i as i64).await;
+    }
+    let keys: Vec<_> = users
+        .iter()
+        .map(|u| app.state.quota.store.keys(*u))
+        .collect();
+    // As on the request path, the consume script has run alone once (so Redis holds it: a
+    // follow-up Redis does not know is not run, see the next test).
+    app.consume(Uuid::new_v4(), "ai_generation").await;
+    let before = hydrator.queries();
+
+    // Two calls per user in one batch: the counter is filled once, and each call rides after
+    // the fill with its own reply.
+    let loads = join_all(keys.iter().flat_map(|k| {
+        [
+            hydrator.load_then(k, month_period(0), Some(consume_call(&app, k))),
+            hydrator.load_then(k, month_period(0), Some(consume_call(&app, k))),
+        ]
+    }))
+    .await;
+
+    assert_eq!(hydrator.queries() - before, 1, "one postgres statement");
+    for (i, pair) in loads.chunks(2).enumerate() {
+        let fills = pair.iter().filter(|l| l.as_ref().unwrap().filled).count();
+        assert_eq!(fills, 1, "user {i}: {pair:?}");
+        let mut used: Vec<u64> = pair
+            .iter()
+            .map(|l| {
+                let raw = l
+                    .as_ref()
+                    .unwrap()
+                    .follow_up
+                    .clone()
+                    .unwrap_or_else(|| panic!("run after the fill: {pair:?}"));
+                let reply = count_reply(raw.unwrap()).unwrap();
+                assert_eq!(reply.status, Status::Ok);
+                reply.used
+            })
+            .collect();
+        used.sort_unstable();
+        // On top of Postgres' total (i), each call once.
+        assert_eq!(used, vec![i as u64 + 1, i as u64 + 2], "user {i}");
+    }
+    assert_eq!(app.used(users[7], "ai_generation").await, 9);
+}
+
+#[tokio::test]
+async fn after_redis_loses_its_scripts_a_batch_still_loads_and_its_calls_count_once() {
+    let redis_server = PrivateRedis::start();
+    let app = TestApp::spawn_with(Options {
+        redis_url: redis_server.url(),
+        ..Options::default()
+    })
+    .await;
+    let db = app.db().await;
+    let hydrator = &app.state.quota.hydrator;
+    let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for user in &users {
+        earlier_total(&db, *user, 10).await;
+    }
+    let keys: Vec<_> = users
+        .iter()
+        .map(|u| app.state.quota.store.keys(*u))
+        .collect();
+    let _: String = redis_server.call(&["SCRIPT", "FLUSH"]).await.unwrap();
+
+    // Redis knows neither script: the fills are loaded and sent again; the calls did not run
+    // (no reply), and nothing was counted.
+    let loads = join_all(
+        keys.iter()
+            .map(|k| hydrator.load_then(k, month_period(0), Some(consume_call(&app, k)))),
+    )
+    .await;
+    for load in &loads {
+        let load = load.as_ref().expect("loaded");
+        assert!(load.filled);
+        assert!(load.follow_up.is_none(), "{:?}", load.follow_up);
+    }
+    assert_eq!(app.used(users[0], "ai_generation").await, 10);
+
+    // Through the request path: a first request after the scripts are gone counts once.
+    let _: String = redis_server.call(&["SCRIPT", "FLUSH"]).await.unwrap();
+    let _: () = app
+        .redis()
+        .await
+        .del(keys[1].counter(month_period(0)))
+        .await
+        .unwrap();
+    let answer = app.consume(users[1], "ai_generation").await;
+    assert_eq!((answer.status, &answer.body["used"]), (200, &json!(11)));
+    assert_eq!(app.used(users[1], "ai_generation").await, 11);
 }
