@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# What a decision costs inside Redis, by part: a Redis of its own (port 18391, nothing kept), driven
+# by redis-benchmark with 50 clients, prints Redis CPU per call (`INFO cpu` before and after) and
+# the time Redis spent in the command itself (`INFO commandstats`, usec_per_call) for:
+#   - PING, unpipelined and 16 deep (what one round trip costs Redis in socket work);
+#   - a script of TIME, HMGET and HSET with no arguments (what a minimal counting script costs);
+#   - lua/common.lua's prologue alone, with the consume call's 4 keys and 20 arguments;
+#   - the consume script (lua/common.lua + lua/consume.lua), one allowed consume of one
+#     loaded counter, with the arguments quotad sends.
+#   deploy/script-cost.sh [CALLS]      # default 200000 calls each
+set -euo pipefail
+cd "$(dirname "$0")/.."
+calls=${1:-200000}
+port=18391
+dir=$(mktemp -d)
+redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
+  --daemonize no --logfile "$dir/redis.log" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
+for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+
+rc() { redis-cli -p "$port" "$@"; }
+cpu() { rc info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/{s+=$2} END{printf "%.6f", s}'; }
+usec() { rc info commandstats | tr -d '\r' | awk -F'[=,]' -v c="cmdstat_$1:calls" '$1==c{print $6}'; }
+
+# One month counter, loaded (it has `v`), as quotad's keys and arguments name it.
+user=993971cb-494e-4ae7-8bfd-16cfcd3d2ba4
+b="{765}"
+hash="bench:1:$b:c:$user:2026-11"
+rc hset "$hash" v 0 >/dev/null
+keys=("$hash" "bench:1:$b:dirty" "bench:1:$b:c:$user:2026-10" "bench:1:$b:since")
+deadline=$(( $(date +%s) * 1000 + 3600000 ))
+args=(consume ai_generation 1 "$user:2026-11" PRO FREE 86400 2026-11 64 1793491200000 60000
+  1799107200 0 ENTERPRISE -1 FREE 50 PRO -1 "$deadline")
+
+measure() { # name, command name in commandstats, pipeline depth, command...
+  local name=$1 stat=$2 depth=$3
+  shift 3
+  rc config resetstat >/dev/null
+  local before after
+  before=$(cpu)
+  redis-benchmark -p "$port" -c 50 -n "$calls" -P "$depth" -q "$@" >/dev/null 2>&1
+  after=$(cpu)
+  awk -v n="$name" -v b="$before" -v a="$after" -v c="$calls" -v u="$(usec "$stat")" \
+    'BEGIN{printf "%-52s Redis CPU %6.2f µs/call   in the command %6.2f µs/call\n", n, (a-b)*1e6/c, u}'
+}
+
+minimal=$(rc script load "redis.call('TIME'); redis.call('HMGET', KEYS[1], 'v', 'f', 'x', 'p'); redis.call('HSET', KEYS[1], 'f', 1, 'v', 2); return 1")
+prologue=$(rc script load "$(sed -n '1,20p' lua/common.lua; echo 'return 1')")
+consume=$(rc script load "$(cat lua/common.lua; echo; cat lua/consume.lua)")
+
+measure "PING, one at a time" ping 1 PING
+measure "PING, 16 pipelined" ping 16 PING
+measure "TIME + HMGET + HSET script, one at a time" evalsha 1 EVALSHA "$minimal" 1 "$hash"
+measure "TIME + HMGET + HSET script, 16 pipelined" evalsha 16 EVALSHA "$minimal" 1 "$hash"
+measure "common.lua prologue, consume's keys and args, 16 deep" evalsha 16 EVALSHA "$prologue" 4 "${keys[@]}" "${args[@]}"
+measure "consume script, one at a time" evalsha 1 EVALSHA "$consume" 4 "${keys[@]}" "${args[@]}"
+measure "consume script, 16 pipelined" evalsha 16 EVALSHA "$consume" 4 "${keys[@]}" "${args[@]}"
+echo "counted: $(rc hget "$hash" ai_generation) (expected $((2 * calls)))"
