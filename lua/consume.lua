@@ -119,11 +119,11 @@ end
 -- Count and version in one write ('%d': whole numbers, never a float's exponent form); the
 -- dirty mark only on the first change since the counter's last flush (see mark_dirty).
 used = used + amount
+local count, next_version = string.format('%d', used), string.format('%d', version + 1)
 if got[3] then
-  redis.call('HSET', hash, field, string.format('%d', used), 'v', string.format('%d', version + 1))
+  redis.call('HSET', hash, field, count, 'v', next_version)
 else
-  redis.call('HSET', hash, field, string.format('%d', used), 'v', string.format('%d', version + 1),
-    DIRTY, 1)
+  redis.call('HSET', hash, field, count, 'v', next_version, DIRTY, 1)
   redis.call('ZADD', dirty, 'NX', call_now_ms, ARGV[4])
 end
 for _, kv in ipairs(sums) do

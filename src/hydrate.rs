@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_redis::redis::{self, ScriptInvocation};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -35,8 +36,6 @@ use crate::clock::Clock;
 use crate::db;
 use crate::metrics as m;
 use crate::period::Period;
-use deadpool_redis::redis::{self, ScriptInvocation};
-
 use crate::store::{Load, RedisStore, Snapshot, StoreError, UserKeys};
 
 /// How long the first load of a batch waits for others to join it.
@@ -63,8 +62,6 @@ struct Waiter {
     asked: Instant,
     /// The script to run right after the fill, in the same pipeline (taken by the batch).
     follow_up: Option<ScriptInvocation<'static>>,
-    /// Whether it came with one.
-    had_follow_up: bool,
     reply: oneshot::Sender<Result<Loaded, LoadError>>,
 }
 
@@ -145,7 +142,6 @@ impl Hydrator {
             keys: keys.clone(),
             period,
             asked: Instant::now(),
-            had_follow_up: follow_up.is_some(),
             follow_up,
             reply,
         };
@@ -256,14 +252,11 @@ impl Loader {
         if loaded.is_empty() {
             return;
         }
-        // Each pair's follow-ups go after its fill, in its waiters' order.
+        // Each pair's follow-ups go after its fill, one slot per waiter, in order.
         let mut loads: Vec<Load<'_>> = loaded
             .iter_mut()
             .map(|(waiters, snap)| {
-                let follow_ups = waiters
-                    .iter_mut()
-                    .filter_map(|w| w.follow_up.take())
-                    .collect();
+                let follow_ups = waiters.iter_mut().map(|w| w.follow_up.take()).collect();
                 Load {
                     keys: &waiters[0].keys,
                     period: waiters[0].period,
@@ -279,16 +272,10 @@ impl Loader {
                 for ((waiters, _), outcome) in loaded.into_iter().zip(outcomes) {
                     match outcome.filled {
                         Ok(filled) => {
-                            // Only the first waiter of a pair reports the fill; each waiter
-                            // that sent a follow-up gets its reply, in order.
+                            // Only the first waiter of a pair reports the fill; each gets its
+                            // own follow-up's reply.
                             let mut first = filled;
-                            let mut replies = outcome.follow_ups.into_iter();
-                            for w in waiters {
-                                let follow_up = if w.had_follow_up {
-                                    replies.next().flatten()
-                                } else {
-                                    None
-                                };
+                            for (w, follow_up) in waiters.into_iter().zip(outcome.follow_ups) {
                                 let _ = w.reply.send(Ok(Loaded {
                                     filled: std::mem::take(&mut first),
                                     follow_up,

@@ -434,27 +434,21 @@ impl Quota {
             Action::Check => store::check_reply(raw, period),
             Action::Consume | Action::Track => store::count_reply(raw),
         };
+        // The refusal cache's ticket, taken before each send whose answer may be remembered.
+        let new_ticket = || cacheable.then(|| self.refusals.ticket()).flatten();
         // A reply that came back with a load (the call sent again right after the fill, in the
-        // same pipeline), with the refusal-cache ticket taken before it was sent.
+        // same pipeline), with the ticket taken before it was sent.
         let mut answered: Option<(Option<u64>, Reply)> = None;
         for _ in 0..HYDRATE_ATTEMPTS {
             let (ticket, reply) = match answered.take() {
                 Some(answered) => answered,
-                None => {
-                    let ticket = if cacheable {
-                        self.refusals.ticket()
-                    } else {
-                        None
-                    };
-                    (ticket, read(self.store.run(&mut invocation()).await?)?)
-                }
+                None => (
+                    new_ticket(),
+                    read(self.store.run(&mut invocation()).await?)?,
+                ),
             };
             if reply.status == Status::Hydrate {
-                let ticket = if cacheable {
-                    self.refusals.ticket()
-                } else {
-                    None
-                };
+                let ticket = new_ticket();
                 if let Some(raw) = self.hydrate_then(&keys, period, invocation()).await? {
                     answered = Some((ticket, read(raw?)?));
                 }

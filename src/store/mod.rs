@@ -296,8 +296,8 @@ impl RedisStore {
         keys::changes_channel(&self.prefix)
     }
 
-    /// The consume script's invocation for `call`: what [`RedisStore::count`] sends (the bench's
-    /// raw-Redis ceiling sends the same).
+    /// The consume script's invocation for `call`: what [`RedisStore::run`] sends for a consume
+    /// (the bench's raw-Redis ceiling sends the same).
     pub fn count_invocation(&self, call: &CountCall<'_>) -> ScriptInvocation<'static> {
         let keys = call.keys;
         let (fresh_keys, fresh_args) = Self::fresh_start(keys, call.period);
@@ -333,19 +333,15 @@ impl RedisStore {
     }
 
     /// Runs a call's script (from [`Self::count_invocation`] or [`Self::check_invocation`]),
-    /// armed with its deadline: its raw reply, for [`count_reply`] or [`check_reply`].
+    /// armed with its deadline: one EVALSHA; its raw reply, for [`count_reply`] or
+    /// [`check_reply`].
     pub async fn run(&self, inv: &mut ScriptInvocation<'_>) -> Result<redis::Value, StoreError> {
         self.run_script(inv).await
     }
 
-    /// Consume or track: one EVALSHA.
-    pub async fn count(&self, call: &CountCall<'_>) -> Result<Reply, StoreError> {
-        let mut inv = self.count_invocation(call);
-        let raw: redis::Value = self.run_script(&mut inv).await?;
-        count_reply(raw)
-    }
-
-    /// The check script's invocation (what [`RedisStore::check`] sends).
+    /// The check script's invocation: the decision without counting. With an `idempotency_key`
+    /// that names an earlier consume or track, it answers [`Status::Conflict`] (the key belongs
+    /// to another call).
     #[allow(clippy::too_many_arguments)]
     pub fn check_invocation(
         &self,
@@ -370,33 +366,6 @@ impl RedisStore {
             .arg(&fresh_args)
             .arg(&usage_type.script_limits);
         inv
-    }
-
-    /// Check: the decision without counting. With an `idempotency_key` that names an earlier
-    /// consume or track, [`Status::Conflict`] (the key belongs to another call); still one
-    /// EVALSHA.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn check(
-        &self,
-        keys: &UserKeys,
-        usage_type: &UsageType,
-        amount: u64,
-        period: Period,
-        plan_override: Option<&str>,
-        default_plan: &str,
-        idempotency_key: Option<&str>,
-    ) -> Result<Reply, StoreError> {
-        let mut inv = self.check_invocation(
-            keys,
-            usage_type,
-            amount,
-            period,
-            plan_override,
-            default_plan,
-            idempotency_key,
-        );
-        let raw: redis::Value = self.run_script(&mut inv).await?;
-        check_reply(raw, period)
     }
 
     /// Refund the call recorded under `key`: reads the record's period, then refunds atomically.
@@ -517,13 +486,14 @@ impl RedisStore {
 
     /// [`Self::hydrate`] for many counters in one round trip: one pipeline of hydrate scripts,
     /// each armed with its deadline, so one that Redis runs late does nothing, as alone. Each
-    /// load may carry follow-up scripts (the calls that found the counter missing: a consume's
-    /// count, a check), sent right after its fill in the same pipeline and armed the same way,
-    /// so a first request needs no round trip of its own after its load. The outer error is the
-    /// pipeline's (no answer, a lost connection: every counter failed alike); inside, each
-    /// counter's own outcome and its follow-ups' replies, so a script that fails fails only its
-    /// own call. A follow-up Redis did not run (it had not loaded that script: a restarted
-    /// Redis) answers `None`: its caller sends it again alone.
+    /// load carries one slot per caller for a follow-up script (the call that found the counter
+    /// missing: a consume's count, a check), sent right after its fill in the same pipeline and
+    /// armed the same way, so a first request needs no round trip of its own after its load. The
+    /// outer error is the pipeline's (no answer, a lost connection: every counter failed alike);
+    /// inside, each counter's own outcome and, slot by slot, its follow-ups' replies, so a script
+    /// that fails fails only its own call. An empty slot, or a follow-up Redis did not run (it
+    /// had not loaded that script: a restarted Redis), answers `None`: its caller sends the call
+    /// again alone.
     pub async fn hydrate_many(
         &self,
         loads: &mut [Load<'_>],
@@ -535,7 +505,7 @@ impl RedisStore {
             let mut fill = self.hydrate_invocation(load.keys, load.period, load.snapshot, now);
             until = self.arm(&mut fill);
             pipe.invoke_script(&fill);
-            for follow_up in &mut load.follow_ups {
+            for follow_up in load.follow_ups.iter_mut().flatten() {
                 until = self.arm(follow_up);
                 pipe.invoke_script(follow_up);
             }
@@ -544,15 +514,17 @@ impl RedisStore {
         pipe.ignore_errors();
         let replies = self.send_scripts(&pipe, until).await?;
         let mut replies = replies.into_iter();
-        let mut out: Vec<(
-            redis::RedisResult<redis::Value>,
-            Vec<redis::RedisResult<redis::Value>>,
-        )> = loads
+        let mut out: Vec<(ScriptReply, Vec<Option<ScriptReply>>)> = loads
             .iter()
             .map(|load| {
                 let fill = replies.next().unwrap_or_else(|| Err(short_reply()));
-                let follow = (0..load.follow_ups.len())
-                    .map(|_| replies.next().unwrap_or_else(|| Err(short_reply())))
+                let follow = load
+                    .follow_ups
+                    .iter()
+                    .map(|slot| {
+                        slot.as_ref()
+                            .map(|_| replies.next().unwrap_or_else(|| Err(short_reply())))
+                    })
                     .collect();
                 (fill, follow)
             })
@@ -587,7 +559,10 @@ impl RedisStore {
                 }))),
                 follow_ups: follow
                     .into_iter()
-                    .map(|r| (!is_noscript(&r)).then(|| self.settle(Some(r))))
+                    .map(|slot| {
+                        slot.filter(|r| !is_noscript(r))
+                            .map(|r| self.settle(Some(r)))
+                    })
                     .collect(),
             })
             .collect())
@@ -599,7 +574,7 @@ impl RedisStore {
         &self,
         pipe: &redis::Pipeline,
         until: tokio::time::Instant,
-    ) -> Result<Vec<redis::RedisResult<redis::Value>>, StoreError> {
+    ) -> Result<Vec<ScriptReply>, StoreError> {
         self.with_retry(until, |mut c| async move { pipe.query_async(&mut c).await })
             .await
     }
@@ -659,8 +634,9 @@ pub struct Load<'a> {
     pub period: Period,
     /// What Postgres holds for it.
     pub snapshot: &'a Snapshot,
-    /// Scripts sent after the fill, in order (unarmed: the pipeline arms them).
-    pub follow_ups: Vec<ScriptInvocation<'static>>,
+    /// One slot per caller: the script sent after the fill for it, if any (unarmed: the
+    /// pipeline arms it).
+    pub follow_ups: Vec<Option<ScriptInvocation<'static>>>,
 }
 
 /// What [`RedisStore::hydrate_many`] did for one [`Load`].
@@ -668,9 +644,13 @@ pub struct Load<'a> {
 pub struct Filled {
     /// `true` if this load filled the counter, `false` if it was loaded already.
     pub filled: Result<bool, StoreError>,
-    /// Each follow-up's reply, in order; `None` if Redis did not run it (NOSCRIPT).
+    /// Slot by slot as in [`Load::follow_ups`], each follow-up's reply; `None` for an empty
+    /// slot or a follow-up Redis did not run (NOSCRIPT).
     pub follow_ups: Vec<Option<Result<redis::Value, StoreError>>>,
 }
+
+/// One script's reply in a pipeline that ignores errors: each stands alone.
+type ScriptReply = redis::RedisResult<redis::Value>;
 
 /// Redis answered "unknown script": the script did not run.
 fn is_noscript<T>(r: &redis::RedisResult<T>) -> bool {

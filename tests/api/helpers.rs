@@ -161,6 +161,40 @@ impl TestApp {
         Self::spawn_with(Options::default()).await
     }
 
+    /// A daemon on a Redis server of the test's own, every other option at its default.
+    pub async fn spawn_on(redis: &PrivateRedis) -> TestApp {
+        Self::spawn_with(Options {
+            redis_url: redis.url(),
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// The consume script's invocation (unarmed) for one `ai_generation` of `keys`' user in the
+    /// current month, with `idempotency_key`, as the request path builds it.
+    pub fn consume_invocation(
+        &self,
+        keys: &quotad::store::UserKeys,
+        idempotency_key: Option<&str>,
+    ) -> deadpool_redis::redis::ScriptInvocation<'static> {
+        let plans = self.state.quota.plans.current();
+        let ty = plans.usage_type("ai_generation").unwrap();
+        self.state
+            .quota
+            .store
+            .count_invocation(&quotad::store::CountCall {
+                mode: quotad::store::Mode::Consume,
+                keys,
+                usage_type: ty,
+                amount: 1,
+                period: quotad::period::Period::current(ty.period, self.clock_now()),
+                plan_override: None,
+                default_plan: &plans.default_plan,
+                idempotency_key,
+                metadata: &[],
+            })
+    }
+
     /// A second daemon on the same Redis prefix and database as this one.
     pub async fn replica(&self) -> TestApp {
         Self::spawn_with(Options {

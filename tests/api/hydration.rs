@@ -8,10 +8,9 @@ use futures::future::join_all;
 use serde_json::json;
 use uuid::Uuid;
 
-use quotad::period::Period;
-use quotad::store::{count_reply, CountCall, Mode, Status};
+use quotad::store::{count_reply, Status};
 
-use crate::helpers::{month_period, month_start, Options, PrivateRedis, TestApp};
+use crate::helpers::{month_period, month_start, PrivateRedis, TestApp};
 
 /// Writes `count` as `user`'s ai_generation total of this month in Postgres, at version 3.
 async fn earlier_total(db: &sqlx::PgPool, user: Uuid, count: i64) {
@@ -204,26 +203,6 @@ async fn a_usage_read_loads_all_its_missing_periods_with_one_postgres_statement(
     assert_eq!(app.used(user, "kb_file").await, 12);
 }
 
-/// The consume call of one `ai_generation` for `keys`' user, as the request path sends it.
-fn consume_call(
-    app: &TestApp,
-    keys: &quotad::store::UserKeys,
-) -> deadpool_redis::redis::ScriptInvocation<'static> {
-    let plans = app.state.quota.plans.current();
-    let ty = plans.usage_type("ai_generation").unwrap();
-    app.state.quota.store.count_invocation(&CountCall {
-        mode: Mode::Consume,
-        keys,
-        usage_type: ty,
-        amount: 1,
-        period: Period::current(ty.period, app.clock_now()),
-        plan_override: None,
-        default_plan: &plans.default_plan,
-        idempotency_key: None,
-        metadata: &[],
-    })
-}
-
 #[tokio::test]
 async fn a_first_request_is_counted_in_the_same_pipeline_as_its_load() {
     let app = TestApp::spawn().await;
@@ -242,29 +221,30 @@ async fn a_first_request_is_counted_in_the_same_pipeline_as_its_load() {
     app.consume(Uuid::new_v4(), "ai_generation").await;
     let before = hydrator.queries();
 
-    // Two calls per user in one batch: the counter is filled once, and each call rides after
-    // the fill with its own reply.
+    // Per user in one batch: a call, a load without one, another call. The counter is filled
+    // once, and each call rides after the fill with its own reply.
     let loads = join_all(keys.iter().flat_map(|k| {
         [
-            hydrator.load_then(k, month_period(0), Some(consume_call(&app, k))),
-            hydrator.load_then(k, month_period(0), Some(consume_call(&app, k))),
+            hydrator.load_then(k, month_period(0), Some(app.consume_invocation(k, None))),
+            hydrator.load_then(k, month_period(0), None),
+            hydrator.load_then(k, month_period(0), Some(app.consume_invocation(k, None))),
         ]
     }))
     .await;
 
     assert_eq!(hydrator.queries() - before, 1, "one postgres statement");
-    for (i, pair) in loads.chunks(2).enumerate() {
-        let fills = pair.iter().filter(|l| l.as_ref().unwrap().filled).count();
-        assert_eq!(fills, 1, "user {i}: {pair:?}");
-        let mut used: Vec<u64> = pair
+    for (i, three) in loads.chunks(3).enumerate() {
+        let three: Vec<_> = three.iter().map(|l| l.as_ref().unwrap()).collect();
+        let fills = three.iter().filter(|l| l.filled).count();
+        assert_eq!(fills, 1, "user {i}: {three:?}");
+        assert!(three[1].follow_up.is_none(), "user {i}: {three:?}");
+        let mut used: Vec<u64> = [three[0], three[2]]
             .iter()
             .map(|l| {
                 let raw = l
-                    .as_ref()
-                    .unwrap()
                     .follow_up
                     .clone()
-                    .unwrap_or_else(|| panic!("run after the fill: {pair:?}"));
+                    .unwrap_or_else(|| panic!("run after the fill: {three:?}"));
                 let reply = count_reply(raw.unwrap()).unwrap();
                 assert_eq!(reply.status, Status::Ok);
                 reply.used
@@ -278,13 +258,63 @@ async fn a_first_request_is_counted_in_the_same_pipeline_as_its_load() {
 }
 
 #[tokio::test]
+async fn a_call_that_fails_after_its_fill_fails_alone_and_counts_nothing() {
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    let hydrator = &app.state.quota.hydrator;
+    let (broken, other) = (Uuid::new_v4(), Uuid::new_v4());
+    earlier_total(&db, broken, 4).await;
+    earlier_total(&db, other, 6).await;
+    let (broken_keys, other_keys) = (
+        app.state.quota.store.keys(broken),
+        app.state.quota.store.keys(other),
+    );
+    // The broken call's idempotency record is a string, not a hash: its script fails (WRONGTYPE)
+    // after the fill, in the same pipeline as the other user's load and call.
+    let _: () = app
+        .redis()
+        .await
+        .set(broken_keys.idempotency("k1"), "not a hash")
+        .await
+        .unwrap();
+    app.consume(Uuid::new_v4(), "ai_generation").await;
+
+    let loads = join_all([
+        hydrator.load_then(
+            &broken_keys,
+            month_period(0),
+            Some(app.consume_invocation(&broken_keys, Some("k1"))),
+        ),
+        hydrator.load_then(
+            &other_keys,
+            month_period(0),
+            Some(app.consume_invocation(&other_keys, None)),
+        ),
+    ])
+    .await;
+    let [a, b]: [_; 2] = loads.try_into().unwrap();
+
+    let a = a.expect("the load itself succeeded");
+    assert!(a.filled);
+    let failed = a.follow_up.expect("the call was run");
+    assert!(
+        matches!(&failed, Err(quotad::store::StoreError::Redis(e)) if e.to_string().contains("WRONGTYPE")),
+        "{failed:?}"
+    );
+    let b = b.expect("loaded");
+    let reply = count_reply(b.follow_up.expect("run").unwrap()).unwrap();
+    assert_eq!((reply.status, reply.used), (Status::Ok, 7));
+    assert_eq!(
+        app.used(broken, "ai_generation").await,
+        4,
+        "nothing counted"
+    );
+}
+
+#[tokio::test]
 async fn after_redis_loses_its_scripts_a_batch_still_loads_and_its_calls_count_once() {
     let redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     let db = app.db().await;
     let hydrator = &app.state.quota.hydrator;
     let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
@@ -299,11 +329,11 @@ async fn after_redis_loses_its_scripts_a_batch_still_loads_and_its_calls_count_o
 
     // Redis knows neither script: the fills are loaded and sent again; the calls did not run
     // (no reply), and nothing was counted.
-    let loads = join_all(
-        keys.iter()
-            .map(|k| hydrator.load_then(k, month_period(0), Some(consume_call(&app, k)))),
-    )
-    .await;
+    let loads =
+        join_all(keys.iter().map(|k| {
+            hydrator.load_then(k, month_period(0), Some(app.consume_invocation(k, None)))
+        }))
+        .await;
     for load in &loads {
         let load = load.as_ref().expect("loaded");
         assert!(load.filled);

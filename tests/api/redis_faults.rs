@@ -423,8 +423,6 @@ async fn with_redis_killed_calls_follow_the_fail_policy_in_time_and_counts_come_
 #[tokio::test]
 async fn a_consume_script_run_past_its_deadline_does_nothing() {
     use deadpool_redis::redis::{RedisResult, Value};
-    use quotad::period::Period;
-    use quotad::store::{CountCall, Mode};
 
     let app = TestApp::spawn().await;
     let user = Uuid::new_v4();
@@ -443,31 +441,18 @@ async fn a_consume_script_run_past_its_deadline_does_nothing() {
         "offset to a same-host Redis: {offset} ms"
     );
 
-    let plans = app.state.quota.plans.current();
-    let ty = plans.usage_type("ai_generation").unwrap();
     let keys = app.state.quota.store.keys(user);
-    let call = CountCall {
-        mode: Mode::Consume,
-        keys: &keys,
-        usage_type: ty,
-        amount: 1,
-        period: Period::current(ty.period, app.clock_now()),
-        plan_override: None,
-        default_plan: &plans.default_plan,
-        idempotency_key: None,
-        metadata: &[],
-    };
     let now_ms = chrono::Utc::now().timestamp_millis() + offset;
     let mut conn = app.redis().await;
 
-    let mut late = store.count_invocation(&call);
+    let mut late = app.consume_invocation(&keys, None);
     late.arg(now_ms - 1000);
     let answer: RedisResult<Value> = late.invoke_async(&mut conn).await;
     let err = answer.expect_err("a script past its deadline is refused");
     assert_eq!(err.code(), Some("EXPIRED"), "{err}");
     assert_eq!(app.used(user, "ai_generation").await, 1, "nothing counted");
 
-    let mut timely = store.count_invocation(&call);
+    let mut timely = app.consume_invocation(&keys, None);
     timely.arg(now_ms + 10_000);
     let (status, used, ..): (String, i64, String, i64, String, String) =
         timely.invoke_async(&mut conn).await.unwrap();
