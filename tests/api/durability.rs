@@ -7,7 +7,7 @@ use quotad::period::Period;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{month_period, month_start, period_id, Options, PrivateRedis, TestApp};
+use crate::helpers::{month_period, month_start, period_id, PrivateRedis, TestApp};
 
 /// The current real month: the month of every test's default clock.
 fn this_month() -> Period {
@@ -217,11 +217,7 @@ async fn a_count_that_arrives_during_a_flush_stays_dirty_and_is_written_next_tim
 #[tokio::test]
 async fn after_redis_loses_everything_a_user_at_50_of_50_is_still_refused() {
     let mut redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     let user = Uuid::new_v4();
     app.set_plan(Uuid::new_v4(), "PRO").await;
     for _ in 0..50 {
@@ -256,11 +252,7 @@ async fn after_redis_loses_everything_a_user_at_50_of_50_is_still_refused() {
 #[tokio::test]
 async fn a_plan_survives_redis_losing_everything() {
     let redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     let user = Uuid::new_v4();
     app.set_plan(user, "PRO").await;
     app.consume(user, "export").await;
@@ -532,11 +524,7 @@ async fn hash_fields(app: &TestApp, key: &str) -> std::collections::BTreeMap<Str
 #[tokio::test]
 async fn a_counter_reloaded_after_redis_loses_everything_has_postgres_version_and_metadata() {
     let mut redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     let user = Uuid::new_v4();
     app.set_plan(user, "PRO").await;
     for (i, (tokens, model)) in [(812, "m-1"), (100, "m-2"), (5, "m-2")]

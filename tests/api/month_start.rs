@@ -153,11 +153,7 @@ async fn a_new_month_starts_without_postgres_when_redis_lost_nothing() {
 #[tokio::test]
 async fn a_month_that_began_before_the_marker_is_loaded_from_postgres() {
     let mut redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     let user = Uuid::new_v4();
     app.consume(user, "ai_generation").await;
     app.set_at(month_start(1) + chrono::Duration::hours(24 + 9));

@@ -6,7 +6,7 @@ use deadpool_redis::redis;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{Options, PrivateRedis, TestApp};
+use crate::helpers::{PrivateRedis, TestApp};
 
 pub async fn commandstats(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
     let info: String = redis::cmd("INFO")
@@ -31,11 +31,7 @@ pub async fn commandstats(conn: &mut redis::aio::MultiplexedConnection) -> BTree
 async fn an_allowed_consume_is_exactly_one_redis_round_trip() {
     // A Redis of this test's own, so no other test's commands are counted.
     let redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     let users: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
     for u in &users {
         assert_eq!(

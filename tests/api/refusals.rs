@@ -67,11 +67,7 @@ async fn forgotten(app: &TestApp) -> Duration {
 #[tokio::test]
 async fn a_user_over_the_limit_is_refused_without_a_redis_call() {
     let redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     app.wait_refusal_cache_live().await;
     let user = Uuid::new_v4();
     track(&app, user, "ai_generation", 50).await;
@@ -345,11 +341,7 @@ async fn a_retried_idempotent_call_replays_its_answer_while_the_user_is_refused(
 #[tokio::test]
 async fn nothing_is_answered_from_memory_while_invalidations_cannot_be_heard() {
     let mut redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     app.wait_refusal_cache_live().await;
     let user = Uuid::new_v4();
     track(&app, user, "ai_generation", 50).await;

@@ -657,11 +657,7 @@ async fn calls(app: &TestApp, command: &str) -> u64 {
 async fn a_counter_is_marked_dirty_on_its_first_change_after_a_flush_and_the_flush_clears_the_mark()
 {
     let redis_server = PrivateRedis::start();
-    let app = TestApp::spawn_with(Options {
-        redis_url: redis_server.url(),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_on(&redis_server).await;
     let user = Uuid::new_v4();
     let period = month(0);
     let key = app.state.quota.store.keys(user).counter(period);
