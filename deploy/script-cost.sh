@@ -11,6 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 calls=${1:-200000}
+[[ $calls =~ ^[1-9][0-9]{0,8}$ ]] ||
+  { echo "CALLS must be a whole number from 1 to 999999999, not '$calls'" >&2; exit 2; }
 port=18391
 dir=$(mktemp -d)
 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
@@ -56,4 +58,6 @@ measure "TIME + HMGET + HSET script, 16 pipelined" evalsha 16 EVALSHA "$minimal"
 measure "common.lua prologue, consume's keys and args, 16 deep" evalsha 16 EVALSHA "$prologue" 4 "${keys[@]}" "${args[@]}"
 measure "consume script, one at a time" evalsha 1 EVALSHA "$consume" 4 "${keys[@]}" "${args[@]}"
 measure "consume script, 16 pipelined" evalsha 16 EVALSHA "$consume" 4 "${keys[@]}" "${args[@]}"
-echo "counted: $(rc hget "$hash" ai_generation) (expected $((2 * calls)))"
+counted=$(rc hget "$hash" ai_generation)
+echo "counted: $counted (expected $((2 * calls)))"
+[[ $counted == $((2 * calls)) ]] || { echo "the consume script did not count every call" >&2; exit 1; }
