@@ -1,36 +1,89 @@
--- check: the decision consume would make, counting nothing.
+-- check: the decision consume would make, at every level, counting nothing.
 --
--- KEYS[1]  counter hash  {prefix}:1:{b}:c:<user>:<period>
--- KEYS[2]  previous month's counter hash; KEYS[3] the bucket's marker (see start_fresh)
--- KEYS[4]  idempotency record {prefix}:1:{b}:i:<user>:<key>  (only when the call has a key)
+-- KEYS[1]  the user's counter hash {prefix}:1:{b}:c:<user>:<period>
+-- KEYS[2]  the user's previous month's counter hash; KEYS[3] the bucket's marker (see start_fresh)
+-- KEYS[4]  the user's route key    {prefix}:1:{b}:u:<user> (see misrouted in common.lua)
+-- KEYS[5], KEYS[6]  with an account only: the account's counter hash and its previous month's
+-- KEYS[last] idempotency record {prefix}:1:{b}:i:<user>:<key>  (only when the call has a key)
 -- ARGV[1]  usage type (the hash field)
 -- ARGV[2]  amount, a whole number > 0
 -- ARGV[3]  plan override ("" = the plan stored in the hash, else the default plan)
 -- ARGV[4]  default plan
 -- ARGV[5]  month start, ms ("0" for lifetime); ARGV[6] allowed clock skew, ms; ARGV[7] the
 --          EXPIREAT of a counter started fresh
--- ARGV[8..] plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[8]  the account the caller believes the user is a member of ("" = none): the route
+-- ARGV[9..] plan, limit pairs for this type (-1 = unlimited)
 --
--- Returns {status, used, plan, limit}: "ok" (the amount fits), "denied" (it does not),
--- "conflict" (the idempotency key names an earlier consume or track: check is another call), or
--- "hydrate" (the counter is not loaded from Postgres yet, and cannot start fresh). A check
--- records nothing under its key, so a key never seen is decided as if there were none.
+-- Returns what consume.lua returns (the same twelve fields, period ""), with status "ok" (the
+-- amount fits at every level), "denied" (it does not, at level `limited_by`), "conflict" (the
+-- idempotency key names an earlier consume or track: check is another call), "hydrate" or
+-- "moved" (as for consume). A check records nothing under its key, so a key never seen is
+-- decided as if there were none.
 local hash, field, amount = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local account = ARGV[8]
+local ahash = account ~= '' and KEYS[5] or nil
+local idem = KEYS[ahash and 7 or 5]
 
-if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
-  return {'conflict', 0, '', 0}
+local function answer(status, used, plan, limit, detail, limited_by, source, aused, aplan, alimit,
+    asource)
+  return {status, used or 0, plan or '', limit or 0, '', detail or '', limited_by or '',
+    source or '', aused or 0, aplan or '', alimit or -1, asource or ''}
 end
 
-local got = redis.call('HMGET', hash, 'v', field, 'p')
+local route = misrouted(KEYS[4], account)
+if route == false then
+  return answer('hydrate', 0, '', 0, 'user')
+elseif route then
+  return answer('moved', 0, '', 0, route)
+end
+if idem and redis.call('EXISTS', idem) == 1 then
+  return answer('conflict')
+end
+
+local over = 'o:' .. field
+local got = redis.call('HMGET', hash, 'v', field, 'p', over)
+local missing = {}
 if not got[1] then
-  if not start_fresh(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
-    return {'hydrate', 0, '', 0}
+  if start_fresh(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
+    got = redis.call('HMGET', hash, 'v', field, 'p', over)
+  else
+    missing[#missing + 1] = 'user'
   end
-  got = redis.call('HMGET', hash, 'v', field, 'p')
 end
-local plan, limit = resolve_plan(got[3], ARGV[3], ARGV[4], 8)
+local ag
+if ahash then
+  ag = redis.call('HMGET', ahash, 'v', field, 'p', over)
+  if not ag[1] then
+    if start_fresh(ahash, KEYS[6], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
+      ag = redis.call('HMGET', ahash, 'v', field, 'p', over)
+    else
+      missing[#missing + 1] = 'account'
+    end
+  end
+end
+if #missing > 0 then
+  return answer('hydrate', 0, '', 0, table.concat(missing, ' '))
+end
+
+local plan, plan_limit = resolve_plan(got[3], ARGV[3], ARGV[4], 9)
+local limit, source
+if ahash and not got[4] and not got[3] and ARGV[3] == '' then
+  limit, source = -1, 'account'
+else
+  limit, source = level_limit(got[4], plan_limit)
+end
 local used = whole(got[2], hash, field)
-if limit >= 0 and used + amount > limit then
-  return {'denied', used, plan, limit}
+local aplan, alimit, asource, aused
+if ahash then
+  local aplan_limit
+  aplan, aplan_limit = resolve_plan(ag[3], '', ARGV[4], 9)
+  alimit, asource = level_limit(ag[4], aplan_limit)
+  aused = whole(ag[2], ahash, field)
 end
-return {'ok', used, plan, limit}
+if limit >= 0 and used + amount > limit then
+  return answer('denied', used, plan, limit, '', 'user', source, aused, aplan, alimit, asource)
+end
+if ahash and alimit >= 0 and aused + amount > alimit then
+  return answer('denied', used, plan, limit, '', 'account', source, aused, aplan, alimit, asource)
+end
+return answer('ok', used, plan, limit, '', '', source, aused, aplan, alimit, asource)

@@ -25,8 +25,11 @@ end
 -- A counter hash holds one field per usage type (its count), `v` (the version: it grows on every
 -- change, so Postgres can refuse an older total), `p`/`pv` (the user's plan and its version in
 -- Postgres' user_plans), `m:<type>:<name>` / `s:<type>:<name>` (summed numeric metadata and
--- latest other metadata, as JSON text), `n:<type>` (how many metadata names the type has) and
--- `x:dirty` (set exactly while the counter is in its bucket's dirty set; see mark_dirty). A hash
+-- latest other metadata, as JSON text), `n:<type>` (how many metadata names the type has),
+-- `o:<type>` and `x:ov` (the owner's limit overrides and their version in Postgres'
+-- limit_overrides; see set_limits.lua) and `x:dirty` (set exactly while the counter is in its
+-- bucket's dirty set; see mark_dirty). An account's counter hash has the same fields (its plan
+-- from account_plans), without metadata. A hash
 -- without `v` has not been loaded from Postgres yet: every script that reads or writes counts
 -- answers "hydrate" for it and changes nothing.
 
@@ -164,4 +167,41 @@ local function start_fresh(hash, prev, marker, month_start, margin, expire_at)
   redis.call('EXPIREAT', hash, expire_at)
   redis.call('HSET', prev, SUCCESSOR, 1)
   return true
+end
+
+-- Where a user's counters live. A user without an account counts in the bucket of their own id;
+-- a member of an account counts in the bucket of the account's id, beside the account's pool, so
+-- one script can check and count both. Each bucket may hold a route key per user
+-- (`{b}:u:<user>`, see `store::keys`):
+--   missing      the user's counters are here and the user has no account (their own bucket)
+--   "<account>"  the user's counters are here, and the user is a member of that account
+--   ">moving"    the counters are being moved away from here (a membership change under way)
+--   "><where>"   the counters moved away: to the bucket of account <where>, or ">home"
+-- Every script that reads or writes a user's counters is told what the caller believes the route
+-- to be ("" for none, else the account id) and does nothing but answer 'moved' with the actual
+-- value when they differ; the caller then follows it. So a replica with an outdated idea of a
+-- user's account never counts in the wrong place, and never bypasses an account's pool.
+-- Returns nil when the route is as believed, else what the route key holds ("" when missing);
+-- false when it is missing where the caller believes an account: a Redis that lost its data lost
+-- its routes too, and only Postgres can say (the caller loads the user's counter, and
+-- hydrate.lua writes the route back from Postgres, or forwards).
+local function misrouted(route_key, believed)
+  local r = redis.call('GET', route_key)
+  if (r or '') == believed then
+    return nil
+  end
+  if not r then
+    return false
+  end
+  return r
+end
+
+-- The limit in force at one level for `field`: the customer's override (`o:<type>`: a limit, or
+-- -1 for unlimited; written by set_limits.lua) wins over the plan's (`plan_limit`).
+-- Returns the limit and where it comes from: 'override' or 'plan'.
+local function level_limit(override, plan_limit)
+  if override then
+    return tonumber(override), 'override'
+  end
+  return plan_limit, 'plan'
 end

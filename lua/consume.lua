@@ -1,14 +1,20 @@
--- consume / track: check the limit and count, in one atomic step.
+-- consume / track: check the limit of every level (the user, and the user's account when they
+-- have one) and count at every level, in one atomic step.
 --
--- KEYS[1]  counter hash        {prefix}:1:{b}:c:<user>:<period>
--- KEYS[2]  dirty set           {prefix}:1:{b}:dirty
--- KEYS[3]  previous month's counter hash (for a fresh start; see start_fresh)
--- KEYS[4]  the bucket's marker {prefix}:1:{b}:since
--- KEYS[5]  idempotency record  {prefix}:1:{b}:i:<user>:<key>   (only when the call has a key)
--- ARGV[1]  mode: "consume" enforces the limit; "track" counts regardless
+-- KEYS[1]  the user's counter hash {prefix}:1:{b}:c:<user>:<period>
+-- KEYS[2]  dirty set               {prefix}:1:{b}:dirty
+-- KEYS[3]  the user's previous month's counter hash (for a fresh start; see start_fresh)
+-- KEYS[4]  the bucket's marker     {prefix}:1:{b}:since
+-- KEYS[5]  the user's route key    {prefix}:1:{b}:u:<user> (see misrouted in common.lua)
+-- KEYS[6], KEYS[7]  with an account only: the account's counter hash
+--          {prefix}:1:{b}:a:<account>:<period> and its previous month's
+-- KEYS[last] idempotency record    {prefix}:1:{b}:i:<user>:<key>   (only when the call has a key)
+-- `{b}` is the bucket of the account's id for a member, of the user's id otherwise: every key is
+-- in one slot.
+-- ARGV[1]  mode: "consume" enforces the limits; "track" counts regardless
 -- ARGV[2]  usage type (the hash field)
 -- ARGV[3]  amount, a whole number > 0
--- ARGV[4]  dirty-set member "<user>:<period>"
+-- ARGV[4]  the user's dirty-set member "<user>:<period>"
 -- ARGV[5]  plan override ("" = the plan stored in the hash, else the default plan)
 -- ARGV[6]  default plan
 -- ARGV[7]  idempotency record lifetime, seconds
@@ -16,13 +22,20 @@
 -- ARGV[9]  most metadata names one counter may collect
 -- ARGV[10] month start, ms ("0" for lifetime); ARGV[11] allowed clock skew, ms; ARGV[12] the
 --          EXPIREAT of a counter started fresh (see start_fresh)
--- ARGV[13] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
+-- ARGV[13] the account the caller believes the user is a member of ("" = none): the route
+-- ARGV[14] the account's dirty-set member "a:<account>:<period>" ("" without an account)
+-- ARGV[15] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
 --          (numbers are finite, as Rust's f64 Display writes them)
--- ARGV[14 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[16 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
 --
--- Returns {status, used, plan, limit, period, detail}:
---   "ok"         counted; used is the new total
---   "denied"     consume only: the amount does not fit; nothing counted, nothing remembered
+-- Returns {status, used, plan, limit, period, detail, limited_by, source,
+--          account_used, account_plan, account_limit, account_source}: the user's level in
+-- used..source, the account's in account_* (0, "", -1, "" without an account). `source` says
+-- where a limit comes from: "plan", "override", or (the user's level of a member with neither a
+-- stored plan nor an override) "account": the account's pool alone limits them.
+--   "ok"         counted at every level; used (account_used) is the new total
+--   "denied"     consume only: the amount does not fit at level `limited_by` ("user" or
+--                "account"); nothing counted at any level, nothing remembered
 --   "replay"     the idempotency key was answered before: the stored answer, nothing counted
 --   "conflict"   the idempotency key was used before for another mode, type or amount
 --   "refunded"   the idempotency key names a call that was refunded: nothing counted (a retry of
@@ -30,13 +43,16 @@
 --   "meta_limit" the call's metadata would take the counter past ARGV[9] names; nothing counted
 --   "meta_sum"   the sum of numeric metadata `detail` would not be a finite number (beyond
 --                ±1.8e308); nothing counted
---   "hydrate"    the counter is not loaded from Postgres yet, and cannot start fresh; nothing done
--- detail is "" except for "meta_sum".
+--   "hydrate"    a counter is not loaded from Postgres yet, and cannot start fresh; `detail`
+--                says which: "user", "account" or "user account"; nothing counted
+--   "moved"      the user's route is not ARGV[13]; `detail` is what the route key holds ("" when
+--                missing); nothing done
 --
 -- Order: every read and every check that can refuse comes first; the writes that follow cannot
--- fail, so a call either changes nothing or counts, bumps `v`, writes its metadata, marks the
--- counter dirty (if it is not yet) and stores its idempotency record, all together. (A fresh start, which writes,
--- is the one exception: it only creates the empty counter a check would create too.)
+-- fail, so a call either changes nothing or counts at every level, bumps each `v`, writes its
+-- metadata (the user's counter only), marks the counters dirty (if they are not yet) and stores
+-- its idempotency record, all together. (A fresh start, which writes, is the one exception: it
+-- only creates the empty counter a check would create too.)
 --
 -- A stored count, `v` or `n:<type>` that is not a whole number is corrupt data: the script stops
 -- with an error reply before writing. A stored `m:<type>:<name>` sum that is not a finite number
@@ -44,42 +60,103 @@
 -- value, so one bad field cannot stop a user's counting; the script logs it (Redis log, warning).
 -- Sums are written with HSET of '%.17g' (a double's full precision), never HINCRBYFLOAT, whose
 -- refusal of an infinite result would come after the count was written.
-local hash, dirty, idem = KEYS[1], KEYS[2], KEYS[5]
+local hash, dirty = KEYS[1], KEYS[2]
+local account = ARGV[13]
+local ahash = account ~= '' and KEYS[6] or nil
+local idem = KEYS[ahash and 8 or 6]
 local mode, field, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
+local function answer(status, used, plan, limit, period, detail, limited_by, source, aused, aplan,
+    alimit, asource)
+  return {status, used or 0, plan or '', limit or 0, period or '', detail or '', limited_by or '',
+    source or '', aused or 0, aplan or '', alimit or -1, asource or ''}
+end
+
+local route = misrouted(KEYS[5], account)
+if route == false then
+  return answer('hydrate', 0, '', 0, '', 'user')
+elseif route then
+  return answer('moved', 0, '', 0, '', route)
+end
+
 if idem then
-  local seen = redis.call('HMGET', idem, 'k', 't', 'a', 'u', 'pl', 'l', 'pe', 'r')
+  local seen = redis.call('HMGET', idem, 'k', 't', 'a', 'u', 'pl', 'l', 'pe', 'r', 'ls', 'au', 'ap',
+    'al', 'as')
   if seen[1] then
     if seen[1] ~= mode or seen[2] ~= field or tonumber(seen[3]) ~= amount then
-      return {'conflict', 0, '', 0, '', ''}
+      return answer('conflict')
     end
     if seen[8] == '1' then
-      return {'refunded', 0, '', 0, seen[7], ''}
+      return answer('refunded', 0, '', 0, seen[7])
     end
-    return {'replay', tonumber(seen[4]), seen[5], tonumber(seen[6]), seen[7], ''}
+    return answer('replay', tonumber(seen[4]), seen[5], tonumber(seen[6]), seen[7], '', '', seen[9],
+      tonumber(seen[10]), seen[11], tonumber(seen[12]), seen[13])
   end
 end
 
--- Everything the decision reads, in one call: version, count, dirty flag, stored plan.
-local got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p')
+-- Everything the decision reads, one HMGET per level: version, count, dirty flag, stored plan,
+-- override.
+local over = 'o:' .. field
+local got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p', over)
+local missing = {}
 if not got[1] then
-  if not start_fresh(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
-    return {'hydrate', 0, '', 0, '', ''}
+  if start_fresh(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
+    got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p', over)
+  else
+    missing[#missing + 1] = 'user'
   end
-  got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p')
+end
+local ag
+if ahash then
+  ag = redis.call('HMGET', ahash, 'v', field, DIRTY, 'p', over)
+  if not ag[1] then
+    if start_fresh(ahash, KEYS[7], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
+      ag = redis.call('HMGET', ahash, 'v', field, DIRTY, 'p', over)
+    else
+      missing[#missing + 1] = 'account'
+    end
+  end
+end
+if #missing > 0 then
+  return answer('hydrate', 0, '', 0, '', table.concat(missing, ' '))
 end
 local version = whole(got[1], hash, 'v') -- a corrupt version stops the script here, before any write
 
-local nmeta = tonumber(ARGV[13])
-local first_meta, last_meta = 14, 13 + 3 * nmeta
-local plan, limit = resolve_plan(got[4], ARGV[5], ARGV[6], last_meta + 1)
+local nmeta = tonumber(ARGV[15])
+local first_meta, last_meta = 16, 15 + 3 * nmeta
+local plan, plan_limit = resolve_plan(got[4], ARGV[5], ARGV[6], last_meta + 1)
+local limit, source
+if ahash and not got[5] and not got[4] and ARGV[5] == '' then
+  -- A member with neither a plan of their own nor an override: the account's pool decides.
+  limit, source = -1, 'account'
+else
+  limit, source = level_limit(got[5], plan_limit)
+end
 local used = whole(got[2], hash, field)
 if used + amount >= EXACT then
   return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. hash .. ' would pass 2^53; nothing counted')
 end
 
-if mode == 'consume' and limit >= 0 and used + amount > limit then
-  return {'denied', used, plan, limit, ARGV[8], ''}
+local aversion, aplan, alimit, asource, aused
+if ahash then
+  aversion = whole(ag[1], ahash, 'v')
+  local aplan_limit
+  aplan, aplan_limit = resolve_plan(ag[4], '', ARGV[6], last_meta + 1)
+  alimit, asource = level_limit(ag[5], aplan_limit)
+  aused = whole(ag[2], ahash, field)
+  if aused + amount >= EXACT then
+    return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. ahash .. ' would pass 2^53; nothing counted')
+  end
+end
+
+if mode == 'consume' then
+  if limit >= 0 and used + amount > limit then
+    return answer('denied', used, plan, limit, ARGV[8], '', 'user', source, aused, aplan, alimit, asource)
+  end
+  if ahash and alimit >= 0 and aused + amount > alimit then
+    return answer('denied', used, plan, limit, ARGV[8], '', 'account', source, aused, aplan, alimit,
+      asource)
+  end
 end
 
 -- Metadata names are bounded per counter, so a caller cannot grow a hash (and its Postgres row)
@@ -98,7 +175,7 @@ for i = first_meta, last_meta, 3 do
     end
     local sum = (cur or 0) + tonumber(ARGV[i + 2])
     if sum ~= sum or sum == math.huge or sum == -math.huge then
-      return {'meta_sum', used, plan, limit, ARGV[8], ARGV[i + 1]}
+      return answer('meta_sum', used, plan, limit, ARGV[8], ARGV[i + 1])
     end
     sums[#sums + 1] = {'m:' .. name, string.format('%.17g', sum)}
     if not raw and redis.call('HEXISTS', hash, 's:' .. name) == 0 then
@@ -109,7 +186,7 @@ for i = first_meta, last_meta, 3 do
   end
 end
 if fresh > 0 and stored_count(hash, 'n:' .. field) + fresh > tonumber(ARGV[9]) then
-  return {'meta_limit', used, plan, limit, ARGV[8], ''}
+  return answer('meta_limit', used, plan, limit, ARGV[8])
 end
 
 -- Writes, none of which can fail now.
@@ -118,13 +195,25 @@ if fresh > 0 then
 end
 -- Count and version in one write ('%d': whole numbers, never a float's exponent form); the
 -- dirty mark only on the first change since the counter's last flush (see mark_dirty).
+local function count_in(h, cur, ver, flagged, member)
+  local count, next_version = string.format('%d', cur + amount), string.format('%d', ver + 1)
+  if flagged then
+    redis.call('HSET', h, field, count, 'v', next_version)
+  else
+    redis.call('HSET', h, field, count, 'v', next_version, DIRTY, 1)
+    redis.call('ZADD', dirty, 'NX', call_now_ms, member)
+  end
+  if ARGV[10] == '0' then
+    -- A lifetime counter loaded with nothing in Postgres expires unless something is counted in
+    -- it (see hydrate.lua); this count makes it last.
+    redis.call('PERSIST', h)
+  end
+end
+count_in(hash, used, version, got[3], ARGV[4])
 used = used + amount
-local count, next_version = string.format('%d', used), string.format('%d', version + 1)
-if got[3] then
-  redis.call('HSET', hash, field, count, 'v', next_version)
-else
-  redis.call('HSET', hash, field, count, 'v', next_version, DIRTY, 1)
-  redis.call('ZADD', dirty, 'NX', call_now_ms, ARGV[4])
+if ahash then
+  count_in(ahash, aused, aversion, ag[3], ARGV[14])
+  aused = aused + amount
 end
 for _, kv in ipairs(sums) do
   redis.call('HSET', hash, kv[1], kv[2])
@@ -134,15 +223,13 @@ for i = first_meta, last_meta, 3 do
     redis.call('HSET', hash, 's:' .. field .. ':' .. ARGV[i + 1], ARGV[i + 2])
   end
 end
-if ARGV[10] == '0' then
-  -- A lifetime counter loaded with nothing in Postgres expires unless something is counted in
-  -- it (see hydrate.lua); this count makes it last.
-  redis.call('PERSIST', hash)
-end
 
 if idem then
   redis.call('HSET', idem, 'k', mode, 't', field, 'a', amount, 'u', used, 'pl', plan, 'l', limit,
-    'pe', ARGV[8], 'r', 0)
+    'pe', ARGV[8], 'r', 0, 'ls', source, 'ac', account)
+  if ahash then
+    redis.call('HSET', idem, 'au', aused, 'ap', aplan, 'al', alimit, 'as', asource)
+  end
   redis.call('EXPIRE', idem, tonumber(ARGV[7]))
 end
-return {'ok', used, plan, limit, ARGV[8], ''}
+return answer('ok', used, plan, limit, ARGV[8], '', '', source, aused, aplan, alimit, asource)

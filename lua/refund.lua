@@ -1,34 +1,61 @@
--- refund: give back exactly one earlier consume or track, named by its idempotency record.
+-- refund: give back exactly one earlier consume or track, named by its idempotency record, at
+-- every level it counted at.
 --
 -- KEYS[1]  idempotency record  {prefix}:1:{b}:i:<user>:<key>
--- KEYS[2]  counter hash the record names (its period, read by the caller just before)
+-- KEYS[2]  the user's counter hash the record names (its period, read by the caller just before)
 -- KEYS[3]  dirty set
+-- KEYS[4]  the user's route key (see misrouted in common.lua)
+-- KEYS[5]  with an account only: the account's counter hash of that period
 -- ARGV[1]  period id the caller read from the record
--- ARGV[2]  dirty-set member "<user>:<period>"
+-- ARGV[2]  the user's dirty-set member "<user>:<period>"
 -- ARGV[3]  invalidation channel; ARGV[4] the user, announced there when a refund is made
+-- ARGV[5]  the account the caller believes the user is a member of ("" = none): the route
+-- ARGV[6]  the account's dirty-set member "a:<account>:<period>" ("" without an account)
 --
--- Returns {status, used, stored plan, type, amount}:
---   "ok"       given back, never below 0; used is the new total, amount what was actually given
---              back (min(the call's amount, the count before)). A counter already at 0 (lowered
---              by a release, or reloaded lower) is left alone: no version bump, no dirty mark, no
---              announcement, amount 0. Either way the record is marked refunded.
+-- The account's pool is given back too when the record says the call counted in it (field `ac`)
+-- and the user is still a member of that account; a call counted under another account (the user
+-- moved since) is given back at the user's level only: that account's pool is in another slot.
+--
+-- Returns {status, used, stored plan, type, amount, account_used, account_given, detail}:
+--   "ok"       given back, never below 0; used is the user's new total, amount what was actually
+--              given back (min(the call's amount, the count before)), likewise account_used and
+--              account_given for the account (0, 0 when it was not given back there). A counter
+--              already at 0 is left alone (no version bump, no dirty mark). Either way the record
+--              is marked refunded.
 --   "missing"  no such record (never seen, or expired)
 --   "refunded" the record was refunded before
---   "hydrate"  the counter is not loaded from Postgres yet; nothing done
+--   "hydrate"  a counter is not loaded from Postgres yet (detail: "user" or "account"); nothing done
+--   "moved"    the route is not ARGV[5]; detail is what the route key holds; nothing done
 local idem, hash, dirty = KEYS[1], KEYS[2], KEYS[3]
-local rec = redis.call('HMGET', idem, 't', 'a', 'pe', 'r')
+local account = ARGV[5]
+local ahash = account ~= '' and KEYS[5] or nil
+local route = misrouted(KEYS[4], account)
+if route == false then
+  return {'hydrate', 0, '', '', 0, 0, 0, 'user'}
+elseif route then
+  return {'moved', 0, '', '', 0, 0, 0, route}
+end
+local rec = redis.call('HMGET', idem, 't', 'a', 'pe', 'r', 'ac')
 if not rec[1] or rec[3] ~= ARGV[1] then
-  return {'missing', 0, '', '', 0}
+  return {'missing', 0, '', '', 0, 0, 0, ''}
 end
 if rec[4] == '1' then
-  return {'refunded', 0, '', rec[1], tonumber(rec[2])}
+  return {'refunded', 0, '', rec[1], tonumber(rec[2]), 0, 0, ''}
 end
 if redis.call('HEXISTS', hash, 'v') == 0 then
-  return {'hydrate', 0, '', rec[1], tonumber(rec[2])}
+  return {'hydrate', 0, '', rec[1], tonumber(rec[2]), 0, 0, 'user'}
+end
+local in_pool = ahash and rec[5] == account
+if in_pool and redis.call('HEXISTS', ahash, 'v') == 0 then
+  return {'hydrate', 0, '', rec[1], tonumber(rec[2]), 0, 0, 'account'}
 end
 local used, given = lower(hash, rec[1], tonumber(rec[2]), dirty, ARGV[2])
+local aused, agiven = 0, 0
+if in_pool then
+  aused, agiven = lower(ahash, rec[1], tonumber(rec[2]), dirty, ARGV[6])
+end
 redis.call('HSET', idem, 'r', 1)
-if given > 0 then
+if given > 0 or agiven > 0 then
   announce(ARGV[3], ARGV[4])
 end
-return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], given}
+return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], given, aused, agiven, ''}

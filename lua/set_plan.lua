@@ -1,32 +1,43 @@
--- set_plan: put a user's new plan into their live counter hashes, so the very next request on
--- any replica counts under it. Postgres (user_plans) is written first and its row version comes
--- along: an older plan change that arrives late never overwrites a newer one.
+-- set_plan: put an owner's (a user's or an account's) new plan into their live counter hashes, so
+-- the very next request on any replica counts under it. Postgres (user_plans, account_plans) is
+-- written first and its row version comes along: an older plan change that arrives late never
+-- overwrites a newer one.
 --
--- KEYS[1..n]  the user's counter hashes in force now (current month, lifetime)
--- KEYS[n+1..]  the months next to the current one (previous and next): written only if they
+-- KEYS[1]     the owner's route key (see misrouted in common.lua; an account's is never set)
+-- KEYS[2..n+1]  the owner's counter hashes in force now (current month, lifetime)
+-- KEYS[n+2..]  the months next to the current one (previous and next): written only if they
 --              exist. Another replica (or this one a moment later) may already count in next
 --              month's hash while this one's clock is still before midnight, and last month's
 --              hash is where a fresh start takes the plan from.
 -- ARGV[1]     plan name
--- ARGV[2]     plan version (user_plans.version)
--- ARGV[3]     invalidation channel; ARGV[4] the user, announced there
+-- ARGV[2]     plan version (its row's version in Postgres)
+-- ARGV[3]     invalidation channel; ARGV[4] the owner, announced there
 -- ARGV[5]     n
--- ARGV[6..5+n] EXPIREAT of each key in force now, unix seconds (0 = never)
+-- ARGV[6]     the route the caller believes ("" = no account, else the account id)
+-- ARGV[7..6+n] EXPIREAT of each key in force now, unix seconds (0 = never)
 --
--- Returns how many hashes took the plan. A hash in force now that did not exist yet is created
--- with the plan only; without `v` it is still loaded from Postgres before its first count.
+-- Returns how many hashes took the plan, or {"moved", route} (nothing written) when the route is
+-- not ARGV[6]. A hash in force now that did not exist yet is created with the plan only; without
+-- `v` it is still loaded from Postgres before its first count.
+-- A route missing where an account is believed (a Redis that lost its data) is written to: the
+-- counters are loaded from Postgres, which holds the change already, wherever they live.
+local route = misrouted(KEYS[1], ARGV[6])
+if route then
+  return {'moved', route}
+end
 local n = 0
 local pv = tonumber(ARGV[2])
 local now_keys = tonumber(ARGV[5])
-for i, hash in ipairs(KEYS) do
+for i = 2, #KEYS do
+  local hash, k = KEYS[i], i - 1
   local cur = tonumber(redis.call('HGET', hash, 'pv') or '-1')
-  if i > now_keys and redis.call('EXISTS', hash) == 0 then
+  if k > now_keys and redis.call('EXISTS', hash) == 0 then
     cur = pv -- an adjacent month not created: left alone
   end
   if cur < pv then
     redis.call('HSET', hash, 'p', ARGV[1], 'pv', pv)
-    if i <= now_keys and ARGV[5 + i] ~= '0' then
-      redis.call('EXPIREAT', hash, ARGV[5 + i])
+    if k <= now_keys and ARGV[6 + k] ~= '0' then
+      redis.call('EXPIREAT', hash, ARGV[6 + k])
     end
     n = n + 1
   end

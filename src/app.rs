@@ -98,6 +98,7 @@ impl App {
                 plans,
                 clock,
                 refusals,
+                routes: Default::default(),
             },
             tokens: Arc::new(Tokens {
                 gateway: config.gateway_tokens().map(str::to_owned).collect(),

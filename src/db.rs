@@ -1,6 +1,8 @@
-//! Postgres: the durable record. Database creation, migrations, the hydration read and user plans.
+//! Postgres: the durable record. Database creation, migrations, the hydration read, plans,
+//! accounts and limit overrides.
 //! Functions take an executor, so callers decide what is atomic.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,7 +14,8 @@ use sqlx::{Connection, PgConnection, PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::period::Period;
-use crate::store::{CounterHash, Snapshot};
+
+use crate::store::{CounterHash, Owner, Snapshot};
 
 /// The migrations in `migrations/`, embedded.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -123,103 +126,185 @@ pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
     Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
 }
 
-/// What Postgres holds for one user and period: every type's count and metadata, the highest
-/// version, and the user's plan. This is what a missing Redis counter is loaded from.
-pub async fn snapshot(db: &PgPool, user: Uuid, period: Period) -> Result<Snapshot, sqlx::Error> {
-    // COALESCE: rows written by the original product may hold NULLs there.
-    let rows: Vec<(String, i64, i64, serde_json::Value)> = sqlx::query_as(
-        r#"SELECT type, COALESCE(count, 0), version, COALESCE(metadata, '{}'::jsonb) FROM usage_tracking
-           WHERE user_id = $1 AND period_start = $2"#,
-    )
-    .bind(user)
-    .bind(period.start())
-    .fetch_all(db)
-    .await?;
-    let mut snap = Snapshot {
-        plan: get_plan(db, user).await?.map(|p| (p.plan, p.version)),
-        ..Default::default()
-    };
-    for (ty, count, version, metadata) in rows {
-        snap.version = snap.version.max(version);
-        snap.fields
-            .extend(CounterHash::row_fields(&ty, count, metadata, true));
-    }
-    Ok(snap)
+/// Which table holds an owner's totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// `usage_tracking`: users' totals.
+    Users,
+    /// `account_usage`: accounts' totals.
+    Accounts,
 }
 
-/// [`snapshot`] for many (user, period) pairs in one statement (the pairs go as two arrays
-/// through `UNNEST`). Returns one entry per pair, in order: its snapshot, or the error decoding
-/// one of its rows, so a row that cannot be read fails its own pair only. The outer error is the
-/// statement's: then no pair has an answer.
-pub async fn snapshots(
-    db: &PgPool,
-    pairs: &[(Uuid, Period)],
-) -> Result<Vec<Result<Snapshot, sqlx::Error>>, sqlx::Error> {
-    use sqlx::Row;
-    let users: Vec<Uuid> = pairs.iter().map(|(u, _)| *u).collect();
-    let starts: Vec<DateTime<Utc>> = pairs.iter().map(|(_, p)| p.start()).collect();
-    // One row per (pair, type) Postgres holds, or one with a NULL type for a pair it has none
-    // of; each with the user's plan (NULL when none is stored).
-    let rows = sqlx::query(
-        r#"SELECT w.i, t.type, COALESCE(t.count, 0) AS count, t.version,
-                  COALESCE(t.metadata, '{}'::jsonb) AS metadata, p.plan, p.version AS plan_version
-           FROM UNNEST($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS w(u, ps, i)
-           LEFT JOIN usage_tracking t ON t.user_id = w.u AND t.period_start = w.ps
-           LEFT JOIN user_plans p ON p.user_id = w.u"#,
-    )
-    .bind(&users)
-    .bind(&starts)
-    .fetch_all(db)
-    .await?;
-    let mut snaps: Vec<Result<Snapshot, sqlx::Error>> =
-        pairs.iter().map(|_| Ok(Snapshot::default())).collect();
-    for row in rows {
-        let i: i64 = row.try_get("i")?;
-        let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| snaps.get_mut(i)) else {
-            continue;
-        };
-        let Ok(snap) = slot else { continue };
-        let read = || -> Result<_, sqlx::Error> {
-            Ok((
-                row.try_get::<Option<String>, _>("type")?,
-                row.try_get::<i64, _>("count")?,
-                row.try_get::<Option<i64>, _>("version")?,
-                row.try_get::<serde_json::Value, _>("metadata")?,
-                row.try_get::<Option<String>, _>("plan")?,
-                row.try_get::<Option<i64>, _>("plan_version")?,
-            ))
-        };
-        match read() {
-            Ok((ty, count, version, metadata, plan, plan_version)) => {
-                if let (Some(plan), Some(pv)) = (plan, plan_version) {
-                    snap.plan = Some((plan, pv));
-                }
-                if let Some(ty) = ty {
-                    snap.version = snap.version.max(version.unwrap_or(0));
-                    snap.fields
-                        .extend(CounterHash::row_fields(&ty, count, metadata, true));
-                }
-            }
-            Err(e) => *slot = Err(e),
+impl Table {
+    /// The table of `owner`'s totals.
+    pub fn of(owner: Owner) -> Table {
+        match owner {
+            Owner::User(_) => Table::Users,
+            Owner::Account(_) => Table::Accounts,
         }
     }
-    Ok(snaps)
+
+    /// The table's name and its owner column: fixed names, never input.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Table::Users => ("usage_tracking", "user_id"),
+            Table::Accounts => ("account_usage", "account_id"),
+        }
+    }
+
+    /// The owner of `id` in this table.
+    pub fn owner(self, id: Uuid) -> Owner {
+        match self {
+            Table::Users => Owner::User(id),
+            Table::Accounts => Owner::Account(id),
+        }
+    }
 }
 
-/// Every row of `period` (user, type, count, version): what reconcile compares Redis with.
+/// A statement built from a fixed template and [`Table::names`] (never from input).
+fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(text)
+}
+
+/// What Postgres holds for one owner and period: every type's count and metadata, the highest
+/// version, the owner's plan and overrides, and (for a user) their account. This is what a
+/// missing Redis counter is loaded from.
+pub async fn snapshot(db: &PgPool, owner: Owner, period: Period) -> Result<Snapshot, sqlx::Error> {
+    let mut snaps = snapshots(db, &[(owner, period)]).await?;
+    snaps.pop().unwrap_or_else(|| Ok(Snapshot::default()))
+}
+
+/// [`snapshot`] for many (owner, period) pairs: one statement for the users among them and one
+/// for the accounts (the pairs go as arrays through `UNNEST`). Returns one entry per pair, in
+/// order: its snapshot, or the error decoding one of its rows, so a row that cannot be read fails
+/// its own pair only. The outer error is a statement's: then no pair has an answer. Also returns
+/// how many statements were sent.
+pub async fn snapshots(
+    db: &PgPool,
+    pairs: &[(Owner, Period)],
+) -> Result<Vec<Result<Snapshot, sqlx::Error>>, sqlx::Error> {
+    Ok(snapshots_counted(db, pairs).await?.0)
+}
+
+/// [`snapshots`], and how many statements it sent.
+pub async fn snapshots_counted(
+    db: &PgPool,
+    pairs: &[(Owner, Period)],
+) -> Result<(Vec<Result<Snapshot, sqlx::Error>>, u64), sqlx::Error> {
+    let mut snaps: Vec<Result<Snapshot, sqlx::Error>> =
+        pairs.iter().map(|_| Ok(Snapshot::default())).collect();
+    let mut statements = 0;
+    for table in [Table::Users, Table::Accounts] {
+        let picked: Vec<usize> = (0..pairs.len())
+            .filter(|i| Table::of(pairs[*i].0) == table)
+            .collect();
+        if picked.is_empty() {
+            continue;
+        }
+        statements += 1;
+        let ids: Vec<Uuid> = picked.iter().map(|i| pairs[*i].0.id()).collect();
+        let starts: Vec<DateTime<Utc>> = picked.iter().map(|i| pairs[*i].1.start()).collect();
+        let (usage, id) = table.names();
+        let (plans, kind, membership) = match table {
+            Table::Users => (
+                "user_plans p ON p.user_id = w.u",
+                "user",
+                "LEFT JOIN account_members am ON am.user_id = w.u",
+            ),
+            Table::Accounts => ("account_plans p ON p.account_id = w.u", "account", ""),
+        };
+        let member_of = if membership.is_empty() {
+            "NULL::uuid"
+        } else {
+            "am.account_id"
+        };
+        // One row per (pair, type) Postgres holds, or one with a NULL type for a pair it has none
+        // of; each with the owner's plan, overrides and account (NULL when none is stored).
+        let rows = sqlx::query(sql(format!(
+            r#"SELECT w.i, t.type, COALESCE(t.count, 0) AS count, t.version,
+                      COALESCE(t.metadata, '{{}}'::jsonb) AS metadata, p.plan, p.version AS plan_version,
+                      o.limits, o.version AS overrides_version, {member_of} AS account
+               FROM UNNEST($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS w(u, ps, i)
+               LEFT JOIN {usage} t ON t.{id} = w.u AND t.period_start = w.ps
+               LEFT JOIN {plans}
+               LEFT JOIN limit_overrides o ON o.owner = '{kind}' AND o.owner_id = w.u
+               {membership}"#
+        )))
+        .bind(&ids)
+        .bind(&starts)
+        .fetch_all(db)
+        .await?;
+        for row in rows {
+            use sqlx::Row;
+            let i: i64 = row.try_get("i")?;
+            let Some(at) = usize::try_from(i - 1).ok().and_then(|i| picked.get(i)) else {
+                continue;
+            };
+            let slot = &mut snaps[*at];
+            let Ok(snap) = slot else { continue };
+            let read = || -> Result<_, sqlx::Error> {
+                Ok((
+                    row.try_get::<Option<String>, _>("type")?,
+                    row.try_get::<i64, _>("count")?,
+                    row.try_get::<Option<i64>, _>("version")?,
+                    row.try_get::<serde_json::Value, _>("metadata")?,
+                    row.try_get::<Option<String>, _>("plan")?,
+                    row.try_get::<Option<i64>, _>("plan_version")?,
+                    row.try_get::<Option<serde_json::Value>, _>("limits")?,
+                    row.try_get::<Option<i64>, _>("overrides_version")?,
+                    row.try_get::<Option<Uuid>, _>("account")?,
+                ))
+            };
+            match read() {
+                Ok((ty, count, version, metadata, plan, plan_version, limits, ov, account)) => {
+                    if let (Some(plan), Some(pv)) = (plan, plan_version) {
+                        snap.plan = Some((plan, pv));
+                    }
+                    snap.account = account;
+                    if let (Some(limits), Some(ov)) = (limits, ov) {
+                        if snap.overrides_version != ov {
+                            snap.overrides_version = ov;
+                            snap.fields.extend(
+                                overrides_of(&limits)
+                                    .into_iter()
+                                    .map(|(t, l)| (format!("o:{t}"), l.to_string())),
+                            );
+                        }
+                    }
+                    if let Some(ty) = ty {
+                        snap.version = snap.version.max(version.unwrap_or(0));
+                        snap.fields.extend(CounterHash::row_fields(
+                            &ty,
+                            count,
+                            metadata,
+                            table == Table::Users,
+                        ));
+                    }
+                }
+                Err(e) => *slot = Err(e),
+            }
+        }
+    }
+    Ok((snaps, statements))
+}
+
+/// Every row of `period` in `table` (owner, type, count, version): what reconcile compares Redis
+/// with.
 pub async fn period_totals(
     db: &PgPool,
+    table: Table,
     period: Period,
 ) -> Result<Vec<(Uuid, String, i64, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT user_id, type, COALESCE(count, 0), version FROM usage_tracking WHERE period_start = $1",
-    )
+    let (usage, id) = table.names();
+    sqlx::query_as(sql(format!(
+        "SELECT {id}, type, COALESCE(count, 0), version FROM {usage} WHERE period_start = $1"
+    )))
     .bind(period.start())
     .fetch_all(db)
     .await
 }
 
-/// A user's stored plan.
+/// A user's or an account's stored plan.
 #[derive(Debug, Clone)]
 pub struct StoredPlan {
     /// Plan name.
@@ -230,16 +315,26 @@ pub struct StoredPlan {
     pub updated_at: DateTime<Utc>,
 }
 
-/// The user's stored plan, if any.
+/// The plans table of `owner` and its id column.
+fn plans_of(owner: Owner) -> (&'static str, &'static str) {
+    match owner {
+        Owner::User(_) => ("user_plans", "user_id"),
+        Owner::Account(_) => ("account_plans", "account_id"),
+    }
+}
+
+/// The owner's stored plan, if any.
 pub async fn get_plan(
     db: impl PgExecutor<'_>,
-    user: Uuid,
+    owner: Owner,
 ) -> Result<Option<StoredPlan>, sqlx::Error> {
-    let row: Option<(String, i64, DateTime<Utc>)> =
-        sqlx::query_as("SELECT plan, version, updated_at FROM user_plans WHERE user_id = $1")
-            .bind(user)
-            .fetch_optional(db)
-            .await?;
+    let (table, id) = plans_of(owner);
+    let row: Option<(String, i64, DateTime<Utc>)> = sqlx::query_as(sql(format!(
+        "SELECT plan, version, updated_at FROM {table} WHERE {id} = $1"
+    )))
+    .bind(owner.id())
+    .fetch_optional(db)
+    .await?;
     Ok(row.map(|(plan, version, updated_at)| StoredPlan {
         plan,
         version,
@@ -247,19 +342,20 @@ pub async fn get_plan(
     }))
 }
 
-/// Stores the user's plan and returns the row, whose version is higher than any before it.
+/// Stores the owner's plan and returns the row, whose version is higher than any before it.
 pub async fn put_plan(
     db: impl PgExecutor<'_>,
-    user: Uuid,
+    owner: Owner,
     plan: &str,
 ) -> Result<StoredPlan, sqlx::Error> {
-    let (plan, version, updated_at): (String, i64, DateTime<Utc>) = sqlx::query_as(
-        r#"INSERT INTO user_plans (user_id, plan, version, updated_at) VALUES ($1, $2, 1, now())
-           ON CONFLICT (user_id) DO UPDATE
-             SET plan = EXCLUDED.plan, version = user_plans.version + 1, updated_at = now()
-           RETURNING plan, version, updated_at"#,
-    )
-    .bind(user)
+    let (table, id) = plans_of(owner);
+    let (plan, version, updated_at): (String, i64, DateTime<Utc>) = sqlx::query_as(sql(format!(
+        r#"INSERT INTO {table} ({id}, plan, version, updated_at) VALUES ($1, $2, 1, now())
+           ON CONFLICT ({id}) DO UPDATE
+             SET plan = EXCLUDED.plan, version = {table}.version + 1, updated_at = now()
+           RETURNING plan, version, updated_at"#
+    )))
+    .bind(owner.id())
     .bind(plan)
     .fetch_one(db)
     .await?;
@@ -270,11 +366,178 @@ pub async fn put_plan(
     })
 }
 
+/// An owner's limit overrides as stored: type → limit (-1 = unlimited), their version and when
+/// they were last changed (version 0 and no time when none were ever set).
+#[derive(Debug, Clone, Default)]
+pub struct StoredOverrides {
+    /// Type → limit, -1 = unlimited.
+    pub limits: BTreeMap<String, i64>,
+    /// Grows on every change.
+    pub version: i64,
+    /// When they were last changed.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// `{"type": limit}` as stored → pairs (entries that are not whole numbers are skipped: quotad
+/// writes none).
+fn overrides_of(limits: &serde_json::Value) -> BTreeMap<String, i64> {
+    limits
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The owner's limit overrides.
+pub async fn get_overrides(
+    db: impl PgExecutor<'_>,
+    owner: Owner,
+) -> Result<StoredOverrides, sqlx::Error> {
+    let row: Option<(serde_json::Value, i64, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT limits, version, updated_at FROM limit_overrides WHERE owner = $1 AND owner_id = $2",
+    )
+    .bind(owner.kind())
+    .bind(owner.id())
+    .fetch_optional(db)
+    .await?;
+    Ok(row
+        .map(|(limits, version, updated_at)| StoredOverrides {
+            limits: overrides_of(&limits),
+            version,
+            updated_at: Some(updated_at),
+        })
+        .unwrap_or_default())
+}
+
+/// Changes the owner's limit overrides: each of `set` is set (-1 = unlimited), each of `clear`
+/// removed; the others stay. Returns the whole set after the change, with its new version.
+pub async fn put_overrides(
+    db: impl PgExecutor<'_>,
+    owner: Owner,
+    set: &BTreeMap<String, i64>,
+    clear: &[String],
+) -> Result<StoredOverrides, sqlx::Error> {
+    let set = serde_json::to_value(set).unwrap_or_default();
+    let (limits, version, updated_at): (serde_json::Value, i64, DateTime<Utc>) = sqlx::query_as(
+        r#"INSERT INTO limit_overrides (owner, owner_id, limits, version, updated_at)
+             VALUES ($1, $2, $3::jsonb - $4::text[], 1, now())
+           ON CONFLICT (owner, owner_id) DO UPDATE
+             SET limits = (limit_overrides.limits || $3::jsonb) - $4::text[],
+                 version = limit_overrides.version + 1, updated_at = now()
+           RETURNING limits, version, updated_at"#,
+    )
+    .bind(owner.kind())
+    .bind(owner.id())
+    .bind(set)
+    .bind(clear)
+    .fetch_one(db)
+    .await?;
+    Ok(StoredOverrides {
+        limits: overrides_of(&limits),
+        version,
+        updated_at: Some(updated_at),
+    })
+}
+
+/// A user's account as stored.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    /// The account; `None` = none.
+    pub account: Option<Uuid>,
+    /// Grows on every change (0 = never set).
+    pub version: i64,
+    /// When it last changed.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// The user's account.
+pub async fn get_membership(
+    db: impl PgExecutor<'_>,
+    user: Uuid,
+) -> Result<Membership, sqlx::Error> {
+    let row: Option<(Option<Uuid>, i64, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT account_id, version, updated_at FROM account_members WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_optional(db)
+    .await?;
+    Ok(match row {
+        Some((account, version, updated_at)) => Membership {
+            account,
+            version,
+            updated_at: Some(updated_at),
+        },
+        None => Membership {
+            account: None,
+            version: 0,
+            updated_at: None,
+        },
+    })
+}
+
+/// Locks the user's membership row for the rest of `tx` (creating it, without an account, if
+/// missing) and returns it: membership changes of one user are applied one at a time.
+pub async fn lock_membership(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    user: Uuid,
+) -> Result<Membership, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO account_members (user_id, account_id, version) VALUES ($1, NULL, 0)
+         ON CONFLICT (user_id) DO NOTHING",
+    )
+    .bind(user)
+    .execute(&mut **tx)
+    .await?;
+    let (account, version, updated_at): (Option<Uuid>, i64, DateTime<Utc>) = sqlx::query_as(
+        "SELECT account_id, version, updated_at FROM account_members WHERE user_id = $1 FOR UPDATE",
+    )
+    .bind(user)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Membership {
+        account,
+        version,
+        updated_at: Some(updated_at),
+    })
+}
+
+/// Sets the user's account (in `tx`, after [`lock_membership`]).
+pub async fn put_membership(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    user: Uuid,
+    account: Option<Uuid>,
+) -> Result<Membership, sqlx::Error> {
+    let (account, version, updated_at): (Option<Uuid>, i64, DateTime<Utc>) = sqlx::query_as(
+        "UPDATE account_members SET account_id = $2, version = version + 1, updated_at = now()
+         WHERE user_id = $1 RETURNING account_id, version, updated_at",
+    )
+    .bind(user)
+    .bind(account)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Membership {
+        account,
+        version,
+        updated_at: Some(updated_at),
+    })
+}
+
+/// The members of `account`.
+pub async fn members(db: impl PgExecutor<'_>, account: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT user_id FROM account_members WHERE account_id = $1 ORDER BY user_id")
+        .bind(account)
+        .fetch_all(db)
+        .await
+}
+
 /// Absolute totals to write, one entry per (user, type, period), as parallel columns so they go
 /// to Postgres as one `UNNEST` statement however many there are.
 #[derive(Debug, Default, Clone)]
 pub struct Totals {
-    /// user_id of each row.
+    /// The owner of each row (user_id, or account_id in account_usage).
     pub users: Vec<Uuid>,
     /// type of each row.
     pub types: Vec<String>,
@@ -357,7 +620,7 @@ impl Totals {
 /// A row Postgres holds at a higher version than the one just sent for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AheadRow {
-    /// The user.
+    /// The owner's id (a user's, or an account's).
     pub user: Uuid,
     /// The type.
     pub usage_type: String,
@@ -376,30 +639,36 @@ pub struct AheadRow {
 /// is older than Postgres (a Redis restored from an older dump, or a replica that lagged). The
 /// upsert refused those rows. Also lists the same (user, period)'s other rows, so a repair sees
 /// every type Postgres has.
-pub async fn ahead_of(db: impl PgExecutor<'_>, t: &Totals) -> Result<Vec<AheadRow>, sqlx::Error> {
+pub async fn ahead_of(
+    db: impl PgExecutor<'_>,
+    table: Table,
+    t: &Totals,
+) -> Result<Vec<AheadRow>, sqlx::Error> {
     if t.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<(Uuid, String, DateTime<Utc>, i64, i64, serde_json::Value)> = sqlx::query_as(
-        r#"WITH sent AS (
+    let (usage, id) = table.names();
+    let rows: Vec<(Uuid, String, DateTime<Utc>, i64, i64, serde_json::Value)> =
+        sqlx::query_as(sql(format!(
+            r#"WITH sent AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[])
                AS x(u, t, ps, c, v)),
            ahead AS (
-             SELECT DISTINCT sent.u, sent.ps FROM sent JOIN usage_tracking p
-               ON p.user_id = sent.u AND p.type = sent.t AND p.period_start = sent.ps
+             SELECT DISTINCT sent.u, sent.ps FROM sent JOIN {usage} p
+               ON p.{id} = sent.u AND p.type = sent.t AND p.period_start = sent.ps
              WHERE p.version > sent.v OR (p.version = sent.v AND COALESCE(p.count, 0) <> sent.c))
-           SELECT r.user_id, r.type, r.period_start, COALESCE(r.count, 0), r.version,
-                  COALESCE(r.metadata, '{}'::jsonb)
-           FROM usage_tracking r JOIN ahead ON r.user_id = ahead.u AND r.period_start = ahead.ps
-           ORDER BY r.user_id, r.type, r.period_start"#,
-    )
-    .bind(&t.users)
-    .bind(&t.types)
-    .bind(&t.starts)
-    .bind(&t.counts)
-    .bind(&t.versions)
-    .fetch_all(db)
-    .await?;
+           SELECT r.{id}, r.type, r.period_start, COALESCE(r.count, 0), r.version,
+                  COALESCE(r.metadata, '{{}}'::jsonb)
+           FROM {usage} r JOIN ahead ON r.{id} = ahead.u AND r.period_start = ahead.ps
+           ORDER BY r.{id}, r.type, r.period_start"#
+        )))
+        .bind(&t.users)
+        .bind(&t.types)
+        .bind(&t.starts)
+        .bind(&t.counts)
+        .bind(&t.versions)
+        .fetch_all(db)
+        .await?;
     Ok(rows
         .into_iter()
         .map(
@@ -415,25 +684,30 @@ pub async fn ahead_of(db: impl PgExecutor<'_>, t: &Totals) -> Result<Vec<AheadRo
         .collect())
 }
 
-/// Writes absolute totals in one statement, in the order given (see [`Totals::sort`]). A row is
-/// only overwritten by a higher version, so replaying a write, or two replicas writing at once,
-/// or an old total arriving late, never moves a count backwards or counts twice. Returns the
-/// rows inserted or updated.
-pub async fn upsert_totals(db: impl PgExecutor<'_>, t: &Totals) -> Result<u64, sqlx::Error> {
+/// Writes absolute totals to `table` in one statement, in the order given (see
+/// [`Totals::sort`]). A row is only overwritten by a higher version, so replaying a write, or two
+/// replicas writing at once, or an old total arriving late, never moves a count backwards or
+/// counts twice. Returns the rows inserted or updated.
+pub async fn upsert_totals(
+    db: impl PgExecutor<'_>,
+    table: Table,
+    t: &Totals,
+) -> Result<u64, sqlx::Error> {
     if t.is_empty() {
         return Ok(0);
     }
-    let done = sqlx::query(
-        r#"INSERT INTO usage_tracking
-             (id, user_id, type, count, period_start, period_end, metadata, version, created_at, updated_at)
+    let (usage, id) = table.names();
+    let done = sqlx::query(sql(format!(
+        r#"INSERT INTO {usage}
+             (id, {id}, type, count, period_start, period_end, metadata, version, created_at, updated_at)
            SELECT gen_random_uuid(), u, t, c, ps, pe, m, v, now(), now()
            FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::timestamptz[], $6::jsonb[], $7::int8[])
              AS x(u, t, c, ps, pe, m, v)
-           ON CONFLICT (user_id, type, period_start) DO UPDATE
+           ON CONFLICT ({id}, type, period_start) DO UPDATE
              SET count = EXCLUDED.count, metadata = EXCLUDED.metadata, version = EXCLUDED.version,
                  period_end = EXCLUDED.period_end, updated_at = now()
-             WHERE usage_tracking.version < EXCLUDED.version"#,
-    )
+             WHERE {usage}.version < EXCLUDED.version"#
+    )))
     .bind(&t.users)
     .bind(&t.types)
     .bind(&t.counts)

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::db::{self, Totals};
+use crate::db::{self, Table, Totals};
 use crate::metrics as m;
 use crate::period::Period;
 use crate::store::{CounterHash, DirtyMember, RedisStore, StoreError, BUCKETS};
@@ -213,53 +213,62 @@ impl Flusher {
         }
 
         let hashes = self.store.read_dirty(&scan.members).await?;
-        let mut totals = Totals::default();
-        // The member each row comes from.
-        let mut owners = Vec::new();
-        let mut versions = Vec::with_capacity(scan.members.len());
-        for (i, (member, hash)) in scan.members.iter().zip(&hashes).enumerate() {
-            let version = hash.version;
-            if let Some(v) = version {
-                for (ty, count, metadata) in hash.rows() {
-                    totals.push(member.user, ty, count, member.period, metadata, v);
-                    owners.push(i);
-                }
-            }
-            versions.push(version);
-        }
-        let order = totals.sort();
-        let owners: Vec<usize> = order.into_iter().map(|i| owners[i]).collect();
-
-        let written = self.write(&totals).await?;
-        out.rows = written.rows;
+        let versions: Vec<Option<i64>> = hashes.iter().map(|h| h.version).collect();
         let mut quarantined = HashSet::new();
-        for (row, reason) in &written.refused {
-            let member = &scan.members[owners[*row]];
-            let ty = &totals.types[*row];
-            let first = {
-                let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-                if reported.len() >= REPORTED_MAX {
-                    reported.clear();
+        // Users' counters to usage_tracking, accounts' to account_usage: one upsert each.
+        for table in [Table::Users, Table::Accounts] {
+            let mut totals = Totals::default();
+            // The member each row comes from.
+            let mut owners = Vec::new();
+            for (i, (member, hash)) in scan.members.iter().zip(&hashes).enumerate() {
+                if Table::of(member.owner) != table {
+                    continue;
                 }
-                reported.insert((member.user, ty.clone(), member.period.id()))
-            };
-            if first {
-                tracing::error!(
-                    user = %member.user,
-                    usage_type = %ty,
-                    period = %member.period.id(),
-                    error.message = %reason,
-                    "postgres refused this counter's row; it stays dirty in Redis and is tried again after the others (logged once; quotad_flush_rejected_counters_total counts every refusal)"
-                );
-            } else {
-                tracing::debug!(user = %member.user, usage_type = %ty, period = %member.period.id(), error.message = %reason, "postgres refused this counter's row again");
+                if let Some(v) = hash.version {
+                    for (ty, count, metadata) in hash.rows() {
+                        totals.push(member.owner.id(), ty, count, member.period, metadata, v);
+                        owners.push(i);
+                    }
+                }
             }
-            quarantined.insert(owners[*row]);
-        }
-        if written.rows + (written.refused.len() as u64) < totals.len() as u64 {
-            // Some rows were refused by the version guard: an ordinary race with another
-            // replica's flush, or a Redis older than Postgres.
-            out.behind = self.catch_up(&totals, &owners, &scan.members).await?;
+            if totals.is_empty() {
+                continue;
+            }
+            let order = totals.sort();
+            let owners: Vec<usize> = order.into_iter().map(|i| owners[i]).collect();
+
+            let written = self.write(table, &totals).await?;
+            out.rows += written.rows;
+            for (row, reason) in &written.refused {
+                let member = &scan.members[owners[*row]];
+                let ty = &totals.types[*row];
+                let first = {
+                    let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+                    if reported.len() >= REPORTED_MAX {
+                        reported.clear();
+                    }
+                    reported.insert((member.owner.id(), ty.clone(), member.period.id()))
+                };
+                if first {
+                    tracing::error!(
+                        owner = ?member.owner,
+                        usage_type = %ty,
+                        period = %member.period.id(),
+                        error.message = %reason,
+                        "postgres refused this counter's row; it stays dirty in Redis and is tried again after the others (logged once; quotad_flush_rejected_counters_total counts every refusal)"
+                    );
+                } else {
+                    tracing::debug!(owner = ?member.owner, usage_type = %ty, period = %member.period.id(), error.message = %reason, "postgres refused this counter's row again");
+                }
+                quarantined.insert(owners[*row]);
+            }
+            if written.rows + (written.refused.len() as u64) < totals.len() as u64 {
+                // Some rows were refused by the version guard: an ordinary race with another
+                // replica's flush, or a Redis older than Postgres.
+                out.behind += self
+                    .catch_up(table, &totals, &owners, &scan.members)
+                    .await?;
+            }
         }
         let requeue: Vec<&DirtyMember> = quarantined.iter().map(|i| &scan.members[*i]).collect();
         self.store.requeue(&requeue, now_ms).await?;
@@ -279,24 +288,24 @@ impl Flusher {
     }
 
     /// One upsert, under the flusher's deadline.
-    async fn upsert(&self, t: &Totals) -> Result<u64, sqlx::Error> {
-        db::within(DB_TIMEOUT, db::upsert_totals(&self.db, t)).await
+    async fn upsert(&self, table: Table, t: &Totals) -> Result<u64, sqlx::Error> {
+        db::within(DB_TIMEOUT, db::upsert_totals(&self.db, table, t)).await
     }
 
     /// Writes `t`. When Postgres refuses the statement for its data, halves it until each
     /// refused row is alone: n rows with one bad among them take about 2·log2(n) more
     /// statements, and every other row is written. Other errors (Postgres down, out of time)
     /// fail the pass.
-    async fn write(&self, t: &Totals) -> Result<Written, FlushError> {
+    async fn write(&self, table: Table, t: &Totals) -> Result<Written, FlushError> {
         let mut written = Written::default();
         // Parts still to send; each holds at least one row.
         let mut parts = Vec::new();
         parts.push(0..t.len());
         while let Some(range) = parts.pop() {
             let result = if range.len() == t.len() {
-                self.upsert(t).await
+                self.upsert(table, t).await
             } else {
-                self.upsert(&t.pick(range.clone())).await
+                self.upsert(table, &t.pick(range.clone())).await
             };
             match result {
                 Ok(n) => written.rows += n,
@@ -320,19 +329,26 @@ impl Flusher {
     /// moved past Postgres meanwhile: another replica's flush raced this one).
     async fn catch_up(
         &self,
+        table: Table,
         t: &Totals,
         owners: &[usize],
         members: &[DirtyMember],
     ) -> Result<u64, FlushError> {
-        let ahead = db::within(DB_TIMEOUT, db::ahead_of(&self.db, t)).await?;
+        let ahead = db::within(DB_TIMEOUT, db::ahead_of(&self.db, table, t)).await?;
         if ahead.is_empty() {
             return Ok(0);
         }
-        let periods: HashMap<(uuid::Uuid, chrono::DateTime<chrono::Utc>), (Period, i64)> = (0..t
-            .len())
+        #[allow(clippy::type_complexity)]
+        let periods: HashMap<
+            (uuid::Uuid, chrono::DateTime<chrono::Utc>),
+            (Period, i64, u16),
+        > = (0..t.len())
             .map(|i| {
                 let m = &members[owners[i]];
-                ((t.users[i], t.starts[i]), (m.period, t.versions[i]))
+                (
+                    (t.users[i], t.starts[i]),
+                    (m.period, t.versions[i], m.bucket),
+                )
             })
             .collect();
         let mut by_counter: BTreeMap<_, (i64, Vec<(String, String)>)> = BTreeMap::new();
@@ -350,14 +366,14 @@ impl Flusher {
         }
         let mut behind = 0;
         for ((user, start), (version, fields)) in by_counter {
-            let Some((period, sent)) = periods.get(&(user, start)).copied() else {
+            let Some((period, sent, bucket)) = periods.get(&(user, start)).copied() else {
                 continue;
             };
-            let keys = self.store.keys(user);
+            let keys = self.store.keys_of(table.owner(user), bucket);
             if self.store.catch_up(&keys, period, version, &fields).await? {
                 behind += 1;
                 tracing::warn!(
-                    %user,
+                    owner = ?table.owner(user),
                     period = %period.id(),
                     redis_version = sent,
                     postgres_version = version,

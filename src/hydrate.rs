@@ -30,13 +30,12 @@ use deadpool_redis::redis::{self, ScriptInvocation};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::db;
 use crate::metrics as m;
 use crate::period::Period;
-use crate::store::{Load, RedisStore, Snapshot, StoreError, UserKeys};
+use crate::store::{Hydrated, Load, Owner, OwnerKeys, RedisStore, Snapshot, StoreError};
 
 /// How long the first load of a batch waits for others to join it.
 pub const WINDOW: Duration = Duration::from_millis(1);
@@ -56,7 +55,9 @@ pub enum LoadError {
 
 /// One load asked for, and where its answer goes.
 struct Waiter {
-    keys: UserKeys,
+    keys: OwnerKeys,
+    /// The route the caller's call was sent under (see [`RedisStore::hydrate_invocation`]).
+    believed: String,
     period: Period,
     /// When it was asked for: its Postgres deadline runs from here.
     asked: Instant,
@@ -68,8 +69,10 @@ struct Waiter {
 /// What one load did.
 #[derive(Debug)]
 pub struct Loaded {
-    /// `true` for the one waiter of a (user, period) whose load filled the counter.
-    pub filled: bool,
+    /// [`Hydrated::Filled`] for the one waiter of a counter whose load filled it;
+    /// [`Hydrated::Loaded`] for the others; [`Hydrated::Moved`] when the owner's counters live
+    /// elsewhere (nothing filled).
+    pub filled: Hydrated,
     /// The reply of the waiter's follow-up script; `None` when it had none, or Redis did not run
     /// it (send it again alone).
     pub follow_up: Option<Result<redis::Value, StoreError>>,
@@ -121,18 +124,24 @@ impl Hydrator {
         }
     }
 
-    /// Loads (user, period) from Postgres into Redis unless it is loaded already. `true` when
-    /// this call's load filled the counter (at most one of the calls for the same counter in a
-    /// batch); `false` when another had loaded it.
-    pub async fn load(&self, keys: &UserKeys, period: Period) -> Result<bool, LoadError> {
-        Ok(self.load_then(keys, period, None).await?.filled)
+    /// Loads (owner, period) from Postgres into Redis (in the bucket of `keys`, where the caller
+    /// believes the owner's route is `believed`) unless it is loaded already. See
+    /// [`Loaded::filled`] for the answer.
+    pub async fn load(
+        &self,
+        keys: &OwnerKeys,
+        believed: &str,
+        period: Period,
+    ) -> Result<Hydrated, LoadError> {
+        Ok(self.load_then(keys, believed, period, None).await?.filled)
     }
 
-    /// [`Self::load`], then `follow_up` (a script for the same user, unarmed) in the same Redis
+    /// [`Self::load`], then `follow_up` (a script for the same owner, unarmed) in the same Redis
     /// pipeline right after the fill: its reply comes back with the load's.
     pub async fn load_then(
         &self,
-        keys: &UserKeys,
+        keys: &OwnerKeys,
+        believed: &str,
         period: Period,
         follow_up: Option<ScriptInvocation<'static>>,
     ) -> Result<Loaded, LoadError> {
@@ -140,6 +149,7 @@ impl Hydrator {
         let (reply, answer) = oneshot::channel();
         let waiter = Waiter {
             keys: keys.clone(),
+            believed: believed.to_owned(),
             period,
             asked: Instant::now(),
             follow_up,
@@ -207,13 +217,15 @@ async fn gather(loader: Arc<Loader>, mut waiting: mpsc::UnboundedReceiver<Waiter
 impl Loader {
     /// One batch: one Postgres statement, one Redis pipeline, one answer per waiter.
     async fn run(self: Arc<Self>, batch: Vec<Waiter>) {
-        // Each distinct (user, period) once; `pairs[i]` is read for `by_pair[i]`'s waiters.
-        let mut index: HashMap<(Uuid, Period), usize> = HashMap::new();
-        let mut pairs: Vec<(Uuid, Period)> = Vec::new();
+        // Each distinct counter (owner, period, in one bucket, under one route) once; `pairs[i]`
+        // is read for `by_pair[i]`'s waiters.
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        let mut pairs: Vec<(Owner, Period)> = Vec::new();
         let mut by_pair: Vec<Vec<Waiter>> = Vec::new();
         for w in batch {
-            let pair = (w.keys.user(), w.period);
-            let i = *index.entry(pair).or_insert_with(|| {
+            let pair = (w.keys.owner(), w.period);
+            let at = (w.keys.counter(w.period), w.believed.clone());
+            let i = *index.entry(at).or_insert_with(|| {
                 pairs.push(pair);
                 by_pair.push(Vec::new());
                 pairs.len() - 1
@@ -222,14 +234,16 @@ impl Loader {
         }
         metrics::counter!(m::HYDRATE_BATCHES).increment(1);
         metrics::histogram!(m::HYDRATE_BATCH_COUNTERS).record(pairs.len() as f64);
-        self.queries.fetch_add(1, Ordering::Relaxed);
 
         // The oldest waiter's deadline bounds the statement: nobody waits on it longer than alone.
         let oldest = by_pair.iter().flatten().map(|w| w.asked).min();
         let deadline = oldest.unwrap_or_else(Instant::now) + self.db_timeout;
         let left = deadline.saturating_duration_since(Instant::now());
-        let snaps = match db::within(left, db::snapshots(&self.db, &pairs)).await {
-            Ok(snaps) => snaps,
+        let snaps = match db::within(left, db::snapshots_counted(&self.db, &pairs)).await {
+            Ok((snaps, statements)) => {
+                self.queries.fetch_add(statements, Ordering::Relaxed);
+                snaps
+            }
             Err(e) => {
                 for w in by_pair.into_iter().flatten() {
                     let _ = w.reply.send(Err(LoadError::Db(copy_of(&e))));
@@ -244,7 +258,7 @@ impl Loader {
             match snap {
                 Ok(snap) => loaded.push((waiters, snap)),
                 Err(e) => {
-                    tracing::warn!(error.message = %e, user = %waiters[0].keys.user(), "a counter's rows in postgres could not be read");
+                    tracing::warn!(error.message = %e, owner = ?waiters[0].keys.owner(), "a counter's rows in postgres could not be read");
                     answer_all(waiters, || Err(LoadError::Db(copy_of(&e))));
                 }
             }
@@ -259,6 +273,7 @@ impl Loader {
                 let follow_ups = waiters.iter_mut().map(|w| w.follow_up.take()).collect();
                 Load {
                     keys: &waiters[0].keys,
+                    believed: &waiters[0].believed,
                     period: waiters[0].period,
                     snapshot: snap,
                     follow_ups,
@@ -274,12 +289,14 @@ impl Loader {
                         Ok(filled) => {
                             // Only the first waiter of a pair reports the fill; each gets its
                             // own follow-up's reply.
-                            let mut first = filled;
+                            let mut first = Some(filled.clone());
                             for (w, follow_up) in waiters.into_iter().zip(outcome.follow_ups) {
-                                let _ = w.reply.send(Ok(Loaded {
-                                    filled: std::mem::take(&mut first),
-                                    follow_up,
-                                }));
+                                let filled = match (&filled, first.take()) {
+                                    (Hydrated::Moved(route), _) => Hydrated::Moved(route.clone()),
+                                    (_, Some(f)) => f,
+                                    (_, None) => Hydrated::Loaded,
+                                };
+                                let _ = w.reply.send(Ok(Loaded { filled, follow_up }));
                             }
                         }
                         Err(e) => answer_all(waiters, || Err(LoadError::Redis(e.clone()))),

@@ -20,6 +20,7 @@
 //! - [`http`]: the v1 API.
 //! - [`app`]: wiring, start-up and shutdown.
 
+pub mod accounts;
 pub mod app;
 pub mod clock;
 pub mod config;
@@ -33,5 +34,6 @@ pub mod plans;
 pub mod quota;
 pub mod reconcile;
 pub mod refusals;
+pub mod routes;
 pub mod store;
 pub mod telemetry;

@@ -18,13 +18,17 @@ use crate::metrics as m;
 use crate::period::{Period, PeriodKind};
 use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
 use crate::refusals::{Refusals, Subject};
+use crate::routes::{Hops, Routes};
 use crate::store::{
-    self, CountCall, MetaValue, Mode, RedisStore, RefundReply, Reply, Status, StoreError, UserKeys,
+    self, CountCall, CounterHash, Hydrated, Level, LimitSource, MetaValue, Mode, OwnerKeys,
+    RedisStore, RefundReply, ReleaseReply, Reply, Status, StoreError, UserKeys,
 };
 
-/// How often a call is re-run after loading its counter before it gives up. Two suffice unless
-/// the counter is deleted again between the load and the re-run.
-const HYDRATE_ATTEMPTS: usize = 3;
+/// How often a call is re-run after loading its counters, or after following the user's route to
+/// where their counters live, before it gives up. A member's first call may load two counters
+/// (their own and the pool) and follow one route; the rest is margin for a counter deleted again
+/// between its load and the re-run.
+const ATTEMPTS: usize = 8;
 
 /// Which decision a caller wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +107,25 @@ pub struct Decision {
     pub counter: CounterView,
     /// When it was decided.
     pub now: DateTime<Utc>,
+    /// For a refused consume, the level that ran out.
+    pub limited_by: Option<Level>,
+    /// Where the user's limit comes from.
+    pub source: LimitSource,
+    /// The account's level, for a member of an account.
+    pub account: Option<AccountLevel>,
+}
+
+/// The account's level of a decision, refund or usage read.
+#[derive(Debug, Clone)]
+pub struct AccountLevel {
+    /// The account.
+    pub account: Uuid,
+    /// The account's plan in force.
+    pub plan: String,
+    /// The pool after the call.
+    pub counter: CounterView,
+    /// Where the pool's limit comes from.
+    pub source: LimitSource,
 }
 
 /// A successful refund.
@@ -119,6 +142,20 @@ pub struct Refund {
     pub plan: String,
     /// The counter after the refund.
     pub counter: CounterView,
+    /// For a call that counted in the user's account's pool: the account, the pool after the
+    /// refund, and how much it got back.
+    pub account: Option<(Uuid, CounterView, u64)>,
+}
+
+/// One type's counter on a usage read.
+#[derive(Debug, Clone)]
+pub struct TypeUsage {
+    /// Month or lifetime.
+    pub period: PeriodKind,
+    /// The counter.
+    pub counter: CounterView,
+    /// Where its limit comes from.
+    pub source: LimitSource,
 }
 
 /// Every configured type's counter for one user.
@@ -129,7 +166,20 @@ pub struct Usage {
     /// The plan in force.
     pub plan: String,
     /// Counters by type name.
-    pub counters: BTreeMap<String, (PeriodKind, CounterView)>,
+    pub counters: BTreeMap<String, TypeUsage>,
+    /// The user's account and its pool, for a member.
+    pub account: Option<PoolUsage>,
+}
+
+/// An account's pool: every configured type's counter.
+#[derive(Debug, Clone)]
+pub struct PoolUsage {
+    /// The account.
+    pub account: Uuid,
+    /// The account's plan in force.
+    pub plan: String,
+    /// Counters by type name.
+    pub counters: BTreeMap<String, TypeUsage>,
 }
 
 /// A user's plan as stored.
@@ -260,6 +310,8 @@ pub struct Quota {
     pub refusals: Refusals,
     /// Loads counters Redis does not hold from Postgres, many at once.
     pub hydrator: Hydrator,
+    /// Where this replica believes each member of an account counts.
+    pub routes: Routes,
 }
 
 impl Quota {
@@ -337,6 +389,9 @@ impl Quota {
                         period,
                     },
                     now,
+                    limited_by: None,
+                    source: LimitSource::Plan,
+                    account: None,
                 }
             }
             Err(fault) => {
@@ -357,13 +412,14 @@ impl Quota {
         period: Period,
         now: DateTime<Utc>,
     ) -> Option<Decision> {
-        if !cacheable(action, input) {
+        // Refusals are remembered for users without an account only: a pool changes with every
+        // member's call.
+        if !cacheable(action, input) || self.routes.get(&input.user).is_some() {
             return None;
         }
         let seen = self.refusals.lookup(&subject(input, ty, period))?;
-        // The limit in force now, not the one refused under: a raised limit counts at once.
         let plan = plans.effective_plan(Some(&seen.plan));
-        let limit = ty.limit(plan)?;
+        let limit = seen.limit;
         if seen.used + input.amount <= limit {
             return None;
         }
@@ -381,6 +437,9 @@ impl Quota {
                 period,
             },
             now,
+            limited_by: Some(Level::User),
+            source: LimitSource::Plan,
+            account: None,
         })
     }
 
@@ -401,12 +460,12 @@ impl Quota {
         period: Period,
         now: DateTime<Utc>,
     ) -> Result<Decision, Fault> {
-        let cacheable = cacheable(action, input);
-        let keys = self.store.keys(input.user);
-        // The call, as its script's invocation and the reading of its reply.
-        let invocation = || match action {
+        let mut keys = self.placed(input.user);
+        let mut hops = Hops::default();
+        // The call, as its script's invocation for keys placed as believed.
+        let invocation = |keys: &UserKeys| match action {
             Action::Check => self.store.check_invocation(
-                &keys,
+                keys,
                 ty,
                 input.amount,
                 period,
@@ -420,7 +479,7 @@ impl Quota {
                 } else {
                     Mode::Track
                 },
-                keys: &keys,
+                keys,
                 usage_type: ty,
                 amount: input.amount,
                 period,
@@ -430,50 +489,77 @@ impl Quota {
                 metadata: &input.metadata,
             }),
         };
-        let read = |raw| match action {
-            Action::Check => store::check_reply(raw, period),
-            Action::Consume | Action::Track => store::count_reply(raw),
+        let read = |raw| store::decision_reply(raw, period);
+        // The refusal cache's ticket, taken before each send whose answer may be remembered
+        // (users without an account only).
+        let new_ticket = |keys: &UserKeys| {
+            (cacheable(action, input) && keys.account().is_none())
+                .then(|| self.refusals.ticket())
+                .flatten()
         };
-        // The refusal cache's ticket, taken before each send whose answer may be remembered.
-        let new_ticket = || cacheable.then(|| self.refusals.ticket()).flatten();
         // A reply that came back with a load (the call sent again right after the fill, in the
         // same pipeline), with the ticket taken before it was sent.
         let mut answered: Option<(Option<u64>, Reply)> = None;
-        for _ in 0..HYDRATE_ATTEMPTS {
+        for _ in 0..ATTEMPTS {
             let (ticket, reply) = match answered.take() {
                 Some(answered) => answered,
                 None => (
-                    new_ticket(),
-                    read(self.store.run(&mut invocation()).await?)?,
+                    new_ticket(&keys),
+                    read(self.store.run(&mut invocation(&keys)).await?)?,
                 ),
             };
-            if reply.status == Status::Hydrate {
-                let ticket = new_ticket();
-                if let Some(raw) = self.hydrate_then(&keys, period, invocation()).await? {
-                    answered = Some((ticket, read(raw?)?));
+            match reply.status {
+                Status::Moved => {
+                    keys = self.follow(&keys, &reply.detail, &mut hops).await?;
+                    continue;
                 }
-                continue;
+                Status::Hydrate => {
+                    let ticket = new_ticket(&keys);
+                    match self
+                        .load_levels(&keys, period, &reply.detail, invocation(&keys))
+                        .await?
+                    {
+                        Reloaded::Answer(raw) => answered = Some((ticket, read(raw?)?)),
+                        Reloaded::Moved(route) => {
+                            keys = self.follow(&keys, &route, &mut hops).await?
+                        }
+                        Reloaded::Again => {}
+                    }
+                    continue;
+                }
+                Status::MetaLimit => return Err(Fault::Answer(QuotaError::TooManyMetadataNames)),
+                Status::MetaSum => {
+                    return Err(Fault::Answer(QuotaError::MetadataSumTooLarge(reply.detail)))
+                }
+                Status::Refunded => return Err(Fault::Answer(QuotaError::KeyRefunded)),
+                Status::Conflict => return Err(Fault::Answer(QuotaError::KeyReused)),
+                Status::Ok | Status::Denied | Status::Replay => {}
             }
-            if reply.status == Status::MetaLimit {
-                return Err(Fault::Answer(QuotaError::TooManyMetadataNames));
-            }
-            if reply.status == Status::MetaSum {
-                return Err(Fault::Answer(QuotaError::MetadataSumTooLarge(reply.detail)));
-            }
-            if reply.status == Status::Refunded {
-                return Err(Fault::Answer(QuotaError::KeyRefunded));
-            }
-            if reply.status == Status::Conflict {
-                return Err(Fault::Answer(QuotaError::KeyReused));
-            }
-            if let (Some(ticket), Status::Denied) = (ticket, reply.status) {
+            if let (Some(ticket), Status::Denied, Some(limit)) = (ticket, reply.status, reply.limit)
+            {
                 self.refusals.remember(
                     ticket,
                     &subject(input, ty, period),
                     &reply.plan,
                     reply.used,
+                    limit,
                 );
             }
+            let period = reply.period.unwrap_or(period);
+            let account = match (keys.account(), reply.account) {
+                (Some(account), Some(level)) => Some(AccountLevel {
+                    account,
+                    plan: level.plan,
+                    counter: CounterView {
+                        used: Some(level.used),
+                        limit: level.limit,
+                        unlimited: level.limit.is_none(),
+                        period,
+                    },
+                    source: level.source,
+                }),
+                _ => None,
+            };
             return Ok(Decision {
                 allowed: reply.status != Status::Denied,
                 replayed: reply.status == Status::Replay,
@@ -485,9 +571,12 @@ impl Quota {
                     used: Some(reply.used),
                     limit: reply.limit,
                     unlimited: reply.limit.is_none(),
-                    period: reply.period.unwrap_or(period),
+                    period,
                 },
                 now,
+                limited_by: reply.limited_by,
+                source: reply.source,
+                account,
             });
         }
         Err(Fault::Redis(StoreError::Unavailable(
@@ -495,35 +584,105 @@ impl Quota {
         )))
     }
 
-    /// Loads (user, period) from Postgres into Redis unless another caller already did.
-    async fn hydrate(&self, keys: &UserKeys, period: Period) -> Result<(), Fault> {
-        self.hydrate_then(keys, period, None).await.map(|_| ())
+    /// The keys of `user`, placed where this replica believes their counters live.
+    pub fn placed(&self, user: Uuid) -> UserKeys {
+        self.store.keys_in(user, self.routes.get(&user))
     }
 
-    /// [`Self::hydrate`], then `follow_up` (unarmed) right after the fill in the same Redis
-    /// pipeline: its reply, or `None` when it was not run (send it again).
-    async fn hydrate_then(
+    /// The keys of `keys`' user placed where the route a script reported (`route`) says their
+    /// counters live; remembered for the next call. A move under way (">moving") is waited out
+    /// (up to [`crate::routes::MOVE_WAIT`]); after that, and after too many hops, the call fails
+    /// as an outage (the fail policy decides).
+    async fn follow(
+        &self,
+        keys: &UserKeys,
+        route: &str,
+        hops: &mut Hops,
+    ) -> Result<UserKeys, Fault> {
+        let user = keys.user();
+        let next = hops
+            .next(keys.account(), route)
+            .await
+            .map_err(|e| Fault::Redis(StoreError::Unavailable(e)))?;
+        self.routes.set(user, next);
+        Ok(self.store.keys_in(user, next))
+    }
+
+    /// Loads the counters a script named missing (`which`: "user", "account" or both) from
+    /// Postgres. With one missing, `follow_up` rides in its load's pipeline and its reply comes
+    /// back; with both, they load together and the call is sent again.
+    async fn load_levels(
         &self,
         keys: &UserKeys,
         period: Period,
-        follow_up: impl Into<Option<ScriptInvocation<'static>>>,
-    ) -> Result<Option<Result<redis::Value, StoreError>>, Fault> {
-        let loaded = self
-            .hydrator
-            .load_then(keys, period, follow_up.into())
-            .await?;
-        if loaded.filled {
-            self.refusals.forget(&keys.user());
-            metrics::counter!(m::HYDRATIONS).increment(1);
+        which: &str,
+        follow_up: ScriptInvocation<'static>,
+    ) -> Result<Reloaded, Fault> {
+        // The user's counters are loaded under the user's route; an account's pool has none.
+        let believed = keys.route_value();
+        let mut levels: Vec<(&OwnerKeys, &str)> = Vec::with_capacity(2);
+        if which.contains("user") {
+            levels.push((keys.own(), &believed));
         }
-        Ok(loaded.follow_up)
+        if let (true, Some(pool)) = (which.contains("account"), keys.pool()) {
+            levels.push((pool, ""));
+        }
+        if let [(level, believed)] = levels[..] {
+            let loaded = self
+                .hydrator
+                .load_then(level, believed, period, Some(follow_up))
+                .await?;
+            self.after_load(level, &loaded.filled);
+            return Ok(match loaded.filled {
+                Hydrated::Moved(route) => Reloaded::Moved(route),
+                _ => loaded.follow_up.map_or(Reloaded::Again, Reloaded::Answer),
+            });
+        }
+        let loads = levels
+            .iter()
+            .map(|(k, believed)| self.hydrator.load(k, believed, period));
+        let filled = futures_util::future::try_join_all(loads).await?;
+        for ((k, _), f) in levels.iter().zip(&filled) {
+            self.after_load(k, f);
+        }
+        Ok(
+            match filled.into_iter().find_map(|f| match f {
+                Hydrated::Moved(route) => Some(route),
+                _ => None,
+            }) {
+                Some(route) => Reloaded::Moved(route),
+                None => Reloaded::Again,
+            },
+        )
     }
 
-    /// Gives back the consume or track recorded under `key`, once.
+    /// What follows a load: a counter filled again may hold less than the one Redis lost, so the
+    /// owner's remembered refusals go.
+    fn after_load(&self, keys: &OwnerKeys, filled: &Hydrated) {
+        if *filled == Hydrated::Filled {
+            self.refusals.forget(&keys.owner().id());
+            metrics::counter!(m::HYDRATIONS).increment(1);
+        }
+    }
+
+    /// Loads (owner, period) from Postgres into Redis unless another caller already did.
+    async fn hydrate(
+        &self,
+        keys: &OwnerKeys,
+        believed: &str,
+        period: Period,
+    ) -> Result<Hydrated, Fault> {
+        let filled = self.hydrator.load(keys, believed, period).await?;
+        self.after_load(keys, &filled);
+        Ok(filled)
+    }
+
+    /// Gives back the consume or track recorded under `key`, once, at every level it counted at.
     #[tracing::instrument(skip_all, fields(user = %user))]
     pub async fn refund(&self, user: Uuid, key: &str) -> Result<Refund, QuotaError> {
-        let keys = self.store.keys(user);
-        for _ in 0..HYDRATE_ATTEMPTS {
+        let mut keys = self.placed(user);
+        let mut hops = Hops::default();
+        for _ in 0..ATTEMPTS {
             match self.store.refund(&keys, key).await? {
                 RefundReply::Refunded {
                     used,
@@ -531,12 +690,26 @@ impl Quota {
                     usage_type,
                     amount,
                     period,
+                    account,
                 } => {
                     // Other replicas forget on the script's pub/sub message; this one need not wait.
                     self.refusals.forget(&user);
                     let plans = self.plans.current();
                     let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
                     let limit = plans.usage_type(&usage_type).and_then(|t| t.limit(&plan));
+                    let account = match (keys.account(), account) {
+                        (Some(a), Some((pool_used, given))) => Some((
+                            a,
+                            CounterView {
+                                used: Some(pool_used),
+                                limit: None,
+                                unlimited: false,
+                                period,
+                            },
+                            given,
+                        )),
+                        _ => None,
+                    };
                     return Ok(Refund {
                         user,
                         counter: CounterView {
@@ -548,38 +721,66 @@ impl Quota {
                         usage_type,
                         amount,
                         plan,
+                        account,
                     });
                 }
                 RefundReply::Missing => return Err(QuotaError::UnknownKey(key.to_owned())),
                 RefundReply::AlreadyRefunded => {
                     return Err(QuotaError::AlreadyRefunded(key.to_owned()))
                 }
-                RefundReply::Hydrate(period) => self.hydrate(&keys, period).await?,
+                RefundReply::Moved(route) => {
+                    keys = self.follow(&keys, &route, &mut hops).await?;
+                }
+                RefundReply::Hydrate(period, level) => {
+                    if let Hydrated::Moved(route) = self.hydrate_level(&keys, level, period).await?
+                    {
+                        keys = self.follow(&keys, &route, &mut hops).await?;
+                    }
+                }
             }
         }
         Err(QuotaError::NotLoaded)
     }
 
-    /// Lowers a lifetime counter by `amount`, never below 0: the plan, the counter after it, and
-    /// how much was actually lowered.
+    /// Loads one level of `keys` (the user's own counter, or the pool's).
+    async fn hydrate_level(
+        &self,
+        keys: &UserKeys,
+        level: Level,
+        period: Period,
+    ) -> Result<Hydrated, Fault> {
+        match (level, keys.pool()) {
+            (Level::Account, Some(pool)) => self.hydrate(pool, "", period).await,
+            _ => self.hydrate(keys.own(), &keys.route_value(), period).await,
+        }
+    }
+
+    /// Lowers a lifetime counter by `amount`, never below 0 (a member's pool with it): the plan,
+    /// the counter after it, how much was actually lowered, and for a member the pool's part.
     #[tracing::instrument(skip_all, fields(user = %user, r#type = %usage_type))]
     pub async fn release(
         &self,
         user: Uuid,
         usage_type: &str,
         amount: u64,
-    ) -> Result<(String, CounterView, u64), QuotaError> {
+    ) -> Result<Release, QuotaError> {
         let plans = self.plans.current();
         let ty = known_type(&plans, usage_type)?;
         if ty.period != PeriodKind::Lifetime {
             return Err(QuotaError::NotALifetimeType(usage_type.to_owned()));
         }
-        let keys = self.store.keys(user);
-        for _ in 0..HYDRATE_ATTEMPTS {
+        let mut keys = self.placed(user);
+        let mut hops = Hops::default();
+        for _ in 0..ATTEMPTS {
             match self.store.release(&keys, usage_type, amount).await? {
-                Some((used, stored, released)) => {
+                ReleaseReply::Released {
+                    used,
+                    stored_plan,
+                    released,
+                    account,
+                } => {
                     self.refusals.forget(&user);
-                    let plan = plans.effective_plan(stored.as_deref()).to_owned();
+                    let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
                     let limit = ty.limit(&plan);
                     let view = CounterView {
                         used: Some(used),
@@ -587,23 +788,54 @@ impl Quota {
                         unlimited: limit.is_none(),
                         period: Period::Lifetime,
                     };
-                    return Ok((plan, view, released));
+                    let account = match (keys.account(), account) {
+                        (Some(a), Some((pool_used, lowered))) => Some((
+                            a,
+                            CounterView {
+                                used: Some(pool_used),
+                                limit: None,
+                                unlimited: false,
+                                period: Period::Lifetime,
+                            },
+                            lowered,
+                        )),
+                        _ => None,
+                    };
+                    return Ok(Release {
+                        plan,
+                        counter: view,
+                        released,
+                        account,
+                    });
                 }
-                None => self.hydrate(&keys, Period::Lifetime).await?,
+                ReleaseReply::Moved(route) => {
+                    keys = self.follow(&keys, &route, &mut hops).await?;
+                }
+                ReleaseReply::Hydrate(level) => {
+                    if let Hydrated::Moved(route) =
+                        self.hydrate_level(&keys, level, Period::Lifetime).await?
+                    {
+                        keys = self.follow(&keys, &route, &mut hops).await?;
+                    }
+                }
             }
         }
         Err(QuotaError::NotLoaded)
     }
 
-    /// Every configured type's counter for `user`, and the plan in force.
-    #[tracing::instrument(skip_all, fields(user = %user))]
-    pub async fn usage(&self, user: Uuid) -> Result<Usage, QuotaError> {
-        let plans = self.plans.current();
-        let now = self.clock.now();
-        let periods = current_periods(&plans, now);
-        let keys = self.store.keys(user);
-        let mut maps = self.store.read_counters(&keys, &periods).await?;
-        for _ in 0..HYDRATE_ATTEMPTS {
+    /// The counter hashes of one owner in `periods`, loading those Redis does not hold. `Err`
+    /// inside with the route when the owner's counters are not in `keys`' bucket.
+    async fn loaded_counters(
+        &self,
+        keys: &OwnerKeys,
+        believed: &str,
+        periods: &[Period],
+    ) -> Result<Result<Vec<Option<CounterHash>>, String>, Fault> {
+        let (mut maps, mut route) = self.store.read_counters(keys, periods).await?;
+        for _ in 0..ATTEMPTS {
+            if route != believed {
+                return Ok(Err(route));
+            }
             let missing: Vec<Period> = periods
                 .iter()
                 .zip(&maps)
@@ -614,50 +846,71 @@ impl Quota {
                 break;
             }
             // Asked for together, so the loads share one batch (one Postgres statement).
-            futures_util::future::try_join_all(missing.iter().map(|p| self.hydrate(&keys, *p)))
-                .await?;
-            maps = self.store.read_counters(&keys, &periods).await?;
+            let filled = futures_util::future::try_join_all(
+                missing.iter().map(|p| self.hydrate(keys, believed, *p)),
+            )
+            .await?;
+            if let Some(route) = filled.into_iter().find_map(|f| match f {
+                Hydrated::Moved(route) => Some(route),
+                _ => None,
+            }) {
+                return Ok(Err(route));
+            }
+            (maps, route) = self.store.read_counters(keys, periods).await?;
         }
-        // Every hash carries the plan; the one written by the newest plan change wins.
-        let stored = maps
-            .iter()
-            .flatten()
-            .filter_map(|h| h.plan.as_ref())
-            .max_by_key(|(_, pv)| *pv)
-            .map(|(p, _)| p.as_str());
-        let plan = plans.effective_plan(stored).to_owned();
-        let counters = plans
-            .types
-            .values()
-            .map(|ty| {
-                let period = Period::current(ty.period, now);
-                let idx = periods
-                    .iter()
-                    .position(|p| *p == period)
-                    .expect("period listed");
-                let used = maps[idx]
-                    .as_ref()
-                    .map_or(0, |h| h.count(&ty.name).max(0) as u64);
-                let limit = ty.limit(&plan);
-                (
-                    ty.name.clone(),
-                    (
-                        ty.period,
-                        CounterView {
-                            used: Some(used),
-                            limit,
-                            unlimited: limit.is_none(),
-                            period,
-                        },
-                    ),
-                )
-            })
-            .collect();
-        Ok(Usage {
-            user,
-            plan,
-            counters,
-        })
+        Ok(Ok(maps))
+    }
+
+    /// Every configured type's counter for `user`, and the plan in force; for a member, their
+    /// account's pool too.
+    #[tracing::instrument(skip_all, fields(user = %user))]
+    pub async fn usage(&self, user: Uuid) -> Result<Usage, QuotaError> {
+        let plans = self.plans.current();
+        let now = self.clock.now();
+        let periods = current_periods(&plans, now);
+        let mut keys = self.placed(user);
+        let mut hops = Hops::default();
+        for _ in 0..ATTEMPTS {
+            let believed = keys.route_value();
+            let maps = match self
+                .loaded_counters(keys.own(), &believed, &periods)
+                .await?
+            {
+                Ok(maps) => maps,
+                Err(route) => {
+                    keys = self.follow(&keys, &route, &mut hops).await?;
+                    continue;
+                }
+            };
+            let account = match keys.pool() {
+                Some(pool) => {
+                    let pool_maps = match self.loaded_counters(pool, "", &periods).await? {
+                        Ok(maps) => maps,
+                        Err(route) => {
+                            return Err(QuotaError::Redis(StoreError::Unavailable(format!(
+                                "the account's pool is routed elsewhere ({route:?})"
+                            ))))
+                        }
+                    };
+                    let (plan, counters) = level_usage(&plans, &periods, &pool_maps, now, false);
+                    Some(PoolUsage {
+                        account: pool.owner().id(),
+                        plan,
+                        counters,
+                    })
+                }
+                None => None,
+            };
+            let (plan, counters) =
+                level_usage(&plans, &periods, &maps, now, keys.account().is_some());
+            return Ok(Usage {
+                user,
+                plan,
+                counters,
+                account,
+            });
+        }
+        Err(QuotaError::NotLoaded)
     }
 
     /// Stores `plan` for `user` in Postgres, then puts it into the user's live Redis counters so
@@ -666,24 +919,10 @@ impl Quota {
     pub async fn set_plan(&self, user: Uuid, plan: &str) -> Result<UserPlan, QuotaError> {
         let plans = self.plans.current();
         known_plan(&plans, plan)?;
-        let stored = db::within(self.db_timeout, db::put_plan(&self.db, user, plan)).await?;
-        let periods = current_periods(&plans, self.clock.now());
-        // The months either side of the current one, where they exist: another replica's clock
-        // (or this one's a moment later) may already be past midnight.
-        let adjacent: Vec<Period> = periods
-            .iter()
-            .filter_map(|p| Some([p.previous()?, Period::current(PeriodKind::Month, p.end()?)]))
-            .flatten()
-            .collect();
+        let owner = store::Owner::User(user);
+        let stored = db::within(self.db_timeout, db::put_plan(&self.db, owner, plan)).await?;
         let written = self
-            .store
-            .set_plan(
-                &self.store.keys(user),
-                &stored.plan,
-                stored.version,
-                &periods,
-                &adjacent,
-            )
+            .put_in_force(user, Change::Plan(&stored.plan, stored.version))
             .await;
         self.refusals.forget(&user);
         if let Err(e) = written {
@@ -698,11 +937,57 @@ impl Quota {
         })
     }
 
+    /// Puts `change` (a plan or override change) into the live counters of `user`, wherever
+    /// they live, following the user's route until it lands.
+    pub(crate) async fn put_in_force(
+        &self,
+        user: Uuid,
+        change: Change<'_>,
+    ) -> Result<(), StoreError> {
+        let plans = self.plans.current();
+        let (periods, adjacent) = in_force(&plans, self.clock.now());
+        let mut keys = self.placed(user);
+        let mut hops = Hops::default();
+        for _ in 0..ATTEMPTS {
+            let (own, believed) = (keys.own(), keys.route_value());
+            let written = match change {
+                Change::Plan(plan, version) => {
+                    self.store
+                        .set_plan(own, &believed, plan, version, &periods, &adjacent)
+                        .await?
+                }
+                Change::Limits(limits, version) => {
+                    self.store
+                        .set_limits(own, &believed, limits, version, &periods, &adjacent)
+                        .await?
+                }
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(route) => {
+                    keys = match self.follow(&keys, &route, &mut hops).await {
+                        Ok(k) => k,
+                        Err(Fault::Redis(e)) => return Err(e),
+                        Err(_) => return Err(StoreError::Unavailable("routing failed".into())),
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the user's counters kept moving".into(),
+        ))
+    }
+
     /// The plan stored for `user`, or the default.
     pub async fn get_plan(&self, user: Uuid) -> Result<UserPlan, QuotaError> {
         let plans = self.plans.current();
         Ok(
-            match db::within(self.db_timeout, db::get_plan(&self.db, user)).await? {
+            match db::within(
+                self.db_timeout,
+                db::get_plan(&self.db, store::Owner::User(user)),
+            )
+            .await?
+            {
                 Some(p) => UserPlan {
                     user,
                     plan: p.plan,
@@ -718,6 +1003,103 @@ impl Quota {
             },
         )
     }
+}
+
+/// A release: the plan, the counter after it, how much was lowered, and for a member the account,
+/// its pool after it and how much the pool was lowered.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// The plan in force.
+    pub plan: String,
+    /// The user's counter after the release.
+    pub counter: CounterView,
+    /// How much was lowered.
+    pub released: u64,
+    /// For a member: the account, its pool after the release, and how much it was lowered.
+    pub account: Option<(Uuid, CounterView, u64)>,
+}
+
+/// A change written into a user's live counters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Change<'a> {
+    /// A plan and its version.
+    Plan(&'a str, i64),
+    /// Every limit override in force, and their version.
+    Limits(&'a [(String, i64)], i64),
+}
+
+/// What loading a call's missing counters gave.
+enum Reloaded {
+    /// The call's reply, sent right after the load.
+    Answer(Result<redis::Value, StoreError>),
+    /// The counters live elsewhere: the route.
+    Moved(String),
+    /// Loaded; send the call again.
+    Again,
+}
+
+/// Every configured type's counter at one level, from that level's hashes of `periods`: the plan
+/// in force and the counters. `member` is the user's level of a member of an account: a type
+/// without an override is limited there only when the user has a plan of their own.
+pub(crate) fn level_usage(
+    plans: &Plans,
+    periods: &[Period],
+    maps: &[Option<CounterHash>],
+    now: DateTime<Utc>,
+    member: bool,
+) -> (String, BTreeMap<String, TypeUsage>) {
+    // Every hash carries the plan; the one written by the newest plan change wins.
+    let stored = maps
+        .iter()
+        .flatten()
+        .filter_map(|h| h.plan.as_ref())
+        .max_by_key(|(_, pv)| *pv)
+        .map(|(p, _)| p.as_str());
+    let plan = plans.effective_plan(stored).to_owned();
+    let counters = plans
+        .types
+        .values()
+        .map(|ty| {
+            let period = Period::current(ty.period, now);
+            let hash = periods
+                .iter()
+                .position(|p| *p == period)
+                .and_then(|i| maps[i].as_ref());
+            let used = hash.map_or(0, |h| h.count(&ty.name).max(0) as u64);
+            let (limit, source) = match hash.and_then(|h| h.limit_override(&ty.name)) {
+                Some(o) => (u64::try_from(o).ok(), LimitSource::Override),
+                None if member && stored.is_none() => (None, LimitSource::Account),
+                None => (ty.limit(&plan), LimitSource::Plan),
+            };
+            (
+                ty.name.clone(),
+                TypeUsage {
+                    period: ty.period,
+                    counter: CounterView {
+                        used: Some(used),
+                        limit,
+                        unlimited: limit.is_none(),
+                        period,
+                    },
+                    source,
+                },
+            )
+        })
+        .collect();
+    (plan, counters)
+}
+
+/// The periods in force at `now` (created in Redis when missing), and the months either side of
+/// the current one (written only where they exist: another replica's clock, or this one's a
+/// moment later, may already be past midnight).
+pub(crate) fn in_force(plans: &Plans, now: DateTime<Utc>) -> (Vec<Period>, Vec<Period>) {
+    let periods = current_periods(plans, now);
+    let adjacent: Vec<Period> = periods
+        .iter()
+        .filter_map(|p| Some([p.previous()?, Period::current(PeriodKind::Month, p.end()?)]))
+        .flatten()
+        .collect();
+    (periods, adjacent)
 }
 
 /// Whether a decision may be answered from, and kept in, the refusal cache.
@@ -756,7 +1138,7 @@ pub fn known_plan(plans: &Plans, plan: &str) -> Result<(), QuotaError> {
 }
 
 /// The distinct periods in force at `now` for the configured types.
-fn current_periods(plans: &Plans, now: DateTime<Utc>) -> Vec<Period> {
+pub(crate) fn current_periods(plans: &Plans, now: DateTime<Utc>) -> Vec<Period> {
     let mut periods: Vec<Period> = Vec::with_capacity(2);
     for ty in plans.types.values() {
         let p = Period::current(ty.period, now);

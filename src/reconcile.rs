@@ -15,10 +15,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::{self, Table};
 use crate::flusher::{FlushError, Flusher};
 use crate::period::Period;
-use crate::store::{CounterHash, RedisStore, StoreError, GRACE_DAYS};
+use crate::store::{CounterHash, Hydrated, Owner, RedisStore, StoreError, GRACE_DAYS};
 
 /// The name of reconcile's Redis connection (`CLIENT LIST`).
 pub const RECONCILE_CONNECTION: &str = "quotad-reconcile";
@@ -45,8 +45,12 @@ pub struct Side {
 /// One drifting counter.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Drift {
-    /// The user.
-    pub user_id: Uuid,
+    /// The user, for a user's counter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+    /// The account, for an account's pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<Uuid>,
     /// The usage type.
     #[serde(rename = "type")]
     pub usage_type: String,
@@ -113,7 +117,8 @@ pub fn period_name(p: Period) -> String {
     }
 }
 
-/// Compares Redis and Postgres for `period`; with `repair`, makes the older side match the newer.
+/// Compares Redis and Postgres for `period` (users' counters with `usage_tracking`, accounts'
+/// pools with `account_usage`); with `repair`, makes the older side match the newer.
 pub async fn reconcile(
     store: &RedisStore,
     pool: &PgPool,
@@ -122,15 +127,6 @@ pub async fn reconcile(
     now: DateTime<Utc>,
 ) -> Result<Report, ReconcileError> {
     let store = store.dedicated(RECONCILE_CONNECTION, Duration::from_secs(30));
-    let live = store.scan_period(period).await?;
-    let rows = db::period_totals(pool, period).await?;
-
-    let mut pg: HashMap<Uuid, BTreeMap<String, Side>> = HashMap::new();
-    for (user, ty, count, version) in rows {
-        pg.entry(user)
-            .or_default()
-            .insert(ty, Side { count, version });
-    }
     let expired = period
         .expire_at(chrono::Duration::days(GRACE_DAYS))
         .is_some_and(|at| at <= now.timestamp());
@@ -145,51 +141,69 @@ pub async fn reconcile(
         drift: Vec::new(),
         repaired: 0,
     };
-    let mut seen = BTreeSet::new();
+    let mut drifting: Vec<(Owner, u16, Vec<Drift>)> = Vec::new();
     let mut unloaded = Vec::new();
-    for counter in &live {
-        seen.insert(counter.user);
-        let v = counter.hash.version.unwrap_or(0);
-        let theirs = pg.get(&counter.user);
-        let mut types: BTreeSet<&str> = counter.hash.types().collect();
-        types.extend(theirs.iter().flat_map(|m| m.keys().map(String::as_str)));
-        for ty in types {
-            report.compared += 1;
-            let count = counter.hash.count(ty);
-            let redis = Side { count, version: v };
-            let postgres = theirs.and_then(|m| m.get(ty)).copied();
-            let kind = match postgres {
-                Some(p) if p.count == redis.count => None,
-                _ if counter.dirty && postgres.is_none_or(|p| v > p.version) => {
-                    report.unflushed += 1;
-                    continue;
+    for table in [Table::Users, Table::Accounts] {
+        let live = store.scan_period(table.owner(Uuid::nil()), period).await?;
+        let rows = db::period_totals(pool, table, period).await?;
+        let mut pg: HashMap<Uuid, BTreeMap<String, Side>> = HashMap::new();
+        for (id, ty, count, version) in rows {
+            pg.entry(id)
+                .or_default()
+                .insert(ty, Side { count, version });
+        }
+        let mut seen = BTreeSet::new();
+        for counter in &live {
+            let id = counter.owner.id();
+            seen.insert(id);
+            let v = counter.hash.version.unwrap_or(0);
+            let theirs = pg.get(&id);
+            let mut types: BTreeSet<&str> = counter.hash.types().collect();
+            types.extend(theirs.iter().flat_map(|m| m.keys().map(String::as_str)));
+            let mut found = Vec::new();
+            for ty in types {
+                report.compared += 1;
+                let count = counter.hash.count(ty);
+                let redis = Side { count, version: v };
+                let postgres = theirs.and_then(|m| m.get(ty)).copied();
+                let kind = match postgres {
+                    Some(p) if p.count == redis.count => None,
+                    _ if counter.dirty && postgres.is_none_or(|p| v > p.version) => {
+                        report.unflushed += 1;
+                        continue;
+                    }
+                    None => Some(DriftKind::MissingInPostgres),
+                    Some(_) => Some(DriftKind::Different),
+                };
+                match kind {
+                    None => report.in_sync += 1,
+                    Some(kind) => found.push(Drift {
+                        user_id: matches!(counter.owner, Owner::User(_)).then_some(id),
+                        account_id: matches!(counter.owner, Owner::Account(_)).then_some(id),
+                        usage_type: ty.to_owned(),
+                        kind,
+                        redis,
+                        postgres,
+                    }),
                 }
-                None => Some(DriftKind::MissingInPostgres),
-                Some(_) => Some(DriftKind::Different),
-            };
-            match kind {
-                None => report.in_sync += 1,
-                Some(kind) => report.drift.push(Drift {
-                    user_id: counter.user,
-                    usage_type: ty.to_owned(),
-                    kind,
-                    redis,
-                    postgres,
-                }),
+            }
+            if !found.is_empty() {
+                report.drift.extend(found.iter().cloned());
+                drifting.push((counter.owner, counter.bucket, found));
             }
         }
-    }
-    for (user, types) in &pg {
-        if seen.contains(user) {
-            continue;
-        }
-        let n = types.len() as u64;
-        report.compared += n;
-        if expired {
-            report.expired += n;
-        } else {
-            report.not_loaded += n;
-            unloaded.push((*user, n));
+        for (id, types) in &pg {
+            if seen.contains(id) {
+                continue;
+            }
+            let n = types.len() as u64;
+            report.compared += n;
+            if expired {
+                report.expired += n;
+            } else {
+                report.not_loaded += n;
+                unloaded.push((table.owner(*id), n));
+            }
         }
     }
     for kind in [DriftKind::MissingInPostgres, DriftKind::Different] {
@@ -200,13 +214,21 @@ pub async fn reconcile(
             .unwrap_or_default();
         metrics::gauge!(crate::metrics::RECONCILE_DRIFT, "period" => report.period.clone(), "kind" => label).set(n as f64);
     }
-    if repair && !report.drift.is_empty() {
-        report.repaired = self::repair(&store, pool, period, &report.drift).await?;
+    if repair && !drifting.is_empty() {
+        report.repaired = self::repair(&store, pool, period, &drifting).await?;
     }
     if repair {
-        for (user, n) in unloaded {
-            let snap = db::snapshot(pool, user, period).await?;
-            if store.hydrate(&store.keys(user), period, &snap, now).await? {
+        for (owner, n) in unloaded {
+            let snap = db::snapshot(pool, owner, period).await?;
+            // Loaded where the owner's counters live: a member's in their account's bucket.
+            let (keys, believed) = match owner {
+                Owner::User(user) => {
+                    let keys = store.keys_in(user, snap.account);
+                    (keys.own().clone(), keys.route_value())
+                }
+                Owner::Account(account) => (store.account_keys(account), String::new()),
+            };
+            if store.hydrate(&keys, period, &snap, now, &believed).await? == Hydrated::Filled {
                 report.loaded += n;
             }
         }
@@ -214,29 +236,30 @@ pub async fn reconcile(
     Ok(report)
 }
 
-/// Writes the newer side over the older, per (user, period): Postgres newer → overwrite Redis;
+/// Writes the newer side over the older, per (owner, period): Postgres newer → overwrite Redis;
 /// otherwise (Redis newer, or a tie) → bump Redis' version and flush it, so Postgres takes Redis'
 /// counts. (Every drifting counter has a Redis side: one Redis lacks is only not loaded yet.)
 async fn repair(
     store: &RedisStore,
     pool: &PgPool,
     period: Period,
-    drift: &[Drift],
+    drifting: &[(Owner, u16, Vec<Drift>)],
 ) -> Result<u64, ReconcileError> {
-    let mut by_user: BTreeMap<Uuid, Vec<&Drift>> = BTreeMap::new();
-    for d in drift {
-        by_user.entry(d.user_id).or_default().push(d);
-    }
     let mut repaired = 0;
     let mut touched = false;
-    for (user, items) in by_user {
-        let snap = db::snapshot(pool, user, period).await?;
-        let keys = store.keys(user);
+    for (owner, bucket, items) in drifting {
+        let snap = db::snapshot(pool, *owner, period).await?;
+        let keys = store.keys_of(*owner, *bucket);
         let redis_v = items.iter().map(|d| d.redis.version).max().unwrap_or(0);
         let done = if snap.version > redis_v {
             // Every type Redis has must be set, so a type Postgres lacks goes to 0.
-            let mut fields = snap.fields.clone();
-            for d in &items {
+            let mut fields: Vec<(String, String)> = snap
+                .fields
+                .iter()
+                .filter(|(f, _)| !f.starts_with("o:"))
+                .cloned()
+                .collect();
+            for d in items {
                 if d.postgres.is_none() {
                     fields.extend(CounterHash::row_fields(
                         &d.usage_type,
@@ -271,9 +294,14 @@ impl Report {
             let side = |s: Option<Side>| {
                 s.map_or("-".to_owned(), |s| format!("{} (v{})", s.count, s.version))
             };
+            let who = match (d.user_id, d.account_id) {
+                (Some(u), _) => u.to_string(),
+                (_, Some(a)) => format!("account {a}"),
+                _ => String::new(),
+            };
             out.push_str(&format!(
                 "{}  {:<20} {:<20} redis {:<14} postgres {}\n",
-                d.user_id,
+                who,
                 d.usage_type,
                 format!("{:?}", d.kind),
                 side(Some(d.redis)),

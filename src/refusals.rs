@@ -5,8 +5,8 @@
 //! true until one of them:
 //!
 //! - a new period: the period is part of the entry, so the first request of a new month misses;
-//! - a changed limit: the limit is not cached, it is read from the plans in force at each lookup,
-//!   and a plans reload forgets everything (the default plan may have changed);
+//! - a changed limit: a plans reload forgets everything, and a customer's override change is
+//!   announced like a plan change;
 //! - a plan change, a refund, a release, a reconcile repair, or a counter loaded again from
 //!   Postgres: the Redis scripts that do these publish the user's id on `<prefix>:1:changes` in
 //!   the same atomic step, and every replica forgets that user's entries when it hears it.
@@ -64,6 +64,9 @@ struct Refusal {
     plan: Box<str>,
     /// The count Redis refused at; the true count is at least this until an invalidation.
     used: u64,
+    /// The limit Redis refused under (the plan's, or the customer's override): a change of
+    /// either is announced, and a plans reload forgets everything.
+    limit: u64,
     until: DateTime<Utc>,
 }
 
@@ -74,6 +77,8 @@ pub struct Remembered {
     pub plan: String,
     /// The count it refused at (the true count is at least this).
     pub used: u64,
+    /// The limit it refused under.
+    pub limit: u64,
 }
 
 /// What identifies a decision's counter and its plan.
@@ -147,12 +152,13 @@ impl Refusals {
             .map(|r| Remembered {
                 plan: r.plan.to_string(),
                 used: r.used,
+                limit: r.limit,
             })
     }
 
-    /// Remembers that Redis refused `subject` at `used` under `plan`, unless an invalidation
-    /// arrived since `ticket` was taken.
-    pub fn remember(&self, ticket: u64, subject: &Subject<'_>, plan: &str, used: u64) {
+    /// Remembers that Redis refused `subject` at `used` under `plan` and `limit`, unless an
+    /// invalidation arrived since `ticket` was taken.
+    pub fn remember(&self, ticket: u64, subject: &Subject<'_>, plan: &str, used: u64, limit: u64) {
         let mut shard = self.shard(&subject.user);
         // Checked under the shard lock: an invalidation bumps the generation before it takes
         // this lock to remove entries, so either this sees the bump or the removal sees this.
@@ -177,6 +183,7 @@ impl Refusals {
             plan_override: subject.plan_override.map(Into::into),
             plan: plan.into(),
             used,
+            limit,
             until: now
                 .checked_add_signed(self.inner.ttl)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
@@ -333,7 +340,7 @@ mod tests {
         let c = Refusals::new(Duration::from_secs(60), 1000, Arc::new(clock.clone()));
         c.set_live(true);
         let u = Uuid::new_v4();
-        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50);
+        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50, 50);
         clock.set("2026-11-15T12:00:59Z".parse().unwrap());
         assert!(c.lookup(&subject(u)).is_some(), "within the TTL");
         clock.set("2026-11-15T12:01:00Z".parse().unwrap());
@@ -345,12 +352,13 @@ mod tests {
         let c = live_cache();
         let u = Uuid::new_v4();
         let t = c.ticket().unwrap();
-        c.remember(t, &subject(u), "FREE", 50);
+        c.remember(t, &subject(u), "FREE", 50, 50);
         assert_eq!(
             c.lookup(&subject(u)),
             Some(Remembered {
                 plan: "FREE".into(),
-                used: 50
+                used: 50,
+                limit: 50
             })
         );
         let other_type = Subject {
@@ -376,7 +384,7 @@ mod tests {
         let u = Uuid::new_v4();
         let t = c.ticket().unwrap();
         c.forget(&Uuid::new_v4());
-        c.remember(t, &subject(u), "FREE", 50);
+        c.remember(t, &subject(u), "FREE", 50, 50);
         assert_eq!(c.lookup(&subject(u)), None);
     }
 
@@ -385,10 +393,10 @@ mod tests {
         let c = Refusals::new(Duration::from_secs(60), 1000, Arc::new(clock()));
         assert_eq!(c.ticket(), None);
         let u = Uuid::new_v4();
-        c.remember(0, &subject(u), "FREE", 50);
+        c.remember(0, &subject(u), "FREE", 50, 50);
         assert_eq!(c.users(), 0);
         c.set_live(true);
-        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50);
+        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50, 50);
         assert_eq!(c.users(), 1);
         c.set_live(false);
         assert_eq!(c.users(), 0);
@@ -418,8 +426,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let (u, v) = (Uuid::new_v4(), Uuid::new_v4());
-        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50);
-        c.remember(c.ticket().unwrap(), &subject(v), "FREE", 50);
+        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50, 50);
+        c.remember(c.ticket().unwrap(), &subject(v), "FREE", 50, 50);
         // Ten pings go by: the subscription stays up and keeps what it remembered.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(c.is_live());
@@ -448,7 +456,13 @@ mod tests {
         let c = Refusals::new(Duration::from_secs(60), SHARDS, Arc::new(clock()));
         c.set_live(true);
         for _ in 0..SHARDS * 10 {
-            c.remember(c.ticket().unwrap(), &subject(Uuid::new_v4()), "FREE", 50);
+            c.remember(
+                c.ticket().unwrap(),
+                &subject(Uuid::new_v4()),
+                "FREE",
+                50,
+                50,
+            );
         }
         assert!(c.users() <= SHARDS, "{} users kept", c.users());
     }

@@ -767,9 +767,12 @@ impl Client for RawRedisClient {
         };
         let mut inv = raw.store.count_invocation(&call);
         raw.store.arm(&mut inv);
-        let reply: Result<(String, i64, String, i64, String, String), _> =
-            inv.invoke_async(&mut self.conn).await;
-        Ok(reply.is_ok_and(|r| r.0 == "ok"))
+        let reply: Result<Vec<redis::Value>, _> = inv.invoke_async(&mut self.conn).await;
+        Ok(reply.is_ok_and(|r| {
+            r.first()
+                .and_then(|s| redis::from_redis_value_ref::<String>(s).ok())
+                .is_some_and(|s| s == "ok")
+        }))
     }
 }
 

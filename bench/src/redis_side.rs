@@ -53,7 +53,8 @@ pub(super) async fn load_counters(
             .ignore();
         for u in chunk {
             let keys = store.keys(*u);
-            let mut hydrate = store.hydrate_invocation(&keys, period, &Snapshot::default(), now);
+            let mut hydrate =
+                store.hydrate_invocation(keys.own(), period, &Snapshot::default(), now, "");
             store.arm(&mut hydrate);
             pipe.invoke_script(&hydrate).ignore();
             for ty in types {

@@ -82,7 +82,7 @@ pub async fn reconcile(
 #[schema(example = json!({"plan": "PRO"}))]
 pub struct PlanRequest {
     /// A configured plan.
-    plan: String,
+    pub(crate) plan: String,
 }
 
 /// A user's plan.

@@ -95,6 +95,36 @@ impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
     }
 }
 
+/// The `{account_id}` of a route's path, as a UUID; a value that is not one is 400
+/// `INVALID_ACCOUNT_ID` in the JSON error body.
+pub struct AccountIdPath(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for AccountIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let raw = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(raw)| raw)
+            .unwrap_or_default();
+        parse_account_id(&raw, "account_id").map(AccountIdPath)
+    }
+}
+
+/// Parses an account id (`field` names where it came from, for the error).
+pub fn parse_account_id(raw: &str, field: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw.trim()).map_err(|_| {
+        ApiError::invalid(
+            "INVALID_ACCOUNT_ID",
+            field,
+            format!(
+                "{field} {} is not a UUID; send one like \"0a6c2e2e-6f1c-4b8e-9d55-2f1f0b7c3a10\".",
+                short(&format!("{raw:?}"))
+            ),
+        )
+    })
+}
+
 /// A query string whose faults are 400 `INVALID_QUERY` in the JSON error body, naming the
 /// parameter where it can.
 pub struct ApiQuery<T>(pub T);

@@ -2,8 +2,10 @@
 //! and scopes), `layers` (readiness gate, load shedding, request tracing), `extract` (bodies,
 //! paths and queries whose every fault is a clear 4xx), `error` (the one error type, and the
 //! mapping of the domain's errors to status, code and sentence); the handlers: `quota` (decisions
-//! and counters), `admin` (plans and reconcile), `ui` (the usage page), `health`, `openapi`.
+//! and counters), `accounts` (memberships, account plans and usage, limit overrides), `admin`
+//! (plans and reconcile), `ui` (the usage page), `health`, `openapi`.
 
+mod accounts;
 mod admin;
 mod auth;
 pub mod error;
@@ -17,7 +19,9 @@ pub mod ui;
 pub(crate) use auth::Bearer;
 pub use auth::Tokens;
 use auth::{authorize, Scope};
-pub use extract::{parse_user_id, ApiJson, ApiQuery, OptionalJson, UserIdPath};
+pub use extract::{
+    parse_account_id, parse_user_id, AccountIdPath, ApiJson, ApiQuery, OptionalJson, UserIdPath,
+};
 pub(crate) use extract::{short, whole_number};
 pub use layers::Limits;
 use layers::{ready_gate, shed, trace_request};
@@ -84,6 +88,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/refund", post(quota::refund))
         .route("/v1/release", post(quota::release))
         .route("/v1/users/{user_id}/usage", get(quota::usage))
+        .route(
+            "/v1/accounts/{account_id}/usage",
+            get(accounts::account_usage),
+        )
         .route("/v1/plans", get(quota::plans))
         .route("/v1/users/{user_id}/usage-link", post(ui::issue_link))
         .route_layer(middleware::from_fn_with_state(
@@ -94,6 +102,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/users/{user_id}/plan",
             get(admin::get_plan).put(admin::put_plan),
+        )
+        .route(
+            "/v1/users/{user_id}/account",
+            get(accounts::get_membership).put(accounts::put_membership),
+        )
+        .route(
+            "/v1/accounts/{account_id}/plan",
+            get(accounts::get_account_plan).put(accounts::put_account_plan),
+        )
+        .route(
+            "/v1/users/{user_id}/limits",
+            get(accounts::get_user_limits).put(accounts::put_user_limits),
+        )
+        .route(
+            "/v1/accounts/{account_id}/limits",
+            get(accounts::get_account_limits).put(accounts::put_account_limits),
         )
         .route("/v1/admin/reconcile", post(admin::reconcile))
         .route_layer(middleware::from_fn_with_state(

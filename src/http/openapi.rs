@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, health, quota, ui, AppState, MAX_BODY};
+use super::{accounts, admin, health, quota, ui, AppState, MAX_BODY};
 use crate::period::PeriodKind;
 use crate::plans::Plans;
 
@@ -34,6 +34,15 @@ use crate::plans::Plans;
         admin::put_plan,
         admin::get_plan,
         admin::reconcile,
+        accounts::put_membership,
+        accounts::get_membership,
+        accounts::put_account_plan,
+        accounts::get_account_plan,
+        accounts::put_user_limits,
+        accounts::get_user_limits,
+        accounts::put_account_limits,
+        accounts::get_account_limits,
+        accounts::account_usage,
         ui::issue_link,
         ui::usage_page,
         health::healthz,
@@ -45,6 +54,7 @@ use crate::plans::Plans;
     tags(
         (name = "quota", description = "Decisions and counters (gateway scope)"),
         (name = "admin", description = "Plans and reconcile (admin scope)"),
+        (name = "accounts", description = "Accounts and their shared pools, memberships, limit overrides (admin scope; an account's usage: gateway scope)"),
         (name = "ui", description = "The usage page"),
         (name = "ops", description = "Health, readiness, metrics, this description"),
     )
@@ -88,6 +98,7 @@ pub fn document(plans: &Plans) -> Value {
         })
         .clone();
     let types: Vec<Value> = plans.types.keys().map(|t| json!(t)).collect();
+    let types_for_limits = types.clone();
     let lifetime: Vec<Value> = plans
         .types
         .values()
@@ -106,6 +117,20 @@ pub fn document(plans: &Plans) -> Value {
     // empty enum cannot say in every tool, so the schema then stays a plain string.
     if !lifetime.is_empty() {
         schemas["ReleaseRequest"]["properties"]["type"]["enum"] = Value::Array(lifetime);
+    }
+    // A limits body: configured type names, each a limit (-1 = unlimited) or null.
+    let limits = json!({
+        "type": "object",
+        "minProperties": 1,
+        "propertyNames": {"enum": types_for_limits},
+        "additionalProperties": {"type": ["integer", "null"], "minimum": -1, "maximum": 9007199254740991i64},
+    });
+    for path in [
+        "/v1/users/{user_id}/limits",
+        "/v1/accounts/{account_id}/limits",
+    ] {
+        doc["paths"][path]["put"]["requestBody"]["content"]["application/json"]["schema"] =
+            limits.clone();
     }
     doc
 }

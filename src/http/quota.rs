@@ -16,8 +16,10 @@ use super::{parse_user_id, whole_number, ApiJson, AppState, UserIdPath};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::period::PeriodKind;
 use crate::plans::{FailPolicy, Plans};
-use crate::quota::{known_plan, known_type, Action, CounterView, Decision, DecisionInput};
-use crate::store::MetaValue;
+use crate::quota::{
+    known_plan, known_type, AccountLevel, Action, CounterView, Decision, DecisionInput, TypeUsage,
+};
+use crate::store::{Level, LimitSource, MetaValue};
 
 /// Largest `amount` of one call.
 pub const MAX_AMOUNT: u64 = 1_000_000;
@@ -204,10 +206,29 @@ impl From<&CounterView> for CounterJson {
     }
 }
 
-/// A decision. A refused consume (402) adds `code`, `upgrade_url` and `error`.
+/// One level of a decision for a member of an account: the user's own, or the account's pool.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct LevelJson<'a> {
+    /// The account (on the account's level only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_id: Option<Uuid>,
+    /// The plan in force at this level.
+    plan: Option<&'a str>,
+    #[serde(flatten)]
+    counter: CounterJson,
+    /// Where the limit comes from: `plan`, `override` (set for this customer), or `account`
+    /// (the user's level of a member with neither a plan of their own nor an override: only the
+    /// pool limits them).
+    limit_source: LimitSource,
+}
+
+/// A decision. Its counter (used, limit, remaining…) is the level that binds: the one a refused
+/// consume (402) ran out at, named by `limited_by`, else the one with the least left. A member of
+/// an account gets both levels in `user` and `account`. A refused consume adds `code`,
+/// `upgrade_url` and `error`.
 #[derive(Serialize, ToSchema)]
 #[schema(example = json!({"allowed": true, "user_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "type": "ai_generation",
-    "plan": "FREE", "used": 12, "limit": 50, "remaining": 38, "unlimited": false,
+    "plan": "FREE", "used": 12, "limit": 50, "remaining": 38, "unlimited": false, "limit_source": "plan",
     "period_start": "2026-11-01T00:00:00Z", "period_end": "2026-12-01T00:00:00Z", "resets_at": "2026-12-01T00:00:00Z"}))]
 pub(crate) struct DecisionJson<'a> {
     /// Allowed (and, for consume and track, counted).
@@ -215,9 +236,21 @@ pub(crate) struct DecisionJson<'a> {
     user_id: Uuid,
     #[serde(rename = "type")]
     usage_type: &'a str,
+    /// The plan of the level shown.
     plan: Option<&'a str>,
     #[serde(flatten)]
     counter: CounterJson,
+    /// Where the limit shown comes from: `plan`, `override` or `account` (see [`LevelJson`]).
+    limit_source: LimitSource,
+    /// On a refused consume: the level that ran out, `user` or `account`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limited_by: Option<Level>,
+    /// For a member of an account: the user's own level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<LevelJson<'a>>,
+    /// For a member of an account: the account's pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<LevelJson<'a>>,
     /// Present and true when Redis could not answer and the type fails open: allowed, not counted.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     degraded: bool,
@@ -230,6 +263,33 @@ pub(crate) struct DecisionJson<'a> {
     /// A sentence for the user, on a refused consume.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+impl<'a> LevelJson<'a> {
+    fn account(a: &'a AccountLevel) -> LevelJson<'a> {
+        LevelJson {
+            account_id: Some(a.account),
+            plan: Some(&a.plan),
+            counter: (&a.counter).into(),
+            limit_source: a.source,
+        }
+    }
+}
+
+/// The level of `d` that binds: the one a refusal names, else the account's pool when it has
+/// less left than the user (or the user's level sets no limit), else the user's.
+fn binding(d: &Decision) -> Level {
+    if let Some(level) = d.limited_by {
+        return level;
+    }
+    match &d.account {
+        Some(a) => match (d.counter.remaining(), a.counter.remaining()) {
+            (None, _) if d.counter.limit.is_none() => Level::Account,
+            (Some(user), Some(pool)) if pool < user => Level::Account,
+            _ => Level::User,
+        },
+        None => Level::User,
+    }
 }
 
 async fn decide(
@@ -245,14 +305,22 @@ async fn decide(
 
 fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -> Response {
     let refused = action == Action::Consume && !d.allowed;
-    let counter = &d.counter;
+    let level = binding(d);
+    let (plan, counter, source) = match (level, &d.account) {
+        (Level::Account, Some(a)) => (Some(a.plan.as_str()), &a.counter, a.source),
+        _ => (d.plan.as_deref(), &d.counter, d.source),
+    };
     let per = match counter.period.end() {
         Some(_) => "per month",
         None => "in total",
     };
     let error = refused.then(|| {
-        let (plan, limit, used) = (d.plan.as_deref().unwrap_or(""), counter.limit.unwrap_or(0), counter.used.unwrap_or(0));
-        let mut text = format!("Usage limit exceeded for {}. Your {plan} plan allows {limit} {per}. You've used {used}.", d.usage_type);
+        let (plan, limit, used) = (plan.unwrap_or(""), counter.limit.unwrap_or(0), counter.used.unwrap_or(0));
+        let mut text = match (level, source) {
+            (Level::Account, _) => format!("Usage limit exceeded for {}. Your account's {plan} plan allows {limit} {per} for all its members. Your account has used {used}.", d.usage_type),
+            (Level::User, LimitSource::Override) => format!("Usage limit exceeded for {}. Your limit is {limit} {per}. You've used {used}.", d.usage_type),
+            _ => format!("Usage limit exceeded for {}. Your {plan} plan allows {limit} {per}. You've used {used}.", d.usage_type),
+        };
         if used < limit {
             text.push_str(&format!(" This request needs {amount}, and {} remain.", limit - used));
         }
@@ -262,8 +330,17 @@ fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -
         allowed: d.allowed,
         user_id: d.user,
         usage_type: &d.usage_type,
-        plan: d.plan.as_deref(),
+        plan,
         counter: counter.into(),
+        limit_source: source,
+        limited_by: refused.then_some(level),
+        user: d.account.as_ref().map(|_| LevelJson {
+            account_id: None,
+            plan: d.plan.as_deref(),
+            counter: (&d.counter).into(),
+            limit_source: d.source,
+        }),
+        account: d.account.as_ref().map(LevelJson::account),
         degraded: d.degraded,
         code: refused.then_some("USAGE_LIMIT_EXCEEDED"),
         upgrade_url: refused.then_some(plans.upgrade_url.as_str()),
@@ -379,6 +456,30 @@ pub(crate) struct RefundJson<'a> {
     refunded: u64,
     #[serde(flatten)]
     counter: CounterOfUser<'a>,
+    /// For a call that counted in the user's account's pool: the pool after the refund.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<PoolChangeJson>,
+}
+
+/// An account's pool after a refund or a release.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PoolChangeJson {
+    /// The account.
+    account_id: Uuid,
+    /// The pool's count after the change.
+    used: u64,
+    /// How much the pool got back (refund) or was lowered by (release).
+    changed_by: u64,
+}
+
+impl PoolChangeJson {
+    fn of(change: &Option<(Uuid, CounterView, u64)>) -> Option<PoolChangeJson> {
+        change.as_ref().map(|(account, c, by)| PoolChangeJson {
+            account_id: *account,
+            used: c.used.unwrap_or(0),
+            changed_by: *by,
+        })
+    }
 }
 
 /// `POST /v1/refund`: give back one earlier consume, once.
@@ -405,6 +506,7 @@ pub async fn refund(
             plan: &r.plan,
             counter: (&r.counter).into(),
         },
+        account: PoolChangeJson::of(&r.account),
     };
     Ok(Json(json).into_response())
 }
@@ -447,6 +549,9 @@ pub(crate) struct ReleaseJson<'a> {
     released: u64,
     #[serde(flatten)]
     counter: CounterOfUser<'a>,
+    /// For a member of an account: the pool after the release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<PoolChangeJson>,
 }
 
 /// `POST /v1/release`: lower a lifetime counter.
@@ -465,15 +570,16 @@ pub async fn release(
 ) -> Result<Response, ApiError> {
     let user = parse_user_id(&body.user_id)?;
     let amount = parse_amount(body.amount.as_ref())?;
-    let (plan, counter, released) = state.quota.release(user, &body.usage_type, amount).await?;
+    let r = state.quota.release(user, &body.usage_type, amount).await?;
     let json = ReleaseJson {
-        released,
+        released: r.released,
         counter: CounterOfUser {
             user_id: user,
             usage_type: &body.usage_type,
-            plan: &plan,
-            counter: (&counter).into(),
+            plan: &r.plan,
+            counter: (&r.counter).into(),
         },
+        account: PoolChangeJson::of(&r.account),
     };
     Ok(Json(json).into_response())
 }
@@ -485,6 +591,39 @@ pub(crate) struct UsageEntry {
     period: PeriodKind,
     #[serde(flatten)]
     counter: CounterJson,
+    /// Where the limit comes from: `plan`, `override` (set for this customer), or `account` (a
+    /// member with neither a plan of their own nor an override: only the pool limits them).
+    limit_source: LimitSource,
+}
+
+/// Every configured type's counter, by name.
+pub(crate) fn usage_entries(
+    counters: &BTreeMap<String, TypeUsage>,
+) -> BTreeMap<String, UsageEntry> {
+    counters
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                UsageEntry {
+                    period: t.period,
+                    counter: (&t.counter).into(),
+                    limit_source: t.source,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The pool of the user's account, on the user's usage read.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PoolJson {
+    /// The account.
+    account_id: Uuid,
+    /// The account's plan in force.
+    plan: String,
+    /// The pool's counters by type name.
+    usage: BTreeMap<String, UsageEntry>,
 }
 
 /// Every configured type's counter for one user.
@@ -496,6 +635,9 @@ pub(crate) struct UsageJson {
     plan: String,
     /// Counters by type name.
     usage: BTreeMap<String, UsageEntry>,
+    /// For a member of an account: the account's pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<PoolJson>,
 }
 
 /// `GET /v1/users/{user_id}/usage`: every configured type's counter.
@@ -516,19 +658,12 @@ pub async fn usage(
     let json = UsageJson {
         user_id: usage.user,
         plan: usage.plan,
-        usage: usage
-            .counters
-            .iter()
-            .map(|(name, (period, c))| {
-                (
-                    name.clone(),
-                    UsageEntry {
-                        period: *period,
-                        counter: c.into(),
-                    },
-                )
-            })
-            .collect(),
+        usage: usage_entries(&usage.counters),
+        account: usage.account.map(|a| PoolJson {
+            account_id: a.account,
+            plan: a.plan,
+            usage: usage_entries(&a.counters),
+        }),
     };
     Ok(Json(json).into_response())
 }

@@ -19,7 +19,8 @@ use uuid::Uuid;
 
 use super::{short, whole_number, ApiQuery, AppState, Bearer, OptionalJson, UserIdPath};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::quota::Usage;
+use crate::quota::{TypeUsage, Usage};
+use crate::store::LimitSource;
 
 /// Default and longest life of a signed link.
 const DEFAULT_TTL_SECS: i64 = 3600;
@@ -253,6 +254,7 @@ const STYLE: &str = "
 body{margin:0;font:16px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#111827;background:#f9fafb}
 main{max-width:36rem;margin:0 auto;padding:1.25rem}
 h1{font-size:1.4rem;margin:0 0 .25rem}
+h2{font-size:1.1rem;margin:1.5rem 0 .25rem}
 .plan{margin:0 0 1.25rem;color:#374151}
 .row{background:#fff;border:1px solid #e5e7eb;border-radius:.6rem;padding:.85rem 1rem;margin-bottom:.75rem}
 .head{display:flex;justify-content:space-between;gap:1rem;font-weight:600}
@@ -265,18 +267,27 @@ h1{font-size:1.4rem;margin:0 0 .25rem}
 .upgrade a{color:#1d4ed8;font-weight:600}
 ";
 
-/// The page for `usage`; `label` names a type.
-fn render(usage: &Usage, upgrade_url: &str, label: impl Fn(&str) -> Option<String>) -> String {
+/// One section of rows, a counter per type; `level` (`u` or `a`) keeps element ids apart.
+/// Returns the rows and whether any is at 80 % of its limit or more.
+fn rows(
+    counters: &std::collections::BTreeMap<String, TypeUsage>,
+    level: &str,
+    label: &impl Fn(&str) -> Option<String>,
+) -> (String, bool) {
     let mut rows = String::new();
     let mut near_limit = false;
-    for (ty, (_, c)) in &usage.counters {
+    for (ty, t) in counters {
+        let c = &t.counter;
         let used = c.used.unwrap_or(0);
         let name = escape(&label(ty).unwrap_or_else(|| ty.clone()));
-        let id = format!("l-{ty}");
-        let note = match c.period.end() {
+        let id = format!("{level}-{ty}");
+        let mut note = match c.period.end() {
             Some(end) => format!("resets {}", end.format("%-d %B %Y")),
             None => "in total; does not reset".to_owned(),
         };
+        if t.source == LimitSource::Override {
+            note.push_str(" · a limit set for you");
+        }
         let (count, bar) = match c.limit {
             Some(limit) => {
                 let pct = used
@@ -297,13 +308,35 @@ fn render(usage: &Usage, upgrade_url: &str, label: impl Fn(&str) -> Option<Strin
                     ),
                 )
             }
+            None if t.source == LimitSource::Account => {
+                note.push_str(" · counts toward your team's shared pool");
+                (format!("{used}"), String::new())
+            }
             None => (format!("{used} / ∞"), String::new()),
         };
         let _ = write!(
             rows,
-            "<div class=\"row\" data-type=\"{ty}\"><div class=\"head\"><span id=\"{id}\">{name}</span><span class=\"count\">{count}</span></div>{bar}<p class=\"note\">{note}</p></div>"
+            "<div class=\"row\" data-level=\"{level}\" data-type=\"{ty}\"><div class=\"head\"><span id=\"{id}\">{name}</span><span class=\"count\">{count}</span></div>{bar}<p class=\"note\">{note}</p></div>"
         );
     }
+    (rows, near_limit)
+}
+
+/// The page for `usage`; `label` names a type. A member of an account sees their own counters
+/// and, below, their team's shared pool.
+fn render(usage: &Usage, upgrade_url: &str, label: impl Fn(&str) -> Option<String>) -> String {
+    let (mine, mut near_limit) = rows(&usage.counters, "u", &label);
+    let pool = match &usage.account {
+        Some(pool) => {
+            let (rows, near) = rows(&pool.counters, "a", &label);
+            near_limit |= near;
+            format!(
+                "<h2>Your team's shared pool</h2><p class=\"plan\">Team plan: <strong>{}</strong></p><section aria-label=\"Team usage\">{rows}</section>",
+                escape(&pool.plan)
+            )
+        }
+        None => String::new(),
+    };
     let upgrade = if near_limit {
         format!(
             "<p class=\"upgrade\">You are close to a limit of your plan. <a href=\"{}\">Upgrade your plan</a></p>",
@@ -313,7 +346,7 @@ fn render(usage: &Usage, upgrade_url: &str, label: impl Fn(&str) -> Option<Strin
         String::new()
     };
     format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Your usage</title><style>{STYLE}</style></head><body><main><h1>Your usage</h1><p class=\"plan\">Plan: <strong>{}</strong></p><section aria-label=\"Usage\">{rows}</section>{upgrade}</main></body></html>",
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Your usage</title><style>{STYLE}</style></head><body><main><h1>Your usage</h1><p class=\"plan\">Plan: <strong>{}</strong></p><section aria-label=\"Usage\">{mine}</section>{pool}{upgrade}</main></body></html>",
         escape(&usage.plan)
     )
 }

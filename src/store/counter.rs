@@ -9,6 +9,7 @@
 //! | `m:<type>:<name>` | a summed numeric metadata value |
 //! | `s:<type>:<name>` | the latest other metadata value, as JSON text |
 //! | `n:<type>` | how many metadata names the type has |
+//! | `o:<type>`, `x:ov` | the owner's limit override of a type (-1 = unlimited), and the overrides' version |
 //! | `x:next` | set once the next month's counter exists (written by the scripts only) |
 //! | `x:dirty` | set exactly while the counter is on its bucket's dirty set (scripts only) |
 
@@ -38,6 +39,8 @@ pub struct CounterHash {
     /// other values as the JSON they were sent as. A name both summed and kept as text keeps the
     /// sum.
     metadata: BTreeMap<String, Map<String, Value>>,
+    /// Limit overrides by type (`o:<type>`).
+    overrides: BTreeMap<String, i64>,
 }
 
 impl CounterHash {
@@ -54,6 +57,11 @@ impl CounterHash {
         for (key, value) in fields {
             if !key.contains(':') && !RESERVED.contains(&key.as_str()) {
                 hash.counts.insert(key.clone(), value.parse().ok());
+            }
+        }
+        for (key, value) in fields {
+            if let (Some(ty), Ok(limit)) = (key.strip_prefix("o:"), value.parse()) {
+                hash.overrides.insert(ty.to_owned(), limit);
             }
         }
         // In field order, so the same hash always makes the same metadata, in the same order.
@@ -89,6 +97,12 @@ impl CounterHash {
     /// Whether the hash is loaded from Postgres (it carries a version).
     pub fn is_loaded(&self) -> bool {
         self.version.is_some()
+    }
+
+    /// The limit override of `usage_type` (`o:<type>`: a limit, or -1 for unlimited), if the
+    /// owner has one.
+    pub fn limit_override(&self, usage_type: &str) -> Option<i64> {
+        self.overrides.get(usage_type).copied()
     }
 
     /// Every usage type the hash holds a count for, in name order.

@@ -4,9 +4,8 @@
 use std::collections::HashMap;
 
 use deadpool_redis::redis;
-use uuid::Uuid;
 
-use super::{keys, scripts, CounterHash, RedisStore, StoreError, UserKeys, BUCKETS};
+use super::{keys, scripts, CounterHash, Owner, OwnerKeys, RedisStore, StoreError, BUCKETS};
 use crate::period::Period;
 
 /// One dirty counter, as listed in its bucket's dirty set.
@@ -14,10 +13,10 @@ use crate::period::Period;
 pub struct DirtyMember {
     /// The bucket (and so the slot) it lives in.
     pub bucket: u16,
-    /// The member text, `<user>:<period>`.
+    /// The member text, `<user>:<period>` or `a:<account>:<period>`.
     pub member: String,
-    /// The user.
-    pub user: Uuid,
+    /// Whose counter.
+    pub owner: Owner,
     /// The period.
     pub period: Period,
     /// Redis server time (ms) of its first unflushed change.
@@ -43,7 +42,7 @@ impl RedisStore {
 
     /// The counter hash a dirty member names (in the bucket it was listed in).
     fn counter_of(&self, m: &DirtyMember) -> String {
-        keys::counter_in(&self.prefix, m.bucket, &m.user, m.period)
+        keys::counter_in(&self.prefix, m.bucket, m.owner, m.period)
     }
 
     /// The oldest `per_bucket` members of each dirty set in `buckets`, and the sets' sizes, in
@@ -72,10 +71,10 @@ impl RedisStore {
             scan.backlog += card;
             for (member, score) in listed {
                 match keys::parse_member(&member) {
-                    Some((user, period)) => scan.members.push(DirtyMember {
+                    Some((owner, period)) => scan.members.push(DirtyMember {
                         bucket: *b,
                         member,
-                        user,
+                        owner,
                         period,
                         since_ms: score as i64,
                     }),
@@ -165,7 +164,7 @@ impl RedisStore {
     /// (counts by type, `m:` and `s:` fields). Returns whether Redis was older (and so changed).
     pub async fn catch_up(
         &self,
-        keys: &UserKeys,
+        keys: &OwnerKeys,
         period: Period,
         version: i64,
         fields: &[(String, String)],
@@ -176,7 +175,7 @@ impl RedisStore {
             .arg(version)
             .arg(keys.member(period))
             .arg(self.changes_channel())
-            .arg(keys.user().to_string());
+            .arg(keys.owner().id().to_string());
         for (field, value) in fields {
             inv.arg(field).arg(value);
         }

@@ -7,14 +7,20 @@
 //!
 //! ```text
 //! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>,
-//!                                      s:<type>:<name>, n:<type>, x:next (set once the next
+//!                                      s:<type>:<name>, n:<type>, o:<type> and x:ov (limit
+//!                                      overrides and their version), x:next (set once the next
 //!                                      month's counter was created: it never starts fresh
 //!                                      again), x:dirty (set while on the dirty set). Months
 //!                                      expire 35 days after their end; a
 //!                                      lifetime hash loaded with nothing expires after 24 h
 //!                                      until something is counted in it
-//! <prefix>:1:{<b>}:dirty               sorted set of "<user>:<period>" changed since their last
-//!                                      flush, scored by the time (ms) of the first such change
+//! <prefix>:1:{<b>}:a:<account>:<period>  hash: an account's pool, the same fields (no metadata)
+//! <prefix>:1:{<b>}:dirty               sorted set of "<user>:<period>" and "a:<account>:<period>"
+//!                                      changed since their last flush, scored by the time (ms)
+//!                                      of the first such change
+//! <prefix>:1:{<b>}:u:<user>            string: the user's route in this bucket (missing: here,
+//!                                      no account; "<account>": here, a member; ">moving";
+//!                                      "><account>" or ">home": moved away)
 //! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
 //! <prefix>:1:{<b>}:since              string: the time (ms) since which the bucket has
 //!                                      held its data without a gap (set by the first load from
@@ -23,8 +29,10 @@
 //!                                      plan changed (refusal-cache invalidation)
 //! ```
 //!
-//! `<b>` is `crc16(user) % 1024`, written in braces as a Redis Cluster hash tag: all of one user's
-//! keys, and the dirty set that lists them, live in one slot, so each script touches one slot.
+//! `<b>` is `crc16(id) % 1024` of the account's id for an account and its members, of the user's
+//! id for a user without one, written in braces as a Redis Cluster hash tag: all of one user's
+//! keys, their account's pool and the dirty set that lists them live in one slot, so each script
+//! touches one slot.
 //! `<period>` is `2026-11` or `life`. The `1` is the schema version: a later layout takes a new
 //! number and migrates, instead of silently reading empty counters.
 
@@ -38,7 +46,7 @@ pub mod scripts;
 
 pub use counter::CounterHash;
 pub use dirty::{DirtyMember, DirtyScan};
-pub use keys::UserKeys;
+pub use keys::{Owner, OwnerKeys, UserKeys};
 pub use scan::LiveCounter;
 
 use std::collections::HashMap;
@@ -121,8 +129,58 @@ pub enum Status {
     /// The sum of a numeric metadata value ([`Reply::detail`] names it) would not be a finite
     /// number; nothing counted.
     MetaSum,
-    /// The counter must be loaded from Postgres first.
+    /// A counter must be loaded from Postgres first ([`Reply::detail`]: "user", "account" or
+    /// both).
     Hydrate,
+    /// The user's counters are not where the call was sent ([`Reply::detail`]: what the route
+    /// key holds there); nothing done.
+    Moved,
+}
+
+/// A level a decision checks: the user's own limit, or their account's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// The user's own limit (their plan, or their override).
+    User,
+    /// The account's pool.
+    Account,
+}
+
+/// Where a level's limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitSource {
+    /// The plan's limit for the type.
+    Plan,
+    /// A limit override set for this customer.
+    Override,
+    /// The user's level of a member with neither a plan of their own nor an override: only the
+    /// account's pool limits them.
+    Account,
+}
+
+impl LimitSource {
+    fn parse(s: &str) -> LimitSource {
+        match s {
+            "override" => LimitSource::Override,
+            "account" => LimitSource::Account,
+            _ => LimitSource::Plan,
+        }
+    }
+}
+
+/// One level of a decision, as a script answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelReply {
+    /// The count (after the call, when counted).
+    pub used: u64,
+    /// The plan in force at this level.
+    pub plan: String,
+    /// The limit; `None` = unlimited.
+    pub limit: Option<u64>,
+    /// Where the limit comes from.
+    pub source: LimitSource,
 }
 
 /// A counting script's answer.
@@ -138,8 +196,15 @@ pub struct Reply {
     pub limit: Option<u64>,
     /// The period counted in (for a replay: the period of the first answer).
     pub period: Option<Period>,
-    /// For [`Status::MetaSum`], the metadata name at fault; else empty.
+    /// For [`Status::MetaSum`], the metadata name at fault; for [`Status::Hydrate`], which
+    /// counters; for [`Status::Moved`], the route; else empty.
     pub detail: String,
+    /// For [`Status::Denied`], the level that ran out.
+    pub limited_by: Option<Level>,
+    /// Where the user's limit comes from.
+    pub source: LimitSource,
+    /// The account's level, for a member.
+    pub account: Option<LevelReply>,
 }
 
 /// Whether a consume enforces its limit.
@@ -187,31 +252,56 @@ pub struct CountCall<'a> {
 #[derive(Debug, Clone)]
 pub enum RefundReply {
     /// Given back; the counter's new total, the stored plan, the type, and the amount actually
-    /// given back (less than the call's when the counter held less; 0 changed nothing).
+    /// given back (less than the call's when the counter held less; 0 changed nothing); for a
+    /// call that counted in the user's account's pool, the pool's new total and what it got back.
     Refunded {
         used: u64,
         stored_plan: Option<String>,
         usage_type: String,
         amount: u64,
         period: Period,
+        account: Option<(u64, u64)>,
     },
     /// No record under that key.
     Missing,
     /// Refunded before.
     AlreadyRefunded,
-    /// The counter must be loaded from Postgres first.
-    Hydrate(Period),
+    /// A counter must be loaded from Postgres first: the user's own, or the account's.
+    Hydrate(Period, Level),
+    /// The user's counters are not where the call was sent: what the route key holds there.
+    Moved(String),
 }
 
-/// What Postgres holds for one (user, period): the input of a hydration.
+/// A release's outcome.
+#[derive(Debug, Clone)]
+pub enum ReleaseReply {
+    /// Lowered: the user's new total, the stored plan, how much was lowered (0 when the counter
+    /// was at 0: then nothing changed); for a member, the pool's new total and what it lowered.
+    Released {
+        used: u64,
+        stored_plan: Option<String>,
+        released: u64,
+        account: Option<(u64, u64)>,
+    },
+    /// A counter must be loaded from Postgres first.
+    Hydrate(Level),
+    /// The user's counters are not where the call was sent: what the route key holds there.
+    Moved(String),
+}
+
+/// What Postgres holds for one (owner, period): the input of a hydration.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Highest version among the rows (0 when none).
     pub version: i64,
-    /// Field, value pairs to load: counts by type, and metadata fields.
+    /// Field, value pairs to load: counts by type, metadata fields, `o:<type>` overrides.
     pub fields: Vec<(String, String)>,
-    /// The user's stored plan and its version, if any.
+    /// The owner's stored plan and its version, if any.
     pub plan: Option<(String, i64)>,
+    /// The version of the owner's limit overrides (0 when none are stored).
+    pub overrides_version: i64,
+    /// For a user, the account Postgres says they are a member of.
+    pub account: Option<uuid::Uuid>,
 }
 
 /// The Redis side of quotad.
@@ -268,14 +358,35 @@ impl RedisStore {
         &self.client
     }
 
-    /// The keys of `user`: build them once per request and pass them down.
+    /// The keys of `user` as a user without an account: build them once per request and pass
+    /// them down.
     pub fn keys(&self, user: Uuid) -> UserKeys {
         UserKeys::new(&self.prefix, user)
     }
 
-    /// The keys and arguments that let a missing month counter start fresh: previous month's
-    /// hash and the bucket's marker; month start (ms), skew margin, EXPIREAT.
-    fn fresh_start(keys: &UserKeys, period: Period) -> ([String; 2], [i64; 3]) {
+    /// The keys of `user` as a member of `account` (or of none).
+    pub fn keys_in(&self, user: Uuid, account: Option<Uuid>) -> UserKeys {
+        UserKeys::placed(&self.prefix, user, account)
+    }
+
+    /// The keys of `owner`'s counters in `bucket` (the flusher reads the bucket off the dirty
+    /// set it found the counter in).
+    pub fn keys_of(&self, owner: Owner, bucket: u16) -> OwnerKeys {
+        OwnerKeys::new(&self.prefix, owner, bucket)
+    }
+
+    /// The keys of an account's pool (in the account's own bucket).
+    pub fn account_keys(&self, account: Uuid) -> OwnerKeys {
+        OwnerKeys::new(
+            &self.prefix,
+            Owner::Account(account),
+            keys::bucket(&account),
+        )
+    }
+
+    /// The keys that let a missing month counter start fresh: previous month's hash and the
+    /// bucket's marker; and the arguments: month start (ms), skew margin, EXPIREAT.
+    fn fresh_start(keys: &OwnerKeys, period: Period) -> ([String; 2], [i64; 3]) {
         let prev = period.previous().unwrap_or(period);
         let month_start = match period {
             Period::Month { .. } => period.start().timestamp_millis(),
@@ -290,21 +401,27 @@ impl RedisStore {
         )
     }
 
-    /// The pub/sub channel on which scripts announce users whose counts went down or whose plan
+    /// The pub/sub channel on which scripts announce owners whose counts went down or whose plan
     /// changed (see [`crate::refusals`]).
     pub fn changes_channel(&self) -> String {
         keys::changes_channel(&self.prefix)
     }
 
     /// The consume script's invocation for `call`: what [`RedisStore::run`] sends for a consume
-    /// (the bench's raw-Redis ceiling sends the same).
+    /// (the bench's raw-Redis ceiling sends the same). With keys placed in an account, the
+    /// account's pool is checked and counted in the same step.
     pub fn count_invocation(&self, call: &CountCall<'_>) -> ScriptInvocation<'static> {
         let keys = call.keys;
-        let (fresh_keys, fresh_args) = Self::fresh_start(keys, call.period);
+        let (fresh_keys, fresh_args) = Self::fresh_start(keys.own(), call.period);
         let mut inv = scripts::CONSUME.prepare_invoke();
         inv.key(keys.counter(call.period))
             .key(keys.dirty())
-            .key(&fresh_keys);
+            .key(&fresh_keys)
+            .key(keys.route());
+        if let Some(pool) = keys.pool() {
+            inv.key(pool.counter(call.period))
+                .key(pool.counter(call.period.previous().unwrap_or(call.period)));
+        }
         if let Some(k) = call.idempotency_key {
             inv.key(keys.idempotency(k));
         }
@@ -321,6 +438,12 @@ impl RedisStore {
         .arg(call.period.id())
         .arg(MAX_METADATA_NAMES)
         .arg(&fresh_args)
+        .arg(keys.route_value())
+        .arg(
+            keys.pool()
+                .map(|p| p.member(call.period))
+                .unwrap_or_default(),
+        )
         .arg(call.metadata.len());
         for (name, value) in call.metadata {
             match value {
@@ -333,15 +456,14 @@ impl RedisStore {
     }
 
     /// Runs a call's script (from [`Self::count_invocation`] or [`Self::check_invocation`]),
-    /// armed with its deadline: one EVALSHA; its raw reply, for [`count_reply`] or
-    /// [`check_reply`].
+    /// armed with its deadline: one EVALSHA; its raw reply, for [`count_reply`].
     pub async fn run(&self, inv: &mut ScriptInvocation<'_>) -> Result<redis::Value, StoreError> {
         self.run_script(inv).await
     }
 
-    /// The check script's invocation: the decision without counting. With an `idempotency_key`
-    /// that names an earlier consume or track, it answers [`Status::Conflict`] (the key belongs
-    /// to another call).
+    /// The check script's invocation: the decision without counting, at every level. With an
+    /// `idempotency_key` that names an earlier consume or track, it answers
+    /// [`Status::Conflict`] (the key belongs to another call).
     #[allow(clippy::too_many_arguments)]
     pub fn check_invocation(
         &self,
@@ -353,9 +475,15 @@ impl RedisStore {
         default_plan: &str,
         idempotency_key: Option<&str>,
     ) -> ScriptInvocation<'static> {
-        let (fresh_keys, fresh_args) = Self::fresh_start(keys, period);
+        let (fresh_keys, fresh_args) = Self::fresh_start(keys.own(), period);
         let mut inv = scripts::CHECK.prepare_invoke();
-        inv.key(keys.counter(period)).key(&fresh_keys);
+        inv.key(keys.counter(period))
+            .key(&fresh_keys)
+            .key(keys.route());
+        if let Some(pool) = keys.pool() {
+            inv.key(pool.counter(period))
+                .key(pool.counter(period.previous().unwrap_or(period)));
+        }
         if let Some(k) = idempotency_key {
             inv.key(keys.idempotency(k));
         }
@@ -364,11 +492,13 @@ impl RedisStore {
             .arg(plan_override.unwrap_or(""))
             .arg(default_plan)
             .arg(&fresh_args)
+            .arg(keys.route_value())
             .arg(&usage_type.script_limits);
         inv
     }
 
-    /// Refund the call recorded under `key`: reads the record's period, then refunds atomically.
+    /// Refund the call recorded under `key`: reads the record's period, then refunds atomically
+    /// at every level the call counted at (see `lua/refund.lua`).
     pub async fn refund(&self, keys: &UserKeys, key: &str) -> Result<RefundReply, StoreError> {
         let idem = keys.idempotency(key);
         let idem_read = idem.clone();
@@ -382,12 +512,32 @@ impl RedisStore {
         inv.key(idem)
             .key(keys.counter(period))
             .key(keys.dirty())
-            .arg(period.id())
+            .key(keys.route());
+        if let Some(pool) = keys.pool() {
+            inv.key(pool.counter(period));
+        }
+        inv.arg(period.id())
             .arg(keys.member(period))
             .arg(self.changes_channel())
-            .arg(keys.user().to_string());
-        let (status, used, plan, usage_type, amount): (String, i64, String, String, i64) =
-            self.run_script(&mut inv).await?;
+            .arg(keys.user().to_string())
+            .arg(keys.route_value())
+            .arg(keys.pool().map(|p| p.member(period)).unwrap_or_default());
+        #[allow(clippy::type_complexity)]
+        let (status, used, plan, usage_type, amount, account_used, account_given, detail): (
+            String,
+            i64,
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            String,
+        ) = self.run_script(&mut inv).await?;
+        let level = if detail == "account" {
+            Level::Account
+        } else {
+            Level::User
+        };
         Ok(match status.as_str() {
             "ok" => RefundReply::Refunded {
                 used: used.max(0) as u64,
@@ -395,93 +545,138 @@ impl RedisStore {
                 usage_type,
                 amount: amount.max(0) as u64,
                 period,
+                account: keys
+                    .pool()
+                    .map(|_| (account_used.max(0) as u64, account_given.max(0) as u64)),
             },
             "refunded" => RefundReply::AlreadyRefunded,
-            "hydrate" => RefundReply::Hydrate(period),
+            "hydrate" => RefundReply::Hydrate(period, level),
+            "moved" => RefundReply::Moved(detail),
             _ => RefundReply::Missing,
         })
     }
 
-    /// Lower a lifetime counter by `amount`, never below 0. `None` = hydrate first; else the new
-    /// total, the stored plan and how much was lowered (0 when the counter was at 0: then
-    /// nothing changed).
+    /// Lower a lifetime counter by `amount`, never below 0, and a member's account pool with it.
     pub async fn release(
         &self,
         keys: &UserKeys,
         usage_type: &str,
         amount: u64,
-    ) -> Result<Option<(u64, Option<String>, u64)>, StoreError> {
+    ) -> Result<ReleaseReply, StoreError> {
         let period = Period::Lifetime;
         let mut inv = scripts::RELEASE.prepare_invoke();
         inv.key(keys.counter(period))
             .key(keys.dirty())
-            .arg(usage_type)
+            .key(keys.route());
+        if let Some(pool) = keys.pool() {
+            inv.key(pool.counter(period));
+        }
+        inv.arg(usage_type)
             .arg(amount)
             .arg(keys.member(period))
             .arg(self.changes_channel())
-            .arg(keys.user().to_string());
-        let (status, used, plan, released): (String, i64, String, i64) =
-            self.run_script(&mut inv).await?;
-        Ok((status == "ok").then(|| {
-            (
-                used.max(0) as u64,
-                (!plan.is_empty()).then_some(plan),
-                released.max(0) as u64,
-            )
-        }))
+            .arg(keys.user().to_string())
+            .arg(keys.route_value())
+            .arg(keys.pool().map(|p| p.member(period)).unwrap_or_default());
+        let (status, used, plan, released, account_used, account_released, detail): (
+            String,
+            i64,
+            String,
+            i64,
+            i64,
+            i64,
+            String,
+        ) = self.run_script(&mut inv).await?;
+        Ok(match status.as_str() {
+            "ok" => ReleaseReply::Released {
+                used: used.max(0) as u64,
+                stored_plan: (!plan.is_empty()).then_some(plan),
+                released: released.max(0) as u64,
+                account: keys
+                    .pool()
+                    .map(|_| (account_used.max(0) as u64, account_released.max(0) as u64)),
+            },
+            "moved" => ReleaseReply::Moved(detail),
+            _ if detail == "account" => ReleaseReply::Hydrate(Level::Account),
+            _ => ReleaseReply::Hydrate(Level::User),
+        })
     }
 
-    /// The hydrate script's invocation: fill (user, period) from `snap` unless it is loaded
-    /// already, and set the bucket's marker to `now` unless it is set. A month's load also marks
-    /// the previous month's hash (so this month never starts fresh again); a lifetime counter
-    /// loaded with nothing expires after [`EMPTY_LIFETIME_TTL_SECS`].
+    /// The hydrate script's invocation: fill (owner, period) from `snap` unless it is loaded
+    /// already, and set the bucket's marker to `now` unless it is set. `believed` is the route
+    /// the caller sent its call under (the account id, or ""); the script fills only where the
+    /// owner's counters live (see `lua/hydrate.lua`). A month's load also marks the previous
+    /// month's hash (so this month never starts fresh again); a lifetime counter loaded with
+    /// nothing expires after [`EMPTY_LIFETIME_TTL_SECS`].
     pub fn hydrate_invocation(
         &self,
-        keys: &UserKeys,
+        keys: &OwnerKeys,
         period: Period,
         snap: &Snapshot,
         now: DateTime<Utc>,
+        believed: &str,
     ) -> ScriptInvocation<'static> {
         let expire_at = period
             .expire_at(chrono::Duration::days(GRACE_DAYS))
             .unwrap_or(0);
         let mut inv = scripts::HYDRATE.prepare_invoke();
         let (plan, plan_version) = snap.plan.clone().unwrap_or_default();
-        inv.key(keys.counter(period)).key(keys.since());
+        inv.key(keys.counter(period))
+            .key(keys.since())
+            .key(keys.route());
         if let Some(prev) = period.previous() {
             inv.key(keys.counter(prev));
         }
+        // Where Postgres places the owner's counters, relative to this bucket.
+        let placed = match keys.owner() {
+            Owner::Account(_) => "=".to_owned(),
+            Owner::User(user) => {
+                let home = self.keys_in(user, snap.account);
+                if home.own() == keys {
+                    format!("={}", home.route_value())
+                } else {
+                    match snap.account {
+                        Some(a) => format!(">{a}"),
+                        None => ">home".to_owned(),
+                    }
+                }
+            }
+        };
         inv.arg(expire_at)
             .arg(snap.version)
             .arg(plan)
             .arg(plan_version)
             .arg(self.changes_channel())
-            .arg(keys.user().to_string())
+            .arg(keys.owner().id().to_string())
             .arg(now.timestamp_millis())
             .arg(EMPTY_LIFETIME_TTL_SECS)
             .arg(
                 period
                     .end()
                     .map_or(0, |end| end.timestamp_millis() - SKEW_MARGIN_MS),
-            );
+            )
+            .arg(believed)
+            .arg(placed)
+            .arg(snap.overrides_version);
         for (field, value) in &snap.fields {
             inv.arg(field).arg(value);
         }
         inv
     }
 
-    /// Fill the counter hash of (user, period) from `snap` unless it is loaded already; `now`
+    /// Fill the counter hash of (owner, period) from `snap` unless it is loaded already; `now`
     /// is the daemon's clock.
     pub async fn hydrate(
         &self,
-        keys: &UserKeys,
+        keys: &OwnerKeys,
         period: Period,
         snap: &Snapshot,
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let mut inv = self.hydrate_invocation(keys, period, snap, now);
-        let filled: i64 = self.run_script(&mut inv).await?;
-        Ok(filled == 1)
+        believed: &str,
+    ) -> Result<Hydrated, StoreError> {
+        let mut inv = self.hydrate_invocation(keys, period, snap, now, believed);
+        let reply: redis::Value = self.run_script(&mut inv).await?;
+        hydrated(reply)
     }
 
     /// [`Self::hydrate`] for many counters in one round trip: one pipeline of hydrate scripts,
@@ -502,7 +697,8 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         let mut until = tokio::time::Instant::now();
         for load in loads.iter_mut() {
-            let mut fill = self.hydrate_invocation(load.keys, load.period, load.snapshot, now);
+            let mut fill =
+                self.hydrate_invocation(load.keys, load.period, load.snapshot, now, load.believed);
             until = self.arm(&mut fill);
             pipe.invoke_script(&fill);
             for follow_up in load.follow_ups.iter_mut().flatten() {
@@ -539,7 +735,13 @@ impl RedisStore {
             pipe.load_script(&scripts::HYDRATE).ignore();
             for i in &missing {
                 let load = &loads[*i];
-                let mut fill = self.hydrate_invocation(load.keys, load.period, load.snapshot, now);
+                let mut fill = self.hydrate_invocation(
+                    load.keys,
+                    load.period,
+                    load.snapshot,
+                    now,
+                    load.believed,
+                );
                 until = self.arm(&mut fill);
                 pipe.invoke_script(&fill);
             }
@@ -552,11 +754,7 @@ impl RedisStore {
         Ok(out
             .into_iter()
             .map(|(fill, follow)| Filled {
-                filled: self.settle(Some(fill.and_then(|v| {
-                    redis::from_redis_value::<i64>(v)
-                        .map(|n| n == 1)
-                        .map_err(Into::into)
-                }))),
+                filled: self.settle(Some(fill)).and_then(hydrated),
                 follow_ups: follow
                     .into_iter()
                     .map(|slot| {
@@ -579,43 +777,116 @@ impl RedisStore {
             .await
     }
 
-    /// Write a user's plan (with its Postgres version) into the counter hashes of `periods` (those
-    /// in force now: created if missing), and of `adjacent` (the months next to the current one:
-    /// written only if they exist, so a plan change just before midnight reaches a next month
-    /// another replica already counts in).
+    /// Write an owner's plan (with its Postgres version) into the counter hashes of `periods`
+    /// (those in force now: created if missing), and of `adjacent` (the months next to the
+    /// current one: written only if they exist, so a plan change just before midnight reaches a
+    /// next month another replica already counts in). `believed` is the route the keys are
+    /// placed under; `Err(route)` inside when the owner's counters are elsewhere (nothing written).
     pub async fn set_plan(
         &self,
-        keys: &UserKeys,
+        keys: &OwnerKeys,
+        believed: &str,
         plan: &str,
         version: i64,
         periods: &[Period],
         adjacent: &[Period],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Result<(), String>, StoreError> {
         let mut inv = scripts::SET_PLAN.prepare_invoke();
+        inv.key(keys.route());
         for p in periods.iter().chain(adjacent) {
             inv.key(keys.counter(*p));
         }
         inv.arg(plan)
             .arg(version)
             .arg(self.changes_channel())
-            .arg(keys.user().to_string())
-            .arg(periods.len());
+            .arg(keys.owner().id().to_string())
+            .arg(periods.len())
+            .arg(believed);
         for p in periods {
             inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
         }
-        let _: i64 = self.run_script(&mut inv).await?;
-        Ok(())
+        let reply: redis::Value = self.run_script(&mut inv).await?;
+        Ok(moved_or_done(reply))
     }
 
-    /// The counter hashes of `user` in `periods`, in one pipeline; `None` where not loaded yet.
+    /// Write an owner's limit overrides (every one in force, with their version) into the
+    /// counter hashes, as [`Self::set_plan`] does with a plan.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn set_limits(
+        &self,
+        keys: &OwnerKeys,
+        believed: &str,
+        limits: &[(String, i64)],
+        version: i64,
+        periods: &[Period],
+        adjacent: &[Period],
+    ) -> Result<Result<(), String>, StoreError> {
+        let mut inv = scripts::SET_LIMITS.prepare_invoke();
+        inv.key(keys.route());
+        for p in periods.iter().chain(adjacent) {
+            inv.key(keys.counter(*p));
+        }
+        inv.arg(version)
+            .arg(self.changes_channel())
+            .arg(keys.owner().id().to_string())
+            .arg(periods.len())
+            .arg(believed);
+        for p in periods {
+            inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
+        }
+        for (ty, limit) in limits {
+            inv.arg(ty).arg(limit);
+        }
+        let reply: redis::Value = self.run_script(&mut inv).await?;
+        Ok(moved_or_done(reply))
+    }
+
+    /// The counter hashes of an owner in `periods`, in one pipeline; `None` where not loaded
+    /// yet. With `route`, also what the owner's route key holds (`Some("")` when missing), so a
+    /// caller can tell whether the counters live here.
     pub async fn read_counters(
         &self,
-        keys: &UserKeys,
+        keys: &OwnerKeys,
         periods: &[Period],
-    ) -> Result<Vec<Option<CounterHash>>, StoreError> {
+    ) -> Result<(Vec<Option<CounterHash>>, String), StoreError> {
         let mut pipe = redis::pipe();
+        pipe.get(keys.route());
         for p in periods {
             pipe.hgetall(keys.counter(*p));
+        }
+        let (route, maps): (Option<String>, Vec<HashMap<String, String>>) = {
+            let mut replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
+            let route = redis::from_redis_value(replies.remove(0))
+                .map_err(|e| StoreError::Redis(e.into()))?;
+            let maps = replies
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<_, _>>()
+                .map_err(|e| StoreError::Redis(e.into()))?;
+            (route, maps)
+        };
+        Ok((
+            maps.iter()
+                .map(CounterHash::parse)
+                .map(|h| h.is_loaded().then_some(h))
+                .collect(),
+            route.unwrap_or_default(),
+        ))
+    }
+
+    /// Many owners' counter hashes of one period, in one pipeline (`None` where not loaded):
+    /// an account's members, for its usage read.
+    pub async fn read_many(
+        &self,
+        keys: &[OwnerKeys],
+        period: Period,
+    ) -> Result<Vec<Option<CounterHash>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.hgetall(k.counter(period));
         }
         let maps: Vec<HashMap<String, String>> = self.run_pipe(&pipe).await?;
         Ok(maps
@@ -624,12 +895,132 @@ impl RedisStore {
             .map(|h| h.is_loaded().then_some(h))
             .collect())
     }
+
+    /// Moves a user's counters of `periods` from `from` to `to` (see `lua/move_out.lua`,
+    /// `move_in.lua`, `move_done.lua`, or `reroute.lua` when both share a bucket). Returns
+    /// `Err(route)` inside when the counters were not at `from` (the route there says where).
+    pub async fn move_user(
+        &self,
+        from: &UserKeys,
+        to: &UserKeys,
+        periods: &[Period],
+    ) -> Result<Result<(), String>, StoreError> {
+        let user = from.user().to_string();
+        if from.own().dirty() == to.own().dirty() {
+            let mut inv = scripts::REROUTE.prepare_invoke();
+            inv.key(from.route())
+                .arg(from.route_value())
+                .arg(to.route_value())
+                .arg(self.changes_channel())
+                .arg(&user);
+            let reply: redis::Value = self.run_script(&mut inv).await?;
+            return Ok(moved_or_done(reply));
+        }
+        let mut out = scripts::MOVE_OUT.prepare_invoke();
+        out.key(from.route());
+        for p in periods {
+            out.key(from.counter(*p));
+        }
+        out.arg(from.route_value());
+        let reply: Vec<redis::Value> = self.run_script(&mut out).await?;
+        let mut reply = reply.into_iter();
+        let status: String = reply
+            .next()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(|e| StoreError::Redis(e.into()))?
+            .unwrap_or_default();
+        if status != "ok" {
+            let route: String = reply
+                .next()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| StoreError::Redis(e.into()))?
+                .unwrap_or_default();
+            return Ok(Err(route));
+        }
+        let mut inn = scripts::MOVE_IN.prepare_invoke();
+        inn.key(to.route()).key(to.dirty());
+        for p in periods {
+            inn.key(to.counter(*p));
+        }
+        inn.arg(to.route_value())
+            .arg(self.changes_channel())
+            .arg(&user)
+            .arg(Utc::now().timestamp_millis());
+        for p in periods {
+            let fields: Vec<(String, String)> = reply
+                .next()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| StoreError::Redis(e.into()))?
+                .unwrap_or_default();
+            let ttl: i64 = reply
+                .next()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| StoreError::Redis(e.into()))?
+                .unwrap_or(-2);
+            inn.arg(to.member(*p)).arg(ttl).arg(fields.len());
+            for (f, v) in fields {
+                inn.arg(f).arg(v);
+            }
+        }
+        let _: i64 = self.run_script(&mut inn).await?;
+        let mut done = scripts::MOVE_DONE.prepare_invoke();
+        done.key(from.route()).key(from.dirty());
+        for p in periods {
+            done.key(from.counter(*p));
+        }
+        done.arg(match to.account() {
+            Some(a) => format!(">{a}"),
+            None => ">home".to_owned(),
+        });
+        for p in periods {
+            done.arg(from.member(*p));
+        }
+        let _: i64 = self.run_script(&mut done).await?;
+        Ok(Ok(()))
+    }
+}
+
+/// What a hydrate script did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hydrated {
+    /// This load filled the counter.
+    Filled,
+    /// It was loaded already.
+    Loaded,
+    /// The owner's counters live elsewhere: what the route key holds (nothing filled).
+    Moved(String),
+}
+
+fn hydrated(reply: redis::Value) -> Result<Hydrated, StoreError> {
+    match reply {
+        redis::Value::Int(1) => Ok(Hydrated::Filled),
+        redis::Value::Int(_) => Ok(Hydrated::Loaded),
+        other => match moved_or_done(other) {
+            Err(route) => Ok(Hydrated::Moved(route)),
+            Ok(()) => Ok(Hydrated::Loaded),
+        },
+    }
+}
+
+/// A script's `{"moved", route}` (or `{"elsewhere", route}`) reply as `Err(route)`; anything else
+/// is done.
+fn moved_or_done(reply: redis::Value) -> Result<(), String> {
+    match redis::from_redis_value::<(String, String)>(reply) {
+        Ok((status, route)) if status == "moved" || status == "elsewhere" => Err(route),
+        _ => Ok(()),
+    }
 }
 
 /// One counter to load in [`RedisStore::hydrate_many`], with the scripts to run right after it.
 pub struct Load<'a> {
-    /// Whose counter.
-    pub keys: &'a UserKeys,
+    /// Whose counter, in which bucket.
+    pub keys: &'a OwnerKeys,
+    /// The route the caller sent its call under (see [`RedisStore::hydrate_invocation`]).
+    pub believed: &'a str,
     /// Which period.
     pub period: Period,
     /// What Postgres holds for it.
@@ -642,8 +1033,8 @@ pub struct Load<'a> {
 /// What [`RedisStore::hydrate_many`] did for one [`Load`].
 #[derive(Debug)]
 pub struct Filled {
-    /// `true` if this load filled the counter, `false` if it was loaded already.
-    pub filled: Result<bool, StoreError>,
+    /// What this load's fill did.
+    pub filled: Result<Hydrated, StoreError>,
     /// Slot by slot as in [`Load::follow_ups`], each follow-up's reply; `None` for an empty
     /// slot or a follow-up Redis did not run (NOSCRIPT).
     pub follow_ups: Vec<Option<Result<redis::Value, StoreError>>>,
@@ -665,30 +1056,37 @@ fn short_reply() -> RedisError {
     ))
 }
 
-/// The consume script's reply (see `lua/consume.lua`) as a [`Reply`].
-pub fn count_reply(raw: redis::Value) -> Result<Reply, StoreError> {
-    let raw: (String, i64, String, i64, String, String) =
-        redis::from_redis_value(raw).map_err(|e| StoreError::Redis(e.into()))?;
-    let mut reply = to_reply(
-        raw.0.as_str(),
-        raw.1,
-        raw.2,
-        raw.3,
-        Period::parse_id(&raw.4),
-    );
-    reply.detail = raw.5;
-    Ok(reply)
-}
-
-/// The check script's reply (see `lua/check.lua`) for `period` as a [`Reply`].
-pub fn check_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreError> {
-    let raw: (String, i64, String, i64) =
-        redis::from_redis_value(raw).map_err(|e| StoreError::Redis(e.into()))?;
-    Ok(to_reply(raw.0.as_str(), raw.1, raw.2, raw.3, Some(period)))
-}
-
-fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Period>) -> Reply {
-    let status = match status {
+/// The reply of the consume or the check script (see `lua/consume.lua`: both answer the same
+/// twelve fields) as a [`Reply`]; `period` stands in where the script names none (check).
+pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreError> {
+    let bad = |e: redis::ParsingError| StoreError::Redis(e.into());
+    let fields: Vec<redis::Value> = redis::from_redis_value(raw).map_err(bad)?;
+    if fields.len() != 12 {
+        return Err(StoreError::Redis(RedisError::from(std::io::Error::other(
+            format!("a decision script answered {} fields, not 12", fields.len()),
+        ))));
+    }
+    let mut it = fields.into_iter();
+    let mut text = || -> Result<String, StoreError> {
+        redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil)).map_err(bad)
+    };
+    let status = text()?;
+    let used: i64 = text()?.parse().unwrap_or(0);
+    let plan = text()?;
+    let limit: i64 = text()?.parse().unwrap_or(-1);
+    let period_id = text()?;
+    let detail = text()?;
+    let limited_by = match text()?.as_str() {
+        "user" => Some(Level::User),
+        "account" => Some(Level::Account),
+        _ => None,
+    };
+    let source = LimitSource::parse(&text()?);
+    let account_used: i64 = text()?.parse().unwrap_or(0);
+    let account_plan = text()?;
+    let account_limit: i64 = text()?.parse().unwrap_or(-1);
+    let account_source = text()?;
+    let status = match status.as_str() {
         "ok" => Status::Ok,
         "denied" => Status::Denied,
         "replay" => Status::Replay,
@@ -696,14 +1094,23 @@ fn to_reply(status: &str, used: i64, plan: String, limit: i64, period: Option<Pe
         "refunded" => Status::Refunded,
         "meta_limit" => Status::MetaLimit,
         "meta_sum" => Status::MetaSum,
+        "moved" => Status::Moved,
         _ => Status::Hydrate,
     };
-    Reply {
+    Ok(Reply {
         status,
         used: used.max(0) as u64,
         plan,
         limit: u64::try_from(limit).ok(),
-        period,
-        detail: String::new(),
-    }
+        period: Some(Period::parse_id(&period_id).unwrap_or(period)),
+        detail,
+        limited_by,
+        source,
+        account: (!account_source.is_empty()).then(|| LevelReply {
+            used: account_used.max(0) as u64,
+            plan: account_plan,
+            limit: u64::try_from(account_limit).ok(),
+            source: LimitSource::parse(&account_source),
+        }),
+    })
 }

@@ -3,16 +3,17 @@
 use std::collections::HashMap;
 
 use deadpool_redis::redis::{self, AsyncCommands};
-use uuid::Uuid;
 
-use super::{keys, scripts, CounterHash, RedisStore, StoreError, UserKeys};
+use super::{keys, scripts, CounterHash, Owner, OwnerKeys, RedisStore, StoreError};
 use crate::period::Period;
 
 /// One counter hash as reconcile sees it.
 #[derive(Debug, Clone)]
 pub struct LiveCounter {
-    /// The user.
-    pub user: Uuid,
+    /// Whose.
+    pub owner: Owner,
+    /// The bucket it lives in.
+    pub bucket: u16,
     /// The hash.
     pub hash: CounterHash,
     /// Whether it waits in a dirty set (changed since its last flush).
@@ -20,9 +21,14 @@ pub struct LiveCounter {
 }
 
 impl RedisStore {
-    /// Every loaded counter hash of `period` (SCAN, so it does not block Redis).
-    pub async fn scan_period(&self, period: Period) -> Result<Vec<LiveCounter>, StoreError> {
-        let pattern = keys::counters_pattern(&self.prefix, period);
+    /// Every loaded counter hash of `period` whose owner is of `like`'s kind (SCAN, so it does
+    /// not block Redis).
+    pub async fn scan_period(
+        &self,
+        like: Owner,
+        period: Period,
+    ) -> Result<Vec<LiveCounter>, StoreError> {
+        let pattern = keys::counters_pattern(&self.prefix, like, period);
         let keys: Vec<String> = self
             .with_conn(|mut c| async move {
                 let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
@@ -35,19 +41,19 @@ impl RedisStore {
             .await?;
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(1000) {
-            let users: Vec<Uuid> = chunk
+            let owners: Vec<(u16, Owner)> = chunk
                 .iter()
-                .filter_map(|k| keys::user_of_counter(k))
+                .filter_map(|k| keys::owner_of_counter(k))
                 .collect();
             let mut pipe = redis::pipe();
             self.set_name(&mut pipe);
-            for u in &users {
-                let keys = self.keys(*u);
+            for (bucket, owner) in &owners {
+                let keys = self.keys_of(*owner, *bucket);
                 pipe.hgetall(keys.counter(period));
                 pipe.zscore(keys.dirty(), keys.member(period));
             }
             let replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
-            for (user, pair) in users.into_iter().zip(replies.chunks(2)) {
+            for ((bucket, owner), pair) in owners.into_iter().zip(replies.chunks(2)) {
                 let fields: HashMap<String, String> = redis::from_redis_value_ref(&pair[0])
                     .map_err(|e| StoreError::Redis(e.into()))?;
                 let score: Option<f64> = redis::from_redis_value_ref(&pair[1])
@@ -55,7 +61,8 @@ impl RedisStore {
                 let hash = CounterHash::parse(&fields);
                 if hash.is_loaded() {
                     out.push(LiveCounter {
-                        user,
+                        owner,
+                        bucket,
                         hash,
                         dirty: score.is_some(),
                     });
@@ -66,7 +73,7 @@ impl RedisStore {
     }
 
     /// Bumps a loaded counter's version and marks it dirty, so the next flush overwrites Postgres.
-    pub async fn touch(&self, keys: &UserKeys, period: Period) -> Result<bool, StoreError> {
+    pub async fn touch(&self, keys: &OwnerKeys, period: Period) -> Result<bool, StoreError> {
         let mut inv = scripts::TOUCH.prepare_invoke();
         inv.key(keys.counter(period))
             .key(keys.dirty())
@@ -78,7 +85,7 @@ impl RedisStore {
     /// Replaces a loaded counter with `fields` at `version` if Redis' version is older.
     pub async fn overwrite(
         &self,
-        keys: &UserKeys,
+        keys: &OwnerKeys,
         period: Period,
         version: i64,
         fields: &[(String, String)],
@@ -87,7 +94,7 @@ impl RedisStore {
         inv.key(keys.counter(period))
             .arg(version)
             .arg(self.changes_channel())
-            .arg(keys.user().to_string());
+            .arg(keys.owner().id().to_string());
         for (f, v) in fields {
             inv.arg(f).arg(v);
         }

@@ -39,3 +39,15 @@ pub static OVERWRITE: LazyLock<Script> =
 /// catch_up: raise a counter that is older than Postgres' row to it (flusher, when Postgres
 /// holds a higher version than Redis: a Redis restored from an older dump).
 pub static CATCH_UP: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("catch_up.lua")));
+/// set_limits: write an owner's limit overrides into their live counter hashes.
+pub static SET_LIMITS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_common!("set_limits.lua")));
+/// move_out: stop using a user's counters in one bucket and hand them over (a membership change).
+pub static MOVE_OUT: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("move_out.lua")));
+/// move_in: fill a user's counters in their new bucket and route the user there.
+pub static MOVE_IN: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("move_in.lua")));
+/// move_done: forward the old bucket to the new one and remove what was left there.
+pub static MOVE_DONE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_common!("move_done.lua")));
+/// reroute: a membership change within one bucket: only the route changes.
+pub static REROUTE: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("reroute.lua")));

@@ -153,16 +153,24 @@ async fn an_older_total_never_overwrites_a_newer_one() {
         t
     };
 
-    db::upsert_totals(&db, &write(10, 5)).await.unwrap();
-    let late = db::upsert_totals(&db, &write(7, 3)).await.unwrap();
-    let same = db::upsert_totals(&db, &write(9, 5)).await.unwrap();
+    db::upsert_totals(&db, db::Table::Users, &write(10, 5))
+        .await
+        .unwrap();
+    let late = db::upsert_totals(&db, db::Table::Users, &write(7, 3))
+        .await
+        .unwrap();
+    let same = db::upsert_totals(&db, db::Table::Users, &write(9, 5))
+        .await
+        .unwrap();
     assert_eq!((late, same), (0, 0), "nothing written");
     assert_eq!(
         row(&app, user, "export").await.map(|r| (r.0, r.2)),
         Some((10, 5))
     );
 
-    db::upsert_totals(&db, &write(11, 6)).await.unwrap();
+    db::upsert_totals(&db, db::Table::Users, &write(11, 6))
+        .await
+        .unwrap();
     assert_eq!(
         row(&app, user, "export").await.map(|r| (r.0, r.2)),
         Some((11, 6))
@@ -198,7 +206,9 @@ async fn a_count_that_arrives_during_a_flush_stays_dirty_and_is_written_next_tim
         json!({}),
         version,
     );
-    db::upsert_totals(&app.db().await, &totals).await.unwrap();
+    db::upsert_totals(&app.db().await, db::Table::Users, &totals)
+        .await
+        .unwrap();
     app.consume(user, "export").await;
     let removed = store
         .unmark(&[(&scan.members[0], Some(version))])
@@ -360,7 +370,7 @@ async fn migrations_upgrade_the_original_usage_tracking_table_and_keep_its_rows(
     .unwrap();
     // Its NULL metadata loads as none.
     let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
-    let snap = db::snapshot(&upgraded, user, this_month()).await;
+    let snap = db::snapshot(&upgraded, quotad::store::Owner::User(user), this_month()).await;
     upgraded.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE {name} WITH (FORCE)"

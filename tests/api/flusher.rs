@@ -25,7 +25,10 @@ async fn dirty_score(app: &TestApp, user: Uuid) -> Option<f64> {
     let store = &app.state.quota.store;
     redis::cmd("ZSCORE")
         .arg(store.keys(user).dirty())
-        .arg(quotad::store::keys::member(&user, month(app)))
+        .arg(quotad::store::keys::member(
+            quotad::store::Owner::User(user),
+            month(app),
+        ))
         .query_async(&mut app.redis().await)
         .await
         .unwrap()

@@ -8,7 +8,7 @@ use futures::future::join_all;
 use serde_json::json;
 use uuid::Uuid;
 
-use quotad::store::{count_reply, Status};
+use quotad::store::{decision_reply, Hydrated, Status};
 
 use crate::helpers::{month_period, month_start, PrivateRedis, TestApp};
 
@@ -81,9 +81,16 @@ async fn loads_asked_for_at_once_go_to_postgres_as_one_statement() {
         .collect();
     let before = hydrator.queries();
 
-    let filled = join_all(keys.iter().map(|k| hydrator.load(k, month_period(0)))).await;
+    let filled = join_all(
+        keys.iter()
+            .map(|k| hydrator.load(k.own(), "", month_period(0))),
+    )
+    .await;
 
-    assert!(filled.iter().all(|f| matches!(f, Ok(true))), "{filled:?}");
+    assert!(
+        filled.iter().all(|f| matches!(f, Ok(Hydrated::Filled))),
+        "{filled:?}"
+    );
     assert_eq!(hydrator.queries() - before, 1);
 }
 
@@ -96,10 +103,16 @@ async fn the_same_counter_asked_for_many_times_in_one_batch_is_read_and_filled_o
     let keys = app.state.quota.store.keys(user);
     let before = hydrator.queries();
 
-    let filled = join_all((0..10).map(|_| hydrator.load(&keys, month_period(0)))).await;
+    let filled = join_all((0..10).map(|_| hydrator.load(keys.own(), "", month_period(0)))).await;
 
-    let firsts = filled.iter().filter(|f| matches!(f, Ok(true))).count();
-    let others = filled.iter().filter(|f| matches!(f, Ok(false))).count();
+    let firsts = filled
+        .iter()
+        .filter(|f| matches!(f, Ok(Hydrated::Filled)))
+        .count();
+    let others = filled
+        .iter()
+        .filter(|f| matches!(f, Ok(Hydrated::Loaded)))
+        .count();
     assert_eq!((firsts, others), (1, 9), "{filled:?}");
     assert_eq!(hydrator.queries() - before, 1);
     // Concurrent first requests of one user: every count lands once, on top of Postgres' 5.
@@ -126,11 +139,17 @@ async fn a_counter_redis_cannot_fill_fails_alone_and_the_rest_of_its_batch_is_lo
         .await
         .unwrap();
 
-    let filled = join_all(keys.iter().map(|k| hydrator.load(k, month_period(0)))).await;
+    let filled = join_all(
+        keys.iter()
+            .map(|k| hydrator.load(k.own(), "", month_period(0))),
+    )
+    .await;
 
     assert!(filled[0].is_err(), "{:?}", filled[0]);
     assert!(
-        filled[1..].iter().all(|f| matches!(f, Ok(true))),
+        filled[1..]
+            .iter()
+            .all(|f| matches!(f, Ok(Hydrated::Filled))),
         "{filled:?}"
     );
 }
@@ -225,9 +244,19 @@ async fn a_first_request_is_counted_in_the_same_pipeline_as_its_load() {
     // once, and each call rides after the fill with its own reply.
     let loads = join_all(keys.iter().flat_map(|k| {
         [
-            hydrator.load_then(k, month_period(0), Some(app.consume_invocation(k, None))),
-            hydrator.load_then(k, month_period(0), None),
-            hydrator.load_then(k, month_period(0), Some(app.consume_invocation(k, None))),
+            hydrator.load_then(
+                k.own(),
+                "",
+                month_period(0),
+                Some(app.consume_invocation(k, None)),
+            ),
+            hydrator.load_then(k.own(), "", month_period(0), None),
+            hydrator.load_then(
+                k.own(),
+                "",
+                month_period(0),
+                Some(app.consume_invocation(k, None)),
+            ),
         ]
     }))
     .await;
@@ -235,7 +264,10 @@ async fn a_first_request_is_counted_in_the_same_pipeline_as_its_load() {
     assert_eq!(hydrator.queries() - before, 1, "one postgres statement");
     for (i, three) in loads.chunks(3).enumerate() {
         let three: Vec<_> = three.iter().map(|l| l.as_ref().unwrap()).collect();
-        let fills = three.iter().filter(|l| l.filled).count();
+        let fills = three
+            .iter()
+            .filter(|l| l.filled == Hydrated::Filled)
+            .count();
         assert_eq!(fills, 1, "user {i}: {three:?}");
         assert!(three[1].follow_up.is_none(), "user {i}: {three:?}");
         let mut used: Vec<u64> = [three[0], three[2]]
@@ -245,7 +277,7 @@ async fn a_first_request_is_counted_in_the_same_pipeline_as_its_load() {
                     .follow_up
                     .clone()
                     .unwrap_or_else(|| panic!("run after the fill: {three:?}"));
-                let reply = count_reply(raw.unwrap()).unwrap();
+                let reply = decision_reply(raw.unwrap(), month_period(0)).unwrap();
                 assert_eq!(reply.status, Status::Ok);
                 reply.used
             })
@@ -281,12 +313,14 @@ async fn a_call_that_fails_after_its_fill_fails_alone_and_counts_nothing() {
 
     let loads = join_all([
         hydrator.load_then(
-            &broken_keys,
+            broken_keys.own(),
+            "",
             month_period(0),
             Some(app.consume_invocation(&broken_keys, Some("k1"))),
         ),
         hydrator.load_then(
-            &other_keys,
+            other_keys.own(),
+            "",
             month_period(0),
             Some(app.consume_invocation(&other_keys, None)),
         ),
@@ -295,14 +329,14 @@ async fn a_call_that_fails_after_its_fill_fails_alone_and_counts_nothing() {
     let [a, b]: [_; 2] = loads.try_into().unwrap();
 
     let a = a.expect("the load itself succeeded");
-    assert!(a.filled);
+    assert_eq!(a.filled, Hydrated::Filled);
     let failed = a.follow_up.expect("the call was run");
     assert!(
         matches!(&failed, Err(quotad::store::StoreError::Redis(e)) if e.to_string().contains("WRONGTYPE")),
         "{failed:?}"
     );
     let b = b.expect("loaded");
-    let reply = count_reply(b.follow_up.expect("run").unwrap()).unwrap();
+    let reply = decision_reply(b.follow_up.expect("run").unwrap(), month_period(0)).unwrap();
     assert_eq!((reply.status, reply.used), (Status::Ok, 7));
     assert_eq!(
         app.used(broken, "ai_generation").await,
@@ -329,14 +363,18 @@ async fn after_redis_loses_its_scripts_a_batch_still_loads_and_its_calls_count_o
 
     // Redis knows neither script: the fills are loaded and sent again; the calls did not run
     // (no reply), and nothing was counted.
-    let loads =
-        join_all(keys.iter().map(|k| {
-            hydrator.load_then(k, month_period(0), Some(app.consume_invocation(k, None)))
-        }))
-        .await;
+    let loads = join_all(keys.iter().map(|k| {
+        hydrator.load_then(
+            k.own(),
+            "",
+            month_period(0),
+            Some(app.consume_invocation(k, None)),
+        )
+    }))
+    .await;
     for load in &loads {
         let load = load.as_ref().expect("loaded");
-        assert!(load.filled);
+        assert_eq!(load.filled, Hydrated::Filled);
         assert!(load.follow_up.is_none(), "{:?}", load.follow_up);
     }
     assert_eq!(app.used(users[0], "ai_generation").await, 10);

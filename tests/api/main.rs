@@ -1,5 +1,6 @@
 //! quotad over real HTTP, against real Redis and Postgres. One binary; one file per feature.
 
+mod accounts;
 mod auth;
 mod consume;
 mod durability;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{free_port, Answer, Options, PrivateRedis, TestApp};
+use crate::helpers::{free_port, month_period, Answer, Options, PrivateRedis, TestApp};
 
 /// `QUOTAD_REDIS_TIMEOUT_MS` of the refusal tests: a refusal must be answered well within it.
 const REFUSAL_TIMEOUT_MS: u64 = 1000;
@@ -454,7 +454,7 @@ async fn a_consume_script_run_past_its_deadline_does_nothing() {
 
     let mut timely = app.consume_invocation(&keys, None);
     timely.arg(now_ms + 10_000);
-    let (status, used, ..): (String, i64, String, i64, String, String) =
-        timely.invoke_async(&mut conn).await.unwrap();
-    assert_eq!((status.as_str(), used), ("ok", 2));
+    let raw = timely.invoke_async(&mut conn).await.unwrap();
+    let reply = quotad::store::decision_reply(raw, month_period(0)).unwrap();
+    assert_eq!((reply.status, reply.used), (quotad::store::Status::Ok, 2));
 }

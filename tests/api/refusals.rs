@@ -23,11 +23,15 @@ async fn track(app: &TestApp, user: Uuid, usage_type: &str, amount: u64) {
     assert_eq!(a.status, 200, "{:?}", a.body);
 }
 
-/// Consumes one unit and asserts it was refused; afterwards the refusal is remembered.
+/// Consumes one unit and asserts it was refused; afterwards the refusal is remembered. (Twice:
+/// the first refusal is not remembered when the announcement of the counter's first load reaches
+/// the cache while it is under way, as it must not be.)
 async fn refused(app: &TestApp, user: Uuid, usage_type: &str) {
-    let a = app.consume(user, usage_type).await;
-    assert_eq!(a.status, 402, "{:?}", a.body);
-    assert_eq!(a.body["code"], "USAGE_LIMIT_EXCEEDED", "{:?}", a.body);
+    for _ in 0..2 {
+        let a = app.consume(user, usage_type).await;
+        assert_eq!(a.status, 402, "{:?}", a.body);
+        assert_eq!(a.body["code"], "USAGE_LIMIT_EXCEEDED", "{:?}", a.body);
+    }
 }
 
 /// Two replicas on one Redis and database, and a user whose `usage_type` is tracked to `used`

@@ -17,7 +17,9 @@ import schemathesis
 ADMIN = os.environ["QUOTAD_ST_ADMIN_TOKEN"]
 GATEWAY = os.environ["QUOTAD_ST_GATEWAY_TOKEN"]
 
-ADMIN_PATHS = re.compile(r"^(/v1/users/[^/]+/plan|/v1/admin/reconcile|/ui/users/[^/]+)$")
+ADMIN_PATHS = re.compile(
+    r"^(/v1/users/[^/]+/(plan|account|limits)|/v1/accounts/[^/]+/(plan|limits)|/v1/admin/reconcile|/ui/users/[^/]+)$"
+)
 
 
 @schemathesis.auth(refresh_interval=None)
@@ -28,7 +30,7 @@ class ScopedToken:
         return {"admin": ADMIN, "gateway": GATEWAY}
 
     def set(self, case, tokens, ctx):
-        scope = "admin" if ADMIN_PATHS.match(case.operation.path.replace("{user_id}", "x")) else "gateway"
+        scope = "admin" if ADMIN_PATHS.match(case.operation.path.replace("{user_id}", "x").replace("{account_id}", "x")) else "gateway"
         case.headers = dict(case.headers or {})
         case.headers["Authorization"] = f"Bearer {tokens[scope]}"
 

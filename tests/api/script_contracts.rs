@@ -40,7 +40,10 @@ async fn is_dirty(app: &TestApp, user: Uuid, period: Period) -> bool {
     let store = &app.state.quota.store;
     let score: Option<f64> = redis::cmd("ZSCORE")
         .arg(store.keys(user).dirty())
-        .arg(quotad::store::keys::member(&user, period))
+        .arg(quotad::store::keys::member(
+            quotad::store::Owner::User(user),
+            period,
+        ))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();

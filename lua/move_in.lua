@@ -1,0 +1,56 @@
+-- move_in: the second step of moving a user's counters: fills them in their new bucket, and
+-- routes the user here.
+--
+-- KEYS[1]     the user's route key here
+-- KEYS[2]     dirty set here
+-- KEYS[3..]   the user's counter hashes here, in move_out's order
+-- ARGV[1]     the route to set ("" = no account: the route key is deleted; else the account id)
+-- ARGV[2]     invalidation channel; ARGV[3] the user, announced there
+-- ARGV[4]     now, ms (the score of a dirty mark)
+-- then for each hash: its dirty-set member, its ms left to live (as move_out read it), n, and n
+--             field, value pairs (n = 0: the hash did not exist)
+--
+-- A hash is written unless one here is at least as new (a `v` as high: written by an earlier
+-- attempt of the same move, and counted in since; or any loaded hash, against a copy without
+-- `v`); the copy keeps every field but the dirty flag,
+-- and is marked dirty here, so the next flush writes it (Postgres takes nothing twice: the
+-- version is the one it had). Returns how many hashes it wrote.
+local written = 0
+local at = 5
+for i = 3, #KEYS do
+  local hash, member, ttl, n = KEYS[i], ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local first = at + 3
+  at = first + 2 * n
+  if n > 0 then
+    local incoming
+    for j = first, first + 2 * n - 1, 2 do
+      if ARGV[j] == 'v' then
+        incoming = tonumber(ARGV[j + 1])
+      end
+    end
+    local here = tonumber(redis.call('HGET', hash, 'v') or '-1')
+    if (incoming and here < incoming) or (not incoming and here < 0) then
+      redis.call('DEL', hash)
+      for j = first, first + 2 * n - 1, 2 do
+        if ARGV[j] ~= DIRTY then
+          redis.call('HSET', hash, ARGV[j], ARGV[j + 1])
+        end
+      end
+      if ttl > 0 then
+        redis.call('PEXPIRE', hash, ttl)
+      end
+      if incoming then
+        redis.call('ZADD', KEYS[2], 'NX', ARGV[4], member)
+        redis.call('HSET', hash, DIRTY, 1)
+      end
+      written = written + 1
+    end
+  end
+end
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+announce(ARGV[2], ARGV[3])
+return written
