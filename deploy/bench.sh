@@ -5,6 +5,7 @@
 #   deploy/bench.sh -c 1 --runs 3 --duration 5          # sequential latency
 #   deploy/bench.sh -c 50 --runs 3 --duration 10 --seed # throughput, against raw Redis and the seed design
 #   deploy/bench.sh -c 50 --runs 3 --refused             # refused (near-cache) beside allowed
+#   deploy/bench.sh -c 50 --runs 3 --accounts 100        # members of accounts (two levels) beside users without
 #   deploy/bench.sh -c 50 --users 1000000 --preload      # growth: a million users, loaded straight into Redis
 #   deploy/bench.sh --memory --users 1000000             # Redis bytes per active (user, month)
 #   deploy/bench.sh -c 50 --users 1000000 --first-use --seed  # first requests, beside the seed design

@@ -8,7 +8,8 @@
 -- KEYS[5]  with an account only: the account's counter hash of that period
 -- ARGV[1]  period id the caller read from the record
 -- ARGV[2]  the user's dirty-set member "<user>:<period>"
--- ARGV[3]  invalidation channel; ARGV[4] the user, announced there when a refund is made
+-- ARGV[3]  invalidation channel; ARGV[4] the user, announced there when a refund is made (and
+--          the account, when its pool got something back)
 -- ARGV[5]  the account the caller believes the user is a member of ("" = none): the route
 -- ARGV[6]  the account's dirty-set member "a:<account>:<period>" ("" without an account)
 --
@@ -57,5 +58,8 @@ end
 redis.call('HSET', idem, 'r', 1)
 if given > 0 or agiven > 0 then
   announce(ARGV[3], ARGV[4])
+end
+if agiven > 0 then
+  announce(ARGV[3], account)
 end
 return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], given, aused, agiven, ''}

@@ -8,7 +8,8 @@
 -- ARGV[1]  usage type (the hash field)
 -- ARGV[2]  amount, a whole number > 0
 -- ARGV[3]  the user's dirty-set member "<user>:life"
--- ARGV[4]  invalidation channel; ARGV[5] the user, announced there
+-- ARGV[4]  invalidation channel; ARGV[5] the user, announced there (and the account, when its
+--          pool was lowered)
 -- ARGV[6]  the account the caller believes the user is a member of ("" = none): the route
 -- ARGV[7]  the account's dirty-set member "a:<account>:life" ("" without an account)
 --
@@ -39,5 +40,8 @@ if ahash then
 end
 if given > 0 or agiven > 0 then
   announce(ARGV[4], ARGV[5])
+end
+if agiven > 0 then
+  announce(ARGV[4], account)
 end
 return {'ok', used, redis.call('HGET', hash, 'p') or '', given, aused, agiven, ''}

@@ -17,7 +17,7 @@ use crate::hydrate::{Hydrator, LoadError};
 use crate::metrics as m;
 use crate::period::{Period, PeriodKind};
 use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
-use crate::refusals::{Refusals, Subject};
+use crate::refusals::{LevelSeen, Refusals, Remembered, Subject};
 use crate::routes::{Hops, Routes};
 use crate::store::{
     self, CountCall, CounterHash, Hydrated, Level, LimitSource, MetaValue, Mode, OwnerKeys,
@@ -327,7 +327,7 @@ impl Quota {
         let ty = input.usage_type;
         let now = self.clock.now();
         let period = Period::current(ty.period, now);
-        let remembered = self.remembered_refusal(action, input, plans, ty, period, now);
+        let remembered = self.remembered_refusal(action, input, ty, period, now);
         let decision = if let Some(refused) = remembered {
             metrics::counter!(m::REFUSAL_CACHE_HITS, "type" => ty.name.clone()).increment(1);
             refused
@@ -407,39 +407,41 @@ impl Quota {
         &self,
         action: Action,
         input: &DecisionInput<'_>,
-        plans: &Plans,
         ty: &UsageType,
         period: Period,
         now: DateTime<Utc>,
     ) -> Option<Decision> {
-        // Refusals are remembered for users without an account only: a pool changes with every
-        // member's call.
-        if !cacheable(action, input) || self.routes.get(&input.user).is_some() {
+        if !cacheable(action, input) {
             return None;
         }
-        let seen = self.refusals.lookup(&subject(input, ty, period))?;
-        let plan = plans.effective_plan(Some(&seen.plan));
-        let limit = seen.limit;
-        if seen.used + input.amount <= limit {
+        let account = self.routes.get(&input.user);
+        let seen = self.refusals.lookup(&subject(input, ty, period, account))?;
+        if !seen.refusing().refuses(input.amount) {
             return None;
         }
+        let view = |level: &LevelSeen| CounterView {
+            used: Some(level.used),
+            limit: level.limit,
+            unlimited: level.limit.is_none(),
+            period,
+        };
         Some(Decision {
             allowed: false,
             replayed: false,
             degraded: false,
             user: input.user,
             usage_type: ty.name.clone(),
-            plan: Some(plan.to_owned()),
-            counter: CounterView {
-                used: Some(seen.used),
-                limit: Some(limit),
-                unlimited: false,
-                period,
-            },
+            plan: Some(seen.user.plan.clone()),
+            counter: view(&seen.user),
             now,
-            limited_by: Some(Level::User),
-            source: LimitSource::Plan,
-            account: None,
+            limited_by: Some(seen.limited_by),
+            source: seen.user.source,
+            account: seen.account.as_ref().map(|(account, pool)| AccountLevel {
+                account: *account,
+                plan: pool.plan.clone(),
+                counter: view(pool),
+                source: pool.source,
+            }),
         })
     }
 
@@ -490,10 +492,9 @@ impl Quota {
             }),
         };
         let read = |raw| store::decision_reply(raw, period);
-        // The refusal cache's ticket, taken before each send whose answer may be remembered
-        // (users without an account only).
-        let new_ticket = |keys: &UserKeys| {
-            (cacheable(action, input) && keys.account().is_none())
+        // The refusal cache's ticket, taken before each send whose answer may be remembered.
+        let new_ticket = |_: &UserKeys| {
+            cacheable(action, input)
                 .then(|| self.refusals.ticket())
                 .flatten()
         };
@@ -535,15 +536,25 @@ impl Quota {
                 Status::Conflict => return Err(Fault::Answer(QuotaError::KeyReused)),
                 Status::Ok | Status::Denied | Status::Replay => {}
             }
-            if let (Some(ticket), Status::Denied, Some(limit)) = (ticket, reply.status, reply.limit)
+            if let (Some(ticket), Status::Denied, Some(limited_by)) =
+                (ticket, reply.status, reply.limited_by)
             {
-                self.refusals.remember(
-                    ticket,
-                    &subject(input, ty, period),
-                    &reply.plan,
-                    reply.used,
+                let level = |plan: &str, used, limit, source| LevelSeen {
+                    plan: plan.to_owned(),
+                    used,
                     limit,
-                );
+                    source,
+                };
+                let seen = Remembered {
+                    user: level(&reply.plan, reply.used, reply.limit, reply.source),
+                    account: keys
+                        .account()
+                        .zip(reply.account.as_ref())
+                        .map(|(a, l)| (a, level(&l.plan, l.used, l.limit, l.source))),
+                    limited_by,
+                };
+                self.refusals
+                    .remember(ticket, &subject(input, ty, period, keys.account()), seen);
             }
             let period = reply.period.unwrap_or(period);
             let account = match (keys.account(), reply.account) {
@@ -694,6 +705,9 @@ impl Quota {
                 } => {
                     // Other replicas forget on the script's pub/sub message; this one need not wait.
                     self.refusals.forget(&user);
+                    if let Some(a) = keys.account() {
+                        self.refusals.forget(&a);
+                    }
                     let plans = self.plans.current();
                     let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
                     let limit = plans.usage_type(&usage_type).and_then(|t| t.limit(&plan));
@@ -780,6 +794,9 @@ impl Quota {
                     account,
                 } => {
                     self.refusals.forget(&user);
+                    if let Some(a) = keys.account() {
+                        self.refusals.forget(&a);
+                    }
                     let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
                     let limit = ty.limit(&plan);
                     let view = CounterView {
@@ -1107,12 +1124,18 @@ fn cacheable(action: Action, input: &DecisionInput<'_>) -> bool {
     matches!(action, Action::Consume | Action::Check) && input.idempotency_key.is_none()
 }
 
-fn subject<'a>(input: &'a DecisionInput<'_>, ty: &'a UsageType, period: Period) -> Subject<'a> {
+fn subject<'a>(
+    input: &'a DecisionInput<'_>,
+    ty: &'a UsageType,
+    period: Period,
+    account: Option<Uuid>,
+) -> Subject<'a> {
     Subject {
         user: input.user,
         usage_type: &ty.name,
         period,
         plan_override: input.plan.as_deref(),
+        account,
     }
 }
 

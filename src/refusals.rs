@@ -11,6 +11,13 @@
 //!   Postgres: the Redis scripts that do these publish the user's id on `<prefix>:1:changes` in
 //!   the same atomic step, and every replica forgets that user's entries when it hears it.
 //!
+//! A member of an account is refused by their own level or by the pool, which every member's
+//! calls change: their refusals carry the account and the account's generation when remembered.
+//! The scripts that lower a pool or change its limits (a member's refund or release, the
+//! account's plan or overrides, a load of the pool) announce the account's id, and every replica
+//! then moves that account's generation on, which forgets every refusal remembered under it at
+//! once, whichever member it was for.
+//!
 //! Pub/sub delivers at most once, so the cache is only used while this replica's subscription is
 //! up: when it drops, everything is forgotten and nothing is cached until it is back. A ticket
 //! taken before each Redis call makes sure an answer that raced with an invalidation is not
@@ -30,6 +37,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::metrics as m;
 use crate::period::Period;
+use crate::store::{Level, LimitSource};
 
 /// Independent locks, so concurrent lookups rarely wait for each other.
 const SHARDS: usize = 64;
@@ -45,6 +53,9 @@ pub struct Refusals {
 
 struct Inner {
     shards: Vec<Mutex<HashMap<Uuid, Vec<Refusal>>>>,
+    /// The generation of each account some refusal was remembered under: an announcement of the
+    /// account moves it on, and a refusal remembered under an older one is forgotten.
+    accounts: Mutex<HashMap<Uuid, u64>>,
     /// Whether the invalidation subscription is up (the cache is used only then).
     live: AtomicBool,
     /// Bumped by every invalidation; an answer is remembered only if it did not move meanwhile.
@@ -60,25 +71,53 @@ struct Refusal {
     usage_type: Box<str>,
     period: Period,
     plan_override: Option<Box<str>>,
-    /// The plan Redis decided under.
-    plan: Box<str>,
-    /// The count Redis refused at; the true count is at least this until an invalidation.
-    used: u64,
-    /// The limit Redis refused under (the plan's, or the customer's override): a change of
-    /// either is announced, and a plans reload forgets everything.
-    limit: u64,
+    /// What Redis answered.
+    seen: Remembered,
+    /// For a member: the account's generation when it was remembered.
+    account_generation: u64,
     until: DateTime<Utc>,
+}
+
+/// One level of a remembered refusal, as Redis answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelSeen {
+    /// The plan in force at the level.
+    pub plan: String,
+    /// The count Redis refused at (the true count is at least this until an invalidation).
+    pub used: u64,
+    /// The limit (`None`: none at this level). A change of it (a plan or override change) is
+    /// announced, and a plans reload forgets everything.
+    pub limit: Option<u64>,
+    /// Where the limit comes from.
+    pub source: LimitSource,
+}
+
+impl LevelSeen {
+    /// Whether `amount` more still does not fit at this level.
+    pub fn refuses(&self, amount: u64) -> bool {
+        self.limit.is_some_and(|l| self.used + amount > l)
+    }
 }
 
 /// A remembered refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remembered {
-    /// The plan Redis decided under.
-    pub plan: String,
-    /// The count it refused at (the true count is at least this).
-    pub used: u64,
-    /// The limit it refused under.
-    pub limit: u64,
+    /// The user's level.
+    pub user: LevelSeen,
+    /// For a member of an account: the account and its pool.
+    pub account: Option<(Uuid, LevelSeen)>,
+    /// The level that refused.
+    pub limited_by: Level,
+}
+
+impl Remembered {
+    /// The level that refused.
+    pub fn refusing(&self) -> &LevelSeen {
+        match (&self.limited_by, &self.account) {
+            (Level::Account, Some((_, pool))) => pool,
+            _ => &self.user,
+        }
+    }
 }
 
 /// What identifies a decision's counter and its plan.
@@ -92,6 +131,8 @@ pub struct Subject<'a> {
     pub period: Period,
     /// The plan the caller vouched for, if any.
     pub plan_override: Option<&'a str>,
+    /// The account the call was sent under (the replica's belief), if any.
+    pub account: Option<Uuid>,
 }
 
 impl Refusals {
@@ -110,6 +151,7 @@ impl Refusals {
         Refusals {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                accounts: Mutex::new(HashMap::new()),
                 live: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 ttl: chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX),
@@ -144,21 +186,48 @@ impl Refusals {
             return None;
         }
         let now = self.inner.clock.now();
+        let current = subject.account.map(|a| self.account_generation(a));
         let shard = self.shard(&subject.user);
         let entries = shard.get(&subject.user)?;
         entries
             .iter()
-            .find(|r| r.matches(subject) && r.until > now)
-            .map(|r| Remembered {
-                plan: r.plan.to_string(),
-                used: r.used,
-                limit: r.limit,
+            .find(|r| {
+                r.matches(subject)
+                    && r.until > now
+                    && current.is_none_or(|g| g == r.account_generation)
             })
+            .map(|r| r.seen.clone())
     }
 
-    /// Remembers that Redis refused `subject` at `used` under `plan` and `limit`, unless an
-    /// invalidation arrived since `ticket` was taken.
-    pub fn remember(&self, ticket: u64, subject: &Subject<'_>, plan: &str, used: u64, limit: u64) {
+    /// The current generation of `account` (0 until it is first announced).
+    fn account_generation(&self, account: Uuid) -> u64 {
+        let accounts = self
+            .inner
+            .accounts
+            .lock()
+            .expect("refusal cache lock poisoned");
+        accounts.get(&account).copied().unwrap_or(0)
+    }
+
+    /// Remembers that Redis refused `subject` as `seen` says, unless an invalidation arrived
+    /// since `ticket` was taken.
+    pub fn remember(&self, ticket: u64, subject: &Subject<'_>, seen: Remembered) {
+        // Registered before the check below: an announcement of the account from now on moves
+        // its generation on; one before it was counted in the ticket.
+        let account_generation = match subject.account {
+            Some(a) => {
+                let mut accounts = self
+                    .inner
+                    .accounts
+                    .lock()
+                    .expect("refusal cache lock poisoned");
+                if accounts.len() >= self.inner.per_shard * SHARDS && !accounts.contains_key(&a) {
+                    return;
+                }
+                *accounts.entry(a).or_insert(0)
+            }
+            None => 0,
+        };
         let mut shard = self.shard(&subject.user);
         // Checked under the shard lock: an invalidation bumps the generation before it takes
         // this lock to remove entries, so either this sees the bump or the removal sees this.
@@ -181,19 +250,28 @@ impl Refusals {
             usage_type: subject.usage_type.into(),
             period: subject.period,
             plan_override: subject.plan_override.map(Into::into),
-            plan: plan.into(),
-            used,
-            limit,
+            seen,
+            account_generation,
             until: now
                 .checked_add_signed(self.inner.ttl)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
         });
     }
 
-    /// Forgets every refusal of `user`.
-    pub fn forget(&self, user: &Uuid) {
+    /// Forgets every refusal of `id`: a user's own, or (an account's id) every refusal
+    /// remembered under that account.
+    pub fn forget(&self, id: &Uuid) {
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
-        self.shard(user).remove(user);
+        if let Some(g) = self
+            .inner
+            .accounts
+            .lock()
+            .expect("refusal cache lock poisoned")
+            .get_mut(id)
+        {
+            *g += 1;
+        }
+        self.shard(id).remove(id);
     }
 
     /// Forgets every refusal.
@@ -202,6 +280,12 @@ impl Refusals {
         for shard in &self.inner.shards {
             shard.lock().expect("refusal cache lock poisoned").clear();
         }
+        // Every refusal went: the accounts' generations may start again.
+        self.inner
+            .accounts
+            .lock()
+            .expect("refusal cache lock poisoned")
+            .clear();
     }
 
     /// How many users have a refusal remembered.
@@ -304,6 +388,7 @@ impl Refusal {
         &*self.usage_type == s.usage_type
             && self.period == s.period
             && self.plan_override.as_deref() == s.plan_override
+            && self.seen.account.as_ref().map(|(a, _)| *a) == s.account
     }
 }
 
@@ -325,7 +410,85 @@ mod tests {
                 month: 11,
             },
             plan_override: None,
+            account: None,
         }
+    }
+
+    fn free_at_limit() -> Remembered {
+        Remembered {
+            user: LevelSeen {
+                plan: "FREE".into(),
+                used: 50,
+                limit: Some(50),
+                source: LimitSource::Plan,
+            },
+            account: None,
+            limited_by: Level::User,
+        }
+    }
+
+    #[test]
+    fn an_announcement_of_an_account_forgets_every_refusal_remembered_under_it() {
+        let c = live_cache();
+        let (account, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let pool = LevelSeen {
+            plan: "FREE".into(),
+            used: 50,
+            limit: Some(50),
+            source: LimitSource::Plan,
+        };
+        let member_refusal = |account: Uuid| Remembered {
+            user: LevelSeen {
+                limit: None,
+                source: LimitSource::Account,
+                ..pool.clone()
+            },
+            account: Some((account, pool.clone())),
+            limited_by: Level::Account,
+        };
+        let members: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let under = |user: Uuid, account: Uuid| Subject {
+            account: Some(account),
+            ..subject(user)
+        };
+        for m in &members {
+            c.remember(
+                c.ticket().unwrap(),
+                &under(*m, account),
+                member_refusal(account),
+            );
+        }
+        let elsewhere = Uuid::new_v4();
+        c.remember(
+            c.ticket().unwrap(),
+            &under(elsewhere, other),
+            member_refusal(other),
+        );
+        assert!(members
+            .iter()
+            .all(|m| c.lookup(&under(*m, account)).is_some()));
+        assert_eq!(
+            c.lookup(&subject(members[0])),
+            None,
+            "another belief: no account"
+        );
+
+        c.forget(&account);
+
+        assert!(members
+            .iter()
+            .all(|m| c.lookup(&under(*m, account)).is_none()));
+        assert!(
+            c.lookup(&under(elsewhere, other)).is_some(),
+            "another account's stays"
+        );
+        // Remembered again after the announcement: served again.
+        c.remember(
+            c.ticket().unwrap(),
+            &under(members[0], account),
+            member_refusal(account),
+        );
+        assert!(c.lookup(&under(members[0], account)).is_some());
     }
 
     fn live_cache() -> Refusals {
@@ -340,7 +503,7 @@ mod tests {
         let c = Refusals::new(Duration::from_secs(60), 1000, Arc::new(clock.clone()));
         c.set_live(true);
         let u = Uuid::new_v4();
-        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50, 50);
+        c.remember(c.ticket().unwrap(), &subject(u), free_at_limit());
         clock.set("2026-11-15T12:00:59Z".parse().unwrap());
         assert!(c.lookup(&subject(u)).is_some(), "within the TTL");
         clock.set("2026-11-15T12:01:00Z".parse().unwrap());
@@ -352,15 +515,8 @@ mod tests {
         let c = live_cache();
         let u = Uuid::new_v4();
         let t = c.ticket().unwrap();
-        c.remember(t, &subject(u), "FREE", 50, 50);
-        assert_eq!(
-            c.lookup(&subject(u)),
-            Some(Remembered {
-                plan: "FREE".into(),
-                used: 50,
-                limit: 50
-            })
-        );
+        c.remember(t, &subject(u), free_at_limit());
+        assert_eq!(c.lookup(&subject(u)), Some(free_at_limit()));
         let other_type = Subject {
             usage_type: "kb_file",
             ..subject(u)
@@ -384,7 +540,7 @@ mod tests {
         let u = Uuid::new_v4();
         let t = c.ticket().unwrap();
         c.forget(&Uuid::new_v4());
-        c.remember(t, &subject(u), "FREE", 50, 50);
+        c.remember(t, &subject(u), free_at_limit());
         assert_eq!(c.lookup(&subject(u)), None);
     }
 
@@ -393,10 +549,10 @@ mod tests {
         let c = Refusals::new(Duration::from_secs(60), 1000, Arc::new(clock()));
         assert_eq!(c.ticket(), None);
         let u = Uuid::new_v4();
-        c.remember(0, &subject(u), "FREE", 50, 50);
+        c.remember(0, &subject(u), free_at_limit());
         assert_eq!(c.users(), 0);
         c.set_live(true);
-        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50, 50);
+        c.remember(c.ticket().unwrap(), &subject(u), free_at_limit());
         assert_eq!(c.users(), 1);
         c.set_live(false);
         assert_eq!(c.users(), 0);
@@ -426,8 +582,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let (u, v) = (Uuid::new_v4(), Uuid::new_v4());
-        c.remember(c.ticket().unwrap(), &subject(u), "FREE", 50, 50);
-        c.remember(c.ticket().unwrap(), &subject(v), "FREE", 50, 50);
+        c.remember(c.ticket().unwrap(), &subject(u), free_at_limit());
+        c.remember(c.ticket().unwrap(), &subject(v), free_at_limit());
         // Ten pings go by: the subscription stays up and keeps what it remembered.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(c.is_live());
@@ -459,9 +615,7 @@ mod tests {
             c.remember(
                 c.ticket().unwrap(),
                 &subject(Uuid::new_v4()),
-                "FREE",
-                50,
-                50,
+                free_at_limit(),
             );
         }
         assert!(c.users() <= SHARDS, "{} users kept", c.users());

@@ -115,6 +115,12 @@ pub struct BenchArgs {
     /// Redis of the bench's own (deploy/bench.sh's): it empties it.
     #[arg(long)]
     pub recovery: bool,
+    /// Also measure consumes by members of accounts: a second set of `--users` users, made
+    /// members of this many accounts (each account's plan ENTERPRISE, an unlimited pool) before
+    /// the runs, so each consume checks and counts the user and the account's pool in one script.
+    /// Needs an admin token (or none configured).
+    #[arg(long)]
+    pub accounts: Option<usize>,
     /// Postgres for `--seed`.
     #[arg(
         long,
@@ -255,6 +261,52 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             Some(consumes)
         }
     };
+    // Members of accounts: a second set of users, spread over `--accounts` unlimited pools.
+    let members: Option<Arc<Vec<Call>>> = match args.accounts {
+        None => None,
+        Some(n) => {
+            let accounts: Vec<Uuid> = (0..n.max(1)).map(|_| Uuid::new_v4()).collect();
+            let plans = accounts
+                .iter()
+                .map(|a| {
+                    http_put(
+                        format!("/v1/accounts/{a}/plan"),
+                        r#"{"plan":"ENTERPRISE"}"#.to_owned(),
+                    )
+                })
+                .collect();
+            send_all(&addr, args, Arc::new(plans), 200).await?;
+            let joined: Vec<Uuid> = (0..args.users.max(1)).map(|_| Uuid::new_v4()).collect();
+            let joins = joined
+                .iter()
+                .enumerate()
+                .map(|(i, u)| {
+                    http_put(
+                        format!("/v1/users/{u}/account"),
+                        format!(r#"{{"account_id":"{}"}}"#, accounts[i % accounts.len()]),
+                    )
+                })
+                .collect();
+            let started = Instant::now();
+            send_all(&addr, args, Arc::new(joins), 200).await?;
+            let consumes: Arc<Vec<Call>> = Arc::new(
+                joined
+                    .iter()
+                    .map(|u| http_request(args, "consume", u, &args.plan, 1))
+                    .collect(),
+            );
+            if !args.no_warmup {
+                send_all(&addr, args, consumes.clone(), 200).await?;
+            }
+            println!(
+                "  ({} members of {} accounts joined and warmed up in {:.1} s)",
+                joined.len(),
+                accounts.len(),
+                started.elapsed().as_secs_f64()
+            );
+            Some(consumes)
+        }
+    };
     let raw = match args.no_redis {
         true => None,
         false => Some(RawRedis::prepare(&args.redis_url, &users, &args.usage_type).await?),
@@ -312,6 +364,16 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                         let (addr, token, requests) =
                             (addr.clone(), args.token.clone(), refused.clone());
                         move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 402)
+                    })
+                    .await?,
+                );
+            }
+            if let Some(members) = &members {
+                figures.push(
+                    measure(MEMBERS, args, &probe, {
+                        let (addr, token, requests) =
+                            (addr.clone(), args.token.clone(), members.clone());
+                        move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
                     })
                     .await?,
                 );
@@ -388,6 +450,11 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
     for (i, other) in runs[0].iter().enumerate().skip(1) {
         if other.name == REFUSED {
             println!("  median ratio refused / allowed: {:.2}x", 1.0 / ratios(i));
+        } else if other.name == MEMBERS {
+            println!(
+                "  median ratio members of accounts / users without: {:.2}x the rate",
+                1.0 / ratios(i)
+            );
         } else {
             println!("  median ratio quotad / {}: {:.2}x", other.name, ratios(i));
         }
@@ -405,6 +472,11 @@ fn report(figures: &[Figures]) {
                 "  refused / allowed: {:.2}x the rate",
                 f.rate / figures[0].rate
             );
+        } else if f.name == MEMBERS {
+            println!(
+                "  members of accounts / users without: {:.2}x the rate",
+                f.rate / figures[0].rate
+            );
         } else {
             println!(
                 "  quotad / {}: {:.2}x the rate",
@@ -417,6 +489,8 @@ fn report(figures: &[Figures]) {
 
 /// The name of the refused-consume measurement.
 const REFUSED: &str = "quotad HTTP consume, refused (402)";
+/// The name of the measurement of consumes by members of accounts.
+const MEMBERS: &str = "quotad HTTP consume, account members";
 
 /// Sends each of `requests` once, over the configured connections, expecting `expect`.
 async fn send_all(
@@ -552,7 +626,9 @@ type BoxFut<C> = BoxFuture<'static, Result<C, String>>;
 
 /// One prepared `POST /v1/<call>`: its path and JSON body.
 struct Call {
-    path: &'static str,
+    /// `PUT` instead of `POST`.
+    put: bool,
+    path: std::borrow::Cow<'static, str>,
     body: Bytes,
 }
 
@@ -572,7 +648,17 @@ fn http_request(args: &BenchArgs, call: &str, user: &Uuid, plan: &str, amount: u
         other => unreachable!("no bench call {other}"),
     };
     Call {
-        path,
+        put: false,
+        path: path.into(),
+        body: Bytes::from(body),
+    }
+}
+
+/// A prepared `PUT` of `body` (JSON) to `path`.
+fn http_put(path: String, body: String) -> Call {
+    Call {
+        put: true,
+        path: path.into(),
         body: Bytes::from(body),
     }
 }
@@ -644,7 +730,11 @@ impl Client for HttpClient {
                 self.requests.len()
             )
         })?;
-        let mut request = hyper::Request::post(call.path)
+        let builder = match call.put {
+            true => hyper::Request::put(call.path.as_ref()),
+            false => hyper::Request::post(call.path.as_ref()),
+        };
+        let mut request = builder
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(auth) = &self.auth {

@@ -745,3 +745,72 @@ async fn the_usage_page_shows_a_member_both_levels() {
         "90 % of the pool: {html}"
     );
 }
+
+#[tokio::test]
+async fn a_pool_refusal_is_remembered_until_another_member_gets_quota_back_on_another_replica() {
+    let first = TestApp::spawn().await;
+    let second = first.replica().await;
+    first.wait_refusal_cache_live().await;
+    second.wait_refusal_cache_live().await;
+    let account = Uuid::new_v4();
+    let (refused, spender) = (Uuid::new_v4(), Uuid::new_v4());
+    join(&first, refused, Some(account)).await;
+    join(&first, spender, Some(account)).await;
+    assert_eq!(
+        consume_n(&second, spender, 50, Some("big")).await.status,
+        200
+    );
+    // Refused until remembered: an answer that raced with an announcement (the loads of both
+    // members' counters and of the pool announce them) is not remembered, as it must not be.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while first.state.quota.refusals.users() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the pool's refusal was never remembered"
+        );
+        let a = first.consume(refused, "ai_generation").await;
+        assert_eq!((a.status, &a.body["limited_by"]), (402, &json!("account")));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let from_memory = first.consume(refused, "ai_generation").await;
+    assert_eq!(from_memory.status, 402);
+    assert_eq!(
+        from_memory.body["account"]["used"], 50,
+        "{:?}",
+        from_memory.body
+    );
+    assert_eq!(from_memory.body["user"]["limit_source"], "account");
+
+    // Another member's refund on the other replica gives the pool 50 back: the first replica
+    // hears the account's announcement and forgets every refusal remembered under it.
+    let refund = second
+        .post(
+            "/v1/refund",
+            json!({"user_id": spender, "idempotency_key": "big"}),
+        )
+        .await;
+    assert_eq!(refund.status, 200, "{:?}", refund.body);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let a = first.consume(refused, "ai_generation").await;
+        if a.status == 200 {
+            assert_eq!(a.body["account"]["used"], 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {:?}", a.body);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_account_may_share_its_id_with_a_member() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let other = Uuid::new_v4();
+    join(&app, user, Some(user)).await;
+    join(&app, other, Some(user)).await;
+    assert_eq!(consume_n(&app, user, 2, None).await.status, 200);
+    assert_eq!(consume_n(&app, other, 3, None).await.status, 200);
+    assert_eq!(pool_used(&app, user, "ai_generation").await, 5);
+    assert_eq!(app.used(user, "ai_generation").await, 2);
+}
