@@ -102,8 +102,7 @@ impl Quota {
                 // its Redis steps): Redis' route says where they are.
                 Err(route) => {
                     let next = hops
-                        .next(from, &route)
-                        .await
+                        .next(&route)
                         .map_err(|e| QuotaError::Redis(StoreError::Unavailable(e)))?;
                     if next == account && route.starts_with('>') {
                         break;

@@ -602,8 +602,9 @@ impl Quota {
 
     /// The keys of `keys`' user placed where the route a script reported (`route`) says their
     /// counters live; remembered for the next call. A move under way (">moving") is waited out
-    /// (up to [`crate::routes::MOVE_WAIT`]); after that, and after too many hops, the call fails
-    /// as an outage (the fail policy decides).
+    /// (up to [`crate::routes::MOVE_WAIT`], asking Redis for the route again between pauses);
+    /// after that, and after too many hops, the call fails as an outage (the fail policy
+    /// decides).
     async fn follow(
         &self,
         keys: &UserKeys,
@@ -611,10 +612,16 @@ impl Quota {
         hops: &mut Hops,
     ) -> Result<UserKeys, Fault> {
         let user = keys.user();
-        let next = hops
-            .next(keys.account(), route)
-            .await
-            .map_err(|e| Fault::Redis(StoreError::Unavailable(e)))?;
+        let unavailable = |e: String| Fault::Redis(StoreError::Unavailable(e));
+        let mut route = route.to_owned();
+        while route == ">moving" {
+            hops.pause().await.map_err(unavailable)?;
+            route = self.store.route_of(keys).await?;
+            if route == keys.route_value() {
+                return Ok(keys.clone());
+            }
+        }
+        let next = hops.next(&route).map_err(unavailable)?;
         self.routes.set(user, next);
         Ok(self.store.keys_in(user, next))
     }

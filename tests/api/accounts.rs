@@ -814,3 +814,52 @@ async fn an_account_may_share_its_id_with_a_member() {
     assert_eq!(pool_used(&app, user, "ai_generation").await, 5);
     assert_eq!(app.used(user, "ai_generation").await, 2);
 }
+
+#[tokio::test]
+async fn a_move_a_crash_interrupted_fails_the_users_calls_by_their_policy_until_repeated() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let account = Uuid::new_v4();
+    assert_eq!(consume_n(&app, user, 4, None).await.status, 200);
+    let track = app
+        .post(
+            "/v1/track",
+            json!({"user_id": user, "type": "kb_file", "amount": 2}),
+        )
+        .await;
+    assert_eq!(track.status, 200);
+    // What a daemon killed after the move's first step leaves: the user's own bucket says their
+    // counters are on their way out (and Postgres still says no account).
+    let route = app.state.quota.store.keys(user).route();
+    let mut redis = app.redis().await;
+    let _: () = deadpool_redis::redis::AsyncCommands::set(&mut redis, &route, ">moving")
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let open = app.consume(user, "ai_generation").await;
+    let waited = started.elapsed();
+    assert_eq!(open.status, 200, "{:?}", open.body);
+    assert_eq!(
+        open.body["degraded"], true,
+        "fail open, not counted: {:?}",
+        open.body
+    );
+    assert!(
+        waited >= Duration::from_millis(400),
+        "it waited for the move: {waited:?}"
+    );
+    let closed = app
+        .post("/v1/consume", json!({"user_id": user, "type": "kb_file"}))
+        .await;
+    assert_eq!(closed.status, 503, "fail closed: {:?}", closed.body);
+
+    // Repeating the membership change finishes the move, counts intact.
+    join(&app, user, Some(account)).await;
+    assert_eq!(app.used(user, "ai_generation").await, 4);
+    assert_eq!(app.used(user, "kb_file").await, 2);
+    let after = consume_n(&app, user, 1, None).await;
+    assert_eq!(after.status, 200);
+    assert_eq!(after.body["user"]["used"], 5);
+    assert_eq!(after.body["account"]["used"], 1);
+}
