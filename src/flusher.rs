@@ -31,6 +31,10 @@ use crate::store::{CounterHash, DirtyMember, RedisStore, StoreError, BUCKETS};
 const BUCKETS_PER_BATCH: u16 = 128;
 /// Oldest members taken from each bucket's dirty set per batch.
 const MEMBERS_PER_BUCKET: usize = 128;
+/// Further rounds a batch makes over its hot buckets (those with more dirty counters than one
+/// round takes: a large account's bucket, whose members' counters all share it), before the pass
+/// goes on: a hot bucket is drained without scanning all 1,024 buckets again for it.
+const HOT_ROUNDS: usize = 16;
 /// Batches in flight at once: one waits on Postgres while the next reads Redis. They cover
 /// disjoint buckets, so they never touch the same counter.
 const BATCHES_IN_FLIGHT: usize = 4;
@@ -172,7 +176,21 @@ impl Flusher {
             futures_util::stream::iter((0..BUCKETS).step_by(BUCKETS_PER_BATCH as usize).map(
                 |start| async move {
                     let started = Instant::now();
-                    let b = self.batch(start, now_ms).await?;
+                    let (mut b, mut hot) =
+                        self.batch(start..start + BUCKETS_PER_BATCH, now_ms).await?;
+                    for _ in 0..HOT_ROUNDS {
+                        if hot.is_empty() {
+                            break;
+                        }
+                        let (more, still) = self.batch(hot, now_ms).await?;
+                        b.counters += more.counters;
+                        b.rows += more.rows;
+                        b.unmarked += more.unmarked;
+                        b.rejected += more.rejected;
+                        b.behind += more.behind;
+                        hot = still;
+                    }
+                    b.more = !hot.is_empty();
                     if pace == Pace::Gentle && b.counters > 0 {
                         tokio::time::sleep(started.elapsed()).await;
                     }
@@ -195,19 +213,21 @@ impl Flusher {
         Ok(out)
     }
 
-    /// One group of buckets: read the oldest dirty counters, upsert them, unmark them.
-    async fn batch(&self, start: u16, now_ms: i64) -> Result<FlushOutcome, FlushError> {
+    /// One round over some buckets: read the oldest dirty counters, upsert them, unmark them.
+    /// Also returns the buckets that held more than the round took.
+    async fn batch(
+        &self,
+        buckets: impl IntoIterator<Item = u16>,
+        now_ms: i64,
+    ) -> Result<(FlushOutcome, Vec<u16>), FlushError> {
         let mut out = FlushOutcome::default();
-        let scan = self
-            .store
-            .scan_dirty(start..start + BUCKETS_PER_BATCH, MEMBERS_PER_BUCKET)
-            .await?;
+        let scan = self.store.scan_dirty(buckets, MEMBERS_PER_BUCKET).await?;
         out.backlog = scan.backlog;
         self.store.drop_garbage(&scan.garbage).await?;
         if scan.members.is_empty() {
-            return Ok(out);
+            return Ok((out, Vec::new()));
         }
-        out.more = scan.backlog > scan.members.len() as u64;
+        out.more = !scan.hot.is_empty();
         if let Some(oldest) = scan.members.iter().map(|m| m.since_ms).min() {
             out.oldest_ms = (now_ms - oldest).max(0) as u64;
         }
@@ -284,7 +304,7 @@ impl Flusher {
             .collect();
         out.unmarked = self.store.unmark(&flushed).await?;
         out.counters = scan.members.len() as u64;
-        Ok(out)
+        Ok((out, scan.hot))
     }
 
     /// One upsert, under the flusher's deadline.

@@ -32,6 +32,8 @@ pub struct DirtyScan {
     pub backlog: u64,
     /// Members that could not be parsed (not written by quotad); removed so they cannot block.
     pub garbage: Vec<(u16, String)>,
+    /// Buckets whose dirty set holds more than was taken (a large account's bucket, say).
+    pub hot: Vec<u16>,
 }
 
 impl RedisStore {
@@ -49,10 +51,10 @@ impl RedisStore {
     /// one pipeline.
     pub async fn scan_dirty(
         &self,
-        buckets: std::ops::Range<u16>,
+        buckets: impl IntoIterator<Item = u16>,
         per_bucket: usize,
     ) -> Result<DirtyScan, StoreError> {
-        let buckets: Vec<u16> = buckets.filter(|b| *b < BUCKETS).collect();
+        let buckets: Vec<u16> = buckets.into_iter().filter(|b| *b < BUCKETS).collect();
         let mut pipe = redis::pipe();
         // Every batch names the connection again: a reconnected one has lost its name.
         self.set_name(&mut pipe);
@@ -69,6 +71,9 @@ impl RedisStore {
             let listed: Vec<(String, f64)> =
                 redis::from_redis_value_ref(&pair[1]).map_err(|e| StoreError::Redis(e.into()))?;
             scan.backlog += card;
+            if card > listed.len() as u64 {
+                scan.hot.push(*b);
+            }
             for (member, score) in listed {
                 match keys::parse_member(&member) {
                     Some((owner, period)) => scan.members.push(DirtyMember {

@@ -863,3 +863,39 @@ async fn a_move_a_crash_interrupted_fails_the_users_calls_by_their_policy_until_
     assert_eq!(after.body["user"]["used"], 5);
     assert_eq!(after.body["account"]["used"], 1);
 }
+
+#[tokio::test]
+async fn one_flush_pass_drains_a_large_accounts_bucket_without_scanning_every_bucket_again() {
+    let app = TestApp::spawn().await;
+    let account = Uuid::new_v4();
+    let members: Vec<Uuid> = (0..600).map(|_| Uuid::new_v4()).collect();
+    // Members as `PUT …/account` leaves users who never counted: their first calls follow their
+    // routes from their own buckets to the account's (Postgres says where).
+    let db = app.db().await;
+    sqlx::query(
+        "INSERT INTO account_members (user_id, account_id, version) SELECT u, $2, 1 FROM UNNEST($1::uuid[]) AS u",
+    )
+    .bind(&members)
+    .bind(account)
+    .execute(&db)
+    .await
+    .unwrap();
+    let answers = join_all(
+        members
+            .iter()
+            .map(|m| app.post("/v1/track", json!({"user_id": m, "type": "ai_generation"}))),
+    )
+    .await;
+    assert!(answers
+        .iter()
+        .all(|a| a.status == 200 && a.body["account"]["account_id"] == json!(account)));
+
+    // 601 dirty counters (the members' and the pool) in one bucket: one pass takes them all,
+    // 128 a round, over that bucket alone after the first round.
+    let out = app.flusher.flush_once().await.unwrap();
+    assert_eq!(out.counters, 601, "{out:?}");
+    assert!(!out.more, "{out:?}");
+    assert_eq!(postgres_pool(&app, account, "ai_generation").await, 600);
+    assert_eq!(postgres_users(&app, &members, "ai_generation").await, 600);
+    assert_eq!(pool_used(&app, account, "ai_generation").await, 600);
+}
