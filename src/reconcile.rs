@@ -143,8 +143,12 @@ pub async fn reconcile(
     };
     let mut drifting: Vec<(Owner, u16, Vec<Drift>)> = Vec::new();
     let mut unloaded = Vec::new();
+    let scanned = store.scan_period(period).await?;
     for table in [Table::Users, Table::Accounts] {
-        let live = store.scan_period(table.owner(Uuid::nil()), period).await?;
+        let live: Vec<_> = scanned
+            .iter()
+            .filter(|c| Table::of(c.owner) == table)
+            .collect();
         let rows = db::period_totals(pool, table, period).await?;
         let mut pg: HashMap<Uuid, BTreeMap<String, Side>> = HashMap::new();
         for (id, ty, count, version) in rows {

@@ -216,9 +216,11 @@ fn parse_limits(
     for (ty, value) in body {
         match value {
             Value::Null => clear.push(ty),
+            // A whole number written as a float (`500.0`) is the same limit; every whole number
+            // up to 2^53 is exact as a float.
             Value::Number(n) => match n.as_i64().or_else(|| {
                 n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                    .filter(|f| f.fract() == 0.0 && (-1.0..=MAX_LIMIT as f64).contains(f))
                     .map(|f| f as i64)
             }) {
                 Some(l) if (-1..=MAX_LIMIT).contains(&l) => {

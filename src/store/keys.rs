@@ -91,10 +91,10 @@ pub fn parse_member(member: &str) -> Option<(Owner, Period)> {
     Some((owner, Period::parse_id(period)?))
 }
 
-/// A `SCAN` pattern matching every counter hash of `period` of one kind of owner (that of
-/// `like`), in every bucket.
-pub fn counters_pattern(prefix: &str, like: Owner, period: Period) -> String {
-    format!("{prefix}:{SCHEMA}:{{*}}:{}:*:{}", like.tag(), period.id())
+/// A `SCAN` pattern matching every counter hash of `period`, users' and accounts', in every
+/// bucket.
+pub fn counters_pattern(prefix: &str, period: Period) -> String {
+    format!("{prefix}:{SCHEMA}:{{*}}:[ca]:*:{}", period.id())
 }
 
 /// The bucket and owner of a counter key `<prefix>:1:{b}:c:<user>:<period>` (or `…:a:<account>:…`).
@@ -317,10 +317,7 @@ mod tests {
             "q:1:{495}:i:7c9e6679-7425-40de-944b-e07fc1f90ae7:req-1"
         );
         assert_eq!(changes_channel("q"), "q:1:changes");
-        assert_eq!(
-            counters_pattern("q", Owner::User(user), month),
-            "q:1:{*}:c:*:2026-11"
-        );
+        assert_eq!(counters_pattern("q", month), "q:1:{*}:[ca]:*:2026-11");
         assert_eq!(
             owner_of_counter(&keys.counter(month)),
             Some((495, Owner::User(user)))
@@ -366,10 +363,6 @@ mod tests {
         );
         assert_eq!(keys.route_value(), account.to_string());
         assert_eq!(keys.dirty(), pool.dirty());
-        assert_eq!(
-            counters_pattern("q", Owner::Account(account), month),
-            "q:1:{*}:a:*:2026-11"
-        );
         assert_eq!(parse_member("a:not-a-uuid:2026-11"), None);
     }
 }

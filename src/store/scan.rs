@@ -21,14 +21,10 @@ pub struct LiveCounter {
 }
 
 impl RedisStore {
-    /// Every loaded counter hash of `period` whose owner is of `like`'s kind (SCAN, so it does
-    /// not block Redis).
-    pub async fn scan_period(
-        &self,
-        like: Owner,
-        period: Period,
-    ) -> Result<Vec<LiveCounter>, StoreError> {
-        let pattern = keys::counters_pattern(&self.prefix, like, period);
+    /// Every loaded counter hash of `period`, users' and accounts' (one SCAN, so it does not
+    /// block Redis).
+    pub async fn scan_period(&self, period: Period) -> Result<Vec<LiveCounter>, StoreError> {
+        let pattern = keys::counters_pattern(&self.prefix, period);
         let keys: Vec<String> = self
             .with_conn(|mut c| async move {
                 let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;

@@ -454,6 +454,21 @@ async fn overrides_are_in_force_on_every_replica_and_null_goes_back_to_the_plan(
     assert_eq!(again.status, 200, "{:?}", again.body);
     assert_eq!(again.body["limit"], 50);
     assert_eq!(again.body["limit_source"], "plan");
+    // A whole number written as a float is the same limit, up to 2^53 - 1.
+    let float = put(
+        &first,
+        &format!("/v1/users/{user}/limits"),
+        json!({"kb_file": 9007199254740990.0}),
+    )
+    .await;
+    assert_eq!(float.status, 200, "{:?}", float.body);
+    assert_eq!(float.body["overrides"]["kb_file"], 9007199254740990i64);
+    put(
+        &first,
+        &format!("/v1/users/{user}/limits"),
+        json!({"kb_file": null}),
+    )
+    .await;
     let read = first.get(&format!("/v1/users/{user}/limits")).await;
     assert_eq!(read.body["overrides"], json!({"export": -1}));
     assert!(read.body["version"].as_i64().unwrap() >= 2);
