@@ -8,7 +8,10 @@
 -- KEYS[5]  the user's route key    {prefix}:1:{b}:u:<user> (see misrouted in common.lua)
 -- KEYS[6], KEYS[7]  with an account only: the account's counter hash
 --          {prefix}:1:{b}:a:<account>:<period> and its previous month's
--- KEYS[last] idempotency record    {prefix}:1:{b}:i:<user>:<key>   (only when the call has a key)
+-- KEYS[6 or 8] idempotency record  {prefix}:1:{b}:i:<user>:<key>   (only when the call has a key)
+-- KEYS[7 or 9] the user's idempotency index {prefix}:1:{b}:ix:<user> (with the record): a sorted
+--          set of the user's records here, scored by their expiry (ms), so a membership change
+--          can carry them to the user's new bucket (see move_out.lua)
 -- `{b}` is the bucket of the account's id for a member, of the user's id otherwise: every key is
 -- in one slot.
 -- ARGV[1]  mode: "consume" enforces the limits; "track" counts regardless
@@ -64,6 +67,7 @@ local hash, dirty = KEYS[1], KEYS[2]
 local account = ARGV[13]
 local ahash = account ~= '' and KEYS[6] or nil
 local idem = KEYS[ahash and 8 or 6]
+local index = KEYS[ahash and 9 or 7]
 local mode, field, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local function answer(status, used, plan, limit, period, detail, limited_by, source, aused, aplan,
@@ -231,5 +235,11 @@ if idem then
     redis.call('HSET', idem, 'au', aused, 'ap', aplan, 'al', alimit, 'as', asource)
   end
   redis.call('EXPIRE', idem, tonumber(ARGV[7]))
+  if index then
+    local ttl_ms = tonumber(ARGV[7]) * 1000
+    redis.call('ZADD', index, call_now_ms + ttl_ms, idem)
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', call_now_ms)
+    redis.call('PEXPIRE', index, ttl_ms)
+  end
 end
 return answer('ok', used, plan, limit, ARGV[8], '', '', source, aused, aplan, alimit, asource)

@@ -20,7 +20,8 @@
 -- Returns {status, used, stored plan, type, amount, account_used, account_given, detail}:
 --   "ok"       given back, never below 0; used is the user's new total, amount what was actually
 --              given back (min(the call's amount, the count before)), likewise account_used and
---              account_given for the account (0, 0 when it was not given back there). A counter
+--              account_given for the account, and detail "pool" (0, 0 and "" when it was not
+--              given back there: no account, or the call counted in another). A counter
 --              already at 0 is left alone (no version bump, no dirty mark). Either way the record
 --              is marked refunded.
 --   "missing"  no such record (never seen, or expired)
@@ -62,4 +63,5 @@ end
 if agiven > 0 then
   announce(ARGV[3], account)
 end
-return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], given, aused, agiven, ''}
+return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], given, aused, agiven,
+  in_pool and 'pool' or ''}

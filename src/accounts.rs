@@ -15,9 +15,9 @@
 //! What a move does to the counts: the user's own counts go with them, unchanged. A pool keeps
 //! what was counted in it while the user was a member: leaving gives nothing back to the old
 //! account, and joining brings nothing of the past into the new one (it counts the user's calls
-//! from the move on). A call made before the move is refunded at the user's level only (its
-//! pool is in another slot). Idempotency records stay where they were written: a retry after the
-//! move of a call made before it is not recognised, and counts again.
+//! from the move on). The user's idempotency records go with them (listed in their index), so a
+//! retry after the move of a call made before it replays; its refund gives back at the user's
+//! level only (its pool is in another slot).
 //!
 //! A move a crash interrupted leaves the old place "moving" (the user's calls then fail as an
 //! outage, under their types' fail policy): repeating the same `PUT` finishes it.

@@ -253,6 +253,19 @@ impl UserKeys {
         format!("{}:i:{}:{key}", self.user.base, self.user())
     }
 
+    /// The index of the user's idempotency records in the bucket: a sorted set of their keys,
+    /// scored by their expiry (ms), so a membership change can carry them along.
+    pub fn idempotency_index(&self) -> String {
+        format!("{}:ix:{}", self.user.base, self.user())
+    }
+
+    /// The key of the user's idempotent call whose record is `record` (a key of
+    /// [`Self::idempotency`], in any bucket); `None` for another user's record.
+    pub fn idempotency_key_of<'a>(&self, record: &'a str) -> Option<&'a str> {
+        let marker = format!(":i:{}:", self.user());
+        record.split_once(marker.as_str()).map(|(_, key)| key)
+    }
+
     /// The dirty-set member of the user's counter of `period`.
     pub fn member(&self, period: Period) -> String {
         self.user.member(period)

@@ -22,6 +22,8 @@
 //!                                      no account; "<account>": here, a member; ">moving";
 //!                                      "><account>" or ">home": moved away)
 //! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
+//! <prefix>:1:{<b>}:ix:<user>           sorted set: the user's idempotency records here, scored by
+//!                                      their expiry (ms), for a membership change to carry
 //! <prefix>:1:{<b>}:since              string: the time (ms) since which the bucket has
 //!                                      held its data without a gap (set by the first load from
 //!                                      Postgres; lets a new month's counter start without one)
@@ -76,6 +78,9 @@ pub const MAX_METADATA_NAMES: usize = 64;
 /// unless something is counted in it: reads of random users must not grow memory without bound.
 /// A day keeps a real new user's first reads and first consume on one load.
 pub const EMPTY_LIFETIME_TTL_SECS: u64 = 24 * 3600;
+/// Times a membership change reads the user's idempotency index and tries to move, before it
+/// gives up (each try fails only when a keyed call of the user counted in between).
+const MOVE_OUT_ATTEMPTS: usize = 5;
 /// Counter hashes read per pipeline by [`RedisStore::read_many`] (about 7 ms of Redis' time at
 /// 1,000, measured with `examples/account_scale.rs`).
 pub const READ_MANY_CHUNK: usize = 1000;
@@ -426,7 +431,7 @@ impl RedisStore {
                 .key(pool.counter(call.period.previous().unwrap_or(call.period)));
         }
         if let Some(k) = call.idempotency_key {
-            inv.key(keys.idempotency(k));
+            inv.key(keys.idempotency(k)).key(keys.idempotency_index());
         }
         inv.arg(match call.mode {
             Mode::Consume => "consume",
@@ -548,9 +553,8 @@ impl RedisStore {
                 usage_type,
                 amount: amount.max(0) as u64,
                 period,
-                account: keys
-                    .pool()
-                    .map(|_| (account_used.max(0) as u64, account_given.max(0) as u64)),
+                account: (detail == "pool")
+                    .then(|| (account_used.max(0) as u64, account_given.max(0) as u64)),
             },
             "refunded" => RefundReply::AlreadyRefunded,
             "hydrate" => RefundReply::Hydrate(period, level),
@@ -930,52 +934,95 @@ impl RedisStore {
             let reply: redis::Value = self.run_script(&mut inv).await?;
             return Ok(moved_or_done(reply));
         }
-        let mut out = scripts::MOVE_OUT.prepare_invoke();
-        out.key(from.route());
-        for p in periods {
-            out.key(from.counter(*p));
-        }
-        out.arg(from.route_value());
-        let reply: Vec<redis::Value> = self.run_script(&mut out).await?;
-        let mut reply = reply.into_iter();
-        let status: String = reply
-            .next()
-            .map(redis::from_redis_value)
-            .transpose()
-            .map_err(|e| StoreError::Redis(e.into()))?
-            .unwrap_or_default();
-        if status != "ok" {
-            let route: String = reply
-                .next()
-                .map(redis::from_redis_value)
+        // The user's live idempotency records go along: read from the index, named to the
+        // script, which refuses (and is sent again) if one was added meanwhile.
+        let mut reply = Vec::new();
+        let mut records: Vec<String> = Vec::new();
+        for _ in 0..MOVE_OUT_ATTEMPTS {
+            let index = from.idempotency_index();
+            let now_ms = Utc::now().timestamp_millis();
+            records = self
+                .with_conn(|mut c| async move { c.zrangebyscore(index, now_ms, "+inf").await })
+                .await?;
+            let mut out = scripts::MOVE_OUT.prepare_invoke();
+            out.key(from.route());
+            for p in periods {
+                out.key(from.counter(*p));
+            }
+            out.key(from.idempotency_index());
+            for r in &records {
+                out.key(r);
+            }
+            out.arg(from.route_value()).arg(periods.len()).arg(now_ms);
+            reply = self.run_script(&mut out).await?;
+            let status: String = reply
+                .first()
+                .map(redis::from_redis_value_ref)
                 .transpose()
                 .map_err(|e| StoreError::Redis(e.into()))?
                 .unwrap_or_default();
-            return Ok(Err(route));
+            match status.as_str() {
+                "ok" => break,
+                "retry" => reply.clear(),
+                _ => {
+                    let route: String = reply
+                        .get(1)
+                        .map(redis::from_redis_value_ref)
+                        .transpose()
+                        .map_err(|e| StoreError::Redis(e.into()))?
+                        .unwrap_or_default();
+                    return Ok(Err(route));
+                }
+            }
         }
+        if reply.is_empty() {
+            return Err(StoreError::Unavailable(
+                "the user's idempotent calls kept coming while their counters were being moved; repeat the change".into(),
+            ));
+        }
+        let mut reply = reply.into_iter().skip(1);
+        let mut next = |fallback: redis::Value| reply.next().unwrap_or(fallback);
+        let to_records: Vec<String> = records
+            .iter()
+            .filter_map(|r| from.idempotency_key_of(r))
+            .map(|k| to.idempotency(k))
+            .collect();
         let mut inn = scripts::MOVE_IN.prepare_invoke();
         inn.key(to.route()).key(to.dirty());
         for p in periods {
             inn.key(to.counter(*p));
         }
+        inn.key(to.idempotency_index());
+        for r in &to_records {
+            inn.key(r);
+        }
         inn.arg(to.route_value())
             .arg(self.changes_channel())
             .arg(&user)
-            .arg(Utc::now().timestamp_millis());
+            .arg(Utc::now().timestamp_millis())
+            .arg(periods.len());
+        let parse = |v: redis::Value| -> Result<Vec<(String, String)>, StoreError> {
+            redis::from_redis_value(v).map_err(|e| StoreError::Redis(e.into()))
+        };
+        let ttl = |v: redis::Value| -> Result<i64, StoreError> {
+            redis::from_redis_value(v).map_err(|e| StoreError::Redis(e.into()))
+        };
         for p in periods {
-            let fields: Vec<(String, String)> = reply
-                .next()
-                .map(redis::from_redis_value)
-                .transpose()
-                .map_err(|e| StoreError::Redis(e.into()))?
-                .unwrap_or_default();
-            let ttl: i64 = reply
-                .next()
-                .map(redis::from_redis_value)
-                .transpose()
-                .map_err(|e| StoreError::Redis(e.into()))?
-                .unwrap_or(-2);
-            inn.arg(to.member(*p)).arg(ttl).arg(fields.len());
+            let fields = parse(next(redis::Value::Array(Vec::new())))?;
+            let left = ttl(next(redis::Value::Int(-2)))?;
+            inn.arg(to.member(*p)).arg(left).arg(fields.len());
+            for (f, v) in fields {
+                inn.arg(f).arg(v);
+            }
+        }
+        for r in &records {
+            let fields = parse(next(redis::Value::Array(Vec::new())))?;
+            let left = ttl(next(redis::Value::Int(-2)))?;
+            // A record of another user's key cannot be in this user's index; skipped alike.
+            if from.idempotency_key_of(r).is_none() {
+                continue;
+            }
+            inn.arg(left).arg(fields.len());
             for (f, v) in fields {
                 inn.arg(f).arg(v);
             }
@@ -985,6 +1032,10 @@ impl RedisStore {
         done.key(from.route()).key(from.dirty());
         for p in periods {
             done.key(from.counter(*p));
+        }
+        done.key(from.idempotency_index());
+        for r in &records {
+            done.key(r);
         }
         done.arg(match to.account() {
             Some(a) => format!(">{a}"),

@@ -292,12 +292,41 @@ async fn moving_a_member_carries_their_counts_and_each_pool_keeps_what_it_counte
     assert_eq!(app.used(user, "ai_generation").await, 8);
     assert_eq!(pool_used(&app, a, "ai_generation").await, 3);
 
+    // A keyed call in A; its retry after the move to B is answered as first (the record moved
+    // with the user), and its refund gives back at the user's level only: A's pool is in
+    // another slot.
+    assert_eq!(
+        consume_n(&app, user, 4, Some("before-move")).await.status,
+        200
+    );
     join(&app, user, Some(b)).await;
+    let retry = consume_n(&app, user, 4, Some("before-move")).await;
+    assert_eq!(retry.status, 200, "{:?}", retry.body);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        app.used(user, "ai_generation").await,
+        12,
+        "the retry counted nothing"
+    );
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "before-move"}),
+        )
+        .await;
+    assert_eq!(refund.status, 200, "{:?}", refund.body);
+    assert_eq!(refund.body["refunded"], 4);
+    assert!(refund.body.get("account").is_none(), "{:?}", refund.body);
+    assert_eq!(
+        pool_used(&app, a, "ai_generation").await,
+        7,
+        "A keeps what it counted"
+    );
     assert_eq!(consume_n(&app, user, 2, None).await.status, 200);
     assert_eq!(app.used(user, "ai_generation").await, 10);
     assert_eq!(
         pool_used(&app, a, "ai_generation").await,
-        3,
+        7,
         "a pool keeps what it counted"
     );
     assert_eq!(pool_used(&app, b, "ai_generation").await, 2);
@@ -312,7 +341,7 @@ async fn moving_a_member_carries_their_counts_and_each_pool_keeps_what_it_counte
 
     app.flush().await;
     assert_eq!(postgres_users(&app, &[user], "ai_generation").await, 11);
-    assert_eq!(postgres_pool(&app, a, "ai_generation").await, 3);
+    assert_eq!(postgres_pool(&app, a, "ai_generation").await, 7);
     assert_eq!(postgres_pool(&app, b, "ai_generation").await, 2);
 }
 
@@ -325,29 +354,53 @@ async fn moves_between_accounts_under_load_on_two_replicas_lose_and_double_nothi
     let stop = Instant::now() + Duration::from_secs(3);
 
     // Counted by the answers: per user, and per pool (the account each answer counted in).
+    // Every other call carries an idempotency key and is sent twice: the retry, which may
+    // cross a move, must replay the first answer and count nothing.
     let load = |app: &TestApp, user: Uuid| {
         let app_base = app.base.clone();
         let client = app.client.clone();
         async move {
             let mut mine = 0u64;
+            let mut replays = 0u64;
             let mut pools: HashMap<Uuid, u64> = HashMap::new();
+            let mut n = 0u64;
             while Instant::now() < stop {
-                let a = client
-                    .post(format!("{app_base}/v1/track"))
-                    .json(&json!({"user_id": user, "type": "ai_generation"}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = a.status().as_u16();
-                let body: Value = a.json().await.unwrap();
-                if status == 200 && body.get("degraded").is_none() {
+                n += 1;
+                let mut body = json!({"user_id": user, "type": "ai_generation"});
+                let keyed = n.is_multiple_of(2);
+                if keyed {
+                    body["idempotency_key"] = json!(format!("k-{n}-{}", Uuid::new_v4()));
+                }
+                let mut counted_first = false;
+                for attempt in 0..if keyed { 2 } else { 1 } {
+                    let a = client
+                        .post(format!("{app_base}/v1/track"))
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = a.status().as_u16();
+                    let replayed = a.headers().get("idempotent-replayed").is_some();
+                    let answer: Value = a.json().await.unwrap();
+                    if status != 200 || answer.get("degraded").is_some() {
+                        continue;
+                    }
+                    if attempt == 1 && counted_first {
+                        assert!(replayed, "a retry counted again: {answer:?}");
+                        replays += 1;
+                        continue;
+                    }
+                    if replayed {
+                        continue;
+                    }
+                    counted_first = true;
                     mine += 1;
-                    if let Some(acc) = body["account"]["account_id"].as_str() {
+                    if let Some(acc) = answer["account"]["account_id"].as_str() {
                         *pools.entry(acc.parse().unwrap()).or_default() += 1;
                     }
                 }
             }
-            (user, mine, pools)
+            (user, mine, pools, replays)
         }
     };
     let movers = {
@@ -379,7 +432,9 @@ async fn moves_between_accounts_under_load_on_two_replicas_lose_and_double_nothi
 
     let mut per_user: BTreeMap<Uuid, u64> = BTreeMap::new();
     let mut per_pool: HashMap<Uuid, u64> = HashMap::new();
-    for (user, mine, pools) in counted {
+    let mut replays = 0;
+    for (user, mine, pools, replayed) in counted {
+        replays += replayed;
         *per_user.entry(user).or_default() += mine;
         for (acc, n) in pools {
             *per_pool.entry(acc).or_default() += n;
@@ -409,7 +464,10 @@ async fn moves_between_accounts_under_load_on_two_replicas_lose_and_double_nothi
             per_pool.get(&acc).copied().unwrap_or(0)
         );
     }
-    eprintln!("{moves} moves under load; {total} calls counted, pools {per_pool:?}");
+    assert!(replays > 0);
+    eprintln!(
+        "{moves} moves under load; {total} calls counted, {replays} retries replayed, pools {per_pool:?}"
+    );
 }
 
 #[tokio::test]
