@@ -27,6 +27,14 @@ async fn join(app: &TestApp, user: Uuid, account: Option<Uuid>) {
     assert_eq!(a.body["account_id"], json!(account));
 }
 
+async fn refund_key(app: &TestApp, user: Uuid, key: &str) -> Answer {
+    app.post(
+        "/v1/refund",
+        json!({"user_id": user, "idempotency_key": key}),
+    )
+    .await
+}
+
 async fn consume_n(app: &TestApp, user: Uuid, amount: u64, key: Option<&str>) -> Answer {
     let mut body = json!({"user_id": user, "type": "ai_generation", "amount": amount});
     if let Some(k) = key {
@@ -227,12 +235,7 @@ async fn an_idempotent_retry_counts_once_and_a_refund_gives_back_at_every_level(
     assert_eq!(app.used(member, "ai_generation").await, 3);
     assert_eq!(pool_used(&app, account, "ai_generation").await, 3);
 
-    let refund = app
-        .post(
-            "/v1/refund",
-            json!({"user_id": member, "idempotency_key": "req-1"}),
-        )
-        .await;
+    let refund = refund_key(&app, member, "req-1").await;
     assert_eq!(refund.status, 200, "{:?}", refund.body);
     assert_eq!(refund.body["refunded"], 3);
     assert_eq!(refund.body["account"]["account_id"], json!(account));
@@ -240,12 +243,7 @@ async fn an_idempotent_retry_counts_once_and_a_refund_gives_back_at_every_level(
     assert_eq!(refund.body["account"]["used"], 0);
     assert_eq!(app.used(member, "ai_generation").await, 0);
     assert_eq!(pool_used(&app, account, "ai_generation").await, 0);
-    let again = app
-        .post(
-            "/v1/refund",
-            json!({"user_id": member, "idempotency_key": "req-1"}),
-        )
-        .await;
+    let again = refund_key(&app, member, "req-1").await;
     assert_eq!(again.status, 409);
     assert_eq!(pool_used(&app, account, "ai_generation").await, 0);
 
@@ -308,12 +306,7 @@ async fn moving_a_member_carries_their_counts_and_each_pool_keeps_what_it_counte
         12,
         "the retry counted nothing"
     );
-    let refund = app
-        .post(
-            "/v1/refund",
-            json!({"user_id": user, "idempotency_key": "before-move"}),
-        )
-        .await;
+    let refund = refund_key(&app, user, "before-move").await;
     assert_eq!(refund.status, 200, "{:?}", refund.body);
     assert_eq!(refund.body["refunded"], 4);
     assert!(refund.body.get("account").is_none(), "{:?}", refund.body);
@@ -856,12 +849,7 @@ async fn a_pool_refusal_is_remembered_until_another_member_gets_quota_back_on_an
 
     // Another member's refund on the other replica gives the pool 50 back: the first replica
     // hears the account's announcement and forgets every refusal remembered under it.
-    let refund = second
-        .post(
-            "/v1/refund",
-            json!({"user_id": spender, "idempotency_key": "big"}),
-        )
-        .await;
+    let refund = refund_key(&second, spender, "big").await;
     assert_eq!(refund.status, 200, "{:?}", refund.body);
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
