@@ -41,49 +41,31 @@ if idem and redis.call('EXISTS', idem) == 1 then
 end
 
 local over = 'o:' .. field
-local got = redis.call('HMGET', hash, 'v', field, 'p', over)
 local missing = {}
-if not got[1] then
-  if start_fresh(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
-    got = redis.call('HMGET', hash, 'v', field, 'p', over)
-  else
-    missing[#missing + 1] = 'user'
-  end
+local got = read_counter(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over)
+if not got then
+  missing[#missing + 1] = 'user'
 end
 local ag
 if ahash then
-  ag = redis.call('HMGET', ahash, 'v', field, 'p', over)
-  if not ag[1] then
-    if start_fresh(ahash, KEYS[6], KEYS[3], ARGV[5], ARGV[6], ARGV[7]) then
-      ag = redis.call('HMGET', ahash, 'v', field, 'p', over)
-    else
-      missing[#missing + 1] = 'account'
-    end
+  ag = read_counter(ahash, KEYS[6], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over)
+  if not ag then
+    missing[#missing + 1] = 'account'
   end
 end
 if #missing > 0 then
   return answer('hydrate', 0, '', 0, table.concat(missing, ' '))
 end
 
-local plan, plan_limit = resolve_plan(got[3], ARGV[3], ARGV[4], 9)
-local limit, source
-if ahash and not got[4] and not got[3] and ARGV[3] == '' then
-  limit, source = -1, 'account'
-else
-  limit, source = level_limit(got[4], plan_limit)
-end
+local plan, limit, source = user_level(got[3], got[4], ARGV[3], ARGV[4], 9, ahash ~= nil)
 local used = whole(got[2], hash, field)
 local aplan, alimit, asource, aused
 if ahash then
-  local aplan_limit
-  aplan, aplan_limit = resolve_plan(ag[3], '', ARGV[4], 9)
-  alimit, asource = level_limit(ag[4], aplan_limit)
+  aplan, alimit, asource = pool_level(ag[3], ag[4], ARGV[4], 9)
   aused = whole(ag[2], ahash, field)
 end
-if limit >= 0 and used + amount > limit then
-  return answer('denied', used, plan, limit, '', 'user', source, aused, aplan, alimit, asource)
-end
-if ahash and alimit >= 0 and aused + amount > alimit then
-  return answer('denied', used, plan, limit, '', 'account', source, aused, aplan, alimit, asource)
+local refused = refusing_level(amount, used, limit, aused, alimit)
+if refused then
+  return answer('denied', used, plan, limit, '', refused, source, aused, aplan, alimit, asource)
 end
 return answer('ok', used, plan, limit, '', '', source, aused, aplan, alimit, asource)

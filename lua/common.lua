@@ -205,3 +205,49 @@ local function level_limit(override, plan_limit)
   end
   return plan_limit, 'plan'
 end
+
+-- The fields `...` (HMGET's names, `v` first) of a counter hash a decision reads, after starting
+-- it fresh if it may (see start_fresh); nil when it must be loaded from Postgres first.
+local function read_counter(hash, prev, marker, month_start, margin, expire_at, ...)
+  local got = redis.call('HMGET', hash, ...)
+  if not got[1] then
+    if not start_fresh(hash, prev, marker, month_start, margin, expire_at) then
+      return nil
+    end
+    got = redis.call('HMGET', hash, ...)
+  end
+  return got
+end
+
+-- The user's level of a decision: plan, limit (-1 = unlimited) and where the limit comes from.
+-- `stored` is the hash's plan, `override` its `o:<type>`, `sent` the plan sent with the call ("" =
+-- none), `first` where the plan, limit pairs start in ARGV. A member of an account (`pooled`)
+-- with no plan of their own, no override and none sent has no limit of their own: the pool
+-- alone decides ('account').
+local function user_level(stored, override, sent, default, first, pooled)
+  local plan, plan_limit = resolve_plan(stored, sent, default, first)
+  if pooled and not override and not stored and sent == '' then
+    return plan, -1, 'account'
+  end
+  local limit, source = level_limit(override, plan_limit)
+  return plan, limit, source
+end
+
+-- An account's pool: plan (its stored one, else the default), limit and where it comes from.
+local function pool_level(stored, override, default, first)
+  local plan, plan_limit = resolve_plan(stored, '', default, first)
+  local limit, source = level_limit(override, plan_limit)
+  return plan, limit, source
+end
+
+-- The level at which `amount` more does not fit: 'user' (checked first), 'account' (with a pool:
+-- `aused` not nil), or nil when it fits at every level.
+local function refusing_level(amount, used, limit, aused, alimit)
+  if limit >= 0 and used + amount > limit then
+    return 'user'
+  end
+  if aused and alimit >= 0 and aused + amount > alimit then
+    return 'account'
+  end
+  return nil
+end

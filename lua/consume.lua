@@ -101,24 +101,18 @@ end
 -- Everything the decision reads, one HMGET per level: version, count, dirty flag, stored plan,
 -- override.
 local over = 'o:' .. field
-local got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p', over)
 local missing = {}
-if not got[1] then
-  if start_fresh(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
-    got = redis.call('HMGET', hash, 'v', field, DIRTY, 'p', over)
-  else
-    missing[#missing + 1] = 'user'
-  end
+local got = read_counter(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
+  'p', over)
+if not got then
+  missing[#missing + 1] = 'user'
 end
 local ag
 if ahash then
-  ag = redis.call('HMGET', ahash, 'v', field, DIRTY, 'p', over)
-  if not ag[1] then
-    if start_fresh(ahash, KEYS[7], KEYS[4], ARGV[10], ARGV[11], ARGV[12]) then
-      ag = redis.call('HMGET', ahash, 'v', field, DIRTY, 'p', over)
-    else
-      missing[#missing + 1] = 'account'
-    end
+  ag = read_counter(ahash, KEYS[7], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
+    'p', over)
+  if not ag then
+    missing[#missing + 1] = 'account'
   end
 end
 if #missing > 0 then
@@ -128,14 +122,8 @@ local version = whole(got[1], hash, 'v') -- a corrupt version stops the script h
 
 local nmeta = tonumber(ARGV[15])
 local first_meta, last_meta = 16, 15 + 3 * nmeta
-local plan, plan_limit = resolve_plan(got[4], ARGV[5], ARGV[6], last_meta + 1)
-local limit, source
-if ahash and not got[5] and not got[4] and ARGV[5] == '' then
-  -- A member with neither a plan of their own nor an override: the account's pool decides.
-  limit, source = -1, 'account'
-else
-  limit, source = level_limit(got[5], plan_limit)
-end
+local plan, limit, source = user_level(got[4], got[5], ARGV[5], ARGV[6], last_meta + 1,
+  ahash ~= nil)
 local used = whole(got[2], hash, field)
 if used + amount >= EXACT then
   return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. hash .. ' would pass 2^53; nothing counted')
@@ -144,23 +132,17 @@ end
 local aversion, aplan, alimit, asource, aused
 if ahash then
   aversion = whole(ag[1], ahash, 'v')
-  local aplan_limit
-  aplan, aplan_limit = resolve_plan(ag[4], '', ARGV[6], last_meta + 1)
-  alimit, asource = level_limit(ag[5], aplan_limit)
+  aplan, alimit, asource = pool_level(ag[4], ag[5], ARGV[6], last_meta + 1)
   aused = whole(ag[2], ahash, field)
   if aused + amount >= EXACT then
     return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. ahash .. ' would pass 2^53; nothing counted')
   end
 end
 
-if mode == 'consume' then
-  if limit >= 0 and used + amount > limit then
-    return answer('denied', used, plan, limit, ARGV[8], '', 'user', source, aused, aplan, alimit, asource)
-  end
-  if ahash and alimit >= 0 and aused + amount > alimit then
-    return answer('denied', used, plan, limit, ARGV[8], '', 'account', source, aused, aplan, alimit,
-      asource)
-  end
+local refused = mode == 'consume' and refusing_level(amount, used, limit, aused, alimit)
+if refused then
+  return answer('denied', used, plan, limit, ARGV[8], '', refused, source, aused, aplan, alimit,
+    asource)
 end
 
 -- Metadata names are bounded per counter, so a caller cannot grow a hash (and its Postgres row)

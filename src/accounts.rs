@@ -31,7 +31,7 @@ use crate::db::{self, Membership, StoredOverrides};
 use crate::period::{Period, PeriodKind};
 use crate::quota::{current_periods, known_plan, level_usage, Quota, QuotaError, TypeUsage};
 use crate::routes::Hops;
-use crate::store::{Hydrated, Owner, StoreError};
+use crate::store::{Change, Hydrated, Owner, StoreError};
 
 /// Most members an account usage read lists.
 pub const MAX_MEMBERS_LISTED: usize = 1000;
@@ -130,27 +130,20 @@ impl Quota {
         known_plan(&plans, plan)?;
         let owner = Owner::Account(account);
         let stored = db::within(self.db_timeout, db::put_plan(&self.db, owner, plan)).await?;
-        let (periods, adjacent) = crate::quota::in_force(&plans, self.clock.now());
-        let keys = self.store.account_keys(account);
         let written = self
-            .store
-            .set_plan(&keys, "", &stored.plan, stored.version, &periods, &adjacent)
+            .put_in_force(owner, Change::Plan(&stored.plan, stored.version))
             .await;
-        match written {
-            Ok(Ok(())) => Ok(AccountPlan {
-                account,
-                plan: stored.plan,
-                is_default: false,
-                updated_at: Some(stored.updated_at),
-            }),
-            Ok(Err(route)) => Err(QuotaError::PlanNotInForce(StoreError::Unavailable(
-                format!("the account's counters are routed elsewhere ({route:?})"),
-            ))),
-            Err(e) => {
-                tracing::warn!(error.message = %e, "account plan stored in postgres but not in redis");
-                Err(QuotaError::PlanNotInForce(e))
-            }
+        self.refusals.forget(&account);
+        if let Err(e) = written {
+            tracing::warn!(error.message = %e, "account plan stored in postgres but not in redis");
+            return Err(QuotaError::PlanNotInForce(e));
         }
+        Ok(AccountPlan {
+            account,
+            plan: stored.plan,
+            is_default: false,
+            updated_at: Some(stored.updated_at),
+        })
     }
 
     /// The plan stored for `account`, or the default.
@@ -198,27 +191,9 @@ impl Quota {
         .await?;
         let limits: Vec<(String, i64)> =
             stored.limits.iter().map(|(t, l)| (t.clone(), *l)).collect();
-        let written = match owner {
-            Owner::User(user) => {
-                self.put_in_force(user, crate::quota::Change::Limits(&limits, stored.version))
-                    .await
-            }
-            Owner::Account(account) => {
-                let (periods, adjacent) = crate::quota::in_force(&plans, self.clock.now());
-                let keys = self.store.account_keys(account);
-                match self
-                    .store
-                    .set_limits(&keys, "", &limits, stored.version, &periods, &adjacent)
-                    .await
-                {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(route)) => Err(StoreError::Unavailable(format!(
-                        "the account's counters are routed elsewhere ({route:?})"
-                    ))),
-                    Err(e) => Err(e),
-                }
-            }
-        };
+        let written = self
+            .put_in_force(owner, Change::Limits(&limits, stored.version))
+            .await;
         self.refusals.forget(&owner.id());
         if let Err(e) = written {
             tracing::warn!(error.message = %e, "limit overrides stored in postgres but not in redis");
@@ -263,13 +238,7 @@ impl Quota {
                 let loads = chunk
                     .iter()
                     .map(|i| self.hydrator.load(&keys[*i], &believed, *period));
-                let filled =
-                    futures_util::future::try_join_all(loads)
-                        .await
-                        .map_err(|e| match e {
-                            crate::hydrate::LoadError::Db(e) => QuotaError::Load(e),
-                            crate::hydrate::LoadError::Redis(e) => QuotaError::Redis(e),
-                        })?;
+                let filled = futures_util::future::try_join_all(loads).await?;
                 // A member whose counters are not here (a move under way) is read as not here.
                 let here: Vec<usize> = chunk
                     .iter()
@@ -308,32 +277,6 @@ impl Quota {
             member_count,
             members: used,
         })
-    }
-
-    /// The pool's counter hashes of `periods`, loading those Redis does not hold.
-    async fn pool_counters(
-        &self,
-        pool: &crate::store::OwnerKeys,
-        periods: &[Period],
-    ) -> Result<Vec<Option<crate::store::CounterHash>>, QuotaError> {
-        let (mut maps, _) = self.store.read_counters(pool, periods).await?;
-        let missing: Vec<Period> = periods
-            .iter()
-            .zip(&maps)
-            .filter(|(_, m)| m.is_none())
-            .map(|(p, _)| *p)
-            .collect();
-        if !missing.is_empty() {
-            let loads = missing.iter().map(|p| self.hydrator.load(pool, "", *p));
-            futures_util::future::try_join_all(loads)
-                .await
-                .map_err(|e| match e {
-                    crate::hydrate::LoadError::Db(e) => QuotaError::Load(e),
-                    crate::hydrate::LoadError::Redis(e) => QuotaError::Redis(e),
-                })?;
-            maps = self.store.read_counters(pool, periods).await?.0;
-        }
-        Ok(maps)
     }
 }
 

@@ -20,8 +20,8 @@ use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
 use crate::refusals::{LevelSeen, Refusals, Remembered, Subject};
 use crate::routes::{Hops, Routes};
 use crate::store::{
-    self, CountCall, CounterHash, Hydrated, Level, LimitSource, MetaValue, Mode, OwnerKeys,
-    RedisStore, RefundReply, ReleaseReply, Reply, Status, StoreError, UserKeys,
+    self, Change, CountCall, CounterHash, Hydrated, Level, LimitSource, MetaValue, Mode, Owner,
+    OwnerKeys, RedisStore, RefundReply, ReleaseReply, Reply, Status, StoreError, UserKeys,
 };
 
 /// How often a call is re-run after loading its counters, or after following the user's route to
@@ -272,6 +272,12 @@ impl From<LoadError> for Fault {
     }
 }
 
+impl From<LoadError> for QuotaError {
+    fn from(e: LoadError) -> Self {
+        Fault::from(e).into()
+    }
+}
+
 impl From<Fault> for QuotaError {
     fn from(f: Fault) -> Self {
         match f {
@@ -327,13 +333,18 @@ impl Quota {
         let ty = input.usage_type;
         let now = self.clock.now();
         let period = Period::current(ty.period, now);
-        let remembered = self.remembered_refusal(action, input, ty, period, now);
+        // Where this replica believes the user counts, looked up once for the decision.
+        let account = self.routes.get(&input.user);
+        let remembered = self.remembered_refusal(action, input, ty, period, now, account);
         let decision = if let Some(refused) = remembered {
             metrics::counter!(m::REFUSAL_CACHE_HITS, "type" => ty.name.clone()).increment(1);
             refused
         } else {
             let started = std::time::Instant::now();
-            let result = self.decide_in(action, input, plans, ty, period, now).await;
+            let keys = self.store.keys_in(input.user, account);
+            let result = self
+                .decide_in(action, input, plans, period, now, keys)
+                .await;
             metrics::histogram!(m::REDIS_SCRIPT_SECONDS, "script" => action.label())
                 .record(started.elapsed());
             Self::or_fail_policy(result, input, ty, period, now)?
@@ -410,11 +421,11 @@ impl Quota {
         ty: &UsageType,
         period: Period,
         now: DateTime<Utc>,
+        account: Option<Uuid>,
     ) -> Option<Decision> {
         if !cacheable(action, input) {
             return None;
         }
-        let account = self.routes.get(&input.user);
         let seen = self.refusals.lookup(&subject(input, ty, period, account))?;
         if !seen.refusing().refuses(input.amount) {
             return None;
@@ -458,11 +469,11 @@ impl Quota {
         action: Action,
         input: &DecisionInput<'_>,
         plans: &Plans,
-        ty: &UsageType,
         period: Period,
         now: DateTime<Utc>,
+        mut keys: UserKeys,
     ) -> Result<Decision, Fault> {
-        let mut keys = self.placed(input.user);
+        let ty = input.usage_type;
         let mut hops = Hops::default();
         // The call, as its script's invocation for keys placed as believed.
         let invocation = |keys: &UserKeys| match action {
@@ -885,6 +896,21 @@ impl Quota {
         Ok(Ok(maps))
     }
 
+    /// An account's pool's counter hashes of `periods`, loading those Redis does not hold.
+    pub(crate) async fn pool_counters(
+        &self,
+        pool: &OwnerKeys,
+        periods: &[Period],
+    ) -> Result<Vec<Option<CounterHash>>, QuotaError> {
+        match self.loaded_counters(pool, "", periods).await? {
+            Ok(maps) => Ok(maps),
+            // An account's route key is never set: only a hand-made key reads otherwise.
+            Err(route) => Err(QuotaError::Redis(StoreError::Unavailable(format!(
+                "the account's pool is routed elsewhere ({route:?})"
+            )))),
+        }
+    }
+
     /// Every configured type's counter for `user`, and the plan in force; for a member, their
     /// account's pool too.
     #[tracing::instrument(skip_all, fields(user = %user))]
@@ -908,14 +934,7 @@ impl Quota {
             };
             let account = match keys.pool() {
                 Some(pool) => {
-                    let pool_maps = match self.loaded_counters(pool, "", &periods).await? {
-                        Ok(maps) => maps,
-                        Err(route) => {
-                            return Err(QuotaError::Redis(StoreError::Unavailable(format!(
-                                "the account's pool is routed elsewhere ({route:?})"
-                            ))))
-                        }
-                    };
+                    let pool_maps = self.pool_counters(pool, &periods).await?;
                     let (plan, counters) = level_usage(&plans, &periods, &pool_maps, now, false);
                     Some(PoolUsage {
                         account: pool.owner().id(),
@@ -943,10 +962,10 @@ impl Quota {
     pub async fn set_plan(&self, user: Uuid, plan: &str) -> Result<UserPlan, QuotaError> {
         let plans = self.plans.current();
         known_plan(&plans, plan)?;
-        let owner = store::Owner::User(user);
+        let owner = Owner::User(user);
         let stored = db::within(self.db_timeout, db::put_plan(&self.db, owner, plan)).await?;
         let written = self
-            .put_in_force(user, Change::Plan(&stored.plan, stored.version))
+            .put_in_force(owner, Change::Plan(&stored.plan, stored.version))
             .await;
         self.refusals.forget(&user);
         if let Err(e) = written {
@@ -961,34 +980,35 @@ impl Quota {
         })
     }
 
-    /// Puts `change` (a plan or override change) into the live counters of `user`, wherever
-    /// they live, following the user's route until it lands.
+    /// Puts `change` (a plan or override change) into the live counters of `owner`: a user's
+    /// wherever they live (following the user's route until it lands), an account's in its own
+    /// bucket.
     pub(crate) async fn put_in_force(
         &self,
-        user: Uuid,
+        owner: Owner,
         change: Change<'_>,
     ) -> Result<(), StoreError> {
         let plans = self.plans.current();
         let (periods, adjacent) = in_force(&plans, self.clock.now());
-        let mut keys = self.placed(user);
+        let mut keys = self.placed(owner.id());
         let mut hops = Hops::default();
         for _ in 0..ATTEMPTS {
-            let (own, believed) = (keys.own(), keys.route_value());
-            let written = match change {
-                Change::Plan(plan, version) => {
-                    self.store
-                        .set_plan(own, &believed, plan, version, &periods, &adjacent)
-                        .await?
-                }
-                Change::Limits(limits, version) => {
-                    self.store
-                        .set_limits(own, &believed, limits, version, &periods, &adjacent)
-                        .await?
-                }
+            let (own, believed) = match owner {
+                Owner::User(_) => (keys.own().clone(), keys.route_value()),
+                Owner::Account(a) => (self.store.account_keys(a), String::new()),
             };
-            match written {
-                Ok(()) => return Ok(()),
-                Err(route) => {
+            let written = self
+                .store
+                .put_in_force(&own, &believed, change, &periods, &adjacent)
+                .await?;
+            match (written, owner) {
+                (Ok(()), _) => return Ok(()),
+                (Err(route), Owner::Account(_)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "the account's counters are routed elsewhere ({route:?})"
+                    )))
+                }
+                (Err(route), Owner::User(_)) => {
                     keys = match self.follow(&keys, &route, &mut hops).await {
                         Ok(k) => k,
                         Err(Fault::Redis(e)) => return Err(e),
@@ -1006,12 +1026,7 @@ impl Quota {
     pub async fn get_plan(&self, user: Uuid) -> Result<UserPlan, QuotaError> {
         let plans = self.plans.current();
         Ok(
-            match db::within(
-                self.db_timeout,
-                db::get_plan(&self.db, store::Owner::User(user)),
-            )
-            .await?
-            {
+            match db::within(self.db_timeout, db::get_plan(&self.db, Owner::User(user))).await? {
                 Some(p) => UserPlan {
                     user,
                     plan: p.plan,
@@ -1041,15 +1056,6 @@ pub struct Release {
     pub released: u64,
     /// For a member: the account, its pool after the release, and how much it was lowered.
     pub account: Option<(Uuid, CounterView, u64)>,
-}
-
-/// A change written into a user's live counters.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Change<'a> {
-    /// A plan and its version.
-    Plan(&'a str, i64),
-    /// Every limit override in force, and their version.
-    Limits(&'a [(String, i64)], i64),
 }
 
 /// What loading a call's missing counters gave.

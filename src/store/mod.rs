@@ -256,6 +256,15 @@ pub struct CountCall<'a> {
     pub metadata: &'a [(String, MetaValue)],
 }
 
+/// A change written into an owner's live counters by [`RedisStore::put_in_force`].
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A plan and its version.
+    Plan(&'a str, i64),
+    /// Every limit override in force, and their version.
+    Limits(&'a [(String, i64)], i64),
+}
+
 /// A refund's outcome.
 #[derive(Debug, Clone)]
 pub enum RefundReply {
@@ -784,51 +793,26 @@ impl RedisStore {
             .await
     }
 
-    /// Write an owner's plan (with its Postgres version) into the counter hashes of `periods`
-    /// (those in force now: created if missing), and of `adjacent` (the months next to the
-    /// current one: written only if they exist, so a plan change just before midnight reaches a
-    /// next month another replica already counts in). `believed` is the route the keys are
-    /// placed under; `Err(route)` inside when the owner's counters are elsewhere (nothing written).
-    pub async fn set_plan(
+    /// Write a plan or override change (with its Postgres version) into an owner's counter
+    /// hashes of `periods` (those in force now: created if missing), and of `adjacent` (the
+    /// months next to the current one: written only if they exist, so a change just before
+    /// midnight reaches a next month another replica already counts in). `believed` is the
+    /// route the keys are placed under; `Err(route)` inside when the owner's counters are
+    /// elsewhere (nothing written). `lua/set_plan.lua` and `lua/set_limits.lua` take the same
+    /// arguments, the change's own last.
+    pub async fn put_in_force(
         &self,
         keys: &OwnerKeys,
         believed: &str,
-        plan: &str,
-        version: i64,
+        change: Change<'_>,
         periods: &[Period],
         adjacent: &[Period],
     ) -> Result<Result<(), String>, StoreError> {
-        let mut inv = scripts::SET_PLAN.prepare_invoke();
-        inv.key(keys.route());
-        for p in periods.iter().chain(adjacent) {
-            inv.key(keys.counter(*p));
-        }
-        inv.arg(plan)
-            .arg(version)
-            .arg(self.changes_channel())
-            .arg(keys.owner().id().to_string())
-            .arg(periods.len())
-            .arg(believed);
-        for p in periods {
-            inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
-        }
-        let reply: redis::Value = self.run_script(&mut inv).await?;
-        Ok(moved_or_done(reply))
-    }
-
-    /// Write an owner's limit overrides (every one in force, with their version) into the
-    /// counter hashes, as [`Self::set_plan`] does with a plan.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn set_limits(
-        &self,
-        keys: &OwnerKeys,
-        believed: &str,
-        limits: &[(String, i64)],
-        version: i64,
-        periods: &[Period],
-        adjacent: &[Period],
-    ) -> Result<Result<(), String>, StoreError> {
-        let mut inv = scripts::SET_LIMITS.prepare_invoke();
+        let (script, version) = match change {
+            Change::Plan(_, v) => (&*scripts::SET_PLAN, v),
+            Change::Limits(_, v) => (&*scripts::SET_LIMITS, v),
+        };
+        let mut inv = script.prepare_invoke();
         inv.key(keys.route());
         for p in periods.iter().chain(adjacent) {
             inv.key(keys.counter(*p));
@@ -841,8 +825,15 @@ impl RedisStore {
         for p in periods {
             inv.arg(p.expire_at(chrono::Duration::days(GRACE_DAYS)).unwrap_or(0));
         }
-        for (ty, limit) in limits {
-            inv.arg(ty).arg(limit);
+        match change {
+            Change::Plan(plan, _) => {
+                inv.arg(plan);
+            }
+            Change::Limits(limits, _) => {
+                for (ty, limit) in limits {
+                    inv.arg(ty).arg(limit);
+                }
+            }
         }
         let reply: redis::Value = self.run_script(&mut inv).await?;
         Ok(moved_or_done(reply))

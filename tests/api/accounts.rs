@@ -743,6 +743,24 @@ async fn bad_input_to_the_account_calls_is_refused_clearly_and_changes_nothing()
         ),
         (
             "GET",
+            format!("/v1/accounts/{account}/usage?limit=-1"),
+            Value::Null,
+            "INVALID_QUERY",
+        ),
+        (
+            "GET",
+            format!("/v1/accounts/{account}/usage?limit=99999999999999999999999"),
+            Value::Null,
+            "INVALID_QUERY",
+        ),
+        (
+            "GET",
+            "/v1/accounts/%00/usage".to_owned(),
+            Value::Null,
+            "INVALID_ACCOUNT_ID",
+        ),
+        (
+            "GET",
             format!("/v1/accounts/{account}/usage?top=3"),
             Value::Null,
             "INVALID_QUERY",
