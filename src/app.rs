@@ -80,7 +80,8 @@ impl App {
             &config.key_prefix,
             config.redis_timeout(),
         )
-        .map_err(RunError::Config)?;
+        .map_err(RunError::Config)?
+        .with_wait_replicas(config.redis_wait_replicas);
         let db = db::lazy_pool(&config.database_url, Some(config.database_timeout()))
             .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
         let flusher = Flusher::new(&store, &db);
@@ -168,13 +169,13 @@ impl App {
             })
         }));
         if state.quota.refusals.enabled() {
-            let (refusals, client, channel) = (
+            let (refusals, clients, channel) = (
                 state.quota.refusals.clone(),
-                state.quota.store.client().clone(),
+                state.quota.store.seed_clients(),
                 state.quota.store.changes_channel(),
             );
             tasks.push(supervise("invalidations", stopped, move |_| {
-                refusals.clone().listen(client.clone(), channel.clone())
+                refusals.clone().listen(clients.clone(), channel.clone())
             }));
         }
 
@@ -270,21 +271,28 @@ async fn prepare(database_url: String, state: AppState, redis_timeout: Duration)
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
-    let client = state.quota.store.client().clone();
+    let store = state.quota.store.clone();
     // The policy is known before the first request is taken: counting on an evicting Redis
     // for even a moment could hand back spent quota.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while state.eviction.run(&client, redis_timeout).await == Policy::Unknown
+    while state.eviction.run(&store, redis_timeout).await == Policy::Unknown
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     state.ready.store(true, Ordering::Release);
-    tracing::info!("ready: postgres migrated, redis answering");
+    match store.topology() {
+        Some(t) => tracing::info!(
+            redis.mode = t.mode,
+            redis.masters = t.masters,
+            "ready: postgres migrated, redis answering"
+        ),
+        None => tracing::info!("ready: postgres migrated, redis answering"),
+    }
     // A Redis reconfigured (or replaced by one configured otherwise) later is noticed too.
     loop {
         tokio::time::sleep(EVICTION_RECHECK).await;
-        state.eviction.run(&client, redis_timeout).await;
+        state.eviction.run(&store, redis_timeout).await;
     }
 }
 

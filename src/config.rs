@@ -85,7 +85,9 @@ pub struct Config {
     /// HTTP address to listen on.
     #[arg(long, env = "QUOTAD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Redis URL (`redis://host:port/db`).
+    /// Redis URL (`redis://host:port/db`), or the seed nodes of a Redis Cluster separated by
+    /// commas (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`): quotad asks the first that
+    /// answers whether it is a cluster (`INFO cluster`) and talks to it accordingly.
     #[arg(
         long,
         env = "QUOTAD_REDIS_URL",
@@ -133,6 +135,12 @@ pub struct Config {
     /// Deadline of one Redis call, in milliseconds; past it the type's fail policy decides.
     #[arg(long, env = "QUOTAD_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = number::<u64>("QUOTAD_REDIS_TIMEOUT_MS"))]
     pub redis_timeout_ms: u64,
+    /// Replicas that must confirm a counting call's write before it is answered (`WAIT` sent
+    /// with the script, in the same round trip); 0 answers as soon as the master counted. A
+    /// count no replica confirmed in time is answered with the type's fail policy and counted in
+    /// `quotad_redis_unreplicated_decisions_total`.
+    #[arg(long, env = "QUOTAD_REDIS_WAIT_REPLICAS", default_value_t = 0, value_parser = number::<u64>("QUOTAD_REDIS_WAIT_REPLICAS"))]
+    pub redis_wait_replicas: u64,
     /// Deadline of one Postgres call on the request path (loading a counter, reading or storing
     /// a plan), in milliseconds, enforced by quotad and by the server (`statement_timeout`,
     /// `lock_timeout`); past it the type's fail policy decides, and plan calls answer 503.
@@ -241,8 +249,13 @@ impl Config {
     /// Every numeric setting with its value and the range it must be in. Values outside are
     /// refused at start: a huge interval or deadline would overflow an `Instant` and panic a
     /// task at run time instead.
-    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 10] {
+    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 11] {
         [
+            (
+                "QUOTAD_REDIS_WAIT_REPLICAS",
+                self.redis_wait_replicas,
+                0..=16,
+            ),
             (
                 "QUOTAD_DATABASE_TIMEOUT_MS",
                 self.database_timeout_ms,
@@ -343,6 +356,7 @@ impl fmt::Debug for Config {
                 &self.link_secret.as_ref().map(|_| "[hidden]"),
             )
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("redis_wait_replicas", &self.redis_wait_replicas)
             .field("database_timeout_ms", &self.database_timeout_ms)
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
             .field("refusal_cache_ttl_ms", &self.refusal_cache_ttl_ms)

@@ -53,6 +53,12 @@ pub const SHED: &str = "quotad_http_shed_total";
 pub const TASK_RESTARTS: &str = "quotad_task_restarts_total";
 /// 1 while Redis's `maxmemory-policy` could evict counters (quotad then refuses to serve), else 0.
 pub const REDIS_EVICTION_REFUSED: &str = "quotad_redis_eviction_policy_refused";
+/// The Redis quotad talks to, by `mode` (`single` or `cluster`): the masters serving slots
+/// (1 for a single Redis).
+pub const REDIS_MASTERS: &str = "quotad_redis_masters";
+/// Counting calls whose write Redis did not confirm on `QUOTAD_REDIS_WAIT_REPLICAS` replicas in
+/// time: answered with the type's fail policy (the master may still hold the count).
+pub const REDIS_UNREPLICATED: &str = "quotad_redis_unreplicated_decisions_total";
 
 /// Latency buckets, in seconds: fine below a millisecond, where quotad's answers live.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -107,6 +113,14 @@ fn describe() {
         "Distinct counters loaded per batch."
     );
     metrics::describe_counter!(REDIS_ERRORS, "Failed Redis calls by kind.");
+    metrics::describe_gauge!(
+        REDIS_MASTERS,
+        "Masters serving slots in the Redis quotad talks to, by mode (single, cluster)."
+    );
+    metrics::describe_counter!(
+        REDIS_UNREPLICATED,
+        "Counting calls whose write no replica confirmed within the wait (QUOTAD_REDIS_WAIT_REPLICAS); answered with the fail policy."
+    );
     metrics::describe_counter!(
         NEAR_LIMIT,
         "Decisions leaving a limited counter at 80 % or more of its limit."

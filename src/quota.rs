@@ -517,7 +517,11 @@ impl Quota {
                 Some(answered) => answered,
                 None => (
                     new_ticket(&keys),
-                    read(self.store.run(&mut invocation(&keys)).await?)?,
+                    read(
+                        self.store
+                            .run(&mut invocation(&keys), action != Action::Check)
+                            .await?,
+                    )?,
                 ),
             };
             match reply.status {

@@ -317,15 +317,20 @@ impl Refusals {
     }
 
     /// Subscribes to `channel` and forgets the users named there, reconnecting with backoff
-    /// for as long as it runs. The cache is used only while subscribed.
-    pub async fn listen(self, client: redis::Client, channel: String) {
+    /// for as long as it runs. The cache is used only while subscribed. `clients` are tried in
+    /// turn, the next after each failure: on a Redis Cluster a plain `PUBLISH` reaches the
+    /// subscribers of every node, so any seed node that is up will do.
+    pub async fn listen(self, clients: Vec<redis::Client>, channel: String) {
         if !self.enabled() {
             return;
         }
         const FIRST_RETRY: Duration = Duration::from_millis(100);
         let mut delay = FIRST_RETRY;
-        loop {
-            let Err(ended) = self.subscription(&client, &channel).await;
+        if clients.is_empty() {
+            return;
+        }
+        for client in clients.iter().cycle() {
+            let Err(ended) = self.subscription(client, &channel).await;
             // A subscription that was up starts the backoff afresh; failed attempts lengthen it.
             if self.is_live() {
                 delay = FIRST_RETRY;
@@ -572,7 +577,7 @@ mod tests {
             Arc::new(clock()),
             Duration::from_millis(20),
         );
-        let listening = tokio::spawn(c.clone().listen(client.clone(), channel.clone()));
+        let listening = tokio::spawn(c.clone().listen(vec![client.clone()], channel.clone()));
         let started = std::time::Instant::now();
         while !c.is_live() {
             assert!(

@@ -13,6 +13,7 @@ use serde_json::json;
 use super::AppState;
 use crate::db;
 use crate::metrics as m;
+use crate::store::RedisStore;
 use deadpool_redis::redis;
 
 /// `GET /healthz`: the process is alive and serving HTTP.
@@ -29,7 +30,8 @@ pub async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "ops", description = "Ready: Redis and Postgres answer, migrations are applied, and Redis will not evict counters.",
     responses(
         (status = 200, description = "Ready", body = Object,
-            example = json!({"status": "ready", "redis": "ok", "postgres": "ok", "started": true})),
+            example = json!({"status": "ready", "redis": "ok", "postgres": "ok", "started": true,
+                "redis_mode": "cluster", "redis_masters": 3})),
         (status = 503, description = "Not ready; the fields say which dependency", body = Object,
             example = json!({"status": "not ready", "redis": "redis: not answering", "postgres": "ok",
                 "started": true, "code": "NOT_READY", "error": "quotad is not ready: see the redis and postgres fields."})),
@@ -56,16 +58,20 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     };
     let started = state.ready.load(Ordering::Acquire);
     let ready = started && redis == "ok" && postgres == "ok";
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "redis": redis,
         "postgres": postgres,
         "started": started,
     });
+    // One Redis or a cluster, as found at the first connection.
+    if let Some(t) = state.quota.store.topology() {
+        body["redis_mode"] = json!(t.mode);
+        body["redis_masters"] = json!(t.masters);
+    }
     if ready {
         Json(body).into_response()
     } else {
-        let mut body = body;
         body["code"] = json!("NOT_READY");
         body["error"] = json!("quotad is not ready: see the redis and postgres fields.");
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
@@ -117,8 +123,8 @@ impl EvictionCheck {
     }
 
     /// Asks Redis for its policy (within `timeout`) and records the answer; logs a change.
-    pub async fn run(&self, client: &redis::Client, timeout: Duration) -> Policy {
-        let policy = look(client, timeout).await;
+    pub async fn run(&self, store: &RedisStore, timeout: Duration) -> Policy {
+        let policy = look(store, timeout).await;
         let was = self.refused();
         match &policy {
             Policy::Safe => self.refused.store(false, Ordering::Release),
@@ -142,16 +148,26 @@ impl EvictionCheck {
     }
 }
 
-async fn look(client: &redis::Client, timeout: Duration) -> Policy {
-    let asked = tokio::time::timeout(timeout, async {
-        let mut c = client.get_multiplexed_async_connection().await?;
-        redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async::<Vec<String>>(&mut c)
-            .await
-    })
-    .await;
+/// The policy of the one Redis, or the worst of a cluster's masters.
+async fn look(store: &RedisStore, timeout: Duration) -> Policy {
+    let asked = store
+        .ask_each_master::<Vec<String>>(
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+            timeout,
+        )
+        .await
+        .ok_or(())
+        .map(|r| {
+            r.map(|pairs| {
+                // Any master that evicts is reason enough; else the first's answer.
+                pairs
+                    .iter()
+                    .find(|p| p.get(1).is_some_and(|p| p != "noeviction"))
+                    .or(pairs.first())
+                    .cloned()
+                    .unwrap_or_default()
+            })
+        });
     match asked {
         Ok(Ok(pair)) => match pair.get(1) {
             Some(p) if p == "noeviction" => Policy::Safe,

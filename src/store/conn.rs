@@ -3,14 +3,510 @@
 //! after a connection fault, the daemon's estimate of Redis' clock, and the classification of
 //! what went wrong into [`StoreError`].
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use deadpool_redis::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use deadpool_redis::redis::{self, RedisError, ScriptInvocation};
+use deadpool_redis::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use deadpool_redis::redis::cluster::{ClusterClient, ClusterConfig};
+use deadpool_redis::redis::cluster_async::ClusterConnection;
+use deadpool_redis::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use deadpool_redis::redis::{
+    self, Cmd, Pipeline, RedisError, RedisFuture, ScriptInvocation, Value,
+};
 
 use super::{RedisStore, StoreError};
+
+/// The shortest time between two slot-map refreshes quotad starts itself (see
+/// [`RedisStore::remap`]).
+const REMAP_EVERY_MS: i64 = 200;
+
+/// How long a cluster connection waits for each node to accept: a new cluster connection
+/// connects to every node, and one node that hangs (stopped, or deep in a fork) must not hold
+/// it up for longer than this. A connect on a LAN takes well under 10 ms.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long a new cluster connection made after a fault may take.
+const REMAP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A store's connection: made at the first call, replaced when a cluster's map changed.
+#[derive(Default)]
+pub(super) struct Link {
+    current: std::sync::RwLock<Option<Conn>>,
+    /// One connection is made at a time.
+    making: tokio::sync::Mutex<()>,
+    /// When (ms) the slot map was last read again.
+    remapped_ms: AtomicI64,
+}
+
+impl Link {
+    fn current(&self) -> Option<Conn> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What `QUOTAD_REDIS_URL` names: one Redis, or the seed nodes of a Redis Cluster. Which one is
+/// found out at the first connection (`INFO cluster`), not configured, and shared by every
+/// store made from the same URL (the request path's, the flusher's, reconcile's).
+#[derive(Debug)]
+pub(super) struct Server {
+    /// The URLs given, in order.
+    seeds: Vec<String>,
+    found: tokio::sync::OnceCell<Found>,
+    /// Masters serving slots, as last counted (1 for a single Redis; 0 until known).
+    masters: AtomicUsize,
+}
+
+/// What the first connection found.
+#[derive(Debug, Clone)]
+enum Found {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+/// Whether quotad talks to one Redis or a cluster, and how many masters it sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Topology {
+    /// `"single"` or `"cluster"`.
+    pub mode: &'static str,
+    /// Masters serving slots (1 for a single Redis).
+    pub masters: usize,
+}
+
+/// A connection to whichever server quotad found: one multiplexed connection to a single Redis
+/// (reconnecting by itself), or a cluster client that sends each command to the master owning
+/// its key's slot and follows `MOVED`, `ASK` and `TRYAGAIN` (and failovers) by itself.
+#[derive(Clone)]
+pub enum Conn {
+    /// A single Redis.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
+        }
+    }
+}
+
+impl Server {
+    /// The server(s) `urls` names: one URL, or several separated by commas (seed nodes of a
+    /// cluster). Nothing is connected yet.
+    pub(super) fn parse(urls: &str) -> Result<Server, String> {
+        let seeds: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if seeds.is_empty() {
+            return Err("QUOTAD_REDIS_URL: give one Redis URL, or several separated by commas (the seed nodes of a Redis Cluster)".into());
+        }
+        for url in &seeds {
+            redis::Client::open(url.as_str())
+                .map_err(|e| format!("QUOTAD_REDIS_URL: {url:?}: {e}"))?;
+        }
+        Ok(Server {
+            seeds,
+            found: tokio::sync::OnceCell::new(),
+            masters: AtomicUsize::new(0),
+        })
+    }
+
+    /// One client per URL given (the invalidation subscription tries them in turn).
+    pub(super) fn seed_clients(&self) -> Vec<redis::Client> {
+        self.seeds
+            .iter()
+            .filter_map(|u| redis::Client::open(u.as_str()).ok())
+            .collect()
+    }
+
+    /// What quotad talks to, once the first connection found out.
+    pub(super) fn topology(&self) -> Option<Topology> {
+        let found = self.found.get()?;
+        Some(Topology {
+            mode: match found {
+                Found::Single(_) => "single",
+                Found::Cluster(_) => "cluster",
+            },
+            masters: self.masters.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Asks the seed nodes, in order, whether they are in a cluster (`INFO cluster`), and keeps
+    /// the answer of the first that replies. Several URLs of Redis servers that are not in a
+    /// cluster are a configuration error: quotad would not know which one holds the counters.
+    async fn find(&self, timeout: Duration) -> Result<&Found, RedisError> {
+        self.found
+            .get_or_try_init(|| async {
+                let mut last = None;
+                for url in &self.seeds {
+                    let client = redis::Client::open(url.as_str())?;
+                    let asked = tokio::time::timeout(timeout, async {
+                        let mut c = client.get_multiplexed_async_connection().await?;
+                        redis::cmd("INFO")
+                            .arg("cluster")
+                            .query_async::<String>(&mut c)
+                            .await
+                    })
+                    .await;
+                    let info = match asked {
+                        Ok(Ok(info)) => info,
+                        Ok(Err(e)) => {
+                            last = Some(e);
+                            continue;
+                        }
+                        Err(_) => {
+                            last = Some(timed_out(url));
+                            continue;
+                        }
+                    };
+                    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+                        let found = Found::Cluster(Box::new(cluster_client(&self.seeds)?));
+                        tracing::info!(seeds = self.seeds.len(), "redis: a cluster (found with INFO cluster); commands go to the master owning each key's slot");
+                        return Ok(found);
+                    }
+                    if self.seeds.len() > 1 {
+                        return Err(RedisError::from((
+                            redis::ErrorKind::InvalidClientConfig,
+                            "QUOTAD_REDIS_URL names several servers, but they are not a Redis Cluster (INFO cluster: cluster_enabled:0); give one URL for a single Redis",
+                        )));
+                    }
+                    self.masters.store(1, Ordering::Relaxed);
+                    tracing::info!("redis: a single server (INFO cluster: cluster_enabled:0)");
+                    return Ok(Found::Single(client));
+                }
+                Err(last.unwrap_or_else(|| timed_out("QUOTAD_REDIS_URL")))
+            })
+            .await
+    }
+
+    /// A new connection (lazy for a single Redis, which reconnects by itself; a cluster
+    /// connection reads the slot map first).
+    async fn connect(&self, timeout: Duration) -> Result<Conn, RedisError> {
+        Ok(match self.find(timeout).await? {
+            Found::Single(client) => Conn::Single(RedisStore::connect(client, timeout)?),
+            Found::Cluster(client) => {
+                // The library's own answer timeout also bounds the PING each new node connection
+                // starts with: a node that accepts and then hangs holds a new connection up for
+                // no longer than this. Calls have their own, usually shorter, deadlines.
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(NODE_CONNECT_TIMEOUT)
+                    .set_response_timeout(
+                        timeout.clamp(NODE_CONNECT_TIMEOUT, 2 * NODE_CONNECT_TIMEOUT),
+                    );
+                Conn::Cluster(client.get_async_connection_with_config(config).await?)
+            }
+        })
+    }
+}
+
+/// The cluster client for `seeds`. No response timeout of its own (each call has its
+/// deadline); retries of `MOVED`, `ASK`, `TRYAGAIN` and lost nodes are quick and short, and a
+/// call's deadline bounds them all.
+fn cluster_client(seeds: &[String]) -> Result<ClusterClient, RedisError> {
+    ClusterClient::builder(seeds.iter().map(String::as_str))
+        .retries(8)
+        .min_retry_wait(5)
+        .max_retry_wait(250)
+        .connection_timeout(NODE_CONNECT_TIMEOUT)
+        .build()
+}
+
+fn timed_out(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what}: no answer in time"),
+    ))
+}
+
+/// Commands for many buckets, each command on its bucket's key: one pipeline on a single Redis
+/// (one round trip, as ever); on a cluster, where a pipeline may touch one slot only, one
+/// pipeline per bucket, all sent at once. Replies come back in the order the commands were
+/// added.
+pub(super) struct Batch {
+    cluster: bool,
+    /// Added to the front of every pipeline (ignored commands: a name, a script load).
+    prelude: Pipeline,
+    /// Replicas every pipeline waits for at its end (`WAIT`, ignored); 0: none.
+    wait: Option<(u64, u64)>,
+    /// By bucket (one entry, bucket 0, on a single Redis).
+    pipes: Vec<(u16, Pipeline)>,
+    at: HashMap<u16, usize>,
+    /// Per command added, in order: its pipeline.
+    order: Vec<usize>,
+    ignore_errors: bool,
+}
+
+impl Batch {
+    /// Each reply stands alone (pipelines of scripts): see [`redis::Pipeline::ignore_errors`].
+    pub(super) fn ignore_errors(&mut self) -> &mut Self {
+        self.ignore_errors = true;
+        self
+    }
+
+    /// Ends every pipeline with `WAIT replicas ms` (its answer ignored): for batches of
+    /// counting scripts when quotad waits for replicas.
+    pub(super) fn wait_for(&mut self, replicas: u64, ms: u64) -> &mut Self {
+        if replicas > 0 {
+            self.wait = Some((replicas, ms));
+        }
+        self
+    }
+
+    /// The pipeline for the next command, which is on `bucket`'s keys. Add exactly one command
+    /// that is not ignored.
+    pub(super) fn to(&mut self, bucket: u16) -> &mut Pipeline {
+        let bucket = if self.cluster { bucket } else { 0 };
+        let i = match self.at.get(&bucket) {
+            Some(i) => *i,
+            None => {
+                self.pipes.push((bucket, self.prelude.clone()));
+                self.at.insert(bucket, self.pipes.len() - 1);
+                self.pipes.len() - 1
+            }
+        };
+        self.order.push(i);
+        &mut self.pipes[i].1
+    }
+}
+
+impl RedisStore {
+    /// A batch whose pipelines each start with `prelude`.
+    pub(super) fn batch(&self, prelude: Pipeline) -> Batch {
+        Batch {
+            cluster: self.is_cluster(),
+            prelude,
+            wait: None,
+            pipes: Vec::new(),
+            at: HashMap::new(),
+            order: Vec::new(),
+            ignore_errors: false,
+        }
+    }
+
+    /// Whether quotad found a cluster (false until the first connection).
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.server.found.get(), Some(Found::Cluster(_)))
+    }
+
+    /// Sends a batch (its pipelines at once) with the connection-fault resend of
+    /// [`Self::with_retry`], waiting until `deadline`; the replies in the order the commands
+    /// were added. Each reply is the command's own outcome: with [`Batch::ignore_errors`], a
+    /// failed command fails alone; otherwise the first failed pipeline fails the batch.
+    pub(super) async fn run_batch(
+        &self,
+        batch: Batch,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<redis::RedisResult<Value>>, StoreError> {
+        // The connection first, so a cluster is found out before the pipelines are grouped.
+        if self.server.found.get().is_none() {
+            self.with_retry(deadline, |_| async { Ok(()) }).await?;
+        }
+        let Batch {
+            pipes,
+            order,
+            ignore_errors,
+            wait,
+            ..
+        } = batch;
+        let sends = pipes.iter().map(|(_, pipe)| {
+            let mut pipe = pipe.clone();
+            if ignore_errors {
+                pipe.ignore_errors();
+            }
+            if let Some((replicas, ms)) = wait {
+                pipe.cmd("WAIT").arg(replicas).arg(ms).ignore();
+            }
+            async move {
+                let pipe = &pipe;
+                if ignore_errors {
+                    self.with_retry(deadline, |mut c| async move {
+                        pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut c)
+                            .await
+                    })
+                    .await
+                } else {
+                    self.with_retry(deadline, |mut c| async move {
+                        pipe.query_async::<Vec<Value>>(&mut c).await
+                    })
+                    .await
+                    .map(|v| v.into_iter().map(Ok).collect())
+                }
+            }
+        });
+        let replies = futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut replies: Vec<std::vec::IntoIter<redis::RedisResult<Value>>> =
+            replies.into_iter().map(Vec::into_iter).collect();
+        Ok(order
+            .iter()
+            .map(|i| {
+                replies[*i]
+                    .next()
+                    .unwrap_or_else(|| Err(super::short_reply()))
+            })
+            .collect())
+    }
+
+    /// Like [`Self::run_batch`] for pipelines that ignore no errors: the replies as `T`s.
+    pub(super) async fn run_batch_as<T: redis::FromRedisValue>(
+        &self,
+        batch: Batch,
+    ) -> Result<Vec<T>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.run_batch(batch, deadline)
+            .await?
+            .into_iter()
+            .map(|r| {
+                r.and_then(|v| redis::from_redis_value(v).map_err(Into::into))
+                    .map_err(|e| self.settle::<()>(Some(Err(e))).unwrap_err())
+            })
+            .collect()
+    }
+
+    /// The masters serving slots, as `(host, port)`, from `CLUSTER NODES` (a single Redis: none).
+    pub(super) async fn masters(&self) -> Result<Vec<(String, u16)>, StoreError> {
+        if !self.is_cluster() {
+            return Ok(Vec::new());
+        }
+        let nodes: String = self
+            .with_conn(|mut c| async move {
+                match &mut c {
+                    Conn::Cluster(c) => {
+                        let v = c
+                            .route_command(
+                                redis::cmd("CLUSTER").arg("NODES").clone(),
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                            )
+                            .await?;
+                        redis::from_redis_value(v).map_err(Into::into)
+                    }
+                    Conn::Single(_) => Ok(String::new()),
+                }
+            })
+            .await?;
+        let masters = parse_masters(&nodes);
+        self.server.masters.store(masters.len(), Ordering::Relaxed);
+        Ok(masters)
+    }
+
+    /// Asks every master `cmd` (the one Redis, or each master of a cluster), within
+    /// `timeout`; the Redis error as it came (a refusal of the command is an answer here).
+    pub async fn ask_each_master<T: redis::FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+        timeout: Duration,
+    ) -> Option<Result<Vec<T>, RedisError>> {
+        tokio::time::timeout(timeout, async {
+            let conn = self.conn().await?;
+            let mut out = Vec::new();
+            match conn {
+                Conn::Single(mut c) => out.push(cmd.query_async(&mut c).await?),
+                Conn::Cluster(mut c) => {
+                    let nodes = self.masters().await.map_err(|e| match e {
+                        StoreError::Redis(e) => e,
+                        other => timed_out(&other.to_string()),
+                    })?;
+                    for (host, port) in nodes {
+                        let v = c
+                            .route_command(
+                                cmd.clone(),
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                    host,
+                                    port,
+                                }),
+                            )
+                            .await?;
+                        out.push(redis::from_redis_value(v)?);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .ok()
+    }
+
+    /// Runs `cmd` on the node at `(host, port)` (a cluster's master, for what must be asked of
+    /// each: `SCAN`, `CONFIG GET`).
+    pub(super) async fn on_node<T: redis::FromRedisValue>(
+        &self,
+        node: &(String, u16),
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        self.with_conn(|mut c| async move {
+            let v = match &mut c {
+                Conn::Cluster(c) => {
+                    c.route_command(
+                        cmd.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: node.0.clone(),
+                            port: node.1,
+                        }),
+                    )
+                    .await?
+                }
+                Conn::Single(c) => cmd.query_async(c).await?,
+            };
+            redis::from_redis_value(v).map_err(Into::into)
+        })
+        .await
+    }
+}
+
+/// The masters that serve slots and are not failed, from `CLUSTER NODES`' text:
+/// `<id> <ip:port@cport[,hostname]> <flags> <master> <ping> <pong> <epoch> <link> <slot>…`.
+fn parse_masters(nodes: &str) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            let serving = fields.len() > 8;
+            if !flags.split(',').any(|f| f == "master")
+                || flags.split(',').any(|f| f == "fail" || f == "noaddr")
+                || !serving
+            {
+                return None;
+            }
+            let addr = fields.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect();
+    out.sort();
+    out
+}
 
 /// How often the offset between the daemon's wall clock and Redis' is measured again (besides
 /// every readiness check): clocks kept by NTP drift far less than the grace in this time.
@@ -29,10 +525,7 @@ pub(super) struct ServerClock {
 }
 
 impl RedisStore {
-    pub(super) fn connect(
-        client: &redis::Client,
-        timeout: Duration,
-    ) -> Result<ConnectionManager, RedisError> {
+    fn connect(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, RedisError> {
         // No response timeout of the client's own (its default is 500 ms): each call has its
         // deadline (`timeout`, or the flusher's and reconcile's longer ones for big pipelines).
         let config = ConnectionManagerConfig::new()
@@ -52,19 +545,76 @@ impl RedisStore {
         pipe.cmd("CLIENT").arg("SETNAME").arg(self.name).ignore();
     }
 
-    /// The connection (a cheap handle to the shared one).
-    pub(super) fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// The connection (a cheap handle to the shared one), made at the first call; the first
+    /// connection also finds out whether quotad talks to a cluster.
+    pub(super) async fn conn(&self) -> Result<Conn, RedisError> {
+        if let Some(c) = self.conn.current() {
+            return Ok(c);
+        }
+        let _one = self.conn.making.lock().await;
+        if let Some(c) = self.conn.current() {
+            return Ok(c);
+        }
+        let c = self.server.connect(self.timeout).await?;
+        *self.conn.current.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// After a connection fault on a cluster: a new cluster connection, made in the background
+    /// from a fresh slot map, replaces the current one (at most every [`REMAP_EVERY_MS`]). The
+    /// cluster client follows `MOVED` by itself, but a master that died answers nothing, so
+    /// without a new map quotad would keep calling the dead address after its replica took over.
+    fn remap(&self) {
+        if !self.is_cluster() {
+            return;
+        }
+        let now = wall_ms(SystemTime::now());
+        let last = self.conn.remapped_ms.load(Ordering::Relaxed);
+        if now - last < REMAP_EVERY_MS
+            || self
+                .conn
+                .remapped_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        rt.spawn(async move {
+            // Bounded: a node that hangs must not keep this task (and its sockets) forever.
+            let made = tokio::time::timeout(REMAP_TIMEOUT, store.server.connect(store.timeout))
+                .await
+                .unwrap_or_else(|_| Err(timed_out("a new cluster connection")));
+            match made {
+                Ok(c) => {
+                    *store
+                        .conn
+                        .current
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(c);
+                    tracing::info!("redis cluster: slot map read again after a connection fault");
+                }
+                Err(e) => {
+                    tracing::debug!(error.message = %e, "redis cluster: slot map not read again")
+                }
+            }
+        });
     }
 
     /// Runs `f` with the connection, under the Redis deadline, once.
     pub(super) async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let result = attempt(deadline, f(self.conn())).await;
+        let result = attempt(deadline, async { f(self.conn().await?).await }).await;
+        if needs_remap(&result) {
+            self.remap();
+        }
         self.settle(result)
     }
 
@@ -84,16 +634,20 @@ impl RedisStore {
         f: F,
     ) -> Result<T, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let conn = self.conn();
-        let mut result = attempt(deadline, f(conn.clone())).await;
+        let send = || async { f(self.conn().await?).await };
+        let mut result = attempt(deadline, send()).await;
+        if needs_remap(&result) {
+            self.remap();
+        }
         if matches!(&result, Some(Err(e)) if is_connection_fault(e))
             && tokio::time::Instant::now() < deadline
         {
-            // The manager reconnects in the background; this send waits for it.
-            result = attempt(deadline, f(conn)).await;
+            // The manager reconnects in the background (a cluster client refreshes its slot
+            // map); this send waits for it.
+            result = attempt(deadline, send()).await;
         }
         self.settle(result)
     }
@@ -228,6 +782,13 @@ impl RedisStore {
             .with_conn(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         let rtt = started.elapsed();
+        if self.is_cluster() {
+            // Every readiness check counts the masters again (a failover, a new shard).
+            self.masters().await?;
+        }
+        if let Some(t) = self.server.topology() {
+            metrics::gauge!(crate::metrics::REDIS_MASTERS, "mode" => t.mode).set(t.masters as f64);
+        }
         if rtt <= self.grace() {
             self.clock
                 .offset_ms
@@ -267,7 +828,30 @@ fn wall_ms(t: SystemTime) -> i64 {
 /// The failure happened at the connection (refused, reset, closed): the call may not have
 /// reached Redis, and a reconnected connection may do better.
 fn is_connection_fault(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+}
+
+/// Whether a call's outcome may mean the slot map is out of date: no answer in time (a master
+/// that died or hangs), a lost connection, or a cluster that is reshaping.
+fn needs_remap<T>(result: &Option<Result<T, RedisError>>) -> bool {
+    match result {
+        None => true,
+        Some(Err(e)) => is_connection_fault(e) || is_cluster_fault(e),
+        Some(Ok(_)) => false,
+    }
+}
+
+/// A cluster that is reshaping (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, `READONLY`: a node
+/// that lost its slots or its master): a fresh slot map may send the call elsewhere.
+fn is_cluster_fault(e: &RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "MOVED" | "ASK")
+    )
 }
 
 /// The error code a script's deadline check answers with (see `lua/common.lua`).
@@ -285,6 +869,9 @@ fn refusal(code: &str) -> Option<&'static str> {
         "MASTERDOWN" => "it is a replica that lost its link to the primary",
         "CLUSTERDOWN" => "the cluster is down",
         "TRYAGAIN" => "the keys are being moved between cluster nodes",
+        "MOVED" | "ASK" => {
+            "the key's slot is served by another cluster node (a failover or resharding is under way)"
+        }
         "NOREPLICAS" => "too few replicas are connected for it to take writes",
         "MISCONF" => "it cannot save to disk and refuses writes",
         _ => return None,
@@ -324,6 +911,45 @@ pub(super) fn classify(e: RedisError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masters_are_the_serving_nodes_flagged_master_and_not_failed() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,host2 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 1 3 disconnected 10923-16383
+d4 127.0.0.1:7004@17004 slave a1 0 1 1 connected
+e5 127.0.0.1:7005@17005 master - 0 1 5 connected
+f6 127.0.0.1:7006@17006 master - 0 1 6 connected 10923-16383
+";
+        assert_eq!(
+            parse_masters(nodes),
+            vec![
+                ("127.0.0.1".to_owned(), 7001),
+                ("127.0.0.1".to_owned(), 7002),
+                ("127.0.0.1".to_owned(), 7006)
+            ]
+        );
+    }
+
+    #[test]
+    fn one_url_or_several_seeds_and_nothing_else() {
+        let one = Server::parse("redis://127.0.0.1:6379").unwrap();
+        assert_eq!(one.seeds.len(), 1);
+        let seeds = Server::parse(" redis://a:7001 , redis://b:7002,redis://c:7003 ").unwrap();
+        assert_eq!(
+            seeds.seeds,
+            ["redis://a:7001", "redis://b:7002", "redis://c:7003"]
+        );
+        for bad in ["", " , ", "redis://a:7001,nonsense://x"] {
+            let e = Server::parse(bad).unwrap_err();
+            assert!(e.starts_with("QUOTAD_REDIS_URL"), "{bad:?}: {e}");
+        }
+        assert!(
+            one.topology().is_none(),
+            "nothing is known before a connection"
+        );
+    }
 
     #[test]
     fn the_clock_offset_is_redis_time_minus_the_middle_of_the_round_trip() {

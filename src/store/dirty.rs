@@ -55,15 +55,18 @@ impl RedisStore {
         per_bucket: usize,
     ) -> Result<DirtyScan, StoreError> {
         let buckets: Vec<u16> = buckets.into_iter().filter(|b| *b < BUCKETS).collect();
-        let mut pipe = redis::pipe();
+        let mut prelude = redis::pipe();
         // Every batch names the connection again: a reconnected one has lost its name.
-        self.set_name(&mut pipe);
+        self.set_name(&mut prelude);
+        let mut batch = self.batch(prelude);
         for b in &buckets {
             let key = self.dirty_key_of(*b);
-            pipe.zcard(&key)
+            batch.to(*b).zcard(&key);
+            batch
+                .to(*b)
                 .zrange_withscores(&key, 0, per_bucket as isize - 1);
         }
-        let replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
+        let replies: Vec<redis::Value> = self.run_batch_as(batch).await?;
         let mut scan = DirtyScan::default();
         for (b, pair) in buckets.iter().zip(replies.chunks(2)) {
             let card: u64 =
@@ -92,11 +95,11 @@ impl RedisStore {
 
     /// How many counters wait in all dirty sets.
     pub async fn backlog(&self) -> Result<u64, StoreError> {
-        let mut pipe = redis::pipe();
+        let mut batch = self.batch(redis::pipe());
         for b in 0..BUCKETS {
-            pipe.zcard(self.dirty_key_of(b));
+            batch.to(b).zcard(self.dirty_key_of(b));
         }
-        let cards: Vec<u64> = self.run_pipe(&pipe).await?;
+        let cards: Vec<u64> = self.run_batch_as(batch).await?;
         Ok(cards.into_iter().sum())
     }
 
@@ -105,11 +108,11 @@ impl RedisStore {
         &self,
         members: &[DirtyMember],
     ) -> Result<Vec<CounterHash>, StoreError> {
-        let mut pipe = redis::pipe();
+        let mut batch = self.batch(redis::pipe());
         for m in members {
-            pipe.hgetall(self.counter_of(m));
+            batch.to(m.bucket).hgetall(self.counter_of(m));
         }
-        let maps: Vec<HashMap<String, String>> = self.run_pipe(&pipe).await?;
+        let maps: Vec<HashMap<String, String>> = self.run_batch_as(batch).await?;
         Ok(maps.iter().map(CounterHash::parse).collect())
     }
 
@@ -123,9 +126,10 @@ impl RedisStore {
         if by_bucket.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
+        let mut prelude = redis::pipe();
         // A pipeline cannot retry on NOSCRIPT, so it loads the script first (cheap when loaded).
-        pipe.load_script(&scripts::UNMARK).ignore();
+        prelude.load_script(&scripts::UNMARK).ignore();
+        let mut batch = self.batch(prelude);
         for (bucket, items) in &by_bucket {
             let mut inv = scripts::UNMARK.prepare_invoke();
             inv.key(self.dirty_key_of(*bucket));
@@ -138,9 +142,9 @@ impl RedisStore {
             for (_, v) in items.iter().map(|x| (x.0, x.1)) {
                 inv.arg(v.map(|v| v.to_string()).unwrap_or_default());
             }
-            pipe.invoke_script(&inv);
+            batch.to(*bucket).invoke_script(&inv);
         }
-        let removed: Vec<i64> = self.run_pipe(&pipe).await?;
+        let removed: Vec<i64> = self.run_batch_as(batch).await?;
         Ok(removed.into_iter().sum::<i64>().max(0) as u64)
     }
 
@@ -151,16 +155,17 @@ impl RedisStore {
         if members.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut batch = self.batch(redis::pipe());
         for m in members {
-            pipe.cmd("ZADD")
+            batch
+                .to(m.bucket)
+                .cmd("ZADD")
                 .arg(self.dirty_key_of(m.bucket))
                 .arg("XX")
                 .arg(now_ms)
-                .arg(&m.member)
-                .ignore();
+                .arg(&m.member);
         }
-        self.run_pipe::<()>(&pipe).await
+        self.run_batch_as::<redis::Value>(batch).await.map(drop)
     }
 
     /// Brings a counter that is older than Postgres' row up to it (`lua/catch_up.lua`): every
@@ -193,10 +198,10 @@ impl RedisStore {
         if garbage.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut batch = self.batch(redis::pipe());
         for (b, member) in garbage {
-            pipe.zrem(self.dirty_key_of(*b), member).ignore();
+            batch.to(*b).zrem(self.dirty_key_of(*b), member);
         }
-        self.run_pipe::<()>(&pipe).await
+        self.run_batch_as::<redis::Value>(batch).await.map(drop)
     }
 }

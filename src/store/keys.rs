@@ -123,6 +123,7 @@ pub fn changes_channel(prefix: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerKeys {
     owner: Owner,
+    bucket: u16,
     /// `<prefix>:1:{<bucket>}`, which every key in the bucket starts with.
     base: String,
 }
@@ -132,8 +133,14 @@ impl OwnerKeys {
     pub fn new(prefix: &str, owner: Owner, bucket: u16) -> OwnerKeys {
         OwnerKeys {
             owner,
+            bucket,
             base: format!("{prefix}:{SCHEMA}:{{{bucket}}}"),
         }
+    }
+
+    /// The bucket (and so the cluster slot) the keys are in.
+    pub fn bucket(&self) -> u16 {
+        self.bucket
     }
 
     /// The owner.

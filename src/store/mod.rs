@@ -40,6 +40,7 @@
 
 mod conn;
 use conn::ServerClock;
+pub use conn::{Conn, Topology};
 pub mod counter;
 mod dirty;
 pub mod keys;
@@ -57,7 +58,6 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use deadpool_redis::redis::aio::ConnectionManager;
 use deadpool_redis::redis::{self, AsyncCommands, RedisError, ScriptInvocation};
 use uuid::Uuid;
 
@@ -324,12 +324,16 @@ pub struct Snapshot {
 /// The Redis side of quotad.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
-    /// One multiplexed connection: it pipelines every concurrent request over one socket (more
-    /// sockets measured no faster, and each one more is one more client for Redis to serve).
-    conn: ConnectionManager,
+    /// One Redis or a cluster, found out at the first connection.
+    server: Arc<conn::Server>,
+    /// One multiplexed connection (on a cluster: one per node): it pipelines every concurrent
+    /// request over one socket (more sockets measured no faster, and each one more is one more
+    /// client for Redis to serve). Made at the first call.
+    conn: Arc<conn::Link>,
     prefix: Arc<str>,
     timeout: Duration,
+    /// Replicas that must confirm a counting call's write (`WAIT`); 0: none.
+    wait_replicas: u64,
     /// The name its connections carry (`CLIENT SETNAME`), so `CLIENT LIST` tells them apart.
     name: &'static str,
     clock: Arc<ServerClock>,
@@ -344,15 +348,17 @@ impl RedisStore {
     ///
     /// Not a checkout pool: a pool would check each connection on checkout (deadpool-redis sends
     /// UNWATCH and PING), which made every consume three commands instead of one.
+    ///
+    /// `url` is one Redis URL, or several separated by commas: the seed nodes of a Redis
+    /// Cluster. Whether it is a cluster is found out at the first connection (`INFO cluster`).
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
-        let conn = Self::connect(&client, timeout).map_err(|e| format!("QUOTAD_REDIS_URL: {e}"))?;
         Ok(RedisStore {
-            client,
-            conn,
+            server: Arc::new(conn::Server::parse(url)?),
+            conn: Arc::default(),
             prefix: prefix.into(),
             timeout,
             name: REQUESTS_CONNECTION,
+            wait_replicas: 0,
             clock: Arc::default(),
         })
     }
@@ -362,17 +368,22 @@ impl RedisStore {
     /// the request path's connection ahead of consumes.
     pub fn dedicated(&self, name: &'static str, timeout: Duration) -> RedisStore {
         RedisStore {
-            // Lazy: nothing to fail here (the client was opened already).
-            conn: Self::connect(&self.client, timeout).unwrap_or_else(|_| self.conn.clone()),
+            conn: Arc::default(),
             timeout,
             name,
             ..self.clone()
         }
     }
 
-    /// The client, for connections of their own (the invalidation subscription).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// A client per URL given, for connections of their own (the invalidation subscription:
+    /// on a cluster, any node delivers what any node publishes).
+    pub fn seed_clients(&self) -> Vec<redis::Client> {
+        self.server.seed_clients()
+    }
+
+    /// One Redis or a cluster, and how many masters (`None` until the first connection).
+    pub fn topology(&self) -> Option<Topology> {
+        self.server.topology()
     }
 
     /// The keys of `user` as a user without an account: build them once per request and pass
@@ -472,10 +483,69 @@ impl RedisStore {
         inv
     }
 
+    /// The same store, with counting calls answered only once `replicas` replicas confirmed
+    /// their write (see [`Self::run`]).
+    pub fn with_wait_replicas(mut self, replicas: u64) -> RedisStore {
+        self.wait_replicas = replicas;
+        self
+    }
+
     /// Runs a call's script (from [`Self::count_invocation`] or [`Self::check_invocation`]),
-    /// armed with its deadline: one EVALSHA; its raw reply, for [`count_reply`].
-    pub async fn run(&self, inv: &mut ScriptInvocation<'_>) -> Result<redis::Value, StoreError> {
-        self.run_script(inv).await
+    /// armed with its deadline: one EVALSHA; its raw reply, for [`decision_reply`].
+    ///
+    /// A call that `counts`, with replicas to wait for, is sent as EVALSHA and `WAIT` in one
+    /// pipeline (one round trip, on the master owning the user): Redis answers once the
+    /// replicas acknowledged everything written so far, or after the grace (a quarter of the
+    /// deadline). A count no replica confirmed by then is answered as an outage (the type's fail
+    /// policy), like a call Redis did not answer in time, and counted in
+    /// [`crate::metrics::REDIS_UNREPLICATED`]: an allowed answer then always means a replica
+    /// holds the count, so a failover cannot lose it. The master keeps the count; if it survives,
+    /// the count stands although the answer was the fail policy's.
+    pub async fn run(
+        &self,
+        inv: &mut ScriptInvocation<'_>,
+        counts: bool,
+    ) -> Result<redis::Value, StoreError> {
+        if !counts || self.wait_replicas == 0 {
+            return self.run_script(inv).await;
+        }
+        let grace = self.grace();
+        let until = self.arm(inv) + grace;
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(inv)
+            .cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(grace.as_millis().max(1) as u64);
+        pipe.ignore_errors();
+        let pipe = &pipe;
+        let inv = &*inv;
+        let (reply, acked) = self
+            .with_retry(until, |mut c| async move {
+                let mut replies: Vec<redis::RedisResult<redis::Value>> =
+                    pipe.query_async(&mut c).await?;
+                let mut first = replies.remove(0);
+                if is_noscript(&first) {
+                    // A Redis that lost its scripts (restarted, failed over): load and resend.
+                    inv.load_async(&mut c).await?;
+                    replies = pipe.query_async(&mut c).await?;
+                    first = replies.remove(0);
+                }
+                let acked: i64 = match replies.pop() {
+                    Some(Ok(v)) => redis::from_redis_value(v).unwrap_or(0),
+                    _ => 0,
+                };
+                Ok((first?, acked))
+            })
+            .await?;
+        if acked < self.wait_replicas as i64 {
+            metrics::counter!(crate::metrics::REDIS_UNREPLICATED).increment(1);
+            return Err(StoreError::Unavailable(format!(
+                "{acked} of {} replicas confirmed the count within {} ms",
+                self.wait_replicas,
+                grace.as_millis()
+            )));
+        }
+        Ok(reply)
     }
 
     /// The check script's invocation: the decision without counting, at every level. With an
@@ -710,21 +780,30 @@ impl RedisStore {
         loads: &mut [Load<'_>],
         now: DateTime<Utc>,
     ) -> Result<Vec<Filled>, StoreError> {
-        let mut pipe = redis::pipe();
+        let mut batch = self.batch(redis::pipe());
         let mut until = tokio::time::Instant::now();
         for load in loads.iter_mut() {
+            let bucket = load.keys.bucket();
             let mut fill =
                 self.hydrate_invocation(load.keys, load.period, load.snapshot, now, load.believed);
             until = self.arm(&mut fill);
-            pipe.invoke_script(&fill);
+            batch.to(bucket).invoke_script(&fill);
             for follow_up in load.follow_ups.iter_mut().flatten() {
                 until = self.arm(follow_up);
-                pipe.invoke_script(follow_up);
+                batch.to(bucket).invoke_script(follow_up);
             }
         }
-        // Each script's reply stands alone: a failed one does not fail the others.
-        pipe.ignore_errors();
-        let replies = self.send_scripts(&pipe, until).await?;
+        // Each script's reply stands alone: a failed one does not fail the others. Follow-ups
+        // count: with replicas to wait for, each pipeline ends with the wait.
+        batch
+            .ignore_errors()
+            .wait_for(self.wait_replicas, self.grace().as_millis().max(1) as u64);
+        let waited = if self.wait_replicas > 0 {
+            until + self.grace()
+        } else {
+            until
+        };
+        let replies = self.run_batch(batch, waited).await?;
         let mut replies = replies.into_iter();
         let mut out: Vec<(ScriptReply, Vec<Option<ScriptReply>>)> = loads
             .iter()
@@ -747,8 +826,9 @@ impl RedisStore {
         // follow-ups are left to their callers.
         let missing: Vec<usize> = (0..out.len()).filter(|i| is_noscript(&out[*i].0)).collect();
         if !missing.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.load_script(&scripts::HYDRATE).ignore();
+            let mut prelude = redis::pipe();
+            prelude.load_script(&scripts::HYDRATE).ignore();
+            let mut batch = self.batch(prelude);
             for i in &missing {
                 let load = &loads[*i];
                 let mut fill = self.hydrate_invocation(
@@ -759,10 +839,10 @@ impl RedisStore {
                     load.believed,
                 );
                 until = self.arm(&mut fill);
-                pipe.invoke_script(&fill);
+                batch.to(load.keys.bucket()).invoke_script(&fill);
             }
-            pipe.ignore_errors();
-            let again = self.send_scripts(&pipe, until).await?;
+            batch.ignore_errors();
+            let again = self.run_batch(batch, until).await?;
             for (i, r) in missing.into_iter().zip(again) {
                 out[i].0 = r;
             }
@@ -780,17 +860,6 @@ impl RedisStore {
                     .collect(),
             })
             .collect())
-    }
-
-    /// Sends a pipeline of armed scripts (errors ignored: one reply per script), waiting until
-    /// `until`, the last script's deadline.
-    async fn send_scripts(
-        &self,
-        pipe: &redis::Pipeline,
-        until: tokio::time::Instant,
-    ) -> Result<Vec<ScriptReply>, StoreError> {
-        self.with_retry(until, |mut c| async move { pipe.query_async(&mut c).await })
-            .await
     }
 
     /// Write a plan or override change (with its Postgres version) into an owner's counter

@@ -22,9 +22,32 @@ pub struct LiveCounter {
 
 impl RedisStore {
     /// Every loaded counter hash of `period`, users' and accounts' (one SCAN, so it does not
-    /// block Redis).
+    /// block Redis; on a cluster, one SCAN of each master).
     pub async fn scan_period(&self, period: Period) -> Result<Vec<LiveCounter>, StoreError> {
         let pattern = keys::counters_pattern(&self.prefix, period);
+        // The connection first: it finds out whether this is a cluster.
+        self.with_conn(|_| async { Ok(()) }).await?;
+        let mut keys: Vec<String> = Vec::new();
+        for node in self.masters().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, found): (u64, Vec<String>) = self.on_node(&node, &scan).await?;
+                keys.extend(found);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        if self.is_cluster() {
+            return self.read_live(keys, period).await;
+        }
         let keys: Vec<String> = self
             .with_conn(|mut c| async move {
                 let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
@@ -35,20 +58,30 @@ impl RedisStore {
                 Ok(keys)
             })
             .await?;
+        self.read_live(keys, period).await
+    }
+
+    /// The counters `keys` name, with whether each waits in its dirty set, 1,000 per batch.
+    async fn read_live(
+        &self,
+        keys: Vec<String>,
+        period: Period,
+    ) -> Result<Vec<LiveCounter>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(1000) {
             let owners: Vec<(u16, Owner)> = chunk
                 .iter()
                 .filter_map(|k| keys::owner_of_counter(k))
                 .collect();
-            let mut pipe = redis::pipe();
-            self.set_name(&mut pipe);
+            let mut prelude = redis::pipe();
+            self.set_name(&mut prelude);
+            let mut batch = self.batch(prelude);
             for (bucket, owner) in &owners {
                 let keys = self.keys_of(*owner, *bucket);
-                pipe.hgetall(keys.counter(period));
-                pipe.zscore(keys.dirty(), keys.member(period));
+                batch.to(*bucket).hgetall(keys.counter(period));
+                batch.to(*bucket).zscore(keys.dirty(), keys.member(period));
             }
-            let replies: Vec<redis::Value> = self.run_pipe(&pipe).await?;
+            let replies: Vec<redis::Value> = self.run_batch_as(batch).await?;
             for ((bucket, owner), pair) in owners.into_iter().zip(replies.chunks(2)) {
                 let fields: HashMap<String, String> = redis::from_redis_value_ref(&pair[0])
                     .map_err(|e| StoreError::Redis(e.into()))?;

@@ -2,6 +2,7 @@
 
 mod accounts;
 mod auth;
+mod cluster;
 mod consume;
 mod durability;
 mod errors;
