@@ -22,7 +22,8 @@ const READ_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Where the costs are read from.
 pub struct Probe {
-    redis: Option<redis::Client>,
+    /// Each Redis node read (one, or a cluster's nodes given comma-separated), by its URL.
+    redis: Vec<(String, redis::Client)>,
     /// The quotad process, when it listens on this machine.
     pid: Option<u32>,
     /// Clock ticks per second of `/proc/<pid>/stat`'s times.
@@ -36,8 +37,11 @@ pub struct Probe {
 pub struct Reading {
     /// quotad's user + system CPU time, in ticks.
     quotad_ticks: Option<u64>,
-    /// Redis' user + system CPU time, in seconds.
+    /// Redis' user + system CPU time, in seconds (summed over the nodes; `None` unless every
+    /// node answered).
     redis_cpu: Option<f64>,
+    /// Each node's, in the probe's order.
+    node_cpu: Vec<Option<f64>>,
     /// Calls per Redis command.
     commands: BTreeMap<String, u64>,
 }
@@ -47,8 +51,10 @@ pub struct Reading {
 pub struct Cost {
     /// quotad's CPU time per decision, µs (`None` when quotad is not a local process).
     pub quotad_us: Option<f64>,
-    /// Redis' CPU time per decision, µs.
+    /// Redis' CPU time per decision, µs (all nodes read).
     pub redis_us: Option<f64>,
+    /// With several nodes read: each node's CPU time per decision, µs, by its URL.
+    pub node_us: Vec<(String, f64)>,
     /// Redis commands per decision, all kinds.
     pub commands: Option<f64>,
     /// Commands per decision by kind, most first.
@@ -56,8 +62,8 @@ pub struct Cost {
 }
 
 impl Probe {
-    /// A probe of the Redis at `redis_url` and of the local process listening on `quotad_addr`'s
-    /// port, if any.
+    /// A probe of the Redis at `redis_url` (or of each node of a comma-separated list: a
+    /// cluster's) and of the local process listening on `quotad_addr`'s port, if any.
     pub fn new(redis_url: &str, quotad_addr: &str) -> Probe {
         let pid = quotad_addr
             .rsplit_once(':')
@@ -67,7 +73,12 @@ impl Probe {
             })
             .and_then(listener_pid);
         Probe {
-            redis: redis::Client::open(redis_url).ok(),
+            redis: redis_url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .filter_map(|u| Some((u.to_owned(), redis::Client::open(u).ok()?)))
+                .collect(),
             pid,
             hz: clock_ticks_per_second(),
             deadline: READ_DEADLINE,
@@ -85,21 +96,32 @@ impl Probe {
             quotad_ticks: self.pid.and_then(process_ticks),
             ..Reading::default()
         };
-        let Some(client) = &self.redis else {
+        if self.redis.is_empty() {
             return reading;
-        };
-        let info = async {
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            redis::cmd("INFO")
-                .arg("cpu")
-                .arg("commandstats")
-                .query_async::<String>(&mut conn)
-                .await
-        };
-        if let Ok(Ok(text)) = tokio::time::timeout(self.deadline, info).await {
-            reading.redis_cpu = redis_cpu(&text);
-            reading.commands = command_calls(&text);
         }
+        let mut total = Some(0.0);
+        for (_, client) in &self.redis {
+            let info = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("INFO")
+                    .arg("cpu")
+                    .arg("commandstats")
+                    .query_async::<String>(&mut conn)
+                    .await
+            };
+            let cpu = match tokio::time::timeout(self.deadline, info).await {
+                Ok(Ok(text)) => {
+                    for (name, calls) in command_calls(&text) {
+                        *reading.commands.entry(name).or_default() += calls;
+                    }
+                    redis_cpu(&text)
+                }
+                _ => None,
+            };
+            total = total.zip(cpu).map(|(t, c)| t + c);
+            reading.node_cpu.push(cpu);
+        }
+        reading.redis_cpu = total;
         reading
     }
 
@@ -116,6 +138,17 @@ impl Probe {
         let redis_us = match (before.redis_cpu, after.redis_cpu) {
             (Some(b), Some(a)) => Some(per((a - b).max(0.0) * 1e6)),
             _ => None,
+        };
+        let node_us = match self.redis.len() {
+            0 | 1 => Vec::new(),
+            _ => self
+                .redis
+                .iter()
+                .zip(before.node_cpu.iter().zip(&after.node_cpu))
+                .filter_map(|((url, _), (b, a))| {
+                    Some((url.clone(), per((a.as_ref()? - b.as_ref()?).max(0.0) * 1e6)))
+                })
+                .collect(),
         };
         // Commands only from two readings of Redis: one missing would count every call since Redis
         // started.
@@ -136,6 +169,7 @@ impl Probe {
         Cost {
             quotad_us,
             redis_us,
+            node_us,
             commands,
             by_command,
         }
@@ -151,6 +185,17 @@ impl Cost {
         }
         if let Some(r) = self.redis_us {
             parts.push(format!("redis {r:.1} µs"));
+        }
+        if !self.node_us.is_empty() {
+            let nodes: Vec<String> = self
+                .node_us
+                .iter()
+                .map(|(url, us)| {
+                    let port = url.rsplit(':').next().unwrap_or(url);
+                    format!(":{port} {us:.1}")
+                })
+                .collect();
+            parts.push(format!("(by node: {})", nodes.join(", ")));
         }
         if let Some(c) = self.commands {
             parts.push(format!("{c:.2} redis cmds"));
@@ -270,7 +315,7 @@ mod tests {
     #[test]
     fn costs_are_per_decision_and_leave_the_probe_out() {
         let probe = Probe {
-            redis: None,
+            redis: Vec::new(),
             pid: None,
             hz: 100.0,
             deadline: READ_DEADLINE,
@@ -279,10 +324,12 @@ mod tests {
             quotad_ticks: Some(100),
             redis_cpu: Some(1.0),
             commands: [("evalsha".into(), 5), ("info".into(), 1)].into(),
+            ..Reading::default()
         };
         let after = Reading {
             quotad_ticks: Some(150),
             redis_cpu: Some(1.1),
+            node_cpu: Vec::new(),
             commands: [
                 ("evalsha".into(), 10_005),
                 ("hget".into(), 23_000),
@@ -308,6 +355,48 @@ mod tests {
         assert_eq!(
             partial.quotad_us, cost.quotad_us,
             "quotad's CPU is read on its own"
+        );
+    }
+
+    #[test]
+    fn a_cluster_s_nodes_are_summed_and_each_reported() {
+        let node = |port: u16| {
+            let url = format!("redis://127.0.0.1:{port}");
+            (url.clone(), redis::Client::open(url).unwrap())
+        };
+        let probe = Probe {
+            redis: vec![node(7001), node(7002)],
+            pid: None,
+            hz: 100.0,
+            deadline: READ_DEADLINE,
+        };
+        let before = Reading {
+            redis_cpu: Some(3.0),
+            node_cpu: vec![Some(1.0), Some(2.0)],
+            ..Reading::default()
+        };
+        let after = Reading {
+            redis_cpu: Some(3.3),
+            node_cpu: vec![Some(1.1), Some(2.2)],
+            ..Reading::default()
+        };
+        let cost = probe.cost(&before, &after, 10_000);
+        assert!((cost.redis_us.unwrap() - 30.0).abs() < 1e-9);
+        let by_node: Vec<(u16, f64)> = cost
+            .node_us
+            .iter()
+            .map(|(u, us)| {
+                (
+                    u.rsplit(':').next().unwrap().parse().unwrap(),
+                    (us * 10.0).round() / 10.0,
+                )
+            })
+            .collect();
+        assert_eq!(by_node, vec![(7001, 10.0), (7002, 20.0)]);
+        assert!(
+            cost.summary().contains("(by node: :7001 10.0, :7002 20.0)"),
+            "{}",
+            cost.summary()
         );
     }
 
