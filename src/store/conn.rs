@@ -540,9 +540,12 @@ impl RedisStore {
     /// `CLIENT SETNAME` for this store's connections, to send ahead of other commands in a
     /// pipeline. A reconnected connection has no name until the next such pipeline: the
     /// readiness check's, for the request path (a consume stays one command), and every flusher
-    /// batch's.
+    /// batch's. Not on a cluster: a batch there is one pipeline per bucket, and a name in each
+    /// would add a command per bucket to every flusher pass; a cluster's connections go unnamed.
     pub(super) fn set_name(&self, pipe: &mut redis::Pipeline) {
-        pipe.cmd("CLIENT").arg("SETNAME").arg(self.name).ignore();
+        if !self.is_cluster() {
+            pipe.cmd("CLIENT").arg("SETNAME").arg(self.name).ignore();
+        }
     }
 
     /// The connection (a cheap handle to the shared one), made at the first call; the first

@@ -126,26 +126,54 @@ impl RedisStore {
         if by_bucket.is_empty() {
             return Ok(0);
         }
-        let mut prelude = redis::pipe();
-        // A pipeline cannot retry on NOSCRIPT, so it loads the script first (cheap when loaded).
-        prelude.load_script(&scripts::UNMARK).ignore();
-        let mut batch = self.batch(prelude);
-        for (bucket, items) in &by_bucket {
-            let mut inv = scripts::UNMARK.prepare_invoke();
-            inv.key(self.dirty_key_of(*bucket));
-            for (m, _) in items.iter().map(|x| (x.0, x.1)) {
-                inv.key(self.counter_of(m));
+        let buckets: Vec<&u16> = by_bucket.keys().collect();
+        let batch_of = |buckets: &[&u16]| {
+            let mut batch = self.batch(redis::pipe());
+            for bucket in buckets {
+                let items = &by_bucket[*bucket];
+                let mut inv = scripts::UNMARK.prepare_invoke();
+                inv.key(self.dirty_key_of(**bucket));
+                for (m, _) in items.iter().map(|x| (x.0, x.1)) {
+                    inv.key(self.counter_of(m));
+                }
+                for (m, _) in items.iter().map(|x| (x.0, x.1)) {
+                    inv.arg(&m.member);
+                }
+                for (_, v) in items.iter().map(|x| (x.0, x.1)) {
+                    inv.arg(v.map(|v| v.to_string()).unwrap_or_default());
+                }
+                batch.to(**bucket).invoke_script(&inv);
             }
-            for (m, _) in items.iter().map(|x| (x.0, x.1)) {
-                inv.arg(&m.member);
+            batch.ignore_errors();
+            batch
+        };
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut replies = self.run_batch(batch_of(&buckets), deadline).await?;
+        // A pipeline cannot load a script Redis lacks and run it again, as one EVALSHA does:
+        // where Redis did not know it (restarted, failed over), it is loaded (on every master)
+        // and those buckets' scripts are sent again, once.
+        let missing: Vec<usize> = (0..replies.len())
+            .filter(|i| super::is_noscript(&replies[*i]))
+            .collect();
+        if !missing.is_empty() {
+            let load = scripts::UNMARK.prepare_invoke();
+            self.with_conn(|mut c| async move { load.load_async(&mut c).await })
+                .await?;
+            let again: Vec<&u16> = missing.iter().map(|i| buckets[*i]).collect();
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            for (i, r) in missing
+                .into_iter()
+                .zip(self.run_batch(batch_of(&again), deadline).await?)
+            {
+                replies[i] = r;
             }
-            for (_, v) in items.iter().map(|x| (x.0, x.1)) {
-                inv.arg(v.map(|v| v.to_string()).unwrap_or_default());
-            }
-            batch.to(*bucket).invoke_script(&inv);
         }
-        let removed: Vec<i64> = self.run_batch_as(batch).await?;
-        Ok(removed.into_iter().sum::<i64>().max(0) as u64)
+        let mut removed = 0i64;
+        for r in replies {
+            let v = r.map_err(|e| self.settle::<()>(Some(Err(e))).unwrap_err())?;
+            removed += redis::from_redis_value::<i64>(v).map_err(|e| StoreError::Redis(e.into()))?;
+        }
+        Ok(removed.max(0) as u64)
     }
 
     /// Moves `members` to the back of their dirty sets (scored `now_ms`), still dirty: a counter

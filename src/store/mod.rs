@@ -1169,7 +1169,7 @@ pub struct Filled {
 type ScriptReply = redis::RedisResult<redis::Value>;
 
 /// Redis answered "unknown script": the script did not run.
-fn is_noscript<T>(r: &redis::RedisResult<T>) -> bool {
+pub(crate) fn is_noscript<T>(r: &redis::RedisResult<T>) -> bool {
     matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
 }
 

@@ -461,6 +461,43 @@ async fn three_daemons_on_one_cluster_count_exactly_and_flush_once() {
         "{:?}",
         report.body
     );
+    // Invalidations cross the cluster: b and c remember a refusal; a plan change made through a
+    // (its script runs on the user's master and PUBLISHes there) reaches b's and c's
+    // subscriptions, which sit on one seed node, for a user of every master.
+    b.wait_refusal_cache_live().await;
+    c.wait_refusal_cache_live().await;
+    let upgraded: Vec<Uuid> = cluster
+        .users_per_master(1)
+        .await
+        .into_values()
+        .flatten()
+        .collect();
+    for u in &upgraded {
+        for _ in 0..50 {
+            assert_eq!(a.consume(*u, "ai_generation").await.status, 200);
+        }
+        for d in [&b, &c] {
+            assert_eq!(d.consume(*u, "ai_generation").await.status, 402);
+        }
+        a.set_plan(*u, "PRO").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for u in &upgraded {
+        for d in [&b, &c] {
+            loop {
+                let answer = d.consume(*u, "ai_generation").await;
+                if answer.status == 200 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "a replica still refuses user {u} 2 s after the upgrade: {:?}",
+                    answer.body
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 /// One call of a load run: when it ended (since the run began), whose, and how it went.
