@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -16,6 +17,7 @@ use deadpool_redis::redis::{
     self, Cmd, Pipeline, RedisError, RedisFuture, ScriptInvocation, Value,
 };
 
+use super::direct::Direct;
 use super::{RedisStore, StoreError};
 
 /// The shortest time between two slot-map refreshes quotad starts itself (see
@@ -79,20 +81,21 @@ pub struct Topology {
 
 /// A connection to whichever server quotad found: one multiplexed connection to a single Redis
 /// (reconnecting by itself), or a cluster client that sends each command to the master owning
-/// its key's slot and follows `MOVED`, `ASK` and `TRYAGAIN` (and failovers) by itself.
+/// its key's slot and follows `MOVED`, `ASK` and `TRYAGAIN` (and failovers) by itself, with
+/// the request path's scripts sent straight to their master when possible (`direct.rs`).
 #[derive(Clone)]
-pub enum Conn {
+pub(super) enum Conn {
     /// A single Redis.
     Single(ConnectionManager),
     /// A Redis Cluster.
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, Arc<Direct>),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, direct) => Box::pin(super::direct::send(c, direct, cmd)),
         }
     }
 
@@ -104,14 +107,14 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(_) => 0,
+            Conn::Cluster(..) => 0,
         }
     }
 }
@@ -222,7 +225,10 @@ impl Server {
                     .set_response_timeout(
                         timeout.clamp(NODE_CONNECT_TIMEOUT, 2 * NODE_CONNECT_TIMEOUT),
                     );
-                Conn::Cluster(client.get_async_connection_with_config(config).await?)
+                let cluster = client.get_async_connection_with_config(config).await?;
+                let direct = Arc::new(Direct::new(&self.seeds[0], NODE_CONNECT_TIMEOUT));
+                direct.refresh(&cluster);
+                Conn::Cluster(cluster, direct)
             }
         })
     }
@@ -402,7 +408,7 @@ impl RedisStore {
         let nodes: String = self
             .with_conn(|mut c| async move {
                 match &mut c {
-                    Conn::Cluster(c) => {
+                    Conn::Cluster(c, _) => {
                         let v = c
                             .route_command(
                                 redis::cmd("CLUSTER").arg("NODES").clone(),
@@ -432,7 +438,7 @@ impl RedisStore {
             let mut out = Vec::new();
             match conn {
                 Conn::Single(mut c) => out.push(cmd.query_async(&mut c).await?),
-                Conn::Cluster(mut c) => {
+                Conn::Cluster(mut c, _) => {
                     let nodes = self.masters().await.map_err(|e| match e {
                         StoreError::Redis(e) => e,
                         other => timed_out(&other.to_string()),
@@ -466,7 +472,7 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         self.with_conn(|mut c| async move {
             let v = match &mut c {
-                Conn::Cluster(c) => {
+                Conn::Cluster(c, _) => {
                     c.route_command(
                         cmd.clone(),
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {

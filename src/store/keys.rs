@@ -280,7 +280,7 @@ impl UserKeys {
 }
 
 /// CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots.
-fn crc16(bytes: &[u8]) -> u16 {
+pub(super) fn crc16(bytes: &[u8]) -> u16 {
     let mut crc: u16 = 0;
     for &b in bytes {
         crc ^= (b as u16) << 8;

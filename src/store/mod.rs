@@ -40,8 +40,9 @@
 
 mod conn;
 use conn::ServerClock;
-pub use conn::{Conn, Topology};
+pub use conn::Topology;
 pub mod counter;
+mod direct;
 mod dirty;
 pub mod keys;
 mod scan;
