@@ -822,9 +822,6 @@ async fn a_real_failover_that_lost_counts_heals_from_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slots_moved_between_masters_under_load_keep_the_totals_exact() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("quotad=warn")
-        .try_init();
     let cluster = TestCluster::start().await;
     let plans = big_export_plans();
     let app = TestApp::spawn_with(Options {
