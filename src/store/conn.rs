@@ -107,7 +107,9 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c, direct) => Box::pin(super::direct::send_pipeline(
+                c, direct, pipeline, offset, count,
+            )),
         }
     }
 

@@ -9,8 +9,9 @@
 //! connection fault drops the map too and is answered as it is: the caller's one resend then
 //! goes through the cluster client, as every call's would. A master that cannot be reached when
 //! the map is read is left out of it (its slots go through the cluster client); a missing map is
-//! read again at most every second. Everything else (pipelines, reads, scans) goes through the
-//! cluster client.
+//! read again at most every second. A counting call's script and its `WAIT` (one pipeline) go
+//! the same way; everything else (other pipelines, reads, scans) goes through the cluster
+//! client.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use deadpool_redis::redis::aio::{ConnectionLike, MultiplexedConnection};
 use deadpool_redis::redis::cluster_async::ClusterConnection;
 use deadpool_redis::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use deadpool_redis::redis::{self, Arg, AsyncConnectionConfig, Cmd, RedisError, Value};
+use deadpool_redis::redis::{self, Arg, AsyncConnectionConfig, Cmd, Pipeline, RedisError, Value};
 
 /// Slots in a Redis Cluster.
 const SLOTS: usize = 16384;
@@ -156,6 +157,64 @@ pub(super) async fn send(
         }
     }
     answered
+}
+
+/// Sends a pipeline: straight to its master when it is one script and a `WAIT` (a counting call
+/// that waits for a replica) and the map knows the master; else through the cluster client.
+pub(super) async fn send_pipeline(
+    cluster: &mut ClusterConnection,
+    direct: &Arc<Direct>,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+) -> Result<Vec<Value>, RedisError> {
+    let Some(mut master) = pipeline_slot(pipeline).and_then(|slot| direct.master_of(slot, cluster))
+    else {
+        return cluster.req_packed_commands(pipeline, offset, count).await;
+    };
+    let answered = master.req_packed_commands(pipeline, offset, count).await;
+    let code = match &answered {
+        Ok(values) => match values.first() {
+            Some(Value::ServerError(e)) => Some(e.code().to_owned()),
+            _ => None,
+        },
+        Err(e) => e.code().map(str::to_owned),
+    };
+    match code.as_deref() {
+        // The script did not run there (a `WAIT` alone does no harm): through the cluster client.
+        Some("MOVED") => {
+            direct.stale(cluster);
+            return cluster.req_packed_commands(pipeline, offset, count).await;
+        }
+        Some("ASK" | "TRYAGAIN") => {
+            return cluster.req_packed_commands(pipeline, offset, count).await
+        }
+        _ => {}
+    }
+    if let Err(e) = &answered {
+        if is_fault(e) {
+            direct.stale(cluster);
+        }
+    }
+    answered
+}
+
+/// The slot of a pipeline of one script and a `WAIT`; `None` for any other pipeline.
+fn pipeline_slot(pipeline: &Pipeline) -> Option<u16> {
+    let mut cmds = pipeline.cmd_iter();
+    match (cmds.next(), cmds.next(), cmds.next()) {
+        (Some(script), Some(wait), None) if is_wait(wait) => script_slot(script),
+        _ => None,
+    }
+}
+
+fn is_wait(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(Arg::Simple(name)) if name.eq_ignore_ascii_case(b"WAIT"))
+}
+
+/// A fault at the connection: the map may be out of date.
+fn is_fault(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
 /// `CLUSTER SLOTS`, and a connection to each master.
@@ -301,6 +360,25 @@ mod tests {
         let mut get = redis::cmd("GET");
         get.arg("{7}:c");
         assert_eq!(script_slot(&get), None);
+    }
+
+    #[test]
+    fn a_script_and_its_wait_have_the_script_s_slot_other_pipelines_none() {
+        let mut script = redis::cmd("EVALSHA");
+        script.arg("abc").arg(1).arg("{7}:c");
+        let mut waiting = redis::pipe();
+        waiting
+            .add_command(script.clone())
+            .cmd("WAIT")
+            .arg(1)
+            .arg(25);
+        assert_eq!(pipeline_slot(&waiting), Some(slot_of(b"7")));
+        let mut two = redis::pipe();
+        two.add_command(script.clone()).add_command(script.clone());
+        assert_eq!(pipeline_slot(&two), None);
+        let mut longer = waiting.clone();
+        longer.cmd("PING");
+        assert_eq!(pipeline_slot(&longer), None);
     }
 
     #[test]
