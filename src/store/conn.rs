@@ -236,9 +236,9 @@ impl Server {
     }
 }
 
-/// The cluster client for `seeds`. No response timeout of its own (each call has its
-/// deadline); retries of `MOVED`, `ASK`, `TRYAGAIN` and lost nodes are quick and short, and a
-/// call's deadline bounds them all.
+/// The cluster client for `seeds`. Its retries of `MOVED`, `ASK`, `TRYAGAIN` and lost nodes are
+/// quick and short, and a call's deadline bounds them all (each connection's answer timeout is
+/// set where it is made, in [`Server::connect`]).
 fn cluster_client(seeds: &[String]) -> Result<ClusterClient, RedisError> {
     ClusterClient::builder(seeds.iter().map(String::as_str))
         .retries(8)

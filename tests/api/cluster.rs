@@ -240,10 +240,38 @@ async fn stored(app: &TestApp, user: Uuid, ty: &str) -> i64 {
     .unwrap()
 }
 
+#[tokio::test]
+async fn several_urls_of_servers_that_are_no_cluster_are_refused_with_a_sentence() {
+    let (a, b) = (PrivateRedis::start(), PrivateRedis::start());
+    let store = quotad::store::RedisStore::new(
+        &format!("{},{}", a.url(), b.url()),
+        "tnocluster",
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let e = store.ping().await.unwrap_err().to_string();
+    assert!(
+        e.contains("not a Redis Cluster") && e.contains("give one URL"),
+        "{e}"
+    );
+    assert!(store.topology().is_none(), "nothing was taken for granted");
+    // One URL of the same server is a single Redis, as ever.
+    let single =
+        quotad::store::RedisStore::new(&a.url(), "tnocluster", Duration::from_millis(500)).unwrap();
+    single.ping().await.unwrap();
+    let t = single.topology().unwrap();
+    assert_eq!((t.mode, t.masters), ("single", 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_seed_checklist_holds_on_a_cluster_with_users_on_every_master() {
     let cluster = TestCluster::start().await;
-    let app = daemon_on(&cluster, |_| {}).await;
+    // The first seed is down: quotad asks the next.
+    let app = TestApp::spawn_with(Options {
+        redis_url: format!("redis://127.0.0.1:{},{}", free_port(), cluster.seeds()),
+        ..Options::default()
+    })
+    .await;
 
     // quotad found the cluster by itself, from three seed URLs.
     let ready = app.get("/readyz").await;
