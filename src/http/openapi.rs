@@ -84,7 +84,7 @@ pub async fn openapi_json(State(state): State<AppState>) -> Response {
 }
 
 /// The description with the plans in force: the generated document (built once), the names a
-/// request may use as enums, and what every route shares (see [`shared_responses`]).
+/// request may use as enums, and what every route shares (see `shared_responses`).
 pub fn document(plans: &Plans) -> Value {
     static BASE: OnceLock<Value> = OnceLock::new();
     let mut doc = BASE

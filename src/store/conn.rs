@@ -698,7 +698,7 @@ impl RedisStore {
     /// deadline off `ARGV` and, once Redis' clock is past it, refuses the call without touching
     /// anything: a script sent to a Redis that hangs (SIGSTOP, a long fork) and answered as
     /// failed does not count when Redis resumes. Every script that includes `common.lua` must be
-    /// sent armed, by [`Self::run_script`] or (the bench, pipelines) by calling this.
+    /// sent armed, by `run_script` or (the bench, pipelines) by calling this.
     ///
     /// The script's deadline is `timeout - grace` after now; quotad waits `timeout`. A call
     /// answered as failed can still have counted only if Redis ran it before its deadline and
