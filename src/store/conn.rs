@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,7 +18,7 @@ use deadpool_redis::redis::{
 };
 
 use super::direct::Direct;
-use super::{RedisStore, StoreError};
+use super::{RedisStore, StoreError, REQUESTS_CONNECTION};
 
 /// The shortest time between two slot-map refreshes quotad starts itself (see
 /// [`RedisStore::remap`]).
@@ -40,6 +40,8 @@ pub(super) struct Link {
     making: tokio::sync::Mutex<()>,
     /// When (ms) the slot map was last read again.
     remapped_ms: AtomicI64,
+    /// The server's [`Server::faults`] when the current connection was made.
+    seen: AtomicU64,
 }
 
 impl Link {
@@ -61,6 +63,9 @@ pub(super) struct Server {
     found: tokio::sync::OnceCell<Found>,
     /// Masters serving slots, as last counted (1 for a single Redis; 0 until known).
     masters: AtomicUsize,
+    /// How many times a store on this server saw a fault that made it read the slot map again:
+    /// the other stores' connections, made before, are made again before their next call.
+    faults: AtomicU64,
 }
 
 /// What the first connection found.
@@ -142,6 +147,7 @@ impl Server {
             seeds,
             found: tokio::sync::OnceCell::new(),
             masters: AtomicUsize::new(0),
+            faults: AtomicU64::new(0),
         })
     }
 
@@ -558,23 +564,57 @@ impl RedisStore {
 
     /// The connection (a cheap handle to the shared one), made at the first call; the first
     /// connection also finds out whether quotad talks to a cluster.
+    ///
+    /// A background store's connection (the flusher's, reconcile's) made before a fault another
+    /// store saw on a cluster is made again first, within [`REMAP_TIMEOUT`] and the call's
+    /// deadline: otherwise the flusher's next pass would wait out its deadline on a master that
+    /// died, which the request path had already found out about. The request path's own
+    /// connection is replaced in the background instead ([`Self::remap`]).
     pub(super) async fn conn(&self) -> Result<Conn, RedisError> {
         if let Some(c) = self.conn.current() {
-            return Ok(c);
+            if !self.behind() {
+                return Ok(c);
+            }
+            let _one = self.conn.making.lock().await;
+            if !self.behind() {
+                return Ok(self.conn.current().unwrap_or(c));
+            }
+            let faults = self.server.faults.load(Ordering::Acquire);
+            let made = tokio::time::timeout(REMAP_TIMEOUT, self.server.connect(self.timeout)).await;
+            // Tried once per fault, made or not: a call does not pay for it twice.
+            self.conn.seen.store(faults, Ordering::Release);
+            return Ok(match made {
+                Ok(Ok(fresh)) => {
+                    *self.conn.current.write().unwrap_or_else(|e| e.into_inner()) =
+                        Some(fresh.clone());
+                    fresh
+                }
+                _ => c,
+            });
         }
         let _one = self.conn.making.lock().await;
         if let Some(c) = self.conn.current() {
             return Ok(c);
         }
+        let faults = self.server.faults.load(Ordering::Acquire);
         let c = self.server.connect(self.timeout).await?;
         *self.conn.current.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        self.conn.seen.store(faults, Ordering::Release);
         Ok(c)
     }
 
-    /// After a connection fault on a cluster: a new cluster connection, made in the background
-    /// from a fresh slot map, replaces the current one (at most every [`REMAP_EVERY_MS`]). The
-    /// cluster client follows `MOVED` by itself, but a master that died answers nothing, so
-    /// without a new map quotad would keep calling the dead address after its replica took over.
+    /// Whether this is a background store whose connection predates a fault another store saw.
+    fn behind(&self) -> bool {
+        self.name != REQUESTS_CONNECTION
+            && self.conn.seen.load(Ordering::Acquire) < self.server.faults.load(Ordering::Acquire)
+    }
+
+    /// After a connection fault on a cluster (at most every [`REMAP_EVERY_MS`] per store): the
+    /// request path's connection is replaced by a new one, made in the background from a fresh
+    /// slot map; every background store's (this one's included) is made again before its next
+    /// call (see [`Self::conn`]). The cluster client follows `MOVED` by itself, but a master that
+    /// died answers nothing, so without a new map quotad would keep calling the dead address
+    /// after its replica took over.
     fn remap(&self) {
         if !self.is_cluster() {
             return;
@@ -593,6 +633,11 @@ impl RedisStore {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let faults = self.server.faults.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.name != REQUESTS_CONNECTION {
+            // A background store makes its connection again before its next call (`conn`).
+            return;
+        }
         let store = self.clone();
         rt.spawn(async move {
             // Bounded: a node that hangs must not keep this task (and its sockets) forever.
@@ -606,6 +651,7 @@ impl RedisStore {
                         .current
                         .write()
                         .unwrap_or_else(|e| e.into_inner()) = Some(c);
+                    store.conn.seen.fetch_max(faults, Ordering::AcqRel);
                     tracing::info!("redis cluster: slot map read again after a connection fault");
                 }
                 Err(e) => {
