@@ -76,7 +76,7 @@ enum Found {
 }
 
 /// Whether quotad talks to one Redis or a cluster, and how many masters it sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {
     /// `"single"` or `"cluster"`.
     pub mode: &'static str,
@@ -140,6 +140,12 @@ impl Server {
             return Err("QUOTAD_REDIS_URL: give one Redis URL, or several separated by commas (the seed nodes of a Redis Cluster)".into());
         }
         for url in &seeds {
+            // The URL parser drops some control characters silently: refuse them all instead.
+            if url.chars().any(char::is_control) {
+                return Err(format!(
+                    "QUOTAD_REDIS_URL: {url:?} holds a control character; give plain redis:// URLs"
+                ));
+            }
             redis::Client::open(url.as_str())
                 .map_err(|e| format!("QUOTAD_REDIS_URL: {url:?}: {e}"))?;
         }
@@ -263,18 +269,18 @@ fn timed_out(what: &str) -> RedisError {
 
 /// Commands for many buckets, each command on its bucket's key: one pipeline on a single Redis
 /// (one round trip, as ever); on a cluster, where a pipeline may touch one slot only, one
-/// pipeline per bucket, all sent at once. Replies come back in the order the commands were
-/// added.
+/// pipeline per bucket, all sent at once. Which of the two is decided when the batch is sent,
+/// once the first connection has found out what the server is. Replies come back in the order
+/// the commands were added.
 pub(super) struct Batch {
-    cluster: bool,
-    /// Added to the front of every pipeline (ignored commands: a name, a script load).
+    /// Added to the front of every pipeline sent (ignored commands: a name, a script load).
     prelude: Pipeline,
     /// Replicas every pipeline waits for at its end (`WAIT`, ignored); 0: none.
     wait: Option<(u64, u64)>,
-    /// By bucket (one entry, bucket 0, on a single Redis).
-    pipes: Vec<(u16, Pipeline)>,
+    /// The commands added, by bucket.
+    buckets: Vec<Pipeline>,
     at: HashMap<u16, usize>,
-    /// Per command added, in order: its pipeline.
+    /// Per command added, in order: its bucket's place in `buckets`.
     order: Vec<usize>,
     ignore_errors: bool,
 }
@@ -295,20 +301,54 @@ impl Batch {
         self
     }
 
-    /// The pipeline for the next command, which is on `bucket`'s keys. Add exactly one command
-    /// that is not ignored.
+    /// The pipeline for the next command, which is on `bucket`'s keys. Add exactly one command,
+    /// not ignored.
     pub(super) fn to(&mut self, bucket: u16) -> &mut Pipeline {
-        let bucket = if self.cluster { bucket } else { 0 };
-        let i = match self.at.get(&bucket) {
-            Some(i) => *i,
-            None => {
-                self.pipes.push((bucket, self.prelude.clone()));
-                self.at.insert(bucket, self.pipes.len() - 1);
-                self.pipes.len() - 1
-            }
-        };
+        let i = *self.at.entry(bucket).or_insert_with(|| {
+            self.buckets.push(redis::pipe());
+            self.buckets.len() - 1
+        });
         self.order.push(i);
-        &mut self.pipes[i].1
+        &mut self.buckets[i]
+    }
+
+    /// The pipelines to send: one per bucket on a cluster, else one with every command in the
+    /// order added; each with the prelude, the wait and the error handling asked for.
+    fn pipelines(&self, cluster: bool) -> Vec<Pipeline> {
+        let start = || {
+            let mut pipe = self.prelude.clone();
+            if self.ignore_errors {
+                pipe.ignore_errors();
+            }
+            pipe
+        };
+        let mut pipes: Vec<Pipeline> = if cluster {
+            self.buckets
+                .iter()
+                .map(|commands| {
+                    let mut pipe = start();
+                    for cmd in commands.cmd_iter() {
+                        pipe.add_command(cmd.clone());
+                    }
+                    pipe
+                })
+                .collect()
+        } else {
+            let mut pipe = start();
+            let mut commands: Vec<_> = self.buckets.iter().map(|b| b.cmd_iter()).collect();
+            for i in &self.order {
+                if let Some(cmd) = commands[*i].next() {
+                    pipe.add_command(cmd.clone());
+                }
+            }
+            vec![pipe]
+        };
+        if let Some((replicas, ms)) = self.wait {
+            for pipe in &mut pipes {
+                pipe.cmd("WAIT").arg(replicas).arg(ms).ignore();
+            }
+        }
+        pipes
     }
 }
 
@@ -316,10 +356,9 @@ impl RedisStore {
     /// A batch whose pipelines each start with `prelude`.
     pub(super) fn batch(&self, prelude: Pipeline) -> Batch {
         Batch {
-            cluster: self.is_cluster(),
             prelude,
             wait: None,
-            pipes: Vec::new(),
+            buckets: Vec::new(),
             at: HashMap::new(),
             order: Vec::new(),
             ignore_errors: false,
@@ -331,6 +370,15 @@ impl RedisStore {
         matches!(self.server.found.get(), Some(Found::Cluster(_)))
     }
 
+    /// Connects (and so finds out whether this is a cluster) if nothing has yet, within
+    /// `deadline`.
+    pub(super) async fn found(&self, deadline: tokio::time::Instant) -> Result<(), StoreError> {
+        if self.server.found.get().is_some() {
+            return Ok(());
+        }
+        self.with_retry(deadline, |_| async { Ok(()) }).await
+    }
+
     /// Sends a batch (its pipelines at once) with the connection-fault resend of
     /// [`Self::with_retry`], waiting until `deadline`; the replies in the order the commands
     /// were added. Each reply is the command's own outcome: with [`Batch::ignore_errors`], a
@@ -340,40 +388,26 @@ impl RedisStore {
         batch: Batch,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<redis::RedisResult<Value>>, StoreError> {
-        // The connection first, so a cluster is found out before the pipelines are grouped.
-        if self.server.found.get().is_none() {
-            self.with_retry(deadline, |_| async { Ok(()) }).await?;
+        if batch.order.is_empty() {
+            return Ok(Vec::new());
         }
-        let Batch {
-            pipes,
-            order,
-            ignore_errors,
-            wait,
-            ..
-        } = batch;
-        let sends = pipes.iter().map(|(_, pipe)| {
-            let mut pipe = pipe.clone();
+        self.found(deadline).await?;
+        let cluster = self.is_cluster();
+        let ignore_errors = batch.ignore_errors;
+        let sends = batch.pipelines(cluster).into_iter().map(|pipe| async move {
+            let pipe = &pipe;
             if ignore_errors {
-                pipe.ignore_errors();
-            }
-            if let Some((replicas, ms)) = wait {
-                pipe.cmd("WAIT").arg(replicas).arg(ms).ignore();
-            }
-            async move {
-                let pipe = &pipe;
-                if ignore_errors {
-                    self.with_retry(deadline, |mut c| async move {
-                        pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut c)
-                            .await
-                    })
-                    .await
-                } else {
-                    self.with_retry(deadline, |mut c| async move {
-                        pipe.query_async::<Vec<Value>>(&mut c).await
-                    })
-                    .await
-                    .map(|v| v.into_iter().map(Ok).collect())
-                }
+                self.with_retry(deadline, |mut c| async move {
+                    pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut c)
+                        .await
+                })
+                .await
+            } else {
+                self.with_retry(deadline, |mut c| async move {
+                    pipe.query_async::<Vec<Value>>(&mut c).await
+                })
+                .await
+                .map(|v| v.into_iter().map(Ok).collect())
             }
         });
         let replies = futures_util::future::join_all(sends)
@@ -382,10 +416,13 @@ impl RedisStore {
             .collect::<Result<Vec<_>, _>>()?;
         let mut replies: Vec<std::vec::IntoIter<redis::RedisResult<Value>>> =
             replies.into_iter().map(Vec::into_iter).collect();
-        Ok(order
+        // One pipeline in the order added, or one per bucket.
+        let of = |i: usize| if cluster { i } else { 0 };
+        Ok(batch
+            .order
             .iter()
             .map(|i| {
-                replies[*i]
+                replies[of(*i)]
                     .next()
                     .unwrap_or_else(|| Err(super::short_reply()))
             })
@@ -401,11 +438,18 @@ impl RedisStore {
         self.run_batch(batch, deadline)
             .await?
             .into_iter()
-            .map(|r| {
-                r.and_then(|v| redis::from_redis_value(v).map_err(Into::into))
-                    .map_err(|e| self.settle::<()>(Some(Err(e))).unwrap_err())
-            })
+            .map(|r| self.reply_as(r))
             .collect()
+    }
+
+    /// One reply of a batch as a `T`, or its failure classified (and counted).
+    pub(super) fn reply_as<T: redis::FromRedisValue>(
+        &self,
+        reply: redis::RedisResult<Value>,
+    ) -> Result<T, StoreError> {
+        self.settle(Some(
+            reply.and_then(|v| redis::from_redis_value(v).map_err(Into::into)),
+        ))
     }
 
     /// The masters serving slots, as `(host, port)`, from `CLUSTER NODES` (a single Redis: none).
@@ -471,26 +515,26 @@ impl RedisStore {
         .ok()
     }
 
-    /// Runs `cmd` on the node at `(host, port)` (a cluster's master, for what must be asked of
-    /// each: `SCAN`, `CONFIG GET`).
+    /// Runs `cmd` on the node at `(host, port)` of a cluster (`SCAN`, asked of each master), or,
+    /// with `None`, on the one Redis.
     pub(super) async fn on_node<T: redis::FromRedisValue>(
         &self,
-        node: &(String, u16),
+        node: Option<&(String, u16)>,
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
         self.with_conn(|mut c| async move {
-            let v = match &mut c {
-                Conn::Cluster(c, _) => {
+            let v = match (&mut c, node) {
+                (Conn::Cluster(c, _), Some((host, port))) => {
                     c.route_command(
                         cmd.clone(),
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                            host: node.0.clone(),
-                            port: node.1,
+                            host: host.clone(),
+                            port: *port,
                         }),
                     )
                     .await?
                 }
-                Conn::Single(c) => cmd.query_async(c).await?,
+                (c, _) => cmd.query_async(c).await?,
             };
             redis::from_redis_value(v).map_err(Into::into)
         })
@@ -998,7 +1042,13 @@ f6 127.0.0.1:7006@17006 master - 0 1 6 connected 10923-16383
             seeds.seeds,
             ["redis://a:7001", "redis://b:7002", "redis://c:7003"]
         );
-        for bad in ["", " , ", "redis://a:7001,nonsense://x"] {
+        for bad in [
+            "",
+            " , ",
+            "redis://a:7001,nonsense://x",
+            "redis://a:7001,redis://\u{1}b:7002",
+            "redis://a:7001,redis://b\t:7002",
+        ] {
             let e = Server::parse(bad).unwrap_err();
             assert!(e.starts_with("QUOTAD_REDIS_URL"), "{bad:?}: {e}");
         }

@@ -170,9 +170,7 @@ impl RedisStore {
         }
         let mut removed = 0i64;
         for r in replies {
-            let v = r.map_err(|e| self.settle::<()>(Some(Err(e))).unwrap_err())?;
-            removed +=
-                redis::from_redis_value::<i64>(v).map_err(|e| StoreError::Redis(e.into()))?;
+            removed += self.reply_as::<i64>(r)?;
         }
         Ok(removed.max(0) as u64)
     }

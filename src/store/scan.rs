@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::redis;
 
 use super::{keys, scripts, CounterHash, Owner, OwnerKeys, RedisStore, StoreError};
 use crate::period::Period;
@@ -25,10 +25,15 @@ impl RedisStore {
     /// block Redis; on a cluster, one SCAN of each master).
     pub async fn scan_period(&self, period: Period) -> Result<Vec<LiveCounter>, StoreError> {
         let pattern = keys::counters_pattern(&self.prefix, period);
-        // The connection first: it finds out whether this is a cluster.
-        self.with_conn(|_| async { Ok(()) }).await?;
+        self.found(tokio::time::Instant::now() + self.timeout)
+            .await?;
+        // Each master of a cluster, or the one Redis.
+        let nodes: Vec<Option<(String, u16)>> = match self.is_cluster() {
+            true => self.masters().await?.into_iter().map(Some).collect(),
+            false => vec![None],
+        };
         let mut keys: Vec<String> = Vec::new();
-        for node in self.masters().await? {
+        for node in &nodes {
             let mut cursor: u64 = 0;
             loop {
                 let mut scan = redis::cmd("SCAN");
@@ -37,7 +42,7 @@ impl RedisStore {
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(1000);
-                let (next, found): (u64, Vec<String>) = self.on_node(&node, &scan).await?;
+                let (next, found): (u64, Vec<String>) = self.on_node(node.as_ref(), &scan).await?;
                 keys.extend(found);
                 cursor = next;
                 if cursor == 0 {
@@ -45,19 +50,6 @@ impl RedisStore {
                 }
             }
         }
-        if self.is_cluster() {
-            return self.read_live(keys, period).await;
-        }
-        let keys: Vec<String> = self
-            .with_conn(|mut c| async move {
-                let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
-                let mut keys = Vec::new();
-                while let Some(k) = iter.next_item().await {
-                    keys.push(k?);
-                }
-                Ok(keys)
-            })
-            .await?;
         self.read_live(keys, period).await
     }
 
