@@ -442,7 +442,10 @@ mod tests {
     fn every_numeric_setting_is_refused_outside_its_range_naming_the_variable() {
         // (variable, lowest accepted, highest accepted, setter)
         type Set = fn(&mut Config, u64);
-        let cases: [(&str, u64, u64, Set); 10] = [
+        let cases: [(&str, u64, u64, Set); 11] = [
+            ("QUOTAD_REDIS_WAIT_REPLICAS", 0, 16, |c, v| {
+                c.redis_wait_replicas = v
+            }),
             ("QUOTAD_DATABASE_TIMEOUT_MS", 1, 60_000, |c, v| {
                 c.database_timeout_ms = v;
                 c.request_timeout_ms = 600_000;

@@ -437,6 +437,49 @@ async fn the_seed_checklist_holds_on_a_cluster_with_users_on_every_master() {
         );
     }
 
+    // One master that could evict counters stops quotad, as a single Redis would: /readyz names
+    // the policy until that master is noeviction again (checked every 5 s).
+    let evicting = *users.keys().max().unwrap();
+    let policy = |p: &'static str| {
+        let node = cluster.node(evicting);
+        async move {
+            let _: () = node
+                .call(&["CONFIG", "SET", "maxmemory-policy", p])
+                .await
+                .unwrap();
+        }
+    };
+    let readyz_until = |ok: bool| {
+        let app = &app;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let r = app.get("/readyz").await;
+                if (r.status == 200) == ok {
+                    return r;
+                }
+                assert!(Instant::now() < deadline, "/readyz stayed {:?}", r.body);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    policy("allkeys-lru").await;
+    let refused = readyz_until(false).await;
+    assert!(
+        refused.body["redis"]
+            .as_str()
+            .is_some_and(|r| r.contains("allkeys-lru")),
+        "{:?}",
+        refused.body
+    );
+    let not_ready = app.consume(Uuid::new_v4(), "ai_generation").await;
+    assert_eq!(
+        (not_ready.status, &not_ready.body["code"]),
+        (503, &json!("NOT_READY"))
+    );
+    policy("noeviction").await;
+    readyz_until(true).await;
+
     // A new month starts fresh for every master's users.
     app.set_at(month_start(1) + chrono::Duration::hours(1));
     for users in users.values() {

@@ -24,6 +24,14 @@ fn a_numeric_setting_out_of_range_stops_the_binary_naming_the_variable() {
         ("QUOTAD_REQUEST_TIMEOUT_MS", "500"),
         ("QUOTAD_HEADER_TIMEOUT_MS", "abc"),
         ("QUOTAD_MAX_CONNECTIONS", "0"),
+        ("QUOTAD_REDIS_WAIT_REPLICAS", "17"),
+        ("QUOTAD_REDIS_WAIT_REPLICAS", "-1"),
+        ("QUOTAD_REDIS_URL", " , "),
+        ("QUOTAD_REDIS_URL", "redis://127.0.0.1:6379,nonsense://x"),
+        (
+            "QUOTAD_REDIS_URL",
+            "redis://127.0.0.1:6379,redis://\u{1}bad:1",
+        ),
     ] {
         let out = Command::new(BIN)
             .arg("serve")
