@@ -304,17 +304,44 @@ async fn decide(
 }
 
 fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -> Response {
-    let refused = action == Action::Consume && !d.allowed;
-    let level = binding(d);
-    let (plan, counter, source) = match (level, &d.account) {
-        (Level::Account, Some(a)) => (Some(a.plan.as_str()), &a.counter, a.source),
-        _ => (d.plan.as_deref(), &d.counter, d.source),
-    };
-    let per = match counter.period.end() {
-        Some(_) => "per month",
-        None => "in total",
-    };
-    let error = refused.then(|| {
+    let answer = DecisionAnswer::new(d, action, amount, plans);
+    (
+        answer.status,
+        answer.headers,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        answer.body,
+    )
+        .into_response()
+}
+
+/// A decision as every front end answers it (HTTP, the gate, gRPC): the status consume would
+/// answer, the `RateLimit-*` (and on a refusal `Retry-After`) headers, and the JSON body.
+pub(crate) struct DecisionAnswer {
+    /// 200, or 402 for a refused consume.
+    pub status: StatusCode,
+    /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`, `Retry-After`,
+    /// `Idempotent-Replayed`, as apply.
+    pub headers: HeaderMap,
+    /// The JSON body.
+    pub body: Vec<u8>,
+}
+
+impl DecisionAnswer {
+    pub(crate) fn new(d: &Decision, action: Action, amount: u64, plans: &Plans) -> DecisionAnswer {
+        let refused = action == Action::Consume && !d.allowed;
+        let level = binding(d);
+        let (plan, counter, source) = match (level, &d.account) {
+            (Level::Account, Some(a)) => (Some(a.plan.as_str()), &a.counter, a.source),
+            _ => (d.plan.as_deref(), &d.counter, d.source),
+        };
+        let per = match counter.period.end() {
+            Some(_) => "per month",
+            None => "in total",
+        };
+        let error = refused.then(|| {
         let (plan, limit, used) = (plan.unwrap_or(""), counter.limit.unwrap_or(0), counter.used.unwrap_or(0));
         let mut text = match (level, source) {
             (Level::Account, _) => format!("Usage limit exceeded for {}. Your account's {plan} plan allows {limit} {per} for all its members. Your account has used {used}.", d.usage_type),
@@ -326,63 +353,68 @@ fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -
         }
         text
     });
-    let body = DecisionJson {
-        allowed: d.allowed,
-        user_id: d.user,
-        usage_type: &d.usage_type,
-        plan,
-        counter: counter.into(),
-        limit_source: source,
-        limited_by: refused.then_some(level),
-        user: d.account.as_ref().map(|_| LevelJson {
-            account_id: None,
-            plan: d.plan.as_deref(),
-            counter: (&d.counter).into(),
-            limit_source: d.source,
-        }),
-        account: d.account.as_ref().map(LevelJson::account),
-        degraded: d.degraded,
-        code: refused.then_some("USAGE_LIMIT_EXCEEDED"),
-        upgrade_url: refused.then_some(plans.upgrade_url.as_str()),
-        error,
-    };
-    let status = if refused {
-        StatusCode::PAYMENT_REQUIRED
-    } else {
-        StatusCode::OK
-    };
-    let mut headers = HeaderMap::new();
-    if action != Action::Track {
-        if let (Some(limit), Some(remaining)) = (counter.limit, counter.remaining()) {
-            headers.insert(
-                HeaderName::from_static("ratelimit-limit"),
-                HeaderValue::from(limit),
-            );
-            headers.insert(
-                HeaderName::from_static("ratelimit-remaining"),
-                HeaderValue::from(remaining),
-            );
-        }
-        if let Some(reset) = counter.period.seconds_until_reset(d.now) {
-            headers.insert(
-                HeaderName::from_static("ratelimit-reset"),
-                HeaderValue::from(reset),
-            );
-            if refused {
+        let body = DecisionJson {
+            allowed: d.allowed,
+            user_id: d.user,
+            usage_type: &d.usage_type,
+            plan,
+            counter: counter.into(),
+            limit_source: source,
+            limited_by: refused.then_some(level),
+            user: d.account.as_ref().map(|_| LevelJson {
+                account_id: None,
+                plan: d.plan.as_deref(),
+                counter: (&d.counter).into(),
+                limit_source: d.source,
+            }),
+            account: d.account.as_ref().map(LevelJson::account),
+            degraded: d.degraded,
+            code: refused.then_some("USAGE_LIMIT_EXCEEDED"),
+            upgrade_url: refused.then_some(plans.upgrade_url.as_str()),
+            error,
+        };
+        let status = if refused {
+            StatusCode::PAYMENT_REQUIRED
+        } else {
+            StatusCode::OK
+        };
+        let mut headers = HeaderMap::new();
+        if action != Action::Track {
+            if let (Some(limit), Some(remaining)) = (counter.limit, counter.remaining()) {
                 headers.insert(
-                    HeaderName::from_static("retry-after"),
-                    HeaderValue::from(reset),
+                    HeaderName::from_static("ratelimit-limit"),
+                    HeaderValue::from(limit),
+                );
+                headers.insert(
+                    HeaderName::from_static("ratelimit-remaining"),
+                    HeaderValue::from(remaining),
                 );
             }
+            if let Some(reset) = counter.period.seconds_until_reset(d.now) {
+                headers.insert(
+                    HeaderName::from_static("ratelimit-reset"),
+                    HeaderValue::from(reset),
+                );
+                if refused {
+                    headers.insert(
+                        HeaderName::from_static("retry-after"),
+                        HeaderValue::from(reset),
+                    );
+                }
+            }
+        }
+        if d.replayed {
+            headers.insert(
+                HeaderName::from_static("idempotent-replayed"),
+                HeaderValue::from_static("true"),
+            );
+        }
+        DecisionAnswer {
+            status,
+            headers,
+            body: serde_json::to_vec(&body).expect("a decision serializes"),
         }
     }
-    if d.replayed {
-        headers.insert(
-            HeaderName::from_static("idempotent-replayed"),
-            HeaderValue::from_static("true"),
-        );
-    }
-    (status, headers, Json(body)).into_response()
 }
 
 /// `POST /v1/consume`: check the limit and, if allowed, count.
