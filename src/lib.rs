@@ -17,6 +17,7 @@
 //! - [`hydrate`]: counters Redis does not hold, loaded from Postgres in batches.
 //! - [`refusals`]: the near-cache of refusals and its pub/sub invalidation.
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
+//! - [`gate`]: the gate's route table, for gateways that ask before proxying.
 //! - [`http`]: the v1 API.
 //! - [`app`]: wiring, start-up and shutdown.
 
@@ -26,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod flusher;
+pub mod gate;
 pub mod http;
 pub mod hydrate;
 pub mod metrics;

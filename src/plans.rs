@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::gate::{Gate, GateFile};
 use crate::period::PeriodKind;
 
 /// The plans file quotad uses when `QUOTAD_PLANS` is not set.
@@ -40,6 +41,8 @@ kb_file = -1
 /// Hash field names the counter hash uses for itself (`store::counter::RESERVED`, whose test
 /// checks this list refuses them); a usage type may not take them.
 const RESERVED_TYPE_NAMES: [&str; 3] = ["v", "p", "pv"];
+/// Largest amount of one call (and of one gate route).
+pub const MAX_AMOUNT: u64 = 1_000_000;
 /// Largest limit a plan may set: far above any real quota, far below Redis' i64 ceiling.
 const MAX_LIMIT: i64 = 1_000_000_000_000_000;
 
@@ -85,6 +88,8 @@ pub struct Plans {
     pub plan_names: Vec<String>,
     /// Where the plans came from: a path, or `built-in`.
     pub source: String,
+    /// The gate's header names and route table (`[gate]`).
+    pub gate: Gate,
 }
 
 /// Why a plans file was refused. The message names the file, the plan or type, and the fault.
@@ -102,6 +107,8 @@ struct PlansFile {
     default_plan: String,
     types: BTreeMap<String, TypeFile>,
     plans: BTreeMap<String, BTreeMap<String, i64>>,
+    #[serde(default)]
+    gate: GateFile,
 }
 
 #[derive(Deserialize)]
@@ -136,7 +143,7 @@ impl Plans {
             source_name: source_name.to_owned(),
             message,
         };
-        let file: PlansFile = toml::from_str(text).map_err(|e| {
+        let mut file: PlansFile = toml::from_str(text).map_err(|e| {
             fail(format!(
                 "is not a valid plans file: {}",
                 e.to_string().trim_end()
@@ -192,6 +199,9 @@ impl Plans {
             )));
         }
 
+        let gate = std::mem::take(&mut file.gate)
+            .build(|t| file.types.contains_key(t), MAX_AMOUNT)
+            .map_err(fail)?;
         let types = file
             .types
             .iter()
@@ -223,6 +233,7 @@ impl Plans {
             types,
             plan_names: file.plans.keys().cloned().collect(),
             source: source_name.to_owned(),
+            gate,
         })
     }
 

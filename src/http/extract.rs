@@ -209,6 +209,11 @@ fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
 
 /// Parses a user id, in any of the usual UUID spellings, and records it on the request's span.
 pub fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
+    parse_user_named(raw, "user_id")
+}
+
+/// [`parse_user_id`] for a user id sent in `field` (a body field or a header).
+pub(crate) fn parse_user_named(raw: &str, field: &str) -> Result<Uuid, ApiError> {
     let parsed = Uuid::parse_str(raw.trim());
     if let Ok(user) = &parsed {
         tracing::Span::current().record("user", tracing::field::display(user));
@@ -216,9 +221,9 @@ pub fn parse_user_id(raw: &str) -> Result<Uuid, ApiError> {
     parsed.map_err(|_| {
         ApiError::invalid(
             "INVALID_USER_ID",
-            "user_id",
+            field,
             format!(
-                "user_id {} is not a UUID; send one like \"7c9e6679-7425-40de-944b-e07fc1f90ae7\".",
+                "{field} {} is not a UUID; send one like \"7c9e6679-7425-40de-944b-e07fc1f90ae7\".",
                 short(&format!("{raw:?}"))
             ),
         )

@@ -10,6 +10,7 @@ mod admin;
 mod auth;
 pub mod error;
 mod extract;
+mod gate;
 pub mod health;
 mod layers;
 pub mod openapi;
@@ -22,7 +23,7 @@ use auth::{authorize, Scope};
 pub use extract::{
     parse_account_id, parse_user_id, AccountIdPath, ApiJson, ApiQuery, OptionalJson, UserIdPath,
 };
-pub(crate) use extract::{short, whole_number};
+pub(crate) use extract::{parse_user_named, short, whole_number};
 pub use layers::Limits;
 use layers::{ready_gate, shed, trace_request};
 
@@ -31,7 +32,7 @@ use std::sync::Arc;
 
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -124,6 +125,17 @@ pub fn router(state: AppState) -> Router {
             (state.clone(), Scope::Admin),
             authorize,
         ));
+    // The gate answers gateways that only understand some statuses: its status rewrite is
+    // outermost, around the token check, the readiness gate and shedding too.
+    let gate = Router::new()
+        .route("/v1/gate", any(gate::gate))
+        .route_layer(middleware::from_fn_with_state(
+            (state.clone(), Scope::Gateway),
+            authorize,
+        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), ready_gate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), shed))
+        .route_layer(middleware::from_fn(gate::deny_as));
     // The page checks its own access: an admin token or a signed link.
     let page = Router::new().route("/ui/users/{user_id}", get(ui::usage_page));
     // Shedding is outermost, so a saturated daemon refuses before any other work; /healthz,
@@ -135,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), shed));
     Router::new()
         .merge(api)
+        .merge(gate)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

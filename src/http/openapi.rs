@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{accounts, admin, health, quota, ui, AppState, MAX_BODY};
+use super::{accounts, admin, gate, health, quota, ui, AppState, MAX_BODY};
 use crate::period::PeriodKind;
 use crate::plans::Plans;
 
@@ -25,6 +25,7 @@ use crate::plans::Plans;
     ),
     paths(
         quota::consume,
+        gate::gate,
         quota::check,
         quota::track,
         quota::refund,
@@ -92,6 +93,8 @@ pub fn document(plans: &Plans) -> Value {
             let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description is JSON");
             doc["components"]["schemas"]["DecisionRequest"]["properties"]["metadata"] =
                 quota::metadata_schema();
+            // One handler, two described methods: each operation needs its own id.
+            doc["paths"]["/v1/gate"]["post"]["operationId"] = json!("gate_post");
             shared_responses(&mut doc);
             refund_links(&mut doc);
             doc
@@ -107,7 +110,22 @@ pub fn document(plans: &Plans) -> Value {
         .collect();
     let names: Vec<Value> = plans.plan_names.iter().map(|p| json!(p)).collect();
     let schemas = &mut doc["components"]["schemas"];
-    schemas["DecisionRequest"]["properties"]["type"]["enum"] = Value::Array(types);
+    schemas["DecisionRequest"]["properties"]["type"]["enum"] = Value::Array(types.clone());
+    // The gate's type header takes the same names.
+    for method in ["get", "post"] {
+        if let Some(params) = doc["paths"]["/v1/gate"][method]["parameters"].as_array_mut() {
+            for p in params.iter_mut() {
+                match p["name"].as_str() {
+                    Some("X-Usage-Type") => p["schema"]["enum"] = Value::Array(types.clone()),
+                    Some("deny_status") => {
+                        p["schema"] = json!({"type": "integer", "enum": [401, 403]})
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let schemas = &mut doc["components"]["schemas"];
     // `plan` may be null (the stored plan applies).
     let mut or_null = names.clone();
     or_null.push(Value::Null);

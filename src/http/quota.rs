@@ -21,8 +21,7 @@ use crate::quota::{
 };
 use crate::store::{Level, LimitSource, MetaValue};
 
-/// Largest `amount` of one call.
-pub const MAX_AMOUNT: u64 = 1_000_000;
+pub use crate::plans::MAX_AMOUNT;
 /// Most metadata entries one call may carry.
 pub const MAX_METADATA_KEYS: usize = 16;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -69,16 +68,7 @@ impl DecisionRequest {
         let usage_type = known_type(plans, &self.usage_type)?;
         let amount = parse_amount(self.amount.as_ref())?;
         if let Some(key) = &self.idempotency_key {
-            if key.is_empty()
-                || key.chars().count() > MAX_IDEMPOTENCY_KEY
-                || key.chars().any(char::is_control)
-            {
-                return Err(ApiError::invalid(
-                    "INVALID_IDEMPOTENCY_KEY",
-                    "idempotency_key",
-                    format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, none of them a control character."),
-                ));
-            }
+            check_idempotency_key(key, "idempotency_key")?;
         }
         if let Some(plan) = &self.plan {
             known_plan(plans, plan)?;
@@ -93,6 +83,22 @@ impl DecisionRequest {
             metadata,
         })
     }
+}
+
+/// An idempotency key is 1 to 255 characters, none of them a control character; `field` names
+/// where it came from.
+pub(crate) fn check_idempotency_key(key: &str, field: &str) -> Result<(), ApiError> {
+    if key.is_empty()
+        || key.chars().count() > MAX_IDEMPOTENCY_KEY
+        || key.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            "INVALID_IDEMPOTENCY_KEY",
+            field,
+            format!("{field} must be 1 to {MAX_IDEMPOTENCY_KEY} characters, none of them a control character."),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_amount(raw: Option<&Value>) -> Result<u64, ApiError> {
@@ -327,6 +333,8 @@ pub(crate) struct DecisionAnswer {
     pub headers: HeaderMap,
     /// The JSON body.
     pub body: Vec<u8>,
+    /// The plan of the level shown.
+    pub plan: Option<String>,
 }
 
 impl DecisionAnswer {
@@ -413,6 +421,7 @@ impl DecisionAnswer {
             status,
             headers,
             body: serde_json::to_vec(&body).expect("a decision serializes"),
+            plan: plan.map(str::to_owned),
         }
     }
 }

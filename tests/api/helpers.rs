@@ -423,7 +423,7 @@ impl TestApp {
 }
 
 impl Answer {
-    async fn read(resp: reqwest::Response) -> Answer {
+    pub async fn read(resp: reqwest::Response) -> Answer {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();

@@ -11,8 +11,11 @@ use uuid::Uuid;
 use crate::helpers::TestApp;
 
 /// Every route quotad serves, as (method, path).
-const ROUTES: [(&str, &str); 25] = [
+const ROUTES: [(&str, &str); 27] = [
     ("post", "/v1/consume"),
+    // Any method; described as the two gateways use.
+    ("get", "/v1/gate"),
+    ("post", "/v1/gate"),
     ("post", "/v1/check"),
     ("post", "/v1/track"),
     ("post", "/v1/refund"),

@@ -39,6 +39,11 @@ class ScopedToken:
 def json_error_body(ctx, response, case):
     """Every 4xx is {"error": "<sentence>", "code": "<CODE>"} (plus `field`), as JSON."""
     status = response.status_code
+    # The gate's deny_status form (for nginx's auth_request) sends every answer that is not 2xx
+    # as 401 or 403 with the real status in Quotad-Status: check the body as that status.
+    real = response.headers.get("quotad-status")
+    if real:
+        status = int(real[0] if isinstance(real, list) else real)
     if not 400 <= status < 500:
         return None
     content_type = response.headers.get("content-type", [""])
