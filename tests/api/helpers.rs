@@ -724,7 +724,7 @@ impl Drop for PrivatePostgres {
     }
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

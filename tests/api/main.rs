@@ -9,6 +9,7 @@ mod errors;
 mod faults;
 mod flusher;
 mod gate;
+mod gateways;
 mod hydration;
 mod idempotency;
 mod inputs;
