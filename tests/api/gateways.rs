@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{free_port, is_root, Answer, TestApp};
+use crate::helpers::{free_port, is_root, tempfile_path, Answer, Options, PrivateRedis, TestApp};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -347,7 +347,10 @@ struct Stack {
 
 impl Stack {
     async fn start(kind: Kind, fail: Fail) -> Stack {
-        let quotad = TestApp::spawn().await;
+        Stack::start_with(kind, fail, TestApp::spawn().await).await
+    }
+
+    async fn start_with(kind: Kind, fail: Fail, quotad: TestApp) -> Stack {
         let upstream = Upstream::start(&quotad.base).await;
         let addr = quotad.base.trim_start_matches("http://").to_owned();
         let gateway = Gateway::start(kind, &addr, upstream.addr, fail).await;
@@ -599,6 +602,48 @@ async fn quotad_stopped(kind: Kind, fail: Fail) {
     );
 }
 
+/// Redis down under quotad (the gateway failing open, so nothing below is the gateway's doing):
+/// a type that fails open reaches the app marked `Quotad-Degraded: true`; one that fails closed
+/// is quotad's 503 `REDIS_UNAVAILABLE`, passed to the client as it is.
+async fn redis_down_answers_keep_the_type_policy(kind: Kind) {
+    let plans = tempfile_path::write(&quotad::plans::BUILT_IN.replace(
+        r#"export        = { period = "month", label = "Exports" }"#,
+        r#"export        = { period = "month", fail = "closed", label = "Exports" }"#,
+    ));
+    let mut redis = PrivateRedis::start();
+    let quotad = TestApp::spawn_with(Options {
+        redis_url: redis.url(),
+        plans: Some(plans.to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let s = Stack::start_with(kind, Fail::Open, quotad).await;
+    let id = Uuid::new_v4().to_string();
+    assert_eq!(s.gateway.post_as("/export", &id).await.status, 200);
+    redis.kill();
+
+    let open = s.gateway.post_as("/generate", &id).await;
+    assert_eq!(open.status, 200, "{open:?}");
+    let hit = s
+        .upstream
+        .hits_on("/generate")
+        .pop()
+        .expect("the app got it");
+    assert_eq!(hit.header("quotad-degraded"), Some("true"));
+    let closed = s.gateway.post_as("/export", &id).await;
+    assert_json_error(
+        &closed,
+        503,
+        "REDIS_UNAVAILABLE",
+        "a type that fails closed",
+    );
+    assert_eq!(
+        s.upstream.hits_on("/export").len(),
+        1,
+        "the app was not called"
+    );
+}
+
 async fn quotad_stopped_fail_closed(kind: Kind) {
     quotad_stopped(kind, Fail::Closed).await
 }
@@ -638,4 +683,5 @@ for_each_gateway!(
     upstream_refunds_a_failed_action,
     quotad_stopped_fail_closed,
     quotad_stopped_fail_open,
+    redis_down_answers_keep_the_type_policy,
 );
