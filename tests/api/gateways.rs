@@ -498,7 +498,7 @@ async fn client_usage_headers_are_ignored(kind: Kind) {
 }
 
 /// A retry with the same Idempotency-Key reaches the app again and counts once; another key
-/// counts again. The app gets the key.
+/// counts again; the first key on another type is 409. The app gets the key.
 async fn idempotent_retry_counts_once(kind: Kind) {
     let s = Stack::start(kind, Fail::Closed).await;
     let user = Uuid::new_v4();
@@ -535,6 +535,17 @@ async fn idempotent_retry_counts_once(kind: Kind) {
         "{other:?}"
     );
     assert_eq!(s.quotad.used(user, "ai_generation").await, 2);
+
+    // The first key on another type is a conflict: quotad's 409, the app not called.
+    let reused = s.gateway.send(Method::POST, "/export", &headers).await;
+    assert_json_error(
+        &reused,
+        409,
+        "IDEMPOTENCY_KEY_REUSED",
+        "a key reused for export",
+    );
+    assert_eq!(s.upstream.hits_on("/export").len(), 0);
+    assert_eq!(s.quotad.used(user, "export").await, 0);
 }
 
 /// No user, or one that is not a UUID: 400 with quotad's JSON error, the app never called.
