@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy/ensure-services.sh
-# Chromium for the usage page's browser test; openapi-spec-validator for /openapi.json.
+# Chromium for the usage page's browser test; nginx, Caddy and envsubst for the gateway tests;
+# openapi-spec-validator for /openapi.json.
 deploy/ensure-test-tools.sh
 
 # Tests read these; keep a caller's own values (e.g. a different Redis in CI).
