@@ -121,6 +121,11 @@ pub struct BenchArgs {
     /// Needs an admin token (or none configured).
     #[arg(long)]
     pub accounts: Option<usize>,
+    /// Also measure `/v1/gate` (the same consume, the user and type in headers) on the same
+    /// users. The gate takes no plan override, so the users' stored plan is set to `--plan` first
+    /// (an admin call per user; needs an admin token, or none configured).
+    #[arg(long)]
+    pub gate: bool,
     /// Postgres for `--seed`.
     #[arg(
         long,
@@ -307,6 +312,27 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             Some(consumes)
         }
     };
+    // The gate's users are the same users, their plan stored (the gate sends none).
+    let gate: Option<Arc<Vec<Call>>> = match args.gate {
+        false => None,
+        true => {
+            if !args.plan.is_empty() {
+                let plans = users
+                    .iter()
+                    .map(|u| {
+                        http_put(
+                            format!("/v1/users/{u}/plan"),
+                            format!(r#"{{"plan":"{}"}}"#, args.plan),
+                        )
+                    })
+                    .collect();
+                send_all(&addr, args, Arc::new(plans), 200).await?;
+            }
+            Some(Arc::new(
+                users.iter().map(|u| gate_request(args, u)).collect(),
+            ))
+        }
+    };
     let raw = match args.no_redis {
         true => None,
         false => Some(RawRedis::prepare(&args.redis_url, &users, &args.usage_type).await?),
@@ -358,6 +384,16 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                 })
                 .await?,
             ];
+            if let Some(gate) = &gate {
+                figures.push(
+                    measure(GATE, args, &probe, {
+                        let (addr, token, requests) =
+                            (addr.clone(), args.token.clone(), gate.clone());
+                        move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
+                    })
+                    .await?,
+                );
+            }
             if let Some(refused) = &refused {
                 figures.push(
                     measure(REFUSED, args, &probe, {
@@ -455,6 +491,11 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                 "  median ratio members of accounts / users without: {:.2}x the rate",
                 1.0 / ratios(i)
             );
+        } else if other.name == GATE {
+            println!(
+                "  median ratio gate / consume: {:.2}x the rate",
+                1.0 / ratios(i)
+            );
         } else {
             println!("  median ratio quotad / {}: {:.2}x", other.name, ratios(i));
         }
@@ -477,6 +518,11 @@ fn report(figures: &[Figures]) {
                 "  members of accounts / users without: {:.2}x the rate",
                 f.rate / figures[0].rate
             );
+        } else if f.name == GATE {
+            println!(
+                "  gate / consume: {:.2}x the rate",
+                f.rate / figures[0].rate
+            );
         } else {
             println!(
                 "  quotad / {}: {:.2}x the rate",
@@ -487,6 +533,8 @@ fn report(figures: &[Figures]) {
     }
 }
 
+/// The name of the gate measurement.
+const GATE: &str = "quotad HTTP gate (headers)";
 /// The name of the refused-consume measurement.
 const REFUSED: &str = "quotad HTTP consume, refused (402)";
 /// The name of the measurement of consumes by members of accounts.
@@ -624,11 +672,11 @@ where
 /// A boxed, sendable future that makes a client.
 type BoxFut<C> = BoxFuture<'static, Result<C, String>>;
 
-/// One prepared `POST /v1/<call>`: its path and JSON body.
+/// One prepared request: method, path, extra headers and JSON body (empty: none).
 struct Call {
-    /// `PUT` instead of `POST`.
-    put: bool,
+    method: hyper::Method,
     path: std::borrow::Cow<'static, str>,
+    headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
     body: Bytes,
 }
 
@@ -648,17 +696,39 @@ fn http_request(args: &BenchArgs, call: &str, user: &Uuid, plan: &str, amount: u
         other => unreachable!("no bench call {other}"),
     };
     Call {
-        put: false,
+        method: hyper::Method::POST,
         path: path.into(),
+        headers: Vec::new(),
         body: Bytes::from(body),
+    }
+}
+
+/// A prepared `GET /v1/gate` for `user`: one unit of `--type`, everything in headers.
+fn gate_request(args: &BenchArgs, user: &Uuid) -> Call {
+    let header = |v: &str| HeaderValue::from_str(v).expect("a header value");
+    Call {
+        method: hyper::Method::GET,
+        path: "/v1/gate".into(),
+        headers: vec![
+            (
+                hyper::header::HeaderName::from_static("x-user-id"),
+                header(&user.to_string()),
+            ),
+            (
+                hyper::header::HeaderName::from_static("x-usage-type"),
+                header(&args.usage_type),
+            ),
+        ],
+        body: Bytes::new(),
     }
 }
 
 /// A prepared `PUT` of `body` (JSON) to `path`.
 fn http_put(path: String, body: String) -> Call {
     Call {
-        put: true,
+        method: hyper::Method::PUT,
         path: path.into(),
+        headers: Vec::new(),
         body: Bytes::from(body),
     }
 }
@@ -730,13 +800,16 @@ impl Client for HttpClient {
                 self.requests.len()
             )
         })?;
-        let builder = match call.put {
-            true => hyper::Request::put(call.path.as_ref()),
-            false => hyper::Request::post(call.path.as_ref()),
-        };
-        let mut request = builder
-            .header(HOST, self.host.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut request = hyper::Request::builder()
+            .method(call.method.clone())
+            .uri(call.path.as_ref())
+            .header(HOST, self.host.clone());
+        if !call.body.is_empty() {
+            request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        for (name, value) in &call.headers {
+            request = request.header(name, value.clone());
+        }
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }

@@ -643,3 +643,31 @@ async fn a_plans_file_with_a_bad_gate_table_is_refused_at_reload_and_the_old_tab
     .await;
     assert_eq!(a.header("quotad-usage-type"), Some("export"));
 }
+
+#[tokio::test]
+async fn a_user_refused_at_the_gate_is_refused_again_from_the_refusal_cache_without_a_redis_call() {
+    let redis_server = PrivateRedis::start();
+    let app = TestApp::spawn_on(&redis_server).await;
+    app.wait_refusal_cache_live().await;
+    let user = Uuid::new_v4().to_string();
+    let h = [("X-User-Id", user.as_str()), ("X-Usage-Type", "export")];
+    for _ in 0..10 {
+        assert_eq!(gate(&app, "GET", "", &h).await.status, 200);
+    }
+    let first = gate(&app, "GET", "", &h).await;
+    assert_eq!(first.status, 402);
+
+    let mut conn = app.redis().await;
+    let _: () = deadpool_redis::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let a = gate(&app, "GET", "?deny_status=403", &h).await;
+        assert_eq!(carried(&a), (402, first.body.clone()));
+        assert_eq!(a.header("retry-after"), first.header("retry-after"));
+    }
+    let stats = crate::performance::commandstats(&mut conn).await;
+    assert_eq!(stats.get("evalsha"), None, "no script ran: {stats:?}");
+}
