@@ -172,7 +172,14 @@ fn render_nginx_template(quotad: &str, upstream: SocketAddr, listen: &str) -> St
 }
 
 impl Gateway {
-    async fn start(kind: Kind, quotad: &str, upstream: SocketAddr, fail: Fail) -> Gateway {
+    /// `token`: the configuration edited as its comment says for quotad's gateway token.
+    async fn start(
+        kind: Kind,
+        quotad: &str,
+        upstream: SocketAddr,
+        fail: Fail,
+        token: Option<&str>,
+    ) -> Gateway {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("quotad-gw-{kind:?}-{}", Uuid::new_v4().simple()));
@@ -191,6 +198,13 @@ impl Gateway {
                         "the template's fail switch"
                     );
                     conf = conf.replace(closed, "set $quotad_fail open;");
+                }
+                if let Some(token) = token {
+                    conf = edited(
+                        &conf,
+                        "proxy_set_header Authorization \"\";",
+                        &format!("proxy_set_header Authorization \"Bearer {token}\";"),
+                    );
                 }
                 std::fs::write(dir.join("quotad.conf"), conf).unwrap();
                 let d = dir.display();
@@ -222,9 +236,20 @@ impl Gateway {
                 cmd
             }
             Kind::Caddy => {
+                let mut config = repo_file("deploy/caddy/Caddyfile");
+                if let Some(token) = token {
+                    let text = std::fs::read_to_string(&config).unwrap();
+                    let text = edited(
+                        &text,
+                        "header_up -Authorization",
+                        &format!("header_up Authorization \"Bearer {token}\""),
+                    );
+                    config = dir.join("Caddyfile");
+                    std::fs::write(&config, text).unwrap();
+                }
                 let mut cmd = Command::new("caddy");
                 cmd.args(["run", "--adapter", "caddyfile", "--config"])
-                    .arg(repo_file("deploy/caddy/Caddyfile"))
+                    .arg(config)
                     .env("QUOTAD_ADDR", quotad)
                     .env("UPSTREAM_ADDR", upstream.to_string())
                     .env("LISTEN_PORT", port.to_string())
@@ -351,15 +376,29 @@ impl Stack {
     }
 
     async fn start_with(kind: Kind, fail: Fail, quotad: TestApp) -> Stack {
+        Stack::start_token(kind, fail, quotad, None).await
+    }
+
+    async fn start_token(kind: Kind, fail: Fail, quotad: TestApp, token: Option<&str>) -> Stack {
         let upstream = Upstream::start(&quotad.base).await;
         let addr = quotad.base.trim_start_matches("http://").to_owned();
-        let gateway = Gateway::start(kind, &addr, upstream.addr, fail).await;
+        let gateway = Gateway::start(kind, &addr, upstream.addr, fail, token).await;
         Stack {
             quotad,
             upstream,
             gateway,
         }
     }
+}
+
+/// `text` with its one `line` replaced by `with`.
+fn edited(text: &str, line: &str, with: &str) -> String {
+    assert_eq!(
+        text.matches(line).count(),
+        1,
+        "the configuration has one {line}"
+    );
+    text.replace(line, with)
 }
 
 fn assert_json_error(a: &Answer, status: u16, code: &str, what: &str) {
@@ -579,6 +618,24 @@ async fn upstream_refunds_a_failed_action(kind: Kind) {
     assert_eq!(failed.body["refund"]["refunded"], 1, "{failed:?}");
     assert_eq!(failed.body["refund"]["used"], 1, "{failed:?}");
     assert_eq!(s.quotad.used(user, "ai_generation").await, 1);
+    // A client that sent no key: the gateway made one, counted under it and passed it on.
+    let keyless = s.gateway.post_as("/generate/fail", &id).await;
+    assert_eq!(keyless.status, 502, "the app's own answer: {keyless:?}");
+    assert_eq!(keyless.body["refund_status"], 200, "{keyless:?}");
+    assert_eq!(keyless.body["refund"]["refunded"], 1, "{keyless:?}");
+    assert_eq!(s.quotad.used(user, "ai_generation").await, 1);
+    let keys: Vec<String> = s
+        .upstream
+        .hits_on("/generate/fail")
+        .iter()
+        .map(|h| h.header("idempotency-key").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(keys[0], "req-fails");
+    assert!(keys[1].len() >= 32, "a key the gateway made: {keys:?}");
+    // Two keyless requests are two actions: each gets a key of its own.
+    assert_eq!(s.gateway.post_as("/generate", &id).await.status, 200);
+    assert_eq!(s.gateway.post_as("/generate", &id).await.status, 200);
+    assert_eq!(s.quotad.used(user, "ai_generation").await, 3);
 }
 
 /// quotad stopped: the fail-closed variant answers 503 JSON without calling the app (for
@@ -685,7 +742,80 @@ macro_rules! for_each_gateway {
     };
 }
 
+/// quotad with gateway tokens: the configuration as shipped (no token) gets quotad's 401 passed
+/// to the client, the app not called; edited as its comment says, metered requests go through.
+async fn gateway_token_is_sent_when_configured(kind: Kind) {
+    let tokens = || Options {
+        gateway_tokens: vec!["gw-secret-1".into()],
+        ..Options::default()
+    };
+    let id = Uuid::new_v4().to_string();
+    let stock = Stack::start_with(kind, Fail::Closed, TestApp::spawn_with(tokens()).await).await;
+    let a = stock.gateway.post_as("/generate", &id).await;
+    assert_json_error(&a, 401, "UNAUTHORIZED", "no token sent to quotad");
+    assert_eq!(stock.upstream.count(), 0, "the app was not called");
+
+    let quotad = TestApp::spawn_with(tokens()).await;
+    let with = Stack::start_token(kind, Fail::Closed, quotad, Some("gw-secret-1")).await;
+    let a = with.gateway.post_as("/generate", &id).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(header_number(&a, "ratelimit-remaining"), 49);
+    let hit = with.upstream.hits_on("/generate").pop().unwrap();
+    assert_eq!(
+        hit.header("authorization"),
+        None,
+        "the token stays between gateway and quotad"
+    );
+}
+
+/// quotad hangs (it accepts connections and never answers, as a stopped process or a dead
+/// network path does): the gateway gives up after its read timeout and answers as when quotad
+/// is unreachable, closed or open; the client is not held longer than that.
+async fn quotad_hangs(kind: Kind) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = listener.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let upstream = Upstream::start("http://127.0.0.1:9").await;
+    let id = Uuid::new_v4().to_string();
+    for fail in [Fail::Closed, Fail::Open] {
+        let gateway = Gateway::start(kind, &hung, upstream.addr, fail, None).await;
+        let started = Instant::now();
+        let a = gateway.post_as("/generate", &id).await;
+        let took = started.elapsed();
+        match fail {
+            Fail::Closed => {
+                assert_json_error(&a, 503, "QUOTA_SERVICE_UNAVAILABLE", "quotad hangs");
+                assert_eq!(upstream.count(), 0, "not called");
+            }
+            Fail::Open => {
+                assert_eq!(
+                    (a.status, &a.body["upstream"]),
+                    (200, &json!(true)),
+                    "{a:?}"
+                );
+                let hit = upstream
+                    .hits_on("/generate")
+                    .pop()
+                    .expect("the app was called");
+                assert_eq!(hit.header("quotad-degraded"), Some("unreachable"));
+            }
+        }
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+            "{fail:?}: answered after the gateway's read timeout (2 s), took {took:?}"
+        );
+    }
+    held.abort();
+}
+
 for_each_gateway!(
+    quotad_hangs,
+    gateway_token_is_sent_when_configured,
     free_user_gets_fifty_then_402,
     routes_decide_the_type,
     client_usage_headers_are_ignored,
