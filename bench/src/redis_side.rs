@@ -81,6 +81,43 @@ pub(super) async fn load_counters(
     Ok(())
 }
 
+/// One `ai_generation` consume per user, pipelined; under a key of 32 hex digits when `keyed`.
+async fn consume_each(
+    conn: &mut redis::aio::MultiplexedConnection,
+    store: &RedisStore,
+    users: &[Uuid],
+    keyed: bool,
+) -> Result<(), String> {
+    let plans = Plans::parse(&memory_plans(), "bench").map_err(|e| e.to_string())?;
+    let period = bench_period();
+    for chunk in users.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        pipe.load_script(&scripts::CONSUME).ignore();
+        for u in chunk {
+            let keys = store.keys(*u);
+            let key = keyed.then(|| Uuid::new_v4().simple().to_string());
+            let call = CountCall {
+                mode: Mode::Consume,
+                keys: &keys,
+                usage_type: plans.usage_type(MEMORY_TYPES[0]).expect("in memory_plans"),
+                amount: 1,
+                period,
+                plan_override: None,
+                default_plan: &plans.default_plan,
+                idempotency_key: key.as_deref(),
+                metadata: &[],
+            };
+            let mut count = store.count_invocation(&call);
+            store.arm(&mut count);
+            pipe.invoke_script(&count).ignore();
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+    }
+    Ok(())
+}
+
 /// A plans file with [`MEMORY_TYPES`] as monthly types, each limited to 1,000 on the default plan.
 fn memory_plans() -> String {
     let mut text = String::from("upgrade_url = \"/\"\ndefault_plan = \"FREE\"\n\n[types]\n");
@@ -199,6 +236,14 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
             .await
             .map_err(|e| format!("redis: {e}"))?;
         let n = ids.len() as f64;
+        // One more consume per user, now under an idempotency key of 32 hex digits (as a gateway
+        // makes for a request that brings none): what the record of a keyed call adds, on top of
+        // a counter that is already dirty again.
+        consume_each(&mut conn, &store, &ids, false).await?;
+        let unkeyed = used_memory(&mut conn).await?;
+        consume_each(&mut conn, &store, &ids, true).await?;
+        let keyed = used_memory(&mut conn).await?;
+        let record = (keyed - unkeyed) as f64 / n;
         let dirty = (loaded - before) as f64 / n;
         let steady = (flushed - before) as f64 / n;
         println!(
@@ -213,6 +258,7 @@ pub async fn memory(url: &str, users: usize) -> Result<(f64, f64), String> {
         if let Some(s) = sample {
             println!("  MEMORY USAGE of one counter hash (Redis' estimate): {s} B");
         }
+        println!("  bytes per idempotency record (a keyed call, kept 24 h): {record:>7.1}");
         Ok::<_, String>((steady, dirty))
     }
     .await;
