@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  gateway ──HTTP──▶ http (router, auth, JSON) ──▶ quota (decisions)
+//!  Envoy ───gRPC──▶ grpc (ShouldRateLimit) ─────────┘
 //!                                                    │        │
 //!                              one EVALSHA per call ─┘        └─ hydration, plans
 //!                                   ▼                                 ▼
@@ -18,6 +19,7 @@
 //! - [`refusals`]: the near-cache of refusals and its pub/sub invalidation.
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`http`]: the v1 API.
+//! - [`grpc`]: Envoy's rate-limit service and grpc.health.v1, on `QUOTAD_GRPC_LISTEN`.
 //! - [`app`]: wiring, start-up and shutdown.
 
 pub mod accounts;
@@ -26,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod flusher;
+pub mod grpc;
 pub mod http;
 pub mod hydrate;
 pub mod metrics;
