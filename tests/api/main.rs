@@ -8,6 +8,7 @@ mod durability;
 mod errors;
 mod faults;
 mod flusher;
+mod grpc;
 mod hydration;
 mod idempotency;
 mod inputs;
