@@ -9,6 +9,7 @@ mod serve;
 mod supervise;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::db;
 use crate::flusher::{Drained, Flusher};
+use crate::grpc;
 use crate::http::health::Policy;
 use crate::http::ui::LinkSigner;
 use crate::http::{self, AppState, Tokens};
@@ -44,6 +46,17 @@ pub enum RunError {
     /// The listener failed.
     #[error("serving HTTP: {0}")]
     Io(#[from] std::io::Error),
+    /// `QUOTAD_GRPC_LISTEN` could not be bound.
+    #[error("cannot listen on {addr} (QUOTAD_GRPC_LISTEN): {source}")]
+    GrpcListen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why it could not be bound.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    Grpc(#[from] tonic::transport::Error),
     /// Shutdown ran out of time with counters not yet in Postgres. They are not lost: they stay
     /// dirty in Redis, and the next flusher (another replica, or this one restarted) writes them.
     /// `None`: how many could not be counted (Redis did not answer).
@@ -63,6 +76,8 @@ pub struct App {
     config: Config,
     state: AppState,
     flusher: Flusher,
+    /// The gRPC listener, once bound.
+    grpc: Option<TcpListener>,
 }
 
 impl App {
@@ -118,7 +133,22 @@ impl App {
             config,
             state,
             flusher,
+            grpc: None,
         })
+    }
+
+    /// Binds `QUOTAD_GRPC_LISTEN`, when it is set, and returns the address bound (port 0 picks
+    /// a free one). [`App::run`] binds it itself when this was not called first.
+    pub async fn bind_grpc(&mut self) -> Result<Option<SocketAddr>, RunError> {
+        let Some(addr) = self.config.grpc_listen else {
+            return Ok(None);
+        };
+        let failed = |source| RunError::GrpcListen { addr, source };
+        if self.grpc.is_none() {
+            self.grpc = Some(TcpListener::bind(addr).await.map_err(failed)?);
+        }
+        let bound = self.grpc.as_ref().map(TcpListener::local_addr);
+        bound.transpose().map_err(failed)
     }
 
     /// The shared state.
@@ -134,14 +164,16 @@ impl App {
     /// Serves on `listener` until `shutdown` completes; then stops accepting, finishes in-flight
     /// requests, flushes everything dirty to Postgres and returns, all within the shutdown bound.
     pub async fn run(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RunError> {
+        self.bind_grpc().await?;
         let App {
             config,
             state,
             flusher,
+            grpc: grpc_listener,
         } = self;
         let plans = state.quota.plans.current();
         tracing::info!(config = ?config, plans = %plans.source, types = plans.types.len(), "quotad starting");
@@ -182,14 +214,38 @@ impl App {
         tracing::info!(addr = %listener.local_addr()?, "listening");
         let bound = config.shutdown_timeout();
         let began = Arc::new(std::sync::OnceLock::<Instant>::new());
+        // One shutdown for both servers: HTTP's waits on it, and tells gRPC's.
+        let (stopping, stopping_seen) = watch::channel(false);
         let shutdown = {
             let began = began.clone();
             async move {
                 shutdown.await;
                 let _ = began.set(Instant::now());
+                let _ = stopping.send(true);
             }
         };
-        let served = serve::serve(
+        let grpc_served = async {
+            let Some(listener) = grpc_listener else {
+                return Ok(());
+            };
+            tracing::info!(addr = %listener.local_addr()?, domain = %config.grpc_domain, "gRPC listening (Envoy rate-limit service, grpc.health.v1)");
+            let settings = grpc::Settings {
+                names: grpc::Names {
+                    domain: config.grpc_domain.clone(),
+                    user: config.grpc_user_key.clone(),
+                    usage_type: config.grpc_type_key.clone(),
+                    idempotency: config.grpc_idempotency_key.clone(),
+                },
+                max_streams: u32::try_from(config.max_in_flight).unwrap_or(u32::MAX),
+                bound,
+            };
+            let served = grpc::serve(listener, state.clone(), settings, stopping_seen).await;
+            if let Err(e) = &served {
+                tracing::error!(error.message = %e, "gRPC server failed");
+            }
+            served.map_err(RunError::from)
+        };
+        let http_served = serve::serve(
             listener,
             http::router(state.clone()),
             serve::Settings {
@@ -198,14 +254,15 @@ impl App {
                 bound,
             },
             shutdown,
-        )
-        .await;
+        );
+        let (served, grpc_served) = tokio::join!(http_served, grpc_served);
         let began = began.get().copied().unwrap_or_else(Instant::now);
         let _ = stop.send(true);
         for task in tasks {
             let _ = task.await;
         }
         served?;
+        grpc_served?;
 
         // Everything counted is in Redis; write what Postgres does not have yet.
         let drained = if state.ready.load(Ordering::Acquire) {

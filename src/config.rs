@@ -171,6 +171,26 @@ pub struct Config {
     /// Most client connections open at once; further ones wait in the listen backlog.
     #[arg(long, env = "QUOTAD_MAX_CONNECTIONS", default_value_t = 1024, value_parser = number::<u64>("QUOTAD_MAX_CONNECTIONS"))]
     pub max_connections: u64,
+    /// gRPC address of Envoy's rate-limit service (`ShouldRateLimit`) and of grpc.health.v1;
+    /// unset, quotad serves no gRPC.
+    #[arg(long, env = "QUOTAD_GRPC_LISTEN", value_parser = socket_addr("QUOTAD_GRPC_LISTEN"))]
+    pub grpc_listen: Option<SocketAddr>,
+    /// The rate-limit domain quotad answers; a request for another is refused.
+    #[arg(long, env = "QUOTAD_GRPC_DOMAIN", default_value = "quotad")]
+    pub grpc_domain: String,
+    /// Descriptor entry key whose value is the user (a UUID).
+    #[arg(long, env = "QUOTAD_GRPC_USER_KEY", default_value = "user_id")]
+    pub grpc_user_key: String,
+    /// Descriptor entry key whose value is the usage type.
+    #[arg(long, env = "QUOTAD_GRPC_TYPE_KEY", default_value = "usage_type")]
+    pub grpc_type_key: String,
+    /// Descriptor entry key whose value, when present, is the idempotency key.
+    #[arg(
+        long,
+        env = "QUOTAD_GRPC_IDEMPOTENCY_KEY",
+        default_value = "idempotency_key"
+    )]
+    pub grpc_idempotency_key: String,
     /// tracing filter, e.g. `info` or `quotad=debug`.
     #[arg(long, env = "QUOTAD_LOG", default_value = "info")]
     pub log: String,
@@ -324,11 +344,50 @@ impl Config {
                 self.request_timeout_ms, self.redis_timeout_ms, self.database_timeout_ms
             ));
         }
+        self.validate_grpc()?;
         if !self.auth_enabled() && !self.listen.ip().is_loopback() {
             return Err(format!(
                 "QUOTAD_LISTEN={} is not a loopback address, but no token is configured: set QUOTAD_GATEWAY_TOKENS and/or QUOTAD_ADMIN_TOKENS, or listen on 127.0.0.1",
                 self.listen
             ));
+        }
+        Ok(())
+    }
+
+    /// The gRPC names: a domain and three distinct descriptor keys, each 1 to 255 characters
+    /// without control characters; and no open gRPC listener without tokens.
+    fn validate_grpc(&self) -> Result<(), String> {
+        let names = [
+            ("QUOTAD_GRPC_DOMAIN", &self.grpc_domain),
+            ("QUOTAD_GRPC_USER_KEY", &self.grpc_user_key),
+            ("QUOTAD_GRPC_TYPE_KEY", &self.grpc_type_key),
+            ("QUOTAD_GRPC_IDEMPOTENCY_KEY", &self.grpc_idempotency_key),
+        ];
+        for (var, value) in names {
+            if value.is_empty()
+                || value.chars().count() > 255
+                || value.chars().any(char::is_control)
+            {
+                return Err(format!(
+                    "{var}={value:?} must be 1 to 255 characters, none of them a control character"
+                ));
+            }
+        }
+        // A descriptor entry must say what it is: one key for two meanings is ambiguous.
+        let keys = &names[1..];
+        for (i, (var, value)) in keys.iter().enumerate() {
+            if let Some((other, _)) = keys[i + 1..].iter().find(|(_, v)| v == value) {
+                return Err(format!(
+                    "{var}={value:?} is also {other}: each descriptor key must be different"
+                ));
+            }
+        }
+        if let Some(addr) = self.grpc_listen {
+            if !self.auth_enabled() && !addr.ip().is_loopback() {
+                return Err(format!(
+                    "QUOTAD_GRPC_LISTEN={addr} is not a loopback address, but no token is configured: set QUOTAD_GATEWAY_TOKENS, or listen on 127.0.0.1"
+                ));
+            }
         }
         Ok(())
     }
@@ -365,6 +424,11 @@ impl fmt::Debug for Config {
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("max_connections", &self.max_connections)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("grpc_domain", &self.grpc_domain)
+            .field("grpc_user_key", &self.grpc_user_key)
+            .field("grpc_type_key", &self.grpc_type_key)
+            .field("grpc_idempotency_key", &self.grpc_idempotency_key)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .finish()
@@ -377,6 +441,15 @@ fn number<T: FromStr>(var: &'static str) -> impl Fn(&str) -> Result<T, String> +
         s.trim()
             .parse()
             .map_err(|_| format!("{var}={s:?} is not a whole number"))
+    }
+}
+
+/// A parser of a socket address (`127.0.0.1:9090`, `[::1]:9090`) whose error names the variable.
+fn socket_addr(var: &'static str) -> impl Fn(&str) -> Result<SocketAddr, String> + Clone {
+    move |s: &str| {
+        s.trim().parse().map_err(|_| {
+            format!("{var}={s:?} is not a socket address: use an IP address and a port, such as 127.0.0.1:9090")
+        })
     }
 }
 
@@ -555,6 +628,62 @@ mod tests {
             panic!("serve")
         };
         assert_eq!(c.database_timeout(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn grpc_is_off_by_default_with_envoy_style_descriptor_keys() {
+        let c = Config::defaults();
+        assert_eq!(c.grpc_listen, None);
+        assert_eq!(
+            (
+                c.grpc_domain.as_str(),
+                c.grpc_user_key.as_str(),
+                c.grpc_type_key.as_str(),
+                c.grpc_idempotency_key.as_str()
+            ),
+            ("quotad", "user_id", "usage_type", "idempotency_key")
+        );
+    }
+
+    #[test]
+    fn bad_grpc_settings_are_refused_naming_the_variable() {
+        let err = Cli::try_parse_from(["quotad", "serve", "--grpc-listen", "localhost"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("QUOTAD_GRPC_LISTEN"), "{err}");
+        type Set = fn(&mut Config, String);
+        let cases: [(&str, Set); 4] = [
+            ("QUOTAD_GRPC_DOMAIN", |c, v| c.grpc_domain = v),
+            ("QUOTAD_GRPC_USER_KEY", |c, v| c.grpc_user_key = v),
+            ("QUOTAD_GRPC_TYPE_KEY", |c, v| c.grpc_type_key = v),
+            ("QUOTAD_GRPC_IDEMPOTENCY_KEY", |c, v| {
+                c.grpc_idempotency_key = v
+            }),
+        ];
+        for (var, set) in cases {
+            for bad in ["", "user\nid", "tab\there", &"k".repeat(256)] {
+                let mut c = Config::defaults();
+                set(&mut c, bad.to_owned());
+                let err = c.validate().expect_err(&format!("{var}={bad:?} accepted"));
+                assert!(err.starts_with(var), "{var}={bad:?}: {err}");
+            }
+        }
+        let mut c = Config::defaults();
+        c.grpc_type_key = "user_id".into();
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.contains("QUOTAD_GRPC_USER_KEY") && err.contains("QUOTAD_GRPC_TYPE_KEY"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_open_grpc_listener_without_tokens_is_refused() {
+        let mut c = Config::defaults();
+        c.grpc_listen = Some("0.0.0.0:9090".parse().unwrap());
+        assert!(c.validate().unwrap_err().starts_with("QUOTAD_GRPC_LISTEN"));
+        c.gateway_tokens = vec!["t".into()];
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  gateway ──HTTP──▶ http (router, auth, JSON) ──▶ quota (decisions)
+//!  Envoy ───gRPC──▶ grpc (ShouldRateLimit) ─────────┘
 //!                                                    │        │
 //!                              one EVALSHA per call ─┘        └─ hydration, plans
 //!                                   ▼                                 ▼
@@ -19,6 +20,7 @@
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`gate`]: the gate's route table, for gateways that ask before proxying.
 //! - [`http`]: the v1 API.
+//! - [`grpc`]: Envoy's rate-limit service and grpc.health.v1, on `QUOTAD_GRPC_LISTEN`.
 //! - [`app`]: wiring, start-up and shutdown.
 
 pub mod accounts;
@@ -28,6 +30,7 @@ pub mod config;
 pub mod db;
 pub mod flusher;
 pub mod gate;
+pub mod grpc;
 pub mod http;
 pub mod hydrate;
 pub mod metrics;

@@ -100,10 +100,11 @@ fn bench(args: &[String]) -> Failure {
 /// Validates the configuration (once, in `App::new`), then binds and serves.
 async fn serve(config: quotad::config::Config) -> Result<(), Failure> {
     let addr = config.listen;
-    let daemon = app::App::new(config, Arc::new(SystemClock))?;
+    let mut daemon = app::App::new(config, Arc::new(SystemClock))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Failure::Listen { addr, source })?;
+    daemon.bind_grpc().await?;
     daemon.run(listener, app::shutdown_signal()).await?;
     Ok(())
 }

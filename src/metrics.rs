@@ -60,6 +60,12 @@ pub const REDIS_MASTERS: &str = "quotad_redis_masters";
 /// time: answered with the type's fail policy (the master may still hold the count).
 pub const REDIS_UNREPLICATED: &str = "quotad_redis_unreplicated_decisions_total";
 
+/// Envoy rate-limit calls (`ShouldRateLimit`) over gRPC, by `code`: `OK`, `OVER_LIMIT` (an
+/// answered refusal), or the gRPC status of an error (`INVALID_ARGUMENT`, `UNAVAILABLE`, …).
+pub const GRPC_REQUESTS: &str = "quotad_grpc_requests_total";
+/// Latency of one `ShouldRateLimit` call, by `code` as in [`GRPC_REQUESTS`].
+pub const GRPC_SECONDS: &str = "quotad_grpc_request_duration_seconds";
+
 /// Latency buckets, in seconds: fine below a millisecond, where quotad's answers live.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
@@ -136,6 +142,15 @@ fn describe() {
     metrics::describe_gauge!(
         REFUSAL_CACHE_LIVE,
         "1 while the refusal cache is subscribed to invalidations, else 0."
+    );
+    metrics::describe_counter!(
+        GRPC_REQUESTS,
+        "Envoy rate-limit calls over gRPC, by code (OK, OVER_LIMIT, or the gRPC error status)."
+    );
+    metrics::describe_histogram!(
+        GRPC_SECONDS,
+        metrics::Unit::Seconds,
+        "Latency of one Envoy rate-limit call over gRPC."
     );
     metrics::describe_counter!(PLAN_RELOADS, "Plans-file reloads by result.");
     metrics::describe_counter!(

@@ -12,11 +12,10 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode}
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::quota::{check_idempotency_key, DecisionAnswer};
+use super::quota::{check_amount, check_idempotency_key, DecisionAnswer};
 use super::{parse_user_named, short, AppState};
 use crate::gate::{normalize_uri, Unmatched};
 use crate::http::error::ApiError;
-use crate::plans::MAX_AMOUNT;
 use crate::quota::{known_type, Action, DecisionInput};
 
 /// The original method, in the header nginx's documentation uses and the one Caddy and Traefik send.
@@ -223,18 +222,13 @@ fn first<'h>(headers: &'h HeaderMap, names: &[HeaderName]) -> Result<Option<&'h 
     Ok(None)
 }
 
+/// The amount header: digits only (no sign, no exponent), then consume's range.
 fn parse_amount(raw: &str, header: &HeaderName) -> Result<u64, ApiError> {
-    match raw.parse::<u64>() {
-        Ok(n) if (1..=MAX_AMOUNT).contains(&n) && raw.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
-        _ => Err(ApiError::invalid(
-            "INVALID_AMOUNT",
-            header.as_str(),
-            format!(
-                "{header} must be a whole number from 1 to {MAX_AMOUNT}; got {}.",
-                short(&format!("{raw:?}"))
-            ),
-        )),
-    }
+    let n = raw
+        .parse::<u64>()
+        .ok()
+        .filter(|_| raw.bytes().all(|b| b.is_ascii_digit()));
+    check_amount(n, header.as_str(), &format!("{raw:?}"))
 }
 
 /// Reads `deny_status` from the gate's query; every other parameter is refused.

@@ -31,6 +31,16 @@ impl Limits {
             request_timeout,
         }
     }
+
+    /// A place among the requests in flight, or `None` when all are taken (answer at once).
+    pub(crate) fn try_enter(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.in_flight.try_acquire().ok()
+    }
+
+    /// The deadline of one request.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
 }
 
 /// Until start-up has reached Postgres and Redis, the API answers 503 rather than half-working;
@@ -40,21 +50,46 @@ pub(super) async fn ready_gate(
     request: Request,
     next: Next,
 ) -> Response {
+    match not_ready(&state) {
+        Some(refusal) => refusal.into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// Why quotad does not count yet (start-up, or an evicting Redis), for every front end.
+pub(crate) fn not_ready(state: &AppState) -> Option<ApiError> {
     if !state.ready.load(Ordering::Acquire) {
-        return ApiError::unavailable(
+        return Some(ApiError::unavailable(
             "NOT_READY",
             "quotad is starting and waiting for Redis and Postgres; retry shortly (see /readyz).",
-        )
-        .into_response();
+        ));
     }
     if state.eviction.refused() {
-        return ApiError::unavailable(
+        return Some(ApiError::unavailable(
             "NOT_READY",
             "quotad refuses to count while Redis's maxmemory-policy could evict counters; set it to noeviction (see /readyz).",
-        )
-        .into_response();
+        ));
     }
-    next.run(request).await
+    None
+}
+
+/// The refusal of a request over `QUOTAD_MAX_IN_FLIGHT`.
+pub(crate) fn overloaded() -> ApiError {
+    ApiError::unavailable(
+        "OVERLOADED",
+        "quotad has as many requests in flight as it takes (QUOTAD_MAX_IN_FLIGHT); retry after a second.",
+    )
+}
+
+/// The answer to a request still running at `QUOTAD_REQUEST_TIMEOUT_MS`.
+pub(crate) fn timed_out(limit: Duration) -> ApiError {
+    ApiError::unavailable(
+        "TIMEOUT",
+        format!(
+            "quotad could not answer within {} ms (QUOTAD_REQUEST_TIMEOUT_MS); the call may or may not have taken effect: retry it with the same idempotency_key.",
+            limit.as_millis()
+        ),
+    )
 }
 
 /// Past `QUOTAD_MAX_IN_FLIGHT` requests a request is answered 503 `OVERLOADED` at once, never
@@ -68,34 +103,23 @@ pub(super) async fn ready_gate(
 /// still have counted. A client retries with the same `idempotency_key` to learn which.
 pub(super) async fn shed(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limits = &state.limits;
-    let Ok(_permit) = limits.in_flight.try_acquire() else {
+    let Some(_permit) = limits.try_enter() else {
         metrics::counter!(m::SHED, "reason" => "overloaded").increment(1);
-        let mut response = ApiError::unavailable(
-            "OVERLOADED",
-            "quotad has as many requests in flight as it takes (QUOTAD_MAX_IN_FLIGHT); retry after a second.",
-        )
-        .into_response();
+        let mut response = overloaded().into_response();
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    match tokio::time::timeout(limits.request_timeout, next.run(request)).await {
+    match tokio::time::timeout(limits.request_timeout(), next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
             metrics::counter!(m::SHED, "reason" => "timeout").increment(1);
             tracing::warn!(
-                timeout_ms = limits.request_timeout.as_millis() as u64,
+                timeout_ms = limits.request_timeout().as_millis() as u64,
                 "request deadline passed"
             );
-            let mut response = ApiError::unavailable(
-                "TIMEOUT",
-                format!(
-                    "quotad could not answer within {} ms (QUOTAD_REQUEST_TIMEOUT_MS); the call may or may not have taken effect: retry it with the same idempotency_key.",
-                    limits.request_timeout.as_millis()
-                ),
-            )
-            .into_response();
+            let mut response = timed_out(limits.request_timeout()).into_response();
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

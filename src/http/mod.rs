@@ -17,15 +17,17 @@ pub mod openapi;
 mod quota;
 pub mod ui;
 
-pub(crate) use auth::Bearer;
 pub use auth::Tokens;
 use auth::{authorize, Scope};
+pub(crate) use auth::{loopback_only, Bearer};
 pub use extract::{
     parse_account_id, parse_user_id, AccountIdPath, ApiJson, ApiQuery, OptionalJson, UserIdPath,
 };
 pub(crate) use extract::{parse_user_named, short, whole_number};
 pub use layers::Limits;
+pub(crate) use layers::{not_ready, overloaded, timed_out};
 use layers::{ready_gate, shed, trace_request};
+pub(crate) use quota::{check_amount, check_idempotency_key, DecisionAnswer};
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

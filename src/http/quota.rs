@@ -85,8 +85,8 @@ impl DecisionRequest {
     }
 }
 
-/// An idempotency key is 1 to 255 characters, none of them a control character; `field` names
-/// where it came from.
+/// An idempotency key as every front end takes it: 1 to 255 characters, none a control
+/// character; `field` names where it came from.
 pub(crate) fn check_idempotency_key(key: &str, field: &str) -> Result<(), ApiError> {
     if key.is_empty()
         || key.chars().count() > MAX_IDEMPOTENCY_KEY
@@ -101,19 +101,25 @@ pub(crate) fn check_idempotency_key(key: &str, field: &str) -> Result<(), ApiErr
     Ok(())
 }
 
-fn parse_amount(raw: Option<&Value>) -> Result<u64, ApiError> {
-    let Some(raw) = raw else { return Ok(1) };
-    match whole_number(raw) {
+/// An amount as every front end takes it: a whole number from 1 to [`MAX_AMOUNT`]. `n` is the
+/// number read (`None`: not a whole number), `shown` what the caller sent, `field` its name.
+pub(crate) fn check_amount(n: Option<u64>, field: &str, shown: &str) -> Result<u64, ApiError> {
+    match n {
         Some(n) if (1..=MAX_AMOUNT).contains(&n) => Ok(n),
         _ => Err(ApiError::invalid(
             "INVALID_AMOUNT",
-            "amount",
+            field,
             format!(
-                "amount must be a whole number from 1 to {MAX_AMOUNT}; got {}.",
-                super::short(&raw.to_string())
+                "{field} must be a whole number from 1 to {MAX_AMOUNT}; got {}.",
+                super::short(shown)
             ),
         )),
     }
+}
+
+fn parse_amount(raw: Option<&Value>) -> Result<u64, ApiError> {
+    let Some(raw) = raw else { return Ok(1) };
+    check_amount(whole_number(raw), "amount", &raw.to_string())
 }
 
 fn parse_metadata(
@@ -335,6 +341,12 @@ pub(crate) struct DecisionAnswer {
     pub body: Vec<u8>,
     /// The plan of the level shown.
     pub plan: Option<String>,
+    /// The limit of the level shown (`RateLimit-Limit`); `None` when unlimited or unknown.
+    pub limit: Option<u64>,
+    /// What is left at that level (`RateLimit-Remaining`); `None` when unlimited or unknown.
+    pub remaining: Option<u64>,
+    /// Whole seconds until the period resets (`RateLimit-Reset`); `None` for lifetime types.
+    pub reset_seconds: Option<u64>,
 }
 
 impl DecisionAnswer {
@@ -386,9 +398,11 @@ impl DecisionAnswer {
         } else {
             StatusCode::OK
         };
+        let (limit, remaining) = (counter.limit, counter.remaining());
+        let reset_seconds = counter.period.seconds_until_reset(d.now);
         let mut headers = HeaderMap::new();
         if action != Action::Track {
-            if let (Some(limit), Some(remaining)) = (counter.limit, counter.remaining()) {
+            if let (Some(limit), Some(remaining)) = (limit, remaining) {
                 headers.insert(
                     HeaderName::from_static("ratelimit-limit"),
                     HeaderValue::from(limit),
@@ -398,7 +412,7 @@ impl DecisionAnswer {
                     HeaderValue::from(remaining),
                 );
             }
-            if let Some(reset) = counter.period.seconds_until_reset(d.now) {
+            if let Some(reset) = reset_seconds {
                 headers.insert(
                     HeaderName::from_static("ratelimit-reset"),
                     HeaderValue::from(reset),
@@ -422,6 +436,9 @@ impl DecisionAnswer {
             headers,
             body: serde_json::to_vec(&body).expect("a decision serializes"),
             plan: plan.map(str::to_owned),
+            limit,
+            remaining,
+            reset_seconds,
         }
     }
 }

@@ -151,6 +151,8 @@ pub struct TestApp {
     pub flush_interval_ms: u64,
     /// The daemon's shared state (its quota service, refusal cache, plans).
     pub state: quotad::http::AppState,
+    /// The gRPC address, when the options set `grpc_listen`.
+    pub grpc: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     running: Option<tokio::task::JoinHandle<Result<(), quotad::app::RunError>>>,
     owner: bool,
@@ -235,7 +237,9 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let daemon = App::new(config, Arc::new(clock.clone())).expect("valid test configuration");
+        let mut daemon =
+            App::new(config, Arc::new(clock.clone())).expect("valid test configuration");
+        let grpc = daemon.bind_grpc().await.expect("gRPC listener");
         let flusher = daemon.flusher().clone();
         let state = daemon.state().clone();
         let running = tokio::spawn(daemon.run(listener, async {
@@ -252,6 +256,7 @@ impl TestApp {
             flusher,
             flush_interval_ms: opts.flush_interval_ms,
             state,
+            grpc,
             shutdown: Some(tx),
             running: Some(running),
             owner,

@@ -10,6 +10,7 @@ mod faults;
 mod flusher;
 mod gate;
 mod gateways;
+mod grpc;
 mod hydration;
 mod idempotency;
 mod inputs;
