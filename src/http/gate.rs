@@ -8,7 +8,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -18,6 +18,8 @@ use crate::gate::{normalize_uri, Unmatched};
 use crate::http::error::ApiError;
 use crate::quota::{known_type, Action, DecisionInput};
 
+/// The gate's path; `/v1/gate/<path>` is served too, `<path>` being the original request's.
+pub(crate) const GATE_PATH: &str = "/v1/gate";
 /// The original method, in the header nginx's documentation uses and the one Caddy and Traefik send.
 const ORIGINAL_METHOD: [HeaderName; 2] = [
     HeaderName::from_static("x-original-method"),
@@ -47,7 +49,7 @@ const MAX_DENY_BODY: usize = 16 * 1024;
     path = "/v1/gate",
     tag = "quota",
     operation_id = "gate",
-    description = "The consume of a gateway that asks before proxying (nginx auth_request, Caddy forward_auth, Envoy ext_authz). Any method. The user, type, amount and idempotency key come from headers (names set in the plans file's `[gate]` table); without a type header, the `[gate]` route table maps the original method and URI (`X-Original-Method`/`X-Forwarded-Method`, `X-Original-URI`/`X-Forwarded-Uri`) to a type. Same counting, idempotency and refusal cache as `POST /v1/consume`.",
+    description = "The consume of a gateway that asks before proxying (nginx auth_request, Caddy forward_auth, Envoy ext_authz). Any method. The user, type, amount and idempotency key come from headers (names set in the plans file's `[gate]` table); without a type header, the `[gate]` route table maps the original method and URI (`X-Original-Method`/`X-Forwarded-Method`, `X-Original-URI`/`X-Forwarded-Uri`) to a type. Also served under `/v1/gate/<original path>` (Envoy ext_authz appends the request's path to its `path_prefix`), the path after `/v1/gate` then being the original one. Same counting, idempotency and refusal cache as `POST /v1/consume`.",
     params(
         ("X-User-Id" = Option<String>, Header, description = "The user, a UUID (required when the request is metered)", format = Uuid),
         ("X-Usage-Type" = Option<String>, Header, description = "The usage type; when absent the route table decides"),
@@ -70,6 +72,7 @@ const MAX_DENY_BODY: usize = 16 * 1024;
 pub async fn gate(
     State(state): State<AppState>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let plans = state.quota.plans.current();
@@ -89,7 +92,13 @@ pub async fn gate(
             (usage_type, amount)
         }
         None => {
-            let Some(uri) = first(&headers, &ORIGINAL_URI)? else {
+            // The original URI from a header, else the path after /v1/gate/ (Envoy's ext_authz
+            // appends the request's path to its path_prefix).
+            let appended = uri
+                .path()
+                .strip_prefix(GATE_PATH)
+                .filter(|rest| rest.starts_with('/'));
+            let Some(uri) = first(&headers, &ORIGINAL_URI)?.or(appended) else {
                 return Err(ApiError::bad_request(
                     "NO_USAGE_TYPE",
                     format!("Send the usage type in {}, or the original request's URI in X-Original-URI (or X-Forwarded-Uri) for the [gate] route table to map.", gate.type_header),
@@ -261,7 +270,12 @@ fn deny_status(query: Option<&str>) -> Result<Option<StatusCode>, ApiError> {
 /// shedding): with `?deny_status=`, an answer that is not 2xx goes out with that status and
 /// `Quotad-Status` and `Quotad-Body` headers.
 pub(super) async fn deny_as(request: Request, next: Next) -> Response {
-    let deny = match deny_status(request.uri().query()) {
+    // Under /v1/gate/<path> the query is the original request's, not the gate's.
+    let query = match request.uri().path() == GATE_PATH {
+        true => request.uri().query(),
+        false => None,
+    };
+    let deny = match deny_status(query) {
         Ok(deny) => deny,
         Err(e) => return e.into_response(),
     };

@@ -130,7 +130,9 @@ pub fn router(state: AppState) -> Router {
     // The gate answers gateways that only understand some statuses: its status rewrite is
     // outermost, around the token check, the readiness gate and shedding too.
     let gate = Router::new()
-        .route("/v1/gate", any(gate::gate))
+        .route(gate::GATE_PATH, any(gate::gate))
+        .route("/v1/gate/", any(gate::gate))
+        .route("/v1/gate/{*original}", any(gate::gate))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), Scope::Gateway),
             authorize,

@@ -671,3 +671,49 @@ async fn a_user_refused_at_the_gate_is_refused_again_from_the_refusal_cache_with
     let stats = crate::performance::commandstats(&mut conn).await;
     assert_eq!(stats.get("evalsha"), None, "no script ran: {stats:?}");
 }
+
+#[tokio::test]
+async fn under_v1_gate_slash_path_the_path_is_the_original_one_as_envoy_ext_authz_sends_it() {
+    let (app, _plans) = spawn_with_gate(ROUTES).await;
+    let user = Uuid::new_v4();
+    let u = user.to_string();
+    let call = |method: &'static str, path: &'static str| {
+        let (app, u) = (&app, u.clone());
+        async move {
+            let req = app
+                .client
+                .request(
+                    Method::from_bytes(method.as_bytes()).unwrap(),
+                    format!("{}{path}", app.base),
+                )
+                .header("X-User-Id", u);
+            Answer::read(req.send().await.unwrap()).await
+        }
+    };
+    // The original query is the original request's: not the gate's parameters.
+    let a = call(
+        "POST",
+        "/v1/gate/generate/batch/3?stream=true&deny_status=xyz",
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.header("quotad-usage-type")),
+        (200, Some("ai_generation")),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(a.body["used"], json!(5));
+    let a = call("PUT", "/v1/gate/%67enerate").await;
+    assert_eq!(a.body["used"], json!(6));
+    let a = call("GET", "/v1/gate/export/x").await;
+    assert_eq!(a.header("quotad-usage-type"), Some("export"));
+    assert_eq!(call("GET", "/v1/gate/generated").await.status, 204);
+    assert_eq!(call("GET", "/v1/gate/").await.status, 204);
+    let a = call("GET", "/v1/gate/../../generate").await;
+    assert!(
+        a.status == 400 || a.status == 204 || a.status == 404,
+        "{a:?}"
+    );
+    assert_eq!(app.used(user, "ai_generation").await, 6);
+    assert_eq!(app.used(user, "export").await, 1);
+}
