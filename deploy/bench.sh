@@ -10,6 +10,7 @@
 #   deploy/bench.sh --memory --users 1000000             # Redis bytes per active (user, month)
 #   deploy/bench.sh -c 50 --users 1000000 --first-use --seed  # first requests, beside the seed design
 #   deploy/bench.sh -c 50 --recovery --runs 3            # back to the hot rate after a FLUSHALL
+#   deploy/bench.sh -c 50 --runs 3 --no-redis --gate --grpc 127.0.0.1:18182  # consume, the gate and gRPC side by side
 # QUOTAD_BIN=path runs that daemon instead of this tree's (an older build, to compare), with this
 # tree's load generator.
 set -euo pipefail
@@ -19,6 +20,7 @@ cargo build --release --bin quotad --bin quotad-bench
 bin="${CARGO_TARGET_DIR:-target}/release"
 
 port=18181
+grpc_port=18182
 redis_port=18379
 db="quotad_bench_$$"
 pg="postgres://postgres@127.0.0.1:5432"
@@ -28,7 +30,7 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --d
 redis_pid=$!
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
 export QUOTAD_DATABASE_URL="$pg/$db" QUOTAD_REDIS_URL="redis://127.0.0.1:$redis_port" QUOTAD_KEY_PREFIX="bench$$"
-QUOTAD_LISTEN="127.0.0.1:$port" QUOTAD_LOG=warn "${QUOTAD_BIN:-$bin/quotad}" serve &
+QUOTAD_LISTEN="127.0.0.1:$port" QUOTAD_GRPC_LISTEN="127.0.0.1:$grpc_port" QUOTAD_LOG=warn "${QUOTAD_BIN:-$bin/quotad}" serve &
 pid=$!
 cleanup() {
   kill "$pid" 2>/dev/null || true

@@ -26,6 +26,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use quotad::period::{Period, PeriodKind};
 use quotad::plans::Plans;
 use quotad::store::{CountCall, Mode, RedisStore};
@@ -126,6 +131,11 @@ pub struct BenchArgs {
     /// (an admin call per user; needs an admin token, or none configured).
     #[arg(long)]
     pub gate: bool,
+    /// Also measure Envoy's rate-limit call (`ShouldRateLimit`) on quotad's gRPC port at this
+    /// address (host:port; QUOTAD_GRPC_LISTEN), one HTTP/2 connection per client, one call at a
+    /// time, on the same users (their plan stored, as for `--gate`).
+    #[arg(long)]
+    pub grpc: Option<String>,
     /// Postgres for `--seed`.
     #[arg(
         long,
@@ -313,25 +323,23 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
         }
     };
     // The gate's users are the same users, their plan stored (the gate sends none).
+    if (args.gate || args.grpc.is_some()) && !args.plan.is_empty() {
+        let plans = users
+            .iter()
+            .map(|u| {
+                http_put(
+                    format!("/v1/users/{u}/plan"),
+                    format!(r#"{{"plan":"{}"}}"#, args.plan),
+                )
+            })
+            .collect();
+        send_all(&addr, args, Arc::new(plans), 200).await?;
+    }
     let gate: Option<Arc<Vec<Call>>> = match args.gate {
         false => None,
-        true => {
-            if !args.plan.is_empty() {
-                let plans = users
-                    .iter()
-                    .map(|u| {
-                        http_put(
-                            format!("/v1/users/{u}/plan"),
-                            format!(r#"{{"plan":"{}"}}"#, args.plan),
-                        )
-                    })
-                    .collect();
-                send_all(&addr, args, Arc::new(plans), 200).await?;
-            }
-            Some(Arc::new(
-                users.iter().map(|u| gate_request(args, u)).collect(),
-            ))
-        }
+        true => Some(Arc::new(
+            users.iter().map(|u| gate_request(args, u)).collect(),
+        )),
     };
     let raw = match args.no_redis {
         true => None,
@@ -390,6 +398,16 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                         let (addr, token, requests) =
                             (addr.clone(), args.token.clone(), gate.clone());
                         move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
+                    })
+                    .await?,
+                );
+            }
+            if let Some(at) = &args.grpc {
+                figures.push(
+                    measure(GRPC, args, &probe, {
+                        let (at, users, usage_type) =
+                            (at.clone(), users.clone(), args.usage_type.clone());
+                        move |_| GrpcClient::new(at.clone(), users.clone(), usage_type.clone())
                     })
                     .await?,
                 );
@@ -491,9 +509,10 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                 "  median ratio members of accounts / users without: {:.2}x the rate",
                 1.0 / ratios(i)
             );
-        } else if other.name == GATE {
+        } else if other.name == GATE || other.name == GRPC {
             println!(
-                "  median ratio gate / consume: {:.2}x the rate",
+                "  median ratio {} / HTTP consume: {:.2}x the rate",
+                other.name,
                 1.0 / ratios(i)
             );
         } else {
@@ -518,9 +537,10 @@ fn report(figures: &[Figures]) {
                 "  members of accounts / users without: {:.2}x the rate",
                 f.rate / figures[0].rate
             );
-        } else if f.name == GATE {
+        } else if f.name == GATE || f.name == GRPC {
             println!(
-                "  gate / consume: {:.2}x the rate",
+                "  {} / HTTP consume: {:.2}x the rate",
+                f.name,
                 f.rate / figures[0].rate
             );
         } else {
@@ -535,6 +555,8 @@ fn report(figures: &[Figures]) {
 
 /// The name of the gate measurement.
 const GATE: &str = "quotad HTTP gate (headers)";
+/// The name of the gRPC measurement.
+const GRPC: &str = "quotad gRPC ShouldRateLimit";
 /// The name of the refused-consume measurement.
 const REFUSED: &str = "quotad HTTP consume, refused (402)";
 /// The name of the measurement of consumes by members of accounts.
@@ -832,6 +854,56 @@ impl Client for HttpClient {
             .await
             .map_err(|e| format!("reading: {e}"))?;
         Ok(status == self.expect)
+    }
+}
+
+/// Envoy's rate-limit call on quotad's gRPC port: one HTTP/2 connection, one call at a time.
+struct GrpcClient {
+    client: RateLimitServiceClient<tonic::transport::Channel>,
+    users: Arc<Vec<Uuid>>,
+    usage_type: String,
+}
+
+impl GrpcClient {
+    fn new(at: String, users: Arc<Vec<Uuid>>, usage_type: String) -> BoxFut<GrpcClient> {
+        Box::pin(async move {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{at}"))
+                .map_err(|e| format!("--grpc {at}: {e}"))?
+                .connect()
+                .await
+                .map_err(|e| format!("connecting to --grpc {at}: {e}"))?;
+            Ok(GrpcClient {
+                client: RateLimitServiceClient::new(channel),
+                users,
+                usage_type,
+            })
+        })
+    }
+}
+
+impl Client for GrpcClient {
+    async fn call(&mut self, n: usize) -> Result<bool, String> {
+        let user = self.users[n % self.users.len()].to_string();
+        let entry = |key: &str, value: String| Entry {
+            key: key.to_owned(),
+            value,
+        };
+        let request = RateLimitRequest {
+            domain: "quotad".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![
+                    entry("user_id", user),
+                    entry("usage_type", self.usage_type.clone()),
+                ],
+                ..Default::default()
+            }],
+            hits_addend: 1,
+        };
+        match self.client.should_rate_limit(request).await {
+            Ok(answer) => Ok(answer.into_inner().overall_code == Code::Ok as i32),
+            Err(status) if status.code() == tonic::Code::Unavailable => Ok(false),
+            Err(status) => Err(format!("gRPC: {status}")),
+        }
     }
 }
 

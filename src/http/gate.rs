@@ -5,6 +5,7 @@
 //! nginx's `auth_request` only understands 2xx, 401 and 403; with `?deny_status=403` every other
 //! answer is sent as that status, carrying the real one in `Quotad-Status` and the JSON body on one
 //! line in `Quotad-Body`, which the shipped nginx configuration turns back into the real answer.
+//! In that form no answer has a body: nginx keeps its connection to quotad only after one without.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -57,7 +58,7 @@ const MAX_DENY_BODY: usize = 16 * 1024;
         ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry count once (1 to 255 characters, no control characters)"),
         ("X-Original-Method" = Option<String>, Header, description = "The original request's method (or X-Forwarded-Method)"),
         ("X-Original-URI" = Option<String>, Header, description = "The original request's URI (or X-Forwarded-Uri)"),
-        ("deny_status" = Option<u16>, Query, description = "401 or 403: send every answer that is not 2xx with this status, the real one in Quotad-Status and the body in Quotad-Body (for nginx auth_request)"),
+        ("deny_status" = Option<u16>, Query, description = "401 or 403 (for nginx auth_request): every answer that is not 2xx is sent with this status, the real one in Quotad-Status and the JSON body in Quotad-Body; and no answer has a body (nginx keeps its connection to quotad only after an answer without one)"),
     ),
     responses(
         (status = 200, description = "Allowed and counted", body = super::quota::DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets"), ("Quotad-Plan" = String, description = "The plan in force"), ("Quotad-Usage-Type" = String, description = "The type counted"))),
@@ -283,21 +284,23 @@ pub(super) async fn deny_as(request: Request, next: Next) -> Response {
     let Some(deny) = deny else {
         return response;
     };
-    if response.status().is_success() {
-        return response;
-    }
+    // No body in this form: nginx's auth_request discards it, and keeps its connection to quotad
+    // alive only for an answer without one (else it opens a new connection per request).
     let (mut parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_DENY_BODY)
-        .await
-        .unwrap_or_default();
-    parts
-        .headers
-        .insert(QUOTAD_STATUS, HeaderValue::from(parts.status.as_u16()));
-    if let Ok(one_line) = HeaderValue::from_str(&ascii_json(&bytes)) {
-        parts.headers.insert(QUOTAD_BODY, one_line);
+    parts.headers.remove(header::CONTENT_TYPE);
+    if !parts.status.is_success() {
+        let bytes = axum::body::to_bytes(body, MAX_DENY_BODY)
+            .await
+            .unwrap_or_default();
+        parts
+            .headers
+            .insert(QUOTAD_STATUS, HeaderValue::from(parts.status.as_u16()));
+        if let Ok(one_line) = HeaderValue::from_str(&ascii_json(&bytes)) {
+            parts.headers.insert(QUOTAD_BODY, one_line);
+        }
+        parts.status = deny;
     }
-    parts.status = deny;
-    Response::from_parts(parts, Body::from(bytes))
+    Response::from_parts(parts, Body::empty())
 }
 
 /// A JSON body on one line of ASCII (non-ASCII characters as `\u` escapes), fit for a header.
