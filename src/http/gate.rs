@@ -37,6 +37,9 @@ pub(crate) const QUOTAD_STATUS: HeaderName = HeaderName::from_static("quotad-sta
 pub(crate) const QUOTAD_BODY: HeaderName = HeaderName::from_static("quotad-body");
 /// The plan in force, on an allowed answer.
 const QUOTAD_PLAN: HeaderName = HeaderName::from_static("quotad-plan");
+/// What the user has used after this call (the level that binds, as consume's `used`), on an
+/// allowed answer.
+const QUOTAD_USED: HeaderName = HeaderName::from_static("quotad-used");
 /// The usage type counted, on an allowed answer.
 const QUOTAD_USAGE_TYPE: HeaderName = HeaderName::from_static("quotad-usage-type");
 /// `true` when Redis could not answer and the type fails open: allowed, not counted.
@@ -61,7 +64,7 @@ const MAX_DENY_BODY: usize = 16 * 1024;
         ("deny_status" = Option<u16>, Query, description = "401 or 403 (for nginx auth_request): every answer that is not 2xx is sent with this status, the real one in Quotad-Status and the JSON body in Quotad-Body; and no answer has a body (nginx keeps its connection to quotad only after an answer without one)"),
     ),
     responses(
-        (status = 200, description = "Allowed and counted", body = super::quota::DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets"), ("Quotad-Plan" = String, description = "The plan in force"), ("Quotad-Usage-Type" = String, description = "The type counted"))),
+        (status = 200, description = "Allowed and counted. No body: everything is in headers (a gateway keeps its connection to quotad only after an answer without one)", headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets"), ("Quotad-Plan" = String, description = "The plan in force"), ("Quotad-Usage-Type" = String, description = "The type counted"), ("Quotad-Used" = u64, description = "Used after this call (absent when degraded)"), ("Quotad-Degraded" = String, description = "`true`: Redis did not answer and the type fails open; allowed, not counted"), ("Idempotent-Replayed" = String, description = "`true`: the first answer to this idempotency key, again; nothing counted"))),
         (status = 204, description = "The route table maps the request to no type and `[gate] unmatched = \"pass\"`: allowed, nothing counted"),
         (status = 402, description = "Refused: the amount does not fit; nothing counted", body = super::quota::DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))),
         (status = 403, description = "ROUTE_NOT_METERED: no route maps the request and `[gate] unmatched = \"refuse\"`; or, with deny_status=403, any answer that is not 2xx (see Quotad-Status)", body = super::error::ErrorBody),
@@ -175,26 +178,34 @@ pub async fn gate(
     let decision = state.quota.decide(Action::Consume, &input, &plans).await?;
     let answer = DecisionAnswer::new(&decision, Action::Consume, amount, &plans);
     let mut headers = answer.headers;
-    if decision.allowed {
-        if let Some(plan) = answer
-            .plan
-            .as_deref()
-            .and_then(|p| HeaderValue::from_str(p).ok())
-        {
-            headers.insert(QUOTAD_PLAN, plan);
-        }
-        if let Ok(name) = HeaderValue::from_str(&usage_type.name) {
-            headers.insert(QUOTAD_USAGE_TYPE, name);
-        }
-        if decision.degraded {
-            headers.insert(QUOTAD_DEGRADED, HeaderValue::from_static("true"));
-        }
+    if !decision.allowed {
+        // A refusal goes to the client as it is (Caddy, Envoy): with consume's JSON body.
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Ok((answer.status, headers, answer.body).into_response());
     }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok((answer.status, headers, answer.body).into_response())
+    // Allowed: headers only. A gateway reads nothing else, and nginx and Go's proxies (Caddy,
+    // Traefik) keep their connection to quotad only after an answer whose body they read whole,
+    // which they do not do for an auth answer: a body here would cost a connection per request.
+    if let Some(plan) = answer
+        .plan
+        .as_deref()
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
+        headers.insert(QUOTAD_PLAN, plan);
+    }
+    if let Ok(name) = HeaderValue::from_str(&usage_type.name) {
+        headers.insert(QUOTAD_USAGE_TYPE, name);
+    }
+    if let Some(used) = answer.used {
+        headers.insert(QUOTAD_USED, HeaderValue::from(used));
+    }
+    if decision.degraded {
+        headers.insert(QUOTAD_DEGRADED, HeaderValue::from_static("true"));
+    }
+    Ok((answer.status, headers).into_response())
 }
 
 /// The one value of header `name`: absent (or empty) is `None`; two values, or one that is not

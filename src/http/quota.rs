@@ -341,6 +341,8 @@ pub(crate) struct DecisionAnswer {
     pub body: Vec<u8>,
     /// The plan of the level shown.
     pub plan: Option<String>,
+    /// What the level shown has used; `None` when Redis could not be asked (degraded).
+    pub used: Option<u64>,
     /// The limit of the level shown (`RateLimit-Limit`); `None` when unlimited or unknown.
     pub limit: Option<u64>,
     /// What is left at that level (`RateLimit-Remaining`); `None` when unlimited or unknown.
@@ -436,6 +438,7 @@ impl DecisionAnswer {
             headers,
             body: serde_json::to_vec(&body).expect("a decision serializes"),
             plan: plan.map(str::to_owned),
+            used: counter.used,
             limit,
             remaining,
             reset_seconds,
