@@ -54,44 +54,39 @@ quotad_pid=$!
 pids+=("$quotad_pid")
 wait_http "http://127.0.0.1:$quotad_port/readyz"
 
-# The upstream: nginx answering 200 itself, one worker.
-mkdir -p "$work/upstream" "$work/gateway/conf.d"
-cat > "$work/upstream/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/upstream/nginx.pid;
-error_log $work/upstream/error.log warn;
+# start_nginx NAME WORKERS HTTP_BODY: an nginx of its own in $work/NAME, in the foreground
+# (so the script can stop it), with HTTP_BODY inside its http block; its pid in $nginx_pid.
+start_nginx() {
+  local dir="$work/$1"
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<EOF
+worker_processes $2;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  client_body_temp_path $work/upstream/tmp; proxy_temp_path $work/upstream/tmp;
-  fastcgi_temp_path $work/upstream/tmp; uwsgi_temp_path $work/upstream/tmp; scgi_temp_path $work/upstream/tmp;
+  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp;
+  fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$upstream_port; location / { return 200 "ok\n"; } }
+  $3
 }
 EOF
-nginx -p "$work/upstream" -c "$work/upstream/nginx.conf" -g 'daemon off;' &
-pids+=($!)
+  nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
+  nginx_pid=$!
+  pids+=("$nginx_pid")
+}
+
+# The upstream: nginx answering 200 itself, one worker.
+start_nginx upstream 1 "server { listen 127.0.0.1:$upstream_port; location / { return 200 'ok'; } }"
 wait_http "http://127.0.0.1:$upstream_port/"
 
 # The gateway: the shipped template, rendered as its header says, two workers (one per core).
+mkdir -p "$work/conf.d"
 QUOTAD_ADDR="127.0.0.1:$quotad_port" UPSTREAM_ADDR="127.0.0.1:$upstream_port" LISTEN_PORT="127.0.0.1:$gateway_port" \
-  envsubst '${QUOTAD_ADDR} ${UPSTREAM_ADDR} ${LISTEN_PORT}' < "$TEMPLATE" > "$work/gateway/conf.d/quotad.conf"
-cat > "$work/gateway/nginx.conf" <<EOF
-worker_processes 2;
-pid $work/gateway/nginx.pid;
-error_log $work/gateway/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/gateway/tmp; proxy_temp_path $work/gateway/tmp;
-  fastcgi_temp_path $work/gateway/tmp; uwsgi_temp_path $work/gateway/tmp; scgi_temp_path $work/gateway/tmp;
-  keepalive_requests 1000000;
-  include $work/gateway/conf.d/*.conf;
-}
-EOF
-nginx -p "$work/gateway" -c "$work/gateway/nginx.conf" -g 'daemon off;' &
-gateway_pid=$!
-pids+=("$gateway_pid")
+  envsubst '${QUOTAD_ADDR} ${UPSTREAM_ADDR} ${LISTEN_PORT}' < "$TEMPLATE" > "$work/conf.d/quotad.conf"
+start_nginx gateway 2 "include $work/conf.d/*.conf;"
+gateway_pid=$nginx_pid
 wait_http "http://127.0.0.1:$gateway_port/"
 
 # The users, taken in turn by wrk's connections; each one's first request (and its load from

@@ -58,20 +58,7 @@ pub(super) async fn load_counters(
             store.arm(&mut hydrate);
             pipe.invoke_script(&hydrate).ignore();
             for ty in types {
-                let call = CountCall {
-                    mode: Mode::Consume,
-                    keys: &keys,
-                    usage_type: plans.usage_type(ty).expect("in memory_plans"),
-                    amount: 1,
-                    period,
-                    plan_override: None,
-                    default_plan: &plans.default_plan,
-                    idempotency_key: None,
-                    metadata: &[],
-                };
-                let mut count = store.count_invocation(&call);
-                store.arm(&mut count);
-                pipe.invoke_script(&count).ignore();
+                consume_in(&mut pipe, store, &plans, &keys, ty, period, None);
             }
         }
         pipe.query_async::<()>(conn)
@@ -79,6 +66,32 @@ pub(super) async fn load_counters(
             .map_err(|e| format!("redis: {e}"))?;
     }
     Ok(())
+}
+
+/// Adds to `pipe` one consume of `ty` (a [`MEMORY_TYPES`] type) for `keys`' user, under `key`.
+fn consume_in(
+    pipe: &mut redis::Pipeline,
+    store: &RedisStore,
+    plans: &Plans,
+    keys: &quotad::store::UserKeys,
+    ty: &str,
+    period: Period,
+    key: Option<&str>,
+) {
+    let call = CountCall {
+        mode: Mode::Consume,
+        keys,
+        usage_type: plans.usage_type(ty).expect("in memory_plans"),
+        amount: 1,
+        period,
+        plan_override: None,
+        default_plan: &plans.default_plan,
+        idempotency_key: key,
+        metadata: &[],
+    };
+    let mut count = store.count_invocation(&call);
+    store.arm(&mut count);
+    pipe.invoke_script(&count).ignore();
 }
 
 /// One `ai_generation` consume per user, pipelined; under a key of 32 hex digits when `keyed`.
@@ -96,20 +109,15 @@ async fn consume_each(
         for u in chunk {
             let keys = store.keys(*u);
             let key = keyed.then(|| Uuid::new_v4().simple().to_string());
-            let call = CountCall {
-                mode: Mode::Consume,
-                keys: &keys,
-                usage_type: plans.usage_type(MEMORY_TYPES[0]).expect("in memory_plans"),
-                amount: 1,
+            consume_in(
+                &mut pipe,
+                store,
+                &plans,
+                &keys,
+                MEMORY_TYPES[0],
                 period,
-                plan_override: None,
-                default_plan: &plans.default_plan,
-                idempotency_key: key.as_deref(),
-                metadata: &[],
-            };
-            let mut count = store.count_invocation(&call);
-            store.arm(&mut count);
-            pipe.invoke_script(&count).ignore();
+                key.as_deref(),
+            );
         }
         pipe.query_async::<()>(conn)
             .await

@@ -28,6 +28,11 @@ fn used_of(a: &Answer) -> u64 {
         .unwrap()
 }
 
+/// A plain GET of the gate with `headers`.
+async fn ask(app: &TestApp, headers: &[(&str, &str)]) -> Answer {
+    gate(app, "GET", "", headers).await
+}
+
 /// The built-in plans with a `[gate]` table appended.
 fn with_gate(table: &str) -> tempfile_path::TempPath {
     tempfile_path::write(&format!("{}\n{table}", quotad::plans::BUILT_IN))
@@ -72,7 +77,7 @@ async fn a_free_user_is_allowed_50_with_ratelimit_headers_and_the_plan_then_refu
         ("X-Usage-Type", "ai_generation"),
     ];
     for i in 1..=50u64 {
-        let a = gate(&app, "GET", "", &headers).await;
+        let a = ask(&app, &headers).await;
         assert_eq!(a.status, 200, "{:?}", a.body);
         assert_eq!(a.header("quotad-plan"), Some("FREE"));
         assert_eq!(a.header("quotad-usage-type"), Some("ai_generation"));
@@ -312,7 +317,7 @@ async fn malformed_headers_are_refused_naming_the_header_and_count_nothing() {
         ),
     ];
     for (headers, code, field) in &cases {
-        let a = gate(&app, "GET", "", headers).await;
+        let a = ask(&app, headers).await;
         assert_eq!(a.status, 400, "{headers:?}: {:?}", a.body);
         assert_eq!(a.body["code"], json!(code), "{headers:?}: {:?}", a.body);
         if !field.is_empty() {
@@ -337,13 +342,7 @@ async fn malformed_headers_are_refused_naming_the_header_and_count_nothing() {
     assert_eq!((a.status, &a.body["code"]), (400, &json!("INVALID_HEADER")));
     // A URI of 8 KiB and more.
     let huge = format!("/{}", "a".repeat(9000));
-    let a = gate(
-        &app,
-        "GET",
-        "",
-        &[("X-User-Id", &u), ("X-Original-URI", &huge)],
-    )
-    .await;
+    let a = ask(&app, &[("X-User-Id", &u), ("X-Original-URI", &huge)]).await;
     assert_eq!(
         (a.status, &a.body["code"]),
         (400, &json!("INVALID_ORIGINAL_URI"))
@@ -403,10 +402,8 @@ async fn the_route_table_maps_the_original_method_and_uri_as_the_gateway_routes_
     let batch_get = at("/generate/batch/1", "GET").await;
     assert_eq!(used_of(&batch_get), spellings.len() as u64 + 6);
     // Caddy's and Traefik's headers.
-    let caddy = gate(
+    let caddy = ask(
         &app,
-        "GET",
-        "",
         &[
             ("X-User-Id", &u),
             ("X-Forwarded-Uri", "/export/csv?x=1"),
@@ -420,14 +417,12 @@ async fn the_route_table_maps_the_original_method_and_uri_as_the_gateway_routes_
     );
     // Not metered: passes, counting nothing, and needs no user.
     for uri in ["/generated", "/", "/health", "/exports"] {
-        let a = gate(&app, "GET", "", &[("X-Original-URI", uri)]).await;
+        let a = ask(&app, &[("X-Original-URI", uri)]).await;
         assert_eq!(a.status, 204, "{uri}: {:?}", a.body);
     }
     // The route sets the amount; an amount header with it is a misconfigured gateway.
-    let a = gate(
+    let a = ask(
         &app,
-        "GET",
-        "",
         &[
             ("X-User-Id", &u),
             ("X-Original-URI", "/generate"),
@@ -440,10 +435,8 @@ async fn the_route_table_maps_the_original_method_and_uri_as_the_gateway_routes_
         (400, &json!("AMOUNT_WITHOUT_TYPE"))
     );
     // A type header is taken ahead of the table.
-    let a = gate(
+    let a = ask(
         &app,
-        "GET",
-        "",
         &[
             ("X-User-Id", &u),
             ("X-Original-URI", "/generate"),
@@ -453,7 +446,7 @@ async fn the_route_table_maps_the_original_method_and_uri_as_the_gateway_routes_
     .await;
     assert_eq!(a.header("quotad-usage-type"), Some("kb_file"));
     // A metered route without a user.
-    let a = gate(&app, "GET", "", &[("X-Original-URI", "/generate")]).await;
+    let a = ask(&app, &[("X-Original-URI", "/generate")]).await;
     assert_eq!((a.status, &a.body["code"]), (400, &json!("MISSING_USER")));
 
     assert_eq!(
@@ -482,10 +475,8 @@ type = "ai_generation"
     .await;
     let user = Uuid::new_v4();
     let u = user.to_string();
-    let refused = gate(
+    let refused = ask(
         &app,
-        "GET",
-        "",
         &[
             ("X-Auth-Subject", &u),
             ("X-Original-URI", "/generate"),
@@ -503,14 +494,12 @@ type = "ai_generation"
         ("X-Original-Method", "POST"),
         ("X-Request-Key", "r-1"),
     ];
-    assert_eq!(gate(&app, "GET", "", &ok).await.status, 200);
-    let again = gate(&app, "GET", "", &ok).await;
+    assert_eq!(ask(&app, &ok).await.status, 200);
+    let again = ask(&app, &ok).await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     // The default name is not read any more.
-    let a = gate(
+    let a = ask(
         &app,
-        "GET",
-        "",
         &[
             ("X-User-Id", &u),
             ("X-Original-URI", "/generate"),
@@ -571,7 +560,7 @@ async fn with_deny_status_every_answer_that_is_not_2xx_is_403_carrying_the_real_
     let (status, body) = carried(&refused);
     assert_eq!(status, 402);
     // The body the plain form answers.
-    assert_eq!(body, gate(&app, "GET", "", &h).await.body);
+    assert_eq!(body, ask(&app, &h).await.body);
     assert_eq!(body["code"], json!("USAGE_LIMIT_EXCEEDED"));
     assert!(refused.header("retry-after").is_some());
     assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
@@ -603,7 +592,7 @@ async fn with_deny_status_every_answer_that_is_not_2xx_is_403_carrying_the_real_
     ];
     let a = gate(&app, "GET", "?deny_status=403", &odd).await;
     assert_eq!(carried(&a).0, 400);
-    assert_eq!(carried(&a).1, gate(&app, "GET", "", &odd).await.body);
+    assert_eq!(carried(&a).1, ask(&app, &odd).await.body);
     bodiless(&a);
 }
 
@@ -618,10 +607,8 @@ async fn with_redis_down_an_open_type_is_allowed_degraded_and_a_closed_one_is_50
     .await;
     let user = Uuid::new_v4().to_string();
     redis.kill();
-    let open = gate(
+    let open = ask(
         &app,
-        "GET",
-        "",
         &[("X-User-Id", &user), ("X-Usage-Type", "ai_generation")],
     )
     .await;
@@ -659,13 +646,7 @@ async fn a_plans_file_with_a_bad_gate_table_is_refused_at_reload_and_the_old_tab
         "{err}"
     );
     let user = Uuid::new_v4().to_string();
-    let a = gate(
-        &app,
-        "GET",
-        "",
-        &[("X-User-Id", &user), ("X-Original-URI", "/export")],
-    )
-    .await;
+    let a = ask(&app, &[("X-User-Id", &user), ("X-Original-URI", "/export")]).await;
     assert_eq!(a.header("quotad-usage-type"), Some("export"));
 }
 
@@ -677,9 +658,9 @@ async fn a_user_refused_at_the_gate_is_refused_again_from_the_refusal_cache_with
     let user = Uuid::new_v4().to_string();
     let h = [("X-User-Id", user.as_str()), ("X-Usage-Type", "export")];
     for _ in 0..10 {
-        assert_eq!(gate(&app, "GET", "", &h).await.status, 200);
+        assert_eq!(ask(&app, &h).await.status, 200);
     }
-    let first = gate(&app, "GET", "", &h).await;
+    let first = ask(&app, &h).await;
     assert_eq!(first.status, 402);
 
     let mut conn = app.redis().await;
