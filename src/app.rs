@@ -237,6 +237,7 @@ impl App {
                     idempotency: config.grpc_idempotency_key.clone(),
                 },
                 max_streams: u32::try_from(config.max_in_flight).unwrap_or(u32::MAX),
+                max_connections: config.max_connections as usize,
                 bound,
             };
             let served = grpc::serve(listener, state.clone(), settings, stopping_seen).await;

@@ -10,20 +10,25 @@
 //! in flight (`QUOTAD_MAX_IN_FLIGHT`, past it `UNAVAILABLE` at once) and its deadline
 //! (`QUOTAD_REQUEST_TIMEOUT_MS`); each call runs as a task of its own, so a slow one holds back
 //! no other on the same connection; HTTP/2 keepalive pings close connections to peers that
-//! vanished.
+//! vanished; at most `QUOTAD_MAX_CONNECTIONS` connections are open, as on the HTTP port.
 
 mod ratelimit;
 
 pub use ratelimit::{Names, RateLimiter};
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -47,6 +52,9 @@ pub(crate) struct Settings {
     pub names: Names,
     /// Most calls one HTTP/2 connection may have open at once.
     pub max_streams: u32,
+    /// Most connections open at once (`QUOTAD_MAX_CONNECTIONS`, as for HTTP); further ones wait
+    /// in the kernel's listen backlog instead of using up file descriptors.
+    pub max_connections: usize,
     /// Longest wait for running calls once shutdown begins.
     pub bound: Duration,
 }
@@ -64,9 +72,12 @@ pub(crate) async fn serve(
     report(&reporter, ServingStatus::NotServing).await;
     let ratelimit = RateLimitServiceServer::new(RateLimiter::new(state.clone(), settings.names))
         .max_decoding_message_size(MAX_MESSAGE);
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    let incoming = capped(
+        TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60))),
+        settings.max_connections,
+    );
     let mut signal = stop.clone();
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -98,6 +109,85 @@ pub(crate) async fn serve(
     let (served, ()) = tokio::join!(bounded, watch_readiness(reporter, state, stop));
     tracing::info!("gRPC server stopped");
     served
+}
+
+/// `incoming`, taking a connection only while fewer than `max` are open: each one holds a slot
+/// until it closes.
+fn capped(
+    incoming: TcpIncoming,
+    max: usize,
+) -> impl futures_util::Stream<Item = std::io::Result<Capped>> {
+    let slots = Arc::new(Semaphore::new(max));
+    futures_util::stream::unfold(
+        (Box::pin(incoming), slots),
+        |(mut incoming, slots)| async move {
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let next = incoming.next().await?;
+            let capped = next.map(|stream| Capped {
+                stream,
+                _slot: slot,
+            });
+            Some((capped, (incoming, slots)))
+        },
+    )
+}
+
+/// A connection holding one of the server's slots until it closes.
+struct Capped {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for Capped {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Capped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Capped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 /// Keeps the health reports in step with readiness (`SERVING` once quotad counts, `NOT_SERVING`

@@ -595,3 +595,65 @@ fn a_grpc_address_that_cannot_be_bound_or_parsed_stops_start_up_naming_the_varia
         assert!(err.contains("QUOTAD_GRPC_LISTEN"), "{value}: {err}");
     }
 }
+
+/// `QUOTAD_MAX_CONNECTIONS` bounds the gRPC port as it does the HTTP one: past it a new
+/// connection waits in the kernel's backlog (it is not answered), and is taken once another
+/// closes; the ones open go on being served meanwhile.
+#[tokio::test]
+async fn past_max_connections_a_new_grpc_connection_waits_until_one_closes() {
+    let app = TestApp::spawn_with(Options {
+        tune: |c| {
+            with_grpc(c);
+            c.max_connections = 2;
+        },
+        ..Options::default()
+    })
+    .await;
+    let addr = app.grpc.expect("gRPC is on");
+    wait_health(addr, SERVICE, ServingStatus::Serving).await;
+    let check = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: SERVICE.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    let (first, second) = (channel(addr).await, channel(addr).await);
+    assert_eq!(
+        check(first.clone()).await.unwrap(),
+        ServingStatus::Serving as i32
+    );
+    assert_eq!(
+        check(second.clone()).await.unwrap(),
+        ServingStatus::Serving as i32
+    );
+
+    let third = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let waited = tokio::time::timeout(Duration::from_millis(800), check(third.clone())).await;
+    assert!(
+        waited.is_err(),
+        "a third connection is not served while two are open: {waited:?}"
+    );
+    // The two open ones are still served.
+    let user = Uuid::new_v4().to_string();
+    let mut client = RateLimitServiceClient::new(second.clone());
+    let answer = client
+        .should_rate_limit(request(&[("user_id", &user), ("usage_type", "export")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.overall_code, Code::Ok as i32);
+
+    drop((first, client));
+    let started = Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(10), check(third)).await;
+    assert_eq!(
+        served.expect("served once a slot is free").unwrap(),
+        ServingStatus::Serving as i32,
+        "after {:?}",
+        started.elapsed()
+    );
+}
