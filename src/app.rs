@@ -238,6 +238,7 @@ impl App {
                 },
                 max_streams: u32::try_from(config.max_in_flight).unwrap_or(u32::MAX),
                 max_connections: config.max_connections as usize,
+                preface_timeout: config.header_timeout(),
                 bound,
             };
             let served = grpc::serve(listener, state.clone(), settings, stopping_seen).await;

@@ -16,6 +16,7 @@ mod ratelimit;
 
 pub use ratelimit::{Names, RateLimiter};
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -55,6 +56,10 @@ pub(crate) struct Settings {
     /// Most connections open at once (`QUOTAD_MAX_CONNECTIONS`, as for HTTP); further ones wait
     /// in the kernel's listen backlog instead of using up file descriptors.
     pub max_connections: usize,
+    /// Longest wait for a new connection's first bytes (HTTP/2's preface and its first frame
+    /// header; `QUOTAD_HEADER_TIMEOUT_MS`, as for an HTTP request header): a connection that
+    /// sends nothing is closed, and gives its slot back.
+    pub preface_timeout: Duration,
     /// Longest wait for running calls once shutdown begins.
     pub bound: Duration,
 }
@@ -77,6 +82,7 @@ pub(crate) async fn serve(
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60))),
         settings.max_connections,
+        settings.preface_timeout,
     );
     let mut signal = stop.clone();
     let server = Server::builder()
@@ -112,15 +118,16 @@ pub(crate) async fn serve(
 }
 
 /// `incoming`, taking a connection only while fewer than `max` are open: each one holds a slot
-/// until it closes.
+/// until it closes, and is closed if its first [`PREFACE_BYTES`] do not come within `preface`.
 fn capped(
     incoming: TcpIncoming,
     max: usize,
+    preface: Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<Capped>> {
     let slots = Arc::new(Semaphore::new(max));
     futures_util::stream::unfold(
         (Box::pin(incoming), slots),
-        |(mut incoming, slots)| async move {
+        move |(mut incoming, slots)| async move {
             let slot = slots
                 .clone()
                 .acquire_owned()
@@ -130,16 +137,23 @@ fn capped(
             let capped = next.map(|stream| Capped {
                 stream,
                 _slot: slot,
+                preface: Some((Box::pin(tokio::time::sleep(preface)), 0)),
             });
             Some((capped, (incoming, slots)))
         },
     )
 }
 
+/// HTTP/2's client preface (24 bytes) and the header of its first frame (9): what a client sends
+/// first, unasked.
+const PREFACE_BYTES: usize = 24 + 9;
+
 /// A connection holding one of the server's slots until it closes.
 struct Capped {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// Until the client's first [`PREFACE_BYTES`] are read: the deadline, and the bytes read.
+    preface: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl Connected for Capped {
@@ -156,7 +170,24 @@ impl AsyncRead for Capped {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        if let Some((deadline, _)) = &mut this.preface {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within QUOTAD_HEADER_TIMEOUT_MS",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some((_, seen))) = (&read, &mut this.preface) {
+            *seen += buf.filled().len() - before;
+            if *seen >= PREFACE_BYTES {
+                this.preface = None;
+            }
+        }
+        read
     }
 }
 

@@ -657,3 +657,52 @@ async fn past_max_connections_a_new_grpc_connection_waits_until_one_closes() {
         started.elapsed()
     );
 }
+
+/// A connection that sends nothing, or only part of HTTP/2's preface, is closed after
+/// `QUOTAD_HEADER_TIMEOUT_MS` (as a half-sent HTTP request header is) and gives its slot back:
+/// with one connection allowed, a real client is served after it.
+#[tokio::test]
+async fn a_grpc_connection_that_sends_no_preface_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(Options {
+        tune: |c| {
+            with_grpc(c);
+            c.max_connections = 1;
+            c.header_timeout_ms = 500;
+        },
+        ..Options::default()
+    })
+    .await;
+    let addr = app.grpc.expect("gRPC is on");
+    wait_health(addr, SERVICE, ServingStatus::Serving).await;
+    for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        silent.write_all(sent).await.unwrap();
+        let started = Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 256];
+            // The server's own SETTINGS may come first; then the end of the connection.
+            loop {
+                match silent.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        let took = started.elapsed();
+        assert!(closed.is_ok(), "{sent:?}: still open after 5 s");
+        assert!(
+            took >= Duration::from_millis(400),
+            "{sent:?}: closed after {took:?}, before the timeout"
+        );
+        // Its slot is free again: the one connection allowed serves a real client.
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), health(addr, SERVICE))
+                .await
+                .expect("served")
+                .unwrap(),
+            ServingStatus::Serving as i32
+        );
+    }
+}
