@@ -51,6 +51,11 @@ pub struct ReconcileArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Longest wait for each Postgres statement, a lock included, in milliseconds (1 to
+    /// 3,600,000): past it reconcile stops with exit 2 instead of waiting on a hung or locked
+    /// database.
+    #[arg(long, default_value_t = 60_000, value_parser = number::<u64>("--timeout-ms"))]
+    pub timeout_ms: u64,
     /// Where to connect.
     #[command(flatten)]
     pub config: Config,

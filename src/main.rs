@@ -37,6 +37,9 @@ enum Failure {
     /// Reconcile failed.
     #[error("reconcile: {0}")]
     Reconcile(#[from] ReconcileError),
+    /// A reconcile statement passed `--timeout-ms`.
+    #[error("reconcile: postgres did not finish a statement within --timeout-ms {0} (a lock held on usage_tracking, or a database overloaded); repairs made before it stay made. Run it again later, or with a longer --timeout-ms")]
+    ReconcileTimeout(u64),
     /// The load generator could not be started.
     #[error("bench: cannot run {path}: {source}. Build it beside this quotad: `cargo build -p quotad-bench` (with `--release` for a release quotad); deploy/test.sh and deploy/bench.sh do")]
     Bench {
@@ -142,8 +145,28 @@ async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, Failure>
         config.redis_timeout(),
     )
     .map_err(Failure::Config)?;
-    let pool = db::lazy_pool(&config.database_url, None).map_err(Failure::DatabaseUrl)?;
-    let report = quotad::reconcile::reconcile(&store, &pool, period, args.repair, now).await?;
+    if !(1..=3_600_000).contains(&args.timeout_ms) {
+        return Err(Failure::Config(format!(
+            "--timeout-ms {}: use 1 to 3600000 milliseconds",
+            args.timeout_ms
+        )));
+    }
+    // Every statement (and every lock it waits for) has its deadline: a hung or locked database
+    // stops the run with an error instead of holding it forever.
+    let deadline = std::time::Duration::from_millis(args.timeout_ms);
+    let pool = db::lazy_pool(&config.database_url, Some(deadline)).map_err(Failure::DatabaseUrl)?;
+    let report = quotad::reconcile::reconcile(&store, &pool, period, args.repair, now)
+        .await
+        .map_err(|e| match &e {
+            // statement_timeout, lock_timeout, or no connection within the deadline.
+            ReconcileError::Db(db_error)
+                if matches!(db_error, sqlx::Error::PoolTimedOut)
+                    || db::sqlstate(db_error).is_some_and(|c| c == "57014" || c == "55P03") =>
+            {
+                Failure::ReconcileTimeout(args.timeout_ms)
+            }
+            _ => Failure::Reconcile(e),
+        })?;
     if args.json {
         let json = serde_json::to_string_pretty(&report).expect("a report serializes");
         println!("{json}");

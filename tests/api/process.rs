@@ -182,3 +182,65 @@ async fn reconcile_exits_1_on_drift_and_0_once_repaired() {
     assert!(String::from_utf8_lossy(&bad.stderr)
         .contains("--period \"Nov\": use a month such as 2026-11, or lifetime"));
 }
+
+/// `quotad reconcile` against a locked `usage_tracking` (a migration or a stuck transaction
+/// holding it) stops within its `--timeout-ms` with exit 2 and a sentence, instead of waiting for
+/// ever; once the lock is gone it runs.
+#[tokio::test]
+async fn reconcile_stops_on_a_locked_table_within_its_timeout() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    app.consume(user, "ai_generation").await;
+    app.flush().await;
+    let db = app.db().await;
+    let mut lock = db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE usage_tracking IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let reconcile = || {
+        let (redis, database, prefix) = (
+            app.redis_url.clone(),
+            format!("{}/{}", app.postgres_url, app.db_name),
+            app.prefix.clone(),
+        );
+        let month = crate::helpers::period_id(0);
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let out = Command::new(BIN)
+                .args(["reconcile", "--period", &month, "--timeout-ms", "500"])
+                .env("QUOTAD_REDIS_URL", redis)
+                .env("QUOTAD_DATABASE_URL", database)
+                .env("QUOTAD_KEY_PREFIX", prefix)
+                .env("QUOTAD_LOG", "warn")
+                .output()
+                .unwrap();
+            (out, started.elapsed())
+        })
+    };
+    let (locked, took) = reconcile().await.unwrap();
+    let stderr = String::from_utf8_lossy(&locked.stderr);
+    assert_eq!(locked.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("postgres did not finish a statement within --timeout-ms 500"),
+        "{stderr}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "stopped after {took:?}, its timeout is 500 ms"
+    );
+    lock.rollback().await.unwrap();
+    let (free, _) = reconcile().await.unwrap();
+    assert_eq!(
+        free.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&free.stderr)
+    );
+    let bad = Command::new(BIN)
+        .args(["reconcile", "--timeout-ms", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--timeout-ms 0"));
+}
