@@ -16,7 +16,9 @@ use axum::response::IntoResponse;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{free_port, is_root, tempfile_path, Answer, Options, PrivateRedis, TestApp};
+use crate::helpers::{
+    free_port, is_root, tempfile_path, Answer, Daemon, Options, PrivateRedis, TestApp,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -813,7 +815,49 @@ async fn quotad_hangs(kind: Kind) {
     held.abort();
 }
 
+/// quotad SIGKILLed behind the gateway, then started again on the same port (its Redis and
+/// Postgres as they were): meanwhile the fail-closed gateway answers 503; afterwards the next
+/// metered request is counted on top of the earlier ones (the gateway's pooled connections to the
+/// dead process are not reused), and nothing counted was lost.
+async fn quotad_restarted(kind: Kind) {
+    let mut first = Daemon::spawn(&[]);
+    first.wait_ready();
+    let upstream = Upstream::start(&first.base()).await;
+    let addr = format!("127.0.0.1:{}", first.port);
+    let gateway = Gateway::start(kind, &addr, upstream.addr, Fail::Closed, None).await;
+    let id = Uuid::new_v4().to_string();
+    for i in 1..=3u64 {
+        let a = gateway.post_as("/generate", &id).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(header_number(&a, "ratelimit-remaining"), 50 - i);
+    }
+    first.signal("-KILL");
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(5)),
+        None,
+        "killed, no exit code"
+    );
+    let down = gateway.post_as("/generate", &id).await;
+    assert_json_error(&down, 503, "QUOTA_SERVICE_UNAVAILABLE", "quotad killed");
+
+    let mut again = Daemon::spawn(&[
+        ("QUOTAD_LISTEN", addr.clone()),
+        ("QUOTAD_KEY_PREFIX", first.prefix.clone()),
+        ("QUOTAD_DATABASE_URL", first.database_url()),
+        ("QUOTAD_TEST_POSTGRES", first.postgres_url.clone()),
+    ]);
+    again.port = first.port;
+    again.wait_ready();
+    for i in 4..=6u64 {
+        let a = gateway.post_as("/generate", &id).await;
+        assert_eq!(a.status, 200, "{a:?}\n{}", gateway.logs());
+        assert_eq!(header_number(&a, "ratelimit-remaining"), 50 - i, "{a:?}");
+    }
+    assert_eq!(upstream.hits_on("/generate").len(), 6);
+}
+
 for_each_gateway!(
+    quotad_restarted,
     quotad_hangs,
     gateway_token_is_sent_when_configured,
     free_user_gets_fifty_then_402,
