@@ -339,7 +339,7 @@ pub(crate) fn respond(d: &Decision, amount: u64, plans: &Plans) -> RateLimitResp
         overall_code: code,
         statuses: vec![status],
         response_headers_to_add: headers,
-        raw_body: if refused { answer.body } else { Vec::new() },
+        raw_body: if refused { answer.body() } else { Vec::new() },
         ..Default::default()
     }
 }

@@ -176,24 +176,20 @@ pub async fn gate(
         metadata: Vec::new(),
     };
     let decision = state.quota.decide(Action::Consume, &input, &plans).await?;
-    let answer = DecisionAnswer::new(&decision, Action::Consume, amount, &plans);
-    let mut headers = answer.headers;
+    let mut answer = DecisionAnswer::new(&decision, Action::Consume, amount, &plans);
+    let mut headers = std::mem::take(&mut answer.headers);
     if !decision.allowed {
         // A refusal goes to the client as it is (Caddy, Envoy): with consume's JSON body.
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        return Ok((answer.status, headers, answer.body).into_response());
+        return Ok((answer.status, headers, answer.body()).into_response());
     }
     // Allowed: headers only. A gateway reads nothing else, and nginx and Go's proxies (Caddy,
     // Traefik) keep their connection to quotad only after an answer whose body they read whole,
     // which they do not do for an auth answer: a body here would cost a connection per request.
-    if let Some(plan) = answer
-        .plan
-        .as_deref()
-        .and_then(|p| HeaderValue::from_str(p).ok())
-    {
+    if let Some(plan) = answer.plan().and_then(|p| HeaderValue::from_str(p).ok()) {
         headers.insert(QUOTAD_PLAN, plan);
     }
     if let Ok(name) = HeaderValue::from_str(&usage_type.name) {

@@ -317,6 +317,7 @@ async fn decide(
 
 fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -> Response {
     let answer = DecisionAnswer::new(d, action, amount, plans);
+    let body = answer.body();
     (
         answer.status,
         answer.headers,
@@ -324,23 +325,22 @@ fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -
             axum::http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        answer.body,
+        body,
     )
         .into_response()
 }
 
 /// A decision as every front end answers it (HTTP, the gate, gRPC): the status consume would
-/// answer, the `RateLimit-*` (and on a refusal `Retry-After`) headers, and the JSON body.
-pub(crate) struct DecisionAnswer {
+/// answer, the `RateLimit-*` (and on a refusal `Retry-After`) headers, and the JSON body,
+/// serialized only when asked for ([`Self::body`]: the gate and gRPC send none when allowed).
+pub(crate) struct DecisionAnswer<'a> {
     /// 200, or 402 for a refused consume.
     pub status: StatusCode,
     /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`, `Retry-After`,
     /// `Idempotent-Replayed`, as apply.
     pub headers: HeaderMap,
-    /// The JSON body.
-    pub body: Vec<u8>,
-    /// The plan of the level shown.
-    pub plan: Option<String>,
+    /// The JSON body, as a value.
+    json: DecisionJson<'a>,
     /// What the level shown has used; `None` when Redis could not be asked (degraded).
     pub used: Option<u64>,
     /// The limit of the level shown (`RateLimit-Limit`); `None` when unlimited or unknown.
@@ -351,8 +351,13 @@ pub(crate) struct DecisionAnswer {
     pub reset_seconds: Option<u64>,
 }
 
-impl DecisionAnswer {
-    pub(crate) fn new(d: &Decision, action: Action, amount: u64, plans: &Plans) -> DecisionAnswer {
+impl<'a> DecisionAnswer<'a> {
+    pub(crate) fn new(
+        d: &'a Decision,
+        action: Action,
+        amount: u64,
+        plans: &'a Plans,
+    ) -> DecisionAnswer<'a> {
         let refused = action == Action::Consume && !d.allowed;
         let level = binding(d);
         let (plan, counter, source) = match (level, &d.account) {
@@ -436,13 +441,22 @@ impl DecisionAnswer {
         DecisionAnswer {
             status,
             headers,
-            body: serde_json::to_vec(&body).expect("a decision serializes"),
-            plan: plan.map(str::to_owned),
+            json: body,
             used: counter.used,
             limit,
             remaining,
             reset_seconds,
         }
+    }
+
+    /// The JSON body.
+    pub(crate) fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.json).expect("a decision serializes")
+    }
+
+    /// The plan of the level shown.
+    pub(crate) fn plan(&self) -> Option<&'a str> {
+        self.json.plan
     }
 }
 
