@@ -28,8 +28,8 @@ use tracing::Instrument;
 use super::status_of;
 use crate::http::error::ApiError;
 use crate::http::{
-    check_amount, check_idempotency_key, loopback_only, not_ready, overloaded, parse_user_id,
-    short, timed_out, AppState, Bearer, DecisionAnswer,
+    check_amount, check_idempotency_key, not_ready, overloaded, parse_user_id, short, timed_out,
+    AppState, DecisionAnswer, Scope,
 };
 use crate::metrics as m;
 use crate::plans::Plans;
@@ -68,24 +68,12 @@ impl RateLimiter {
     /// Who may ask: any gateway or admin token in the `authorization` metadata; with no token
     /// configured, loopback peers only (as over HTTP).
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), ApiError> {
-        let tokens = &self.state.tokens;
-        if tokens.open() {
-            return match request.remote_addr() {
-                Some(peer) if peer.ip().is_loopback() => Ok(()),
-                _ => Err(loopback_only()),
-            };
-        }
-        match tokens.identify(request.metadata().as_ref()) {
-            Bearer::Gateway | Bearer::Admin => Ok(()),
-            Bearer::Missing => Err(ApiError::unauthorized(
-                "UNAUTHORIZED",
-                "Send a token in the metadata: `authorization: Bearer <token>` (in Envoy, initial_metadata of the rate_limit_service's grpc_service).",
-            )),
-            Bearer::Unknown => Err(ApiError::unauthorized(
-                "INVALID_TOKEN",
-                "The bearer token is not one quotad knows; check QUOTAD_GATEWAY_TOKENS / QUOTAD_ADMIN_TOKENS.",
-            )),
-        }
+        self.state.tokens.admit(
+            request.remote_addr(),
+            request.metadata().as_ref(),
+            Scope::Gateway,
+            "Send a token in the metadata: `authorization: Bearer <token>` (in Envoy, initial_metadata of the rate_limit_service's grpc_service).",
+        )
     }
 
     async fn answer(

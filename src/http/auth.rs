@@ -73,7 +73,7 @@ pub(crate) fn loopback_only() -> ApiError {
 
 /// What a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Scope {
+pub(crate) enum Scope {
     Gateway,
     Admin,
 }
@@ -86,30 +86,45 @@ pub(super) async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
-    let tokens = &state.tokens;
-    if tokens.open() {
-        if !peer.ip().is_loopback() {
-            return loopback_only().into_response();
-        }
-        return next.run(request).await;
+    let how = "Send a token: `Authorization: Bearer <token>`.";
+    match state
+        .tokens
+        .admit(Some(peer), request.headers(), scope, how)
+    {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
     }
-    match (tokens.identify(request.headers()), scope) {
-        (Bearer::Admin, _) | (Bearer::Gateway, Scope::Gateway) => next.run(request).await,
-        (Bearer::Gateway, Scope::Admin) => ApiError::forbidden(
-            "FORBIDDEN",
-            "This call needs an admin token; the token sent has the gateway scope.",
-        )
-        .into_response(),
-        (Bearer::Missing, _) => ApiError::unauthorized(
-            "UNAUTHORIZED",
-            "Send a token: `Authorization: Bearer <token>`.",
-        )
-        .into_response(),
-        (Bearer::Unknown, _) => ApiError::unauthorized(
-            "INVALID_TOKEN",
-            "The bearer token is not one quotad knows; check QUOTAD_GATEWAY_TOKENS / QUOTAD_ADMIN_TOKENS.",
-        )
-        .into_response(),
+}
+
+impl Tokens {
+    /// Whether a call from `peer` carrying `headers` (HTTP headers, or gRPC metadata) may use
+    /// `scope`: the token's scope is enough, or, with no tokens configured, the peer is on
+    /// loopback (an unknown peer is not). `how` tells a caller without a token where to send one.
+    pub(crate) fn admit(
+        &self,
+        peer: Option<SocketAddr>,
+        headers: &axum::http::HeaderMap,
+        scope: Scope,
+        how: &str,
+    ) -> Result<(), ApiError> {
+        if self.open() {
+            return match peer {
+                Some(peer) if peer.ip().is_loopback() => Ok(()),
+                _ => Err(loopback_only()),
+            };
+        }
+        match (self.identify(headers), scope) {
+            (Bearer::Admin, _) | (Bearer::Gateway, Scope::Gateway) => Ok(()),
+            (Bearer::Gateway, Scope::Admin) => Err(ApiError::forbidden(
+                "FORBIDDEN",
+                "This call needs an admin token; the token sent has the gateway scope.",
+            )),
+            (Bearer::Missing, _) => Err(ApiError::unauthorized("UNAUTHORIZED", how)),
+            (Bearer::Unknown, _) => Err(ApiError::unauthorized(
+                "INVALID_TOKEN",
+                "The bearer token is not one quotad knows; check QUOTAD_GATEWAY_TOKENS / QUOTAD_ADMIN_TOKENS.",
+            )),
+        }
     }
 }
 

@@ -17,9 +17,10 @@ pub mod openapi;
 mod quota;
 pub mod ui;
 
+use auth::authorize;
+pub(crate) use auth::Scope;
 pub use auth::Tokens;
-use auth::{authorize, Scope};
-pub(crate) use auth::{loopback_only, Bearer};
+pub(crate) use auth::Bearer;
 pub use extract::{
     parse_account_id, parse_user_id, AccountIdPath, ApiJson, ApiQuery, OptionalJson, UserIdPath,
 };
