@@ -273,9 +273,13 @@ fn normalize_path(path: &str) -> Result<String, PathError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
-            let hex = std::str::from_utf8(hex).map_err(|_| PathError::BadEscape)?;
-            decoded.push(u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEscape)?);
+            // Two hex digits, nothing else (`from_str_radix` alone would take "+f").
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .ok_or(PathError::BadEscape)?;
+            let hex = std::str::from_utf8(hex).expect("hex digits are ASCII");
+            decoded.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
             i += 3;
         } else {
             decoded.push(bytes[i]);
@@ -337,6 +341,8 @@ mod tests {
         assert_eq!(normalize_uri(""), Err(PathError::NotAPath));
         assert_eq!(normalize_uri("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(normalize_uri("/a%4"), Err(PathError::BadEscape));
+        assert_eq!(normalize_uri("/a%+f"), Err(PathError::BadEscape));
+        assert_eq!(normalize_uri("/a%-1"), Err(PathError::BadEscape));
         assert_eq!(normalize_uri("/a%ff"), Err(PathError::NotUtf8));
         assert_eq!(normalize_uri("/a%00b"), Err(PathError::Control));
         assert_eq!(normalize_uri("/a%0d%0ab"), Err(PathError::Control));

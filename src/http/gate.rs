@@ -17,6 +17,7 @@ use super::quota::{check_amount, check_idempotency_key, DecisionAnswer};
 use super::{parse_user_named, short, AppState};
 use crate::gate::{normalize_uri, Unmatched};
 use crate::http::error::ApiError;
+use crate::plans::{Plans, UsageType};
 use crate::quota::{known_type, Action, DecisionInput};
 
 /// The gate's path; `/v1/gate/<path>` is served too, `<path>` being the original request's.
@@ -81,72 +82,17 @@ pub async fn gate(
 ) -> Result<Response, ApiError> {
     let plans = state.quota.plans.current();
     let gate = &plans.gate;
-    let type_name = one(&headers, &gate.type_header)?;
-    let (usage_type, amount) = match type_name {
-        Some(name) => {
-            let usage_type = known_type(&plans, name).map_err(|e| {
-                let mut e = ApiError::from(e);
-                e.field = Some(gate.type_header.to_string());
-                e
-            })?;
-            let amount = match one(&headers, &gate.amount_header)? {
-                None => 1,
-                Some(raw) => parse_amount(raw, &gate.amount_header)?,
-            };
-            (usage_type, amount)
-        }
-        None => {
-            // The original URI from a header, else the path after /v1/gate/ (Envoy's ext_authz
-            // appends the request's path to its path_prefix).
-            let appended = uri
-                .path()
-                .strip_prefix(GATE_PATH)
-                .filter(|rest| rest.starts_with('/'));
-            let Some(uri) = first(&headers, &ORIGINAL_URI)?.or(appended) else {
-                return Err(ApiError::bad_request(
-                    "NO_USAGE_TYPE",
-                    format!("Send the usage type in {}, or the original request's URI in X-Original-URI (or X-Forwarded-Uri) for the [gate] route table to map.", gate.type_header),
-                ));
-            };
-            let path = normalize_uri(uri).map_err(|e| {
-                ApiError::invalid(
-                    "INVALID_ORIGINAL_URI",
-                    "X-Original-URI",
-                    format!("The original URI {} {e}.", short(&format!("{uri:?}"))),
+    let (usage_type, amount) = match metered(&plans, &method, &uri, &headers)? {
+        Metered::Yes(usage_type, amount) => (usage_type, amount),
+        Metered::No { method, path } => {
+            return Ok(match gate.unmatched {
+                Unmatched::Pass => StatusCode::NO_CONTENT.into_response(),
+                Unmatched::Refuse => ApiError::forbidden(
+                    "ROUTE_NOT_METERED",
+                    format!("{method} {} is not a metered route, and quotad's gate refuses routes that no [gate] route maps to a usage type.", short(&path)),
                 )
-            })?;
-            let original = match first(&headers, &ORIGINAL_METHOD)? {
-                None => method,
-                Some(m) => Method::from_bytes(m.as_bytes()).map_err(|_| {
-                    ApiError::invalid(
-                        "INVALID_ORIGINAL_METHOD",
-                        "X-Original-Method",
-                        format!(
-                            "The original method {} is not a method name.",
-                            short(&format!("{m:?}"))
-                        ),
-                    )
-                })?,
-            };
-            let Some(route) = gate.route(&original, &path) else {
-                return Ok(match gate.unmatched {
-                    Unmatched::Pass => StatusCode::NO_CONTENT.into_response(),
-                    Unmatched::Refuse => ApiError::forbidden(
-                        "ROUTE_NOT_METERED",
-                        format!("{original} {} is not a metered route, and quotad's gate refuses routes that no [gate] route maps to a usage type.", short(&path)),
-                    )
-                    .into_response(),
-                });
-            };
-            if headers.contains_key(&gate.amount_header) {
-                return Err(ApiError::invalid(
-                    "AMOUNT_WITHOUT_TYPE",
-                    gate.amount_header.as_str(),
-                    format!("{} is taken only with {}; this request's type comes from the [gate] route table, whose route sets the amount.", gate.amount_header, gate.type_header),
-                ));
-            }
-            let usage_type = known_type(&plans, &route.usage_type)?;
-            (usage_type, route.amount)
+                .into_response(),
+            })
         }
     };
     let Some(user) = one(&headers, &gate.user_header)? else {
@@ -202,6 +148,103 @@ pub async fn gate(
         headers.insert(QUOTAD_DEGRADED, HeaderValue::from_static("true"));
     }
     Ok((answer.status, headers).into_response())
+}
+
+/// What a gate call costs.
+enum Metered<'p> {
+    /// This type, this amount.
+    Yes(&'p UsageType, u64),
+    /// Nothing: no route maps the original request (its method and normalized path) to a type.
+    No { method: Method, path: String },
+}
+
+/// The type and amount of a gate call: from the type (and amount) header, else from the
+/// `[gate]` route table by the original method and URI.
+fn metered<'p>(
+    plans: &'p Plans,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Metered<'p>, ApiError> {
+    let gate = &plans.gate;
+    if let Some(name) = one(headers, &gate.type_header)? {
+        let usage_type = known_type(plans, name).map_err(|e| ApiError {
+            field: Some(gate.type_header.to_string()),
+            ..ApiError::from(e)
+        })?;
+        let amount = match one(headers, &gate.amount_header)? {
+            None => 1,
+            Some(raw) => parse_amount(raw, &gate.amount_header)?,
+        };
+        return Ok(Metered::Yes(usage_type, amount));
+    }
+    let Some((from, original_uri)) = original_uri(uri, headers)? else {
+        return Err(ApiError::bad_request(
+            "NO_USAGE_TYPE",
+            format!("Send the usage type in {}, or the original request's URI in X-Original-URI (or X-Forwarded-Uri) for the [gate] route table to map.", gate.type_header),
+        ));
+    };
+    let path = normalize_uri(original_uri).map_err(|e| {
+        ApiError::invalid(
+            "INVALID_ORIGINAL_URI",
+            from,
+            format!(
+                "The original URI {} {e}.",
+                short(&format!("{original_uri:?}"))
+            ),
+        )
+    })?;
+    let original = match first(headers, &ORIGINAL_METHOD)? {
+        None => method.clone(),
+        Some(m) => Method::from_bytes(m.as_bytes()).map_err(|_| {
+            ApiError::invalid(
+                "INVALID_ORIGINAL_METHOD",
+                "X-Original-Method",
+                format!(
+                    "The original method {} is not a method name.",
+                    short(&format!("{m:?}"))
+                ),
+            )
+        })?,
+    };
+    let Some(route) = gate.route(&original, &path) else {
+        return Ok(Metered::No {
+            method: original,
+            path,
+        });
+    };
+    if headers.contains_key(&gate.amount_header) {
+        return Err(ApiError::invalid(
+            "AMOUNT_WITHOUT_TYPE",
+            gate.amount_header.as_str(),
+            format!("{} is taken only with {}; this request's type comes from the [gate] route table, whose route sets the amount.", gate.amount_header, gate.type_header),
+        ));
+    }
+    Ok(Metered::Yes(
+        known_type(plans, &route.usage_type)?,
+        route.amount,
+    ))
+}
+
+/// The original request's URI and where it was read: `X-Original-URI` or `X-Forwarded-Uri`, else
+/// the path after `/v1/gate/` (Envoy's ext_authz appends the request's path to its path_prefix).
+fn original_uri<'h>(
+    uri: &'h Uri,
+    headers: &'h HeaderMap,
+) -> Result<Option<(&'static str, &'h str)>, ApiError> {
+    for (name, shown) in ORIGINAL_URI
+        .iter()
+        .zip(["X-Original-URI", "X-Forwarded-Uri"])
+    {
+        if let Some(value) = one(headers, name)? {
+            return Ok(Some((shown, value)));
+        }
+    }
+    Ok(uri
+        .path()
+        .strip_prefix(GATE_PATH)
+        .filter(|rest| rest.starts_with('/'))
+        .map(|rest| ("path", rest)))
 }
 
 /// The one value of header `name`: absent (or empty) is `None`; two values, or one that is not

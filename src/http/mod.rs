@@ -18,9 +18,9 @@ mod quota;
 pub mod ui;
 
 use auth::authorize;
+pub(crate) use auth::Bearer;
 pub(crate) use auth::Scope;
 pub use auth::Tokens;
-pub(crate) use auth::Bearer;
 pub use extract::{
     parse_account_id, parse_user_id, AccountIdPath, ApiJson, ApiQuery, OptionalJson, UserIdPath,
 };

@@ -307,6 +307,11 @@ async fn malformed_headers_are_refused_naming_the_header_and_count_nothing() {
             "X-Original-URI",
         ),
         (
+            vec![("X-User-Id", &u), ("X-Forwarded-Uri", "/a%zz")],
+            "INVALID_ORIGINAL_URI",
+            "X-Forwarded-Uri",
+        ),
+        (
             vec![
                 ("X-User-Id", &u),
                 ("X-Original-URI", "/a"),
@@ -487,6 +492,11 @@ type = "ai_generation"
     assert_eq!(
         (refused.status, &refused.body["code"]),
         (403, &json!("ROUTE_NOT_METERED"))
+    );
+    let sentence = refused.body["error"].as_str().unwrap();
+    assert!(
+        sentence.starts_with("GET /generate is not a metered route"),
+        "{sentence}"
     );
     let ok = [
         ("X-Auth-Subject", u.as_str()),
@@ -715,11 +725,40 @@ async fn under_v1_gate_slash_path_the_path_is_the_original_one_as_envoy_ext_auth
     assert_eq!(a.header("quotad-usage-type"), Some("export"));
     assert_eq!(call("GET", "/v1/gate/generated").await.status, 204);
     assert_eq!(call("GET", "/v1/gate/").await.status, 204);
-    let a = call("GET", "/v1/gate/../../generate").await;
+    // Dot segments as a client sends them (an HTTP client library would resolve them first).
+    let raw = |target: &'static str| {
+        let (addr, u) = (app.base.trim_start_matches("http://").to_owned(), u.clone());
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET {target} HTTP/1.1\r\nHost: q\r\nX-User-Id: {u}\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).await.unwrap();
+            let status: u16 = text[9..12].parse().unwrap();
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+            (
+                status,
+                serde_json::from_str::<Value>(body).unwrap_or_default(),
+                text,
+            )
+        }
+    };
+    let (status, body, text) = raw("/v1/gate/x/../generate").await;
+    assert_eq!(status, 200, "{text}");
     assert!(
-        a.status == 400 || a.status == 204 || a.status == 404,
-        "{a:?}"
+        text.to_ascii_lowercase().contains("quotad-used: 7"),
+        "{text}"
     );
-    assert_eq!(app.used(user, "ai_generation").await, 6);
+    let (status, body_above, _) = raw("/v1/gate/../../generate").await;
+    assert_eq!(
+        (status, &body_above["code"], &body_above["field"]),
+        (400, &json!("INVALID_ORIGINAL_URI"), &json!("path")),
+        "{body_above:?}"
+    );
+    assert_eq!(body, Value::Null, "an allowed answer has no body");
+    assert_eq!(app.used(user, "ai_generation").await, 7);
     assert_eq!(app.used(user, "export").await, 1);
 }
