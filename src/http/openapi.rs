@@ -101,7 +101,6 @@ pub fn document(plans: &Plans) -> Value {
         })
         .clone();
     let types: Vec<Value> = plans.types.keys().map(|t| json!(t)).collect();
-    let types_for_limits = types.clone();
     let lifetime: Vec<Value> = plans
         .types
         .values()
@@ -111,21 +110,6 @@ pub fn document(plans: &Plans) -> Value {
     let names: Vec<Value> = plans.plan_names.iter().map(|p| json!(p)).collect();
     let schemas = &mut doc["components"]["schemas"];
     schemas["DecisionRequest"]["properties"]["type"]["enum"] = Value::Array(types.clone());
-    // The gate's type header takes the same names.
-    for method in ["get", "post"] {
-        if let Some(params) = doc["paths"]["/v1/gate"][method]["parameters"].as_array_mut() {
-            for p in params.iter_mut() {
-                match p["name"].as_str() {
-                    Some("X-Usage-Type") => p["schema"]["enum"] = Value::Array(types.clone()),
-                    Some("deny_status") => {
-                        p["schema"] = json!({"type": "integer", "enum": [401, 403]})
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    let schemas = &mut doc["components"]["schemas"];
     // `plan` may be null (the stored plan applies).
     let mut or_null = names.clone();
     or_null.push(Value::Null);
@@ -140,7 +124,7 @@ pub fn document(plans: &Plans) -> Value {
     let limits = json!({
         "type": "object",
         "minProperties": 1,
-        "propertyNames": {"enum": types_for_limits},
+        "propertyNames": {"enum": types.clone()},
         "additionalProperties": {"type": ["integer", "null"], "minimum": -1, "maximum": 9007199254740991i64},
     });
     for path in [
@@ -150,7 +134,25 @@ pub fn document(plans: &Plans) -> Value {
         doc["paths"][path]["put"]["requestBody"]["content"]["application/json"]["schema"] =
             limits.clone();
     }
+    gate_parameters(&mut doc, &types);
     doc
+}
+
+/// The gate's parameters as the code checks them: the type header takes the configured type
+/// names, `deny_status` 401 or 403.
+fn gate_parameters(doc: &mut Value, types: &[Value]) {
+    for method in ["get", "post"] {
+        let Some(params) = doc["paths"]["/v1/gate"][method]["parameters"].as_array_mut() else {
+            continue;
+        };
+        for p in params {
+            match p["name"].as_str() {
+                Some("X-Usage-Type") => p["schema"]["enum"] = Value::Array(types.to_vec()),
+                Some("deny_status") => p["schema"] = json!({"type": "integer", "enum": [401, 403]}),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// What the middleware answers on every route it guards, whatever the handler, so no handler
