@@ -133,7 +133,8 @@ pub struct BenchArgs {
     pub gate: bool,
     /// Also measure Envoy's rate-limit call (`ShouldRateLimit`) on quotad's gRPC port at this
     /// address (host:port; QUOTAD_GRPC_LISTEN), one HTTP/2 connection per client, one call at a
-    /// time, on the same users (their plan stored, as for `--gate`).
+    /// time, on the same users (their plan stored, as for `--gate`), in quotad's default domain
+    /// and descriptor keys, `--token` as its `authorization` metadata.
     #[arg(long)]
     pub grpc: Option<String>,
     /// Postgres for `--seed`.
@@ -392,12 +393,20 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
                 })
                 .await?,
             ];
-            if let Some(gate) = &gate {
+            // The other HTTP measurements, each on its own prepared calls.
+            for (name, calls, expect) in [
+                (GATE, &gate, 200),
+                (REFUSED, &refused, 402),
+                (MEMBERS, &members, 200),
+            ] {
+                let Some(calls) = calls else { continue };
                 figures.push(
-                    measure(GATE, args, &probe, {
+                    measure(name, args, &probe, {
                         let (addr, token, requests) =
-                            (addr.clone(), args.token.clone(), gate.clone());
-                        move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
+                            (addr.clone(), args.token.clone(), calls.clone());
+                        move |_| {
+                            HttpClient::new(addr.clone(), token.clone(), requests.clone(), expect)
+                        }
                     })
                     .await?,
                 );
@@ -405,29 +414,20 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, String> {
             if let Some(at) = &args.grpc {
                 figures.push(
                     measure(GRPC, args, &probe, {
-                        let (at, users, usage_type) =
-                            (at.clone(), users.clone(), args.usage_type.clone());
-                        move |_| GrpcClient::new(at.clone(), users.clone(), usage_type.clone())
-                    })
-                    .await?,
-                );
-            }
-            if let Some(refused) = &refused {
-                figures.push(
-                    measure(REFUSED, args, &probe, {
-                        let (addr, token, requests) =
-                            (addr.clone(), args.token.clone(), refused.clone());
-                        move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 402)
-                    })
-                    .await?,
-                );
-            }
-            if let Some(members) = &members {
-                figures.push(
-                    measure(MEMBERS, args, &probe, {
-                        let (addr, token, requests) =
-                            (addr.clone(), args.token.clone(), members.clone());
-                        move |_| HttpClient::new(addr.clone(), token.clone(), requests.clone(), 200)
+                        let (at, users, usage_type, token) = (
+                            at.clone(),
+                            users.clone(),
+                            args.usage_type.clone(),
+                            args.token.clone(),
+                        );
+                        move |_| {
+                            GrpcClient::new(
+                                at.clone(),
+                                token.clone(),
+                                users.clone(),
+                                usage_type.clone(),
+                            )
+                        }
                     })
                     .await?,
                 );
@@ -860,13 +860,24 @@ impl Client for HttpClient {
 /// Envoy's rate-limit call on quotad's gRPC port: one HTTP/2 connection, one call at a time.
 struct GrpcClient {
     client: RateLimitServiceClient<tonic::transport::Channel>,
+    /// `authorization` metadata, when quotad has tokens.
+    auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     users: Arc<Vec<Uuid>>,
     usage_type: String,
 }
 
 impl GrpcClient {
-    fn new(at: String, users: Arc<Vec<Uuid>>, usage_type: String) -> BoxFut<GrpcClient> {
+    fn new(
+        at: String,
+        token: Option<String>,
+        users: Arc<Vec<Uuid>>,
+        usage_type: String,
+    ) -> BoxFut<GrpcClient> {
         Box::pin(async move {
+            let auth = token
+                .map(|t| format!("Bearer {t}").parse())
+                .transpose()
+                .map_err(|e| format!("--token: {e}"))?;
             let channel = tonic::transport::Channel::from_shared(format!("http://{at}"))
                 .map_err(|e| format!("--grpc {at}: {e}"))?
                 .connect()
@@ -874,6 +885,7 @@ impl GrpcClient {
                 .map_err(|e| format!("connecting to --grpc {at}: {e}"))?;
             Ok(GrpcClient {
                 client: RateLimitServiceClient::new(channel),
+                auth,
                 users,
                 usage_type,
             })
@@ -888,7 +900,7 @@ impl Client for GrpcClient {
             key: key.to_owned(),
             value,
         };
-        let request = RateLimitRequest {
+        let mut request = tonic::Request::new(RateLimitRequest {
             domain: "quotad".into(),
             descriptors: vec![RateLimitDescriptor {
                 entries: vec![
@@ -898,7 +910,10 @@ impl Client for GrpcClient {
                 ..Default::default()
             }],
             hits_addend: 1,
-        };
+        });
+        if let Some(auth) = &self.auth {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
         match self.client.should_rate_limit(request).await {
             Ok(answer) => Ok(answer.into_inner().overall_code == Code::Ok as i32),
             Err(status) if status.code() == tonic::Code::Unavailable => Ok(false),
