@@ -45,8 +45,10 @@ pub const REFUSAL_CACHE_HITS: &str = "quotad_refusal_cache_hits_total";
 pub const REFUSAL_CACHE_LIVE: &str = "quotad_refusal_cache_live";
 /// Plans-file reloads, by `result` (ok, error).
 pub const PLAN_RELOADS: &str = "quotad_plan_reloads_total";
-/// API requests answered 503 without running, by `reason`: `overloaded` (over
-/// `QUOTAD_MAX_IN_FLIGHT`) or `timeout` (past `QUOTAD_REQUEST_TIMEOUT_MS`).
+/// API requests (HTTP, and gRPC calls too, which share the cap) answered 503 (gRPC:
+/// `UNAVAILABLE`) without running or finishing, by `reason`: `overloaded` (over
+/// `QUOTAD_MAX_IN_FLIGHT`) or `timeout` (past `QUOTAD_REQUEST_TIMEOUT_MS`). The name keeps its
+/// `http` for the dashboards and alerts that use it.
 pub const SHED: &str = "quotad_http_shed_total";
 /// Background tasks that stopped before the daemon did and were started again, by `task`
 /// (flusher, invalidations, startup, reload) and `how` (panicked, returned).
@@ -159,7 +161,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         SHED,
-        "API requests answered 503 without running, by reason (overloaded, timeout)."
+        "API requests (HTTP and gRPC) answered 503 / UNAVAILABLE without running or finishing, by reason (overloaded, timeout)."
     );
     metrics::describe_gauge!(
         REDIS_EVICTION_REFUSED,

@@ -28,8 +28,8 @@ use tracing::Instrument;
 use super::status_of;
 use crate::http::error::ApiError;
 use crate::http::{
-    check_amount, check_idempotency_key, not_ready, overloaded, parse_user_id, short, timed_out,
-    AppState, DecisionAnswer, Scope,
+    check_amount, check_idempotency_key, not_ready, parse_user_id, short, AppState, DecisionAnswer,
+    Scope,
 };
 use crate::metrics as m;
 use crate::plans::Plans;
@@ -85,21 +85,18 @@ impl RateLimiter {
         if let Some(refusal) = not_ready(state) {
             return Err(status_of(refusal));
         }
-        // The same cap as the HTTP API's: past it, refused at once, never queued.
-        let Some(_permit) = state.limits.try_enter() else {
-            return Err(status_of(overloaded()));
-        };
         let plans = state.quota.plans.current();
         let input = read(&self.names, request.get_ref(), &plans).map_err(status_of)?;
         tracing::Span::current().record("user", tracing::field::display(input.user));
-        let limit = state.limits.request_timeout();
-        // Boxed: the decision's future is deep, and the service's future is sized at compile
-        // time through it.
+        // The HTTP API's cap on requests in flight and its deadline. Boxed: the decision's
+        // future is deep, and the service's future is sized at compile time through it.
         let decide = Box::pin(state.quota.decide(Action::Consume, &input, &plans));
-        let decided = tokio::time::timeout(limit, decide)
+        let decision = state
+            .limits
+            .bounded(decide)
             .await
-            .map_err(|_| status_of(timed_out(limit)))?;
-        let decision = decided.map_err(|e| status_of(e.into()))?;
+            .map_err(status_of)?
+            .map_err(|e| status_of(e.into()))?;
         Ok(respond(&decision, input.amount, &plans))
     }
 }

@@ -1,5 +1,6 @@
 //! What runs around every request: the readiness gate, load shedding, and request tracing.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -32,14 +33,25 @@ impl Limits {
         }
     }
 
-    /// A place among the requests in flight, or `None` when all are taken (answer at once).
-    pub(crate) fn try_enter(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        self.in_flight.try_acquire().ok()
-    }
-
-    /// The deadline of one request.
-    pub(crate) fn request_timeout(&self) -> Duration {
-        self.request_timeout
+    /// Runs `work` as one request of every front end (HTTP, gRPC): refused at once with
+    /// `OVERLOADED` when `QUOTAD_MAX_IN_FLIGHT` are running, never queued (a queue only turns
+    /// overload into timeouts for everyone); answered `TIMEOUT` when still running at
+    /// `QUOTAD_REQUEST_TIMEOUT_MS`. Each refusal is counted in `quotad_shed_total` by reason.
+    pub(crate) async fn bounded<T>(&self, work: impl Future<Output = T>) -> Result<T, ApiError> {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            metrics::counter!(m::SHED, "reason" => "overloaded").increment(1);
+            return Err(overloaded());
+        };
+        tokio::time::timeout(self.request_timeout, work)
+            .await
+            .map_err(|_| {
+                metrics::counter!(m::SHED, "reason" => "timeout").increment(1);
+                tracing::warn!(
+                    timeout_ms = self.request_timeout.as_millis() as u64,
+                    "request deadline passed"
+                );
+                timed_out(self.request_timeout)
+            })
     }
 }
 
@@ -74,7 +86,7 @@ pub(crate) fn not_ready(state: &AppState) -> Option<ApiError> {
 }
 
 /// The refusal of a request over `QUOTAD_MAX_IN_FLIGHT`.
-pub(crate) fn overloaded() -> ApiError {
+fn overloaded() -> ApiError {
     ApiError::unavailable(
         "OVERLOADED",
         "quotad has as many requests in flight as it takes (QUOTAD_MAX_IN_FLIGHT); retry after a second.",
@@ -82,7 +94,7 @@ pub(crate) fn overloaded() -> ApiError {
 }
 
 /// The answer to a request still running at `QUOTAD_REQUEST_TIMEOUT_MS`.
-pub(crate) fn timed_out(limit: Duration) -> ApiError {
+fn timed_out(limit: Duration) -> ApiError {
     ApiError::unavailable(
         "TIMEOUT",
         format!(
@@ -102,24 +114,10 @@ pub(crate) fn timed_out(limit: Duration) -> ApiError {
 /// deadline of its own was slow. Its work is dropped where it stood: a script already sent may
 /// still have counted. A client retries with the same `idempotency_key` to learn which.
 pub(super) async fn shed(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let limits = &state.limits;
-    let Some(_permit) = limits.try_enter() else {
-        metrics::counter!(m::SHED, "reason" => "overloaded").increment(1);
-        let mut response = overloaded().into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
-    };
-    match tokio::time::timeout(limits.request_timeout(), next.run(request)).await {
+    match state.limits.bounded(next.run(request)).await {
         Ok(response) => response,
-        Err(_) => {
-            metrics::counter!(m::SHED, "reason" => "timeout").increment(1);
-            tracing::warn!(
-                timeout_ms = limits.request_timeout().as_millis() as u64,
-                "request deadline passed"
-            );
-            let mut response = timed_out(limits.request_timeout()).into_response();
+        Err(refusal) => {
+            let mut response = refusal.into_response();
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

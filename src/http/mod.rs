@@ -25,8 +25,8 @@ pub use extract::{
     parse_account_id, parse_user_id, AccountIdPath, ApiJson, ApiQuery, OptionalJson, UserIdPath,
 };
 pub(crate) use extract::{parse_user_named, short, whole_number};
+pub(crate) use layers::not_ready;
 pub use layers::Limits;
-pub(crate) use layers::{not_ready, overloaded, timed_out};
 use layers::{ready_gate, shed, trace_request};
 pub(crate) use quota::{check_amount, check_idempotency_key, DecisionAnswer};
 

@@ -706,3 +706,73 @@ async fn a_grpc_connection_that_sends_no_preface_is_closed_after_the_header_time
         );
     }
 }
+
+/// gRPC calls share the HTTP API's cap on requests in flight: with `QUOTAD_MAX_IN_FLIGHT=1` and
+/// one call held up in a Redis that does not answer, another gRPC call, and an HTTP consume, are
+/// refused at once (`UNAVAILABLE` with `OVERLOADED`, 503), counted in `quotad_http_shed_total`, and
+/// nothing of theirs is counted.
+#[tokio::test]
+async fn past_max_in_flight_a_grpc_call_is_refused_at_once_as_overloaded() {
+    let redis = PrivateRedis::start();
+    let app = TestApp::spawn_with(Options {
+        redis_url: redis.url(),
+        tune: |c| {
+            with_grpc(c);
+            c.max_in_flight = 1;
+        },
+        ..Options::default()
+    })
+    .await;
+    let addr = app.grpc.expect("gRPC is on");
+    wait_health(addr, SERVICE, ServingStatus::Serving).await;
+    let (held, other) = (Uuid::new_v4(), Uuid::new_v4());
+    // Both users' counters loaded, so the held call waits on Redis alone.
+    for user in [held, other] {
+        let mut c = RateLimitServiceClient::new(channel(addr).await);
+        c.should_rate_limit(consume_of(user, "export"))
+            .await
+            .unwrap();
+    }
+    redis.pause();
+    let mut first = RateLimitServiceClient::new(channel(addr).await);
+    let holding =
+        tokio::spawn(async move { first.should_rate_limit(consume_of(held, "export")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut second = RateLimitServiceClient::new(channel(addr).await);
+    let started = Instant::now();
+    let refused = second
+        .should_rate_limit(consume_of(other, "export"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().starts_with("OVERLOADED: "), "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once, not queued: {:?}",
+        started.elapsed()
+    );
+    let http = app.consume(other, "export").await;
+    assert_eq!(
+        (http.status, &http.body["code"]),
+        (503, &serde_json::json!("OVERLOADED"))
+    );
+
+    redis.resume();
+    holding
+        .await
+        .unwrap()
+        .expect("the held call is answered once Redis is back");
+    let metrics = app.metrics_text().await;
+    let shed = metrics
+        .lines()
+        .find(|l| l.starts_with("quotad_http_shed_total{reason=\"overloaded\"}"))
+        .unwrap_or_else(|| panic!("no overloaded shed counted:\n{metrics}"));
+    let n: f64 = shed.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 2.0, "{shed}");
+    assert_eq!(
+        app.used(other, "export").await,
+        1,
+        "the refused calls counted nothing"
+    );
+}
