@@ -54,7 +54,7 @@ pub struct ReconcileArgs {
     /// Longest wait for each Postgres statement, a lock included, in milliseconds (1 to
     /// 3,600,000): past it reconcile stops with exit 2 instead of waiting on a hung or locked
     /// database.
-    #[arg(long, default_value_t = 60_000, value_parser = number::<u64>("--timeout-ms"))]
+    #[arg(long, default_value_t = 60_000, value_parser = ranged("--timeout-ms", 1..=3_600_000))]
     pub timeout_ms: u64,
     /// Where to connect.
     #[command(flatten)]
@@ -446,6 +446,25 @@ fn number<T: FromStr>(var: &'static str) -> impl Fn(&str) -> Result<T, String> +
         s.trim()
             .parse()
             .map_err(|_| format!("{var}={s:?} is not a whole number"))
+    }
+}
+
+/// A parser of a whole number in `range`, whose error names the setting and the range.
+fn ranged(
+    var: &'static str,
+    range: RangeInclusive<u64>,
+) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |s: &str| {
+        let n: u64 = number(var)(s)?;
+        if range.contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!(
+                "{var}={n} is out of range: use {} to {}",
+                range.start(),
+                range.end()
+            ))
+        }
     }
 }
 

@@ -237,10 +237,20 @@ async fn reconcile_stops_on_a_locked_table_within_its_timeout() {
         "{}",
         String::from_utf8_lossy(&free.stderr)
     );
-    let bad = Command::new(BIN)
-        .args(["reconcile", "--timeout-ms", "0"])
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--timeout-ms 0"));
+    for hostile in [
+        "0",
+        "3600001",
+        "-1",
+        "1e3",
+        "abc",
+        "99999999999999999999999",
+    ] {
+        let bad = Command::new(BIN)
+            .args(["reconcile", &format!("--timeout-ms={hostile}")])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(2), "{hostile}: {stderr}");
+        assert!(stderr.contains("--timeout-ms="), "{hostile}: {stderr}");
+    }
 }
