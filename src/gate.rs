@@ -177,6 +177,8 @@ impl GateFile {
                     methods.push(method);
                 }
             }
+            // In one order, so that two routes naming the same methods are seen as the same.
+            methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             let route = Route {
                 path,
                 methods,
@@ -410,6 +412,7 @@ mod tests {
             ("[[routes]]\npath = \"/g\"\ntype = \"export\"\nmethods = [\"post\"]", "method \"post\" is not an upper-case method"),
             ("[[routes]]\npath = \"/g\"\ntype = \"export\"\nmethods = [\"\"]", "method \"\" is not"),
             ("[[routes]]\npath = \"/g\"\ntype = \"export\"\n[[routes]]\npath = \"/g/\"\ntype = \"ai_generation\"", "gate.routes[1] (path \"/g/\"): another route has the same path and methods"),
+            ("[[routes]]\npath = \"/g\"\ntype = \"export\"\nmethods = [\"GET\", \"POST\"]\n[[routes]]\npath = \"/g\"\ntype = \"export\"\nmethods = [\"POST\", \"GET\", \"GET\"]", "gate.routes[1] (path \"/g\"): another route has the same path and methods"),
             ("user_header = \"X User\"", "gate.user_header: \"X User\" is not a header name"),
             ("type_header = \"a\\nb\"", "gate.type_header"),
             ("user_header = \"X-Who\"\nidempotency_header = \"x-who\"", "header x-who is named for two settings"),
