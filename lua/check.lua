@@ -14,8 +14,9 @@
 -- ARGV[8]  the account the caller believes the user is a member of ("" = none): the route
 -- ARGV[9..] plan, limit pairs for this type (-1 = unlimited)
 --
--- Returns what consume.lua returns (the same twelve fields, period ""), with status "ok" (the
--- amount fits at every level), "denied" (it does not, at level `limited_by`), "conflict" (the
+-- Returns what consume.lua returns (the same fourteen fields, period ""), with status "ok" (the
+-- amount fits at every level beside what open reservations hold), "denied" (it does not, at level
+-- `limited_by`), "conflict" (the
 -- idempotency key names an earlier consume or track: check is another call), "hydrate" or
 -- "moved" (as for consume). A check records nothing under its key, so a key never seen is
 -- decided as if there were none.
@@ -25,9 +26,9 @@ local ahash = account ~= '' and KEYS[5] or nil
 local idem = KEYS[ahash and 7 or 5]
 
 local function answer(status, used, plan, limit, detail, limited_by, source, aused, aplan, alimit,
-    asource)
+    asource, held, aheld)
   return {status, used or 0, plan or '', limit or 0, '', detail or '', limited_by or '',
-    source or '', aused or 0, aplan or '', alimit or -1, asource or ''}
+    source or '', aused or 0, aplan or '', alimit or -1, asource or '', held or 0, aheld or 0}
 end
 
 local route = misrouted(KEYS[4], account)
@@ -40,15 +41,17 @@ if idem and redis.call('EXISTS', idem) == 1 then
   return answer('conflict')
 end
 
-local over = 'o:' .. field
+local over, hold = 'o:' .. field, 'h:' .. field
 local missing = {}
-local got = read_counter(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over)
+local got = read_counter(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over,
+  hold)
 if not got then
   missing[#missing + 1] = 'user'
 end
 local ag
 if ahash then
-  ag = read_counter(ahash, KEYS[6], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over)
+  ag = read_counter(ahash, KEYS[6], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over,
+    hold)
   if not ag then
     missing[#missing + 1] = 'account'
   end
@@ -59,13 +62,16 @@ end
 
 local plan, limit, source = user_level(got[3], got[4], ARGV[3], ARGV[4], 9, ahash ~= nil)
 local used = whole(got[2], hash, field)
-local aplan, alimit, asource, aused
+local held = whole(got[5], hash, hold)
+local aplan, alimit, asource, aused, aheld
 if ahash then
   aplan, alimit, asource = pool_level(ag[3], ag[4], ARGV[4], 9)
   aused = whole(ag[2], ahash, field)
+  aheld = whole(ag[5], ahash, hold)
 end
-local refused = refusing_level(amount, used, limit, aused, alimit)
+local refused = refusing_level(amount, used + held, limit, aused and aused + aheld, alimit)
 if refused then
-  return answer('denied', used, plan, limit, '', refused, source, aused, aplan, alimit, asource)
+  return answer('denied', used, plan, limit, '', refused, source, aused, aplan, alimit, asource,
+    held, aheld)
 end
-return answer('ok', used, plan, limit, '', '', source, aused, aplan, alimit, asource)
+return answer('ok', used, plan, limit, '', '', source, aused, aplan, alimit, asource, held, aheld)

@@ -27,7 +27,8 @@ end
 -- Postgres' user_plans), `m:<type>:<name>` / `s:<type>:<name>` (summed numeric metadata and
 -- latest other metadata, as JSON text), `n:<type>` (how many metadata names the type has),
 -- `o:<type>` and `x:ov` (the owner's limit overrides and their version in Postgres'
--- limit_overrides; see set_limits.lua) and `x:dirty` (set exactly while the counter is in its
+-- limit_overrides; see set_limits.lua), `h:<type>` (units held by open reservations; see
+-- reserve.lua and holds.lua) and `x:dirty` (set exactly while the counter is in its
 -- bucket's dirty set; see mark_dirty). An account's counter hash has the same fields (its plan
 -- from account_plans), without metadata. A hash
 -- without `v` has not been loaded from Postgres yet: every script that reads or writes counts

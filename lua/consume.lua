@@ -32,8 +32,10 @@
 -- ARGV[16 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
 --
 -- Returns {status, used, plan, limit, period, detail, limited_by, source,
---          account_used, account_plan, account_limit, account_source}: the user's level in
--- used..source, the account's in account_* (0, "", -1, "" without an account). `source` says
+--          account_used, account_plan, account_limit, account_source, held, account_held}: the
+-- user's level in used..source and held, the account's in account_* (0, "", -1, "", 0 without
+-- an account). `held` is what open reservations hold at that level (`h:<type>`, see
+-- reserve.lua): a consume fits only where used + held + amount stays within the limit. `source` says
 -- where a limit comes from: "plan", "override", or (the user's level of a member with neither a
 -- stored plan nor an override) "account": the account's pool alone limits them.
 --   "ok"         counted at every level; used (account_used) is the new total
@@ -71,9 +73,9 @@ local index = KEYS[ahash and 9 or 7]
 local mode, field, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local function answer(status, used, plan, limit, period, detail, limited_by, source, aused, aplan,
-    alimit, asource)
+    alimit, asource, held, aheld)
   return {status, used or 0, plan or '', limit or 0, period or '', detail or '', limited_by or '',
-    source or '', aused or 0, aplan or '', alimit or -1, asource or ''}
+    source or '', aused or 0, aplan or '', alimit or -1, asource or '', held or 0, aheld or 0}
 end
 
 local route = misrouted(KEYS[5], account)
@@ -99,18 +101,18 @@ if idem then
 end
 
 -- Everything the decision reads, one HMGET per level: version, count, dirty flag, stored plan,
--- override.
-local over = 'o:' .. field
+-- override, units held by open reservations.
+local over, hold = 'o:' .. field, 'h:' .. field
 local missing = {}
 local got = read_counter(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
-  'p', over)
+  'p', over, hold)
 if not got then
   missing[#missing + 1] = 'user'
 end
 local ag
 if ahash then
   ag = read_counter(ahash, KEYS[7], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
-    'p', over)
+    'p', over, hold)
   if not ag then
     missing[#missing + 1] = 'account'
   end
@@ -125,24 +127,28 @@ local first_meta, last_meta = 16, 15 + 3 * nmeta
 local plan, limit, source = user_level(got[4], got[5], ARGV[5], ARGV[6], last_meta + 1,
   ahash ~= nil)
 local used = whole(got[2], hash, field)
+local held = whole(got[6], hash, hold)
 if used + amount >= EXACT then
   return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. hash .. ' would pass 2^53; nothing counted')
 end
 
-local aversion, aplan, alimit, asource, aused
+local aversion, aplan, alimit, asource, aused, aheld
 if ahash then
   aversion = whole(ag[1], ahash, 'v')
   aplan, alimit, asource = pool_level(ag[4], ag[5], ARGV[6], last_meta + 1)
   aused = whole(ag[2], ahash, field)
+  aheld = whole(ag[6], ahash, hold)
   if aused + amount >= EXACT then
     return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. ahash .. ' would pass 2^53; nothing counted')
   end
 end
 
-local refused = mode == 'consume' and refusing_level(amount, used, limit, aused, alimit)
+-- What open reservations hold is not there to take.
+local refused = mode == 'consume'
+  and refusing_level(amount, used + held, limit, aused and aused + aheld, alimit)
 if refused then
   return answer('denied', used, plan, limit, ARGV[8], '', refused, source, aused, aplan, alimit,
-    asource)
+    asource, held, aheld)
 end
 
 -- Metadata names are bounded per counter, so a caller cannot grow a hash (and its Postgres row)
@@ -224,4 +230,5 @@ if idem then
     redis.call('PEXPIRE', index, ttl_ms)
   end
 end
-return answer('ok', used, plan, limit, ARGV[8], '', '', source, aused, aplan, alimit, asource)
+return answer('ok', used, plan, limit, ARGV[8], '', '', source, aused, aplan, alimit, asource,
+  held, aheld)

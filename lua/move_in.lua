@@ -16,7 +16,8 @@
 --
 -- A hash is written unless one here is at least as new (a `v` as high: written by an earlier
 -- attempt of the same move, and counted in since; or any loaded hash, against a copy without
--- `v`); the copy keeps every field but the dirty flag, and is marked dirty here, so the next
+-- `v`); the copy keeps every field but the dirty flag and the holds (`h:<type>`: open
+-- reservations do not move), and is marked dirty here, so the next
 -- flush writes it (Postgres takes nothing twice: the version is the one it had). A record is
 -- written unless one is here already, with the time it had left, and indexed. Returns how many
 -- hashes it wrote.
@@ -38,7 +39,9 @@ for i = 3, 2 + n do
     if (incoming and here < incoming) or (not incoming and here < 0) then
       redis.call('DEL', hash)
       for j = first, first + 2 * m - 1, 2 do
-        if ARGV[j] ~= DIRTY then
+        -- Holds stay behind: the user's open reservations are records of the bucket they were
+        -- made in, and end there (see expire.lua).
+        if ARGV[j] ~= DIRTY and string.sub(ARGV[j], 1, 2) ~= 'h:' then
           redis.call('HSET', hash, ARGV[j], ARGV[j + 1])
         end
       end

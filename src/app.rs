@@ -30,6 +30,7 @@ use crate::metrics as m;
 use crate::plans::PlanBook;
 use crate::quota::Quota;
 use crate::refusals::Refusals;
+use crate::reservations::Sweeper;
 use crate::store::RedisStore;
 use background::Background;
 use supervise::supervise;
@@ -76,6 +77,8 @@ pub struct App {
     config: Config,
     state: AppState,
     flusher: Flusher,
+    /// Frees the holds of expired reservations.
+    sweeper: Sweeper,
     /// The gRPC listener, once bound.
     grpc: Option<TcpListener>,
 }
@@ -100,6 +103,7 @@ impl App {
         let db = db::lazy_pool(&config.database_url, Some(config.database_timeout()))
             .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
         let flusher = Flusher::new(&store, &db);
+        let sweeper = Sweeper::new(&store);
         let state = AppState::new(http::Shared {
             quota: Quota {
                 hydrator: Hydrator::new(
@@ -133,6 +137,7 @@ impl App {
             config,
             state,
             flusher,
+            sweeper,
             grpc: None,
         })
     }
@@ -161,6 +166,11 @@ impl App {
         &self.flusher
     }
 
+    /// The reservation sweeper (tests run passes by hand).
+    pub fn sweeper(&self) -> &Sweeper {
+        &self.sweeper
+    }
+
     /// Serves on `listener` until `shutdown` completes; then stops accepting, finishes in-flight
     /// requests, flushes everything dirty to Postgres and returns, all within the shutdown bound.
     pub async fn run(
@@ -173,6 +183,7 @@ impl App {
             config,
             state,
             flusher,
+            sweeper,
             grpc: grpc_listener,
         } = self;
         let plans = state.quota.plans.current();
@@ -198,6 +209,14 @@ impl App {
             supervise("flusher", stopped.clone(), {
                 let (flusher, interval) = (flusher.clone(), config.flush_interval());
                 move |stop| flusher.clone().run(interval, stop)
+            })
+        }));
+        // Expired reservations are freed at the flusher's pace, on its thread: both are passes
+        // over every bucket, neither on the request path.
+        tasks.push(background.enter(|| {
+            supervise("sweeper", stopped.clone(), {
+                let (sweeper, interval) = (sweeper.clone(), config.flush_interval());
+                move |stop| sweeper.clone().run(interval, stop)
             })
         }));
         if state.quota.refusals.enabled() {

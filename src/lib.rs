@@ -17,6 +17,7 @@
 //! - [`quota`]: decisions in domain terms, with hydration and fail policies.
 //! - [`hydrate`]: counters Redis does not hold, loaded from Postgres in batches.
 //! - [`refusals`]: the near-cache of refusals and its pub/sub invalidation.
+//! - [`reservations`]: holds against the limit until the work's cost is known, and their sweeper.
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`gate`]: the gate's route table, for gateways that ask before proxying.
 //! - [`http`]: the v1 API.
@@ -39,6 +40,7 @@ pub mod plans;
 pub mod quota;
 pub mod reconcile;
 pub mod refusals;
+pub mod reservations;
 pub mod routes;
 pub mod store;
 pub mod telemetry;

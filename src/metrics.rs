@@ -68,6 +68,19 @@ pub const GRPC_REQUESTS: &str = "quotad_grpc_requests_total";
 /// Latency of one `ShouldRateLimit` call, by `code` as in [`GRPC_REQUESTS`].
 pub const GRPC_SECONDS: &str = "quotad_grpc_request_duration_seconds";
 
+/// Reservations, by `type` and `outcome`: `opened`, `refused` (did not fit: 402), `committed`,
+/// `committed_late` (after its expiry), `cancelled`, `expired` (freed by the sweeper, or by a
+/// commit that found it due).
+pub const RESERVATIONS: &str = "quotad_reservations_total";
+/// Units of reservations, by `type` and `outcome`: `held` (put on hold by `opened` ones),
+/// `committed` (counted by commits in time), `released` (freed unused by those commits and by
+/// cancels), `expired` (freed by expiry), `committed_late` (counted by commits after expiry).
+/// Held less committed, released and expired is what open reservations hold now (summed over
+/// every replica).
+pub const RESERVATION_UNITS: &str = "quotad_reservation_units_total";
+/// Sweeper passes over the open reservations that failed (Redis did not answer).
+pub const SWEEP_ERRORS: &str = "quotad_reservation_sweep_errors_total";
+
 /// Latency buckets, in seconds: fine below a millisecond, where quotad's answers live.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
@@ -167,6 +180,18 @@ fn describe() {
         REDIS_EVICTION_REFUSED,
         "1 while Redis's maxmemory-policy could evict counters and quotad refuses to serve."
     );
+    metrics::describe_counter!(
+        RESERVATIONS,
+        "Reservations by type and outcome (opened, refused, committed, committed_late, cancelled, expired)."
+    );
+    metrics::describe_counter!(
+        RESERVATION_UNITS,
+        "Units of reservations by type and outcome (held, committed, released, expired, committed_late)."
+    );
+    metrics::describe_counter!(
+        SWEEP_ERRORS,
+        "Sweeper passes over the open reservations that failed."
+    );
     metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");
     metrics::describe_counter!(FLUSH_ERRORS, "Failed flusher passes.");
     metrics::describe_counter!(
@@ -204,4 +229,17 @@ pub fn decision(usage_type: &str, plan: &str, outcome: &'static str) {
 pub fn near_limit(usage_type: &str, plan: &str) {
     metrics::counter!(NEAR_LIMIT, "type" => usage_type.to_owned(), "plan" => plan.to_owned())
         .increment(1);
+}
+
+/// Counts a reservation's outcome, and the units it moved (`units`: its `RESERVATION_UNITS`
+/// outcome and how many; none when 0).
+pub fn reservation(usage_type: &str, outcome: &'static str, units: &[(&'static str, u64)]) {
+    metrics::counter!(RESERVATIONS, "type" => usage_type.to_owned(), "outcome" => outcome)
+        .increment(1);
+    for (kind, n) in units {
+        if *n > 0 {
+            metrics::counter!(RESERVATION_UNITS, "type" => usage_type.to_owned(), "outcome" => *kind)
+                .increment(*n);
+        }
+    }
 }

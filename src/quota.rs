@@ -28,7 +28,7 @@ use crate::store::{
 /// where their counters live, before it gives up. A member's first call may load two counters
 /// (their own and the pool) and follow one route; the rest is margin for a counter deleted again
 /// between its load and the re-run.
-const ATTEMPTS: usize = 8;
+pub(crate) const ATTEMPTS: usize = 8;
 
 /// Which decision a caller wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,12 +79,19 @@ pub struct CounterView {
     pub unlimited: bool,
     /// The period counted in.
     pub period: Period,
+    /// Units held by open reservations (see [`crate::reservations`]); `None` where the answer
+    /// does not read them (a refund, a release, a degraded decision).
+    pub held: Option<u64>,
 }
 
 impl CounterView {
-    /// What is left: `None` when unlimited or unknown.
+    /// What is left: the limit less what is used and what open reservations hold; `None` when
+    /// unlimited or unknown.
     pub fn remaining(&self) -> Option<u64> {
-        Some(self.limit?.saturating_sub(self.used?))
+        Some(
+            self.limit?
+                .saturating_sub(self.used?.saturating_add(self.held.unwrap_or(0))),
+        )
     }
 }
 
@@ -244,7 +251,7 @@ pub enum QuotaError {
 }
 
 /// A fault on the way to a decision: an outage (the fail policy may apply) or an answer.
-enum Fault {
+pub(crate) enum Fault {
     Redis(StoreError),
     Db(sqlx::Error),
     /// An answer for the client that is not an outage (e.g. a reused idempotency key).
@@ -398,6 +405,7 @@ impl Quota {
                         limit: None,
                         unlimited: false,
                         period,
+                        held: None,
                     },
                     now,
                     limited_by: None,
@@ -435,6 +443,7 @@ impl Quota {
             limit: level.limit,
             unlimited: level.limit.is_none(),
             period,
+            held: Some(level.held),
         };
         Some(Decision {
             allowed: false,
@@ -554,18 +563,25 @@ impl Quota {
             if let (Some(ticket), Status::Denied, Some(limited_by)) =
                 (ticket, reply.status, reply.limited_by)
             {
-                let level = |plan: &str, used, limit, source| LevelSeen {
+                let level = |plan: &str, used, held, limit, source| LevelSeen {
                     plan: plan.to_owned(),
                     used,
+                    held,
                     limit,
                     source,
                 };
                 let seen = Remembered {
-                    user: level(&reply.plan, reply.used, reply.limit, reply.source),
+                    user: level(
+                        &reply.plan,
+                        reply.used,
+                        reply.held,
+                        reply.limit,
+                        reply.source,
+                    ),
                     account: keys
                         .account()
                         .zip(reply.account.as_ref())
-                        .map(|(a, l)| (a, level(&l.plan, l.used, l.limit, l.source))),
+                        .map(|(a, l)| (a, level(&l.plan, l.used, l.held, l.limit, l.source))),
                     limited_by,
                 };
                 self.refusals
@@ -581,6 +597,7 @@ impl Quota {
                         limit: level.limit,
                         unlimited: level.limit.is_none(),
                         period,
+                        held: Some(level.held),
                     },
                     source: level.source,
                 }),
@@ -598,6 +615,7 @@ impl Quota {
                     limit: reply.limit,
                     unlimited: reply.limit.is_none(),
                     period,
+                    held: Some(reply.held),
                 },
                 now,
                 limited_by: reply.limited_by,
@@ -620,7 +638,7 @@ impl Quota {
     /// (up to [`crate::routes::MOVE_WAIT`], asking Redis for the route again between pauses);
     /// after that, and after too many hops, the call fails as an outage (the fail policy
     /// decides).
-    async fn follow(
+    pub(crate) async fn follow(
         &self,
         keys: &UserKeys,
         route: &str,
@@ -644,7 +662,7 @@ impl Quota {
     /// Loads the counters a script named missing (`which`: "user", "account" or both) from
     /// Postgres. With one missing, `follow_up` rides in its load's pipeline and its reply comes
     /// back; with both, they load together and the call is sent again.
-    async fn load_levels(
+    pub(crate) async fn load_levels(
         &self,
         keys: &UserKeys,
         period: Period,
@@ -699,7 +717,7 @@ impl Quota {
     }
 
     /// Loads (owner, period) from Postgres into Redis unless another caller already did.
-    async fn hydrate(
+    pub(crate) async fn hydrate(
         &self,
         keys: &OwnerKeys,
         believed: &str,
@@ -741,6 +759,7 @@ impl Quota {
                                 limit: None,
                                 unlimited: false,
                                 period,
+                                held: None,
                             },
                             given,
                         )),
@@ -753,6 +772,7 @@ impl Quota {
                             limit,
                             unlimited: limit.is_none(),
                             period,
+                            held: None,
                         },
                         usage_type,
                         amount,
@@ -826,6 +846,7 @@ impl Quota {
                         limit,
                         unlimited: limit.is_none(),
                         period: Period::Lifetime,
+                        held: None,
                     };
                     let account = match (keys.account(), account) {
                         (Some(a), Some((pool_used, lowered))) => Some((
@@ -835,6 +856,7 @@ impl Quota {
                                 limit: None,
                                 unlimited: false,
                                 period: Period::Lifetime,
+                                held: None,
                             },
                             lowered,
                         )),
@@ -1063,7 +1085,7 @@ pub struct Release {
 }
 
 /// What loading a call's missing counters gave.
-enum Reloaded {
+pub(crate) enum Reloaded {
     /// The call's reply, sent right after the load.
     Answer(Result<redis::Value, StoreError>),
     /// The counters live elsewhere: the route.
@@ -1114,6 +1136,7 @@ pub(crate) fn level_usage(
                         limit,
                         unlimited: limit.is_none(),
                         period,
+                        held: Some(hash.map_or(0, |h| h.held(&ty.name).max(0) as u64)),
                     },
                     source,
                 },

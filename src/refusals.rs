@@ -85,6 +85,8 @@ pub struct LevelSeen {
     pub plan: String,
     /// The count Redis refused at (the true count is at least this until an invalidation).
     pub used: u64,
+    /// What open reservations held then (freeing a hold is announced like a refund).
+    pub held: u64,
     /// The limit (`None`: none at this level). A change of it (a plan or override change) is
     /// announced, and a plans reload forgets everything.
     pub limit: Option<u64>,
@@ -95,7 +97,8 @@ pub struct LevelSeen {
 impl LevelSeen {
     /// Whether `amount` more still does not fit at this level.
     pub fn refuses(&self, amount: u64) -> bool {
-        self.limit.is_some_and(|l| self.used + amount > l)
+        self.limit
+            .is_some_and(|l| self.used + self.held + amount > l)
     }
 }
 
@@ -424,6 +427,7 @@ mod tests {
             user: LevelSeen {
                 plan: "FREE".into(),
                 used: 50,
+                held: 0,
                 limit: Some(50),
                 source: LimitSource::Plan,
             },
@@ -439,6 +443,7 @@ mod tests {
         let pool = LevelSeen {
             plan: "FREE".into(),
             used: 50,
+            held: 0,
             limit: Some(50),
             source: LimitSource::Plan,
         };

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::quota::QuotaError;
+use crate::reservations::ReservationError;
 use crate::store::{StoreError, MAX_METADATA_NAMES};
 
 /// An API error: status, machine-readable code, and a sentence a person can act on.
@@ -219,6 +220,33 @@ impl From<QuotaError> for ApiError {
             QuotaError::Redis(e) => e.into(),
             QuotaError::Load(e) => Self::db_unavailable(&e),
             QuotaError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<ReservationError> for ApiError {
+    fn from(e: ReservationError) -> Self {
+        match e {
+            ReservationError::Unknown(id) => Self::not_found(
+                "UNKNOWN_RESERVATION",
+                format!("There is no reservation {id}: it was never made, it closed more than 24 hours ago, or it was lost (Redis lost its data, or the user's account changed while it was open). Whatever it held is free; count work that was done with /v1/track."),
+            ),
+            ReservationError::Cancelled => Self::conflict(
+                "RESERVATION_CANCELLED",
+                "This reservation was cancelled, so it cannot be committed; count work that was done with /v1/track.",
+            ),
+            ReservationError::Committed(amount) => Self::conflict(
+                "RESERVATION_COMMITTED",
+                format!("This reservation was committed already, with amount {amount}: it is committed once (the same commit again answers as the first), and cannot be cancelled after."),
+            ),
+            ReservationError::OverHold { held, asked } => ApiError {
+                field: Some("amount".to_owned()),
+                ..Self::conflict(
+                    "COMMIT_EXCEEDS_HOLD",
+                    format!("amount {asked} is more than the {held} this reservation holds; commit at most {held}, and count the rest with /v1/track."),
+                )
+            },
+            ReservationError::Quota(e) => e.into(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! and scopes), `layers` (readiness gate, load shedding, request tracing), `extract` (bodies,
 //! paths and queries whose every fault is a clear 4xx), `error` (the one error type, and the
 //! mapping of the domain's errors to status, code and sentence); the handlers: `quota` (decisions
-//! and counters), `accounts` (memberships, account plans and usage, limit overrides), `admin`
+//! and counters), `reservations` (reserve, commit, cancel), `accounts` (memberships, account plans and usage, limit overrides), `admin`
 //! (plans and reconcile), `ui` (the usage page), `health`, `openapi`.
 
 mod accounts;
@@ -15,6 +15,7 @@ pub mod health;
 mod layers;
 pub mod openapi;
 mod quota;
+mod reservations;
 pub mod ui;
 
 use auth::authorize;
@@ -91,6 +92,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/track", post(quota::track))
         .route("/v1/refund", post(quota::refund))
         .route("/v1/release", post(quota::release))
+        .route("/v1/reserve", post(reservations::reserve))
+        .route(
+            "/v1/reservations/{reservation_id}/commit",
+            post(reservations::commit),
+        )
+        .route(
+            "/v1/reservations/{reservation_id}/cancel",
+            post(reservations::cancel),
+        )
         .route("/v1/users/{user_id}/usage", get(quota::usage))
         .route(
             "/v1/accounts/{account_id}/usage",

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{accounts, admin, gate, health, quota, ui, AppState, MAX_BODY};
+use super::{accounts, admin, gate, health, quota, reservations, ui, AppState, MAX_BODY};
 use crate::period::PeriodKind;
 use crate::plans::Plans;
 
@@ -30,6 +30,9 @@ use crate::plans::Plans;
         quota::track,
         quota::refund,
         quota::release,
+        reservations::reserve,
+        reservations::commit,
+        reservations::cancel,
         quota::usage,
         quota::plans,
         admin::put_plan,
@@ -110,6 +113,7 @@ pub fn document(plans: &Plans) -> Value {
     let names: Vec<Value> = plans.plan_names.iter().map(|p| json!(p)).collect();
     let schemas = &mut doc["components"]["schemas"];
     schemas["DecisionRequest"]["properties"]["type"]["enum"] = Value::Array(types.clone());
+    schemas["ReserveRequest"]["properties"]["type"]["enum"] = Value::Array(types.clone());
     // `plan` may be null (the stored plan applies).
     let mut or_null = names.clone();
     or_null.push(Value::Null);

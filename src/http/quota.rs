@@ -189,9 +189,14 @@ pub(crate) fn metadata_schema() -> Value {
 pub struct CounterJson {
     /// Units used in the period; null when Redis could not be asked (degraded).
     used: Option<u64>,
+    /// Units held by open reservations (`POST /v1/reserve`), not yet used: they count as taken
+    /// until committed, cancelled or expired. Absent where the answer does not read them (a
+    /// refund, a release, a degraded decision).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held: Option<u64>,
     /// The plan's limit; null when unlimited.
     limit: Option<u64>,
-    /// What is left; null when unlimited.
+    /// What is left: the limit less what is used and what is held; null when unlimited.
     remaining: Option<u64>,
     /// The plan sets no limit (still counted).
     unlimited: bool,
@@ -208,6 +213,7 @@ impl From<&CounterView> for CounterJson {
         let monthly = c.period.end().is_some();
         CounterJson {
             used: c.used,
+            held: c.held,
             limit: c.limit,
             remaining: c.remaining(),
             unlimited: c.unlimited,
@@ -375,8 +381,12 @@ impl<'a> DecisionAnswer<'a> {
             (Level::User, LimitSource::Override) => format!("Usage limit exceeded for {}. Your limit is {limit} {per}. You've used {used}.", d.usage_type),
             _ => format!("Usage limit exceeded for {}. Your {plan} plan allows {limit} {per}. You've used {used}.", d.usage_type),
         };
-        if used < limit {
-            text.push_str(&format!(" This request needs {amount}, and {} remain.", limit - used));
+        let held = counter.held.unwrap_or(0);
+        if held > 0 {
+            text.push_str(&format!(" Open reservations hold {held} more."));
+        }
+        if used.saturating_add(held) < limit {
+            text.push_str(&format!(" This request needs {amount}, and {} remain.", limit - used - held));
         }
         text
     });
@@ -457,6 +467,11 @@ impl<'a> DecisionAnswer<'a> {
     /// The plan of the level shown.
     pub(crate) fn plan(&self) -> Option<&'a str> {
         self.json.plan
+    }
+
+    /// The JSON body, as a value to embed (a reservation's answer carries it).
+    pub(crate) fn into_json(self) -> DecisionJson<'a> {
+        self.json
     }
 }
 

@@ -288,6 +288,11 @@ fn rows(
         if t.source == LimitSource::Override {
             note.push_str(" · a limit set for you");
         }
+        // Units held by open reservations count as taken until their work ends.
+        let held = c.held.unwrap_or(0);
+        if held > 0 {
+            let _ = write!(note, " · {held} more held for work in progress");
+        }
         let (count, bar) = match c.limit {
             Some(limit) => {
                 let pct = used

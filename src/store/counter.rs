@@ -10,6 +10,7 @@
 //! | `s:<type>:<name>` | the latest other metadata value, as JSON text |
 //! | `n:<type>` | how many metadata names the type has |
 //! | `o:<type>`, `x:ov` | the owner's limit override of a type (-1 = unlimited), and the overrides' version |
+//! | `h:<type>` | units of the type held by open reservations (scripts write it; never flushed: holds live in Redis only) |
 //! | `x:next` | set once the next month's counter exists (written by the scripts only) |
 //! | `x:dirty` | set exactly while the counter is on its bucket's dirty set (scripts only) |
 
@@ -22,6 +23,8 @@ const VERSION: &str = "v";
 /// The plan field and its version.
 const PLAN: &str = "p";
 const PLAN_VERSION: &str = "pv";
+/// The prefix of a type's hold (`h:<type>`).
+const HELD: &str = "h:";
 /// Field names a usage type may not take: the hash's own.
 pub const RESERVED: [&str; 3] = [VERSION, PLAN, PLAN_VERSION];
 
@@ -41,6 +44,8 @@ pub struct CounterHash {
     metadata: BTreeMap<String, Map<String, Value>>,
     /// Limit overrides by type (`o:<type>`).
     overrides: BTreeMap<String, i64>,
+    /// Units held by open reservations, by type (`h:<type>`).
+    holds: BTreeMap<String, i64>,
 }
 
 impl CounterHash {
@@ -62,6 +67,9 @@ impl CounterHash {
         for (key, value) in fields {
             if let (Some(ty), Ok(limit)) = (key.strip_prefix("o:"), value.parse()) {
                 hash.overrides.insert(ty.to_owned(), limit);
+            }
+            if let (Some(ty), Ok(held)) = (key.strip_prefix(HELD), value.parse()) {
+                hash.holds.insert(ty.to_owned(), held);
             }
         }
         // In field order, so the same hash always makes the same metadata, in the same order.
@@ -103,6 +111,11 @@ impl CounterHash {
     /// owner has one.
     pub fn limit_override(&self, usage_type: &str) -> Option<i64> {
         self.overrides.get(usage_type).copied()
+    }
+
+    /// Units of `usage_type` held by open reservations (0 when none, or not a number).
+    pub fn held(&self, usage_type: &str) -> i64 {
+        self.holds.get(usage_type).copied().unwrap_or(0)
     }
 
     /// Every usage type the hash holds a count for, in name order.
@@ -204,6 +217,23 @@ mod tests {
             serde_json::json!({"prompt_tokens": 81200, "cost": 0.25, "model": "m-1"})
         );
         assert_eq!(rows[1], ("export".to_owned(), 3, serde_json::json!({})));
+    }
+
+    #[test]
+    fn holds_are_read_beside_counts_and_make_no_row() {
+        let h = CounterHash::parse(&hash(&[
+            ("v", "3"),
+            ("ai_generation", "12"),
+            ("h:ai_generation", "30"),
+            ("h:export", "x"),
+        ]));
+        assert_eq!(h.held("ai_generation"), 30);
+        assert_eq!(h.held("export"), 0);
+        assert_eq!(h.held("kb_file"), 0);
+        assert_eq!(
+            h.rows(),
+            [("ai_generation".to_owned(), 12, serde_json::json!({}))]
+        );
     }
 
     #[test]

@@ -184,6 +184,23 @@ impl OwnerKeys {
     pub fn member(&self, period: Period) -> String {
         member(self.owner, period)
     }
+
+    /// The user's reservation `rid` (its random part, 32 hex digits) in this bucket: a hash (see
+    /// `lua/holds.lua`).
+    pub fn reservation(&self, rid: &str) -> String {
+        format!("{}:r:{}:{rid}", self.base, self.owner.id())
+    }
+
+    /// The bucket's open reservations: a sorted set of [`Self::reservation_member`]s scored by
+    /// their expiry (ms, Redis' clock), which the sweeper reads.
+    pub fn open_reservations(&self) -> String {
+        format!("{}:rz", self.base)
+    }
+
+    /// The member of the open set that names the user's reservation `rid`: `<user>:<rid>`.
+    pub fn reservation_member(&self, rid: &str) -> String {
+        format!("{}:{rid}", self.owner.id())
+    }
 }
 
 /// The keys of one user, placed where their counters live: in their account's bucket when they
@@ -277,6 +294,37 @@ impl UserKeys {
     pub fn member(&self, period: Period) -> String {
         self.user.member(period)
     }
+
+    /// The user's reservation `rid` in the bucket (see [`OwnerKeys::reservation`]).
+    pub fn reservation(&self, rid: &str) -> String {
+        self.user.reservation(rid)
+    }
+
+    /// The bucket's open reservations (see [`OwnerKeys::open_reservations`]).
+    pub fn open_reservations(&self) -> String {
+        self.user.open_reservations()
+    }
+
+    /// The open-set member of the user's reservation `rid` (see [`OwnerKeys::reservation_member`]).
+    pub fn reservation_member(&self, rid: &str) -> String {
+        self.user.reservation_member(rid)
+    }
+}
+
+/// The open reservations of `bucket` (see [`OwnerKeys::open_reservations`]).
+pub fn open_reservations_of(prefix: &str, bucket: u16) -> String {
+    format!("{prefix}:{SCHEMA}:{{{bucket}}}:rz")
+}
+
+/// The user and random part of a reservation named by a member of an open set
+/// (`<user>:<rid>`); `None` for a member quotad did not write.
+pub fn parse_reservation_member(member: &str) -> Option<(Uuid, String)> {
+    let (user, rid) = member.split_once(':')?;
+    let user = Uuid::parse_str(user).ok()?;
+    if rid.len() != 32 || !rid.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    Some((user, rid.to_owned()))
 }
 
 /// CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots.

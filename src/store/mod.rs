@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>,
-//!                                      s:<type>:<name>, n:<type>, o:<type> and x:ov (limit
+//!                                      s:<type>:<name>, n:<type>, h:<type> (held by open
+//!                                      reservations), o:<type> and x:ov (limit
 //!                                      overrides and their version), x:next (set once the next
 //!                                      month's counter was created: it never starts fresh
 //!                                      again), x:dirty (set while on the dirty set). Months
@@ -24,6 +25,11 @@
 //! <prefix>:1:{<b>}:i:<user>:<key>      hash: an idempotent call's answer, 24 h
 //! <prefix>:1:{<b>}:ix:<user>           sorted set: the user's idempotency records here, scored by
 //!                                      their expiry (ms), for a membership change to carry
+//! <prefix>:1:{<b>}:r:<user>:<rid>      hash: a reservation (type, amount, period, account,
+//!                                      state, expiry; see lua/holds.lua), kept 24 h after it
+//!                                      closes; its hold is `h:<type>` in the counters it holds in
+//! <prefix>:1:{<b>}:rz                  sorted set of "<user>:<rid>": the bucket's open
+//!                                      reservations, scored by expiry (ms, Redis' clock)
 //! <prefix>:1:{<b>}:since              string: the time (ms) since which the bucket has
 //!                                      held its data without a gap (set by the first load from
 //!                                      Postgres; lets a new month's counter start without one)
@@ -45,12 +51,14 @@ pub mod counter;
 mod direct;
 mod dirty;
 pub mod keys;
+mod reservations;
 mod scan;
 pub mod scripts;
 
 pub use counter::CounterHash;
 pub use dirty::{DirtyMember, DirtyScan};
 pub use keys::{Owner, OwnerKeys, UserKeys};
+pub use reservations::{Due, Placed, ReserveCall, Settle, SettleReply, Settled};
 pub use scan::LiveCounter;
 
 use std::collections::HashMap;
@@ -190,6 +198,8 @@ pub struct LevelReply {
     pub limit: Option<u64>,
     /// Where the limit comes from.
     pub source: LimitSource,
+    /// What open reservations hold at this level (after the call, for a reserve).
+    pub held: u64,
 }
 
 /// A counting script's answer.
@@ -212,6 +222,8 @@ pub struct Reply {
     pub limited_by: Option<Level>,
     /// Where the user's limit comes from.
     pub source: LimitSource,
+    /// What open reservations hold at the user's level (after the call, for a reserve).
+    pub held: u64,
     /// The account's level, for a member.
     pub account: Option<LevelReply>,
 }
@@ -1182,14 +1194,15 @@ fn short_reply() -> RedisError {
     ))
 }
 
-/// The reply of the consume or the check script (see `lua/consume.lua`: both answer the same
-/// twelve fields) as a [`Reply`]; `period` stands in where the script names none (check).
+/// The reply of the consume, check or reserve script (see `lua/consume.lua`: they answer the
+/// same fourteen fields; twelve, without the holds, from a script of a build before
+/// reservations) as a [`Reply`]; `period` stands in where the script names none (check).
 pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreError> {
     let bad = |e: redis::ParsingError| StoreError::Redis(e.into());
     let fields: Vec<redis::Value> = redis::from_redis_value(raw).map_err(bad)?;
-    if fields.len() != 12 {
+    if fields.len() != 12 && fields.len() != 14 {
         return Err(StoreError::Redis(RedisError::from(std::io::Error::other(
-            format!("a decision script answered {} fields, not 12", fields.len()),
+            format!("a decision script answered {} fields, not 14", fields.len()),
         ))));
     }
     let mut it = fields.into_iter();
@@ -1212,6 +1225,8 @@ pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreE
     let account_plan = text()?;
     let account_limit: i64 = text()?.parse().unwrap_or(-1);
     let account_source = text()?;
+    let held: i64 = text().ok().and_then(|t| t.parse().ok()).unwrap_or(0);
+    let account_held: i64 = text().ok().and_then(|t| t.parse().ok()).unwrap_or(0);
     let status = match status.as_str() {
         "ok" => Status::Ok,
         "denied" => Status::Denied,
@@ -1232,11 +1247,13 @@ pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreE
         detail,
         limited_by,
         source,
+        held: held.max(0) as u64,
         account: (!account_source.is_empty()).then(|| LevelReply {
             used: account_used.max(0) as u64,
             plan: account_plan,
             limit: u64::try_from(account_limit).ok(),
             source: LimitSource::parse(&account_source),
+            held: account_held.max(0) as u64,
         }),
     })
 }

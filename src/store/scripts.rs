@@ -51,3 +51,26 @@ pub static MOVE_DONE: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_common!("move_done.lua")));
 /// reroute: a membership change within one bucket: only the route changes.
 pub static REROUTE: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("reroute.lua")));
+
+/// The reservation scripts: `lua/common.lua`, then `lua/holds.lua` (their shared helpers), then
+/// the script.
+macro_rules! with_holds {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../lua/common.lua"),
+            "\n",
+            include_str!("../../lua/holds.lua"),
+            "\n",
+            include_str!(concat!("../../lua/", $file))
+        )
+    };
+}
+
+/// reserve: hold an amount against every level's limit, counting nothing yet.
+pub static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(with_holds!("reserve.lua")));
+/// commit: count a reservation's actual amount and free its hold.
+pub static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(with_holds!("commit.lua")));
+/// cancel: free all a reservation holds.
+pub static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(with_holds!("cancel.lua")));
+/// expire: the sweeper's step: free a reservation whose expiry has passed.
+pub static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(with_holds!("expire.lua")));

@@ -1,0 +1,120 @@
+-- commit: count what a reservation's work actually used (at most what it holds) at every level it
+-- holds at, and free its hold there, in one atomic step. The count is a count like any other: it
+-- bumps each counter's version and marks it dirty, so the flusher writes it to Postgres.
+--
+-- KEYS[1]  the reservation         {prefix}:1:{b}:r:<user>:<rid> (see holds.lua)
+-- KEYS[2]  the user's counter hash of the reservation's period
+-- KEYS[3]  dirty set               {prefix}:1:{b}:dirty
+-- KEYS[4]  the user's route key    {prefix}:1:{b}:u:<user> (see misrouted in common.lua)
+-- KEYS[5]  the bucket's open reservations {prefix}:1:{b}:rz
+-- KEYS[6]  with a reservation held in an account's pool only: that account's counter hash of the
+--          period (in this bucket: the reservation was made beside it)
+-- ARGV[1]  the amount to count, a whole number from 0 to what the reservation holds
+-- ARGV[2]  the period id and ARGV[3] the account ("" = none) the caller read from the
+--          reservation just before (they never change; a reservation that disagrees is another)
+-- ARGV[4]  the route the caller believes ("" = no account, else the account id)
+-- ARGV[5]  the user's dirty-set member "<user>:<period>"; ARGV[6] the account's
+--          "a:<account>:<period>" ("" without one)
+-- ARGV[7]  the reservation's member of the open set, "<user>:<rid>"
+-- ARGV[8]  how long the closed reservation is kept, ms
+-- ARGV[9]  invalidation channel; ARGV[10] the user, announced there when the commit frees more
+--          than it counts (and the account, for its pool)
+--
+-- Returns holds.lua's `settled` answer with status:
+--   "ok"         counted and freed; `late` is "1" when the reservation had expired (its hold
+--                freed already, by the sweeper or by this call: detail "expired" then): the work
+--                was done, so it is counted anyway, as a track would count it
+--   "replay"     committed before with the same amount: the first answer, nothing done
+--   "committed"  committed before with another amount (`committed`); nothing done
+--   "cancelled"  cancelled before; nothing done
+--   "over"       the amount is more than the reservation holds (`amount`); nothing done
+--   "missing"    no such reservation (never made, closed more than ARGV[8] ago, or lost with
+--                Redis' data)
+--   "hydrate"    a counter is not loaded from Postgres yet (detail: "user" or "account"); nothing
+--   "moved"      the user's route is not ARGV[4]; detail is what the route key holds; nothing
+local rkey, hash, dirty, open = KEYS[1], KEYS[2], KEYS[3], KEYS[5]
+local amount, account = tonumber(ARGV[1]), ARGV[3]
+local ahash = account ~= '' and KEYS[6] or nil
+
+local route = misrouted(KEYS[4], ARGV[4])
+if route == false then
+  return settled('hydrate', nil, 'user')
+elseif route then
+  return settled('moved', nil, route)
+end
+local r = reservation(rkey)
+if not r or r.pe ~= ARGV[2] or r.ac ~= account then
+  return settled('missing')
+end
+if r.s == 'cancelled' then
+  return settled('cancelled', r)
+elseif r.s == 'committed' then
+  return settled(tonumber(r.c) == amount and 'replay' or 'committed', r)
+end
+if amount > tonumber(r.a) then
+  return settled('over', r)
+end
+local field = r.t
+if redis.call('HEXISTS', hash, 'v') == 0 then
+  return settled('hydrate', r, 'user')
+end
+if ahash and redis.call('HEXISTS', ahash, 'v') == 0 then
+  return settled('hydrate', r, 'account')
+end
+
+-- Every read and check first; the writes after cannot fail.
+local expiring = r.s == 'open' and call_now_ms >= tonumber(r.x)
+local holding = r.s == 'open'
+local held, used = hold_of(hash, field)
+local version = stored_count(hash, 'v')
+local flagged = redis.call('HGET', hash, DIRTY)
+local aheld, aused, aversion, aflagged = 0, 0, 0, nil
+if ahash then
+  aheld, aused = hold_of(ahash, field)
+  aversion = stored_count(ahash, 'v')
+  aflagged = redis.call('HGET', ahash, DIRTY)
+end
+if used + amount >= EXACT or aused + amount >= EXACT then
+  return redis.error_reply('ERR quotad: ' .. field .. ' would pass 2^53; nothing counted')
+end
+
+local a = tonumber(r.a)
+if holding then
+  held = free_hold(hash, field, held, a)
+  if ahash then
+    aheld = free_hold(ahash, field, aheld, a)
+  end
+end
+local function count_in(h, cur, ver, was_flagged, member)
+  if amount == 0 then
+    return cur
+  end
+  redis.call('HSET', h, field, string.format('%d', cur + amount), 'v', string.format('%d', ver + 1))
+  if not was_flagged then
+    mark_dirty(h, dirty, member)
+  end
+  if r.pe == 'life' then
+    -- Counted in: a lifetime counter loaded with nothing lasts from now (see consume.lua).
+    redis.call('PERSIST', h)
+  end
+  return cur + amount
+end
+used = count_in(hash, used, version, flagged, ARGV[5])
+if ahash then
+  aused = count_in(ahash, aused, aversion, aflagged, ARGV[6])
+end
+-- A commit in time frees what it does not count; a late one freed nothing now that it did not
+-- free as an expiry.
+local late = not holding or expiring
+local freed = late and 0 or a - amount
+r.s, r.c, r.lt, r.fr = 'committed', amount, late and '1' or '0', freed
+r.u, r.h, r.au, r.ah = used, held, aused, aheld
+close_reservation(rkey, open, ARGV[7], tonumber(ARGV[8]), {'s', r.s, 'c', r.c, 'lt', r.lt,
+  'fr', r.fr, 'u', r.u, 'h', r.h, 'au', r.au, 'ah', r.ah})
+if holding and a > amount then
+  announce(ARGV[9], ARGV[10])
+  if ahash then
+    announce(ARGV[9], account)
+  end
+end
+return settled('ok', r, expiring and 'expired' or '')
