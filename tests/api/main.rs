@@ -26,6 +26,7 @@ mod process;
 mod prometheus;
 mod redis_faults;
 mod refusals;
+mod reservations;
 mod schemathesis;
 mod script_contracts;
 mod serving;
