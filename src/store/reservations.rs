@@ -176,7 +176,7 @@ impl RedisStore {
 
     /// Commits or cancels the user's reservation `rid`, which holds where `placed` says (read
     /// just before), in `keys`' bucket: one script, one atomic step (see `lua/commit.lua`,
-    /// `lua/cancel.lua`).
+    /// `lua/cancel.lua`), armed with its deadline.
     pub async fn close_reservation(
         &self,
         keys: &UserKeys,
@@ -211,7 +211,9 @@ impl RedisStore {
             .arg(CLOSED_KEEP_MS)
             .arg(self.changes_channel())
             .arg(keys.user().to_string());
-        let raw: redis::Value = self.run_script(&mut inv).await?;
+        // A commit counts: with replicas to wait for, it is answered once one holds it, as a
+        // consume is (a repeat of an answer lost to the wait replays it).
+        let raw = self.run(&mut inv, true).await?;
         settle_reply(raw)
     }
 
