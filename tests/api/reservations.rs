@@ -12,7 +12,7 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{month_period, Answer, Options, PrivateRedis, TestApp};
+use crate::helpers::{month_period, Answer, Options, PrivatePostgres, PrivateRedis, TestApp};
 use quotad::store::keys::bucket;
 
 async fn reserve(app: &TestApp, user: Uuid, ty: &str, amount: u64, ttl: u64) -> Answer {
@@ -939,6 +939,52 @@ async fn a_redis_restart_loses_open_holds_with_it_and_keeps_flushed_commits() {
         (200, &json!(42)),
         "{:?}",
         r.body
+    );
+}
+
+#[tokio::test]
+async fn with_postgres_down_holds_and_commits_go_on_and_the_commit_reaches_postgres_once_back() {
+    let pg = PrivatePostgres::start();
+    let app = TestApp::spawn_with(Options {
+        postgres_url: pg.url(),
+        ..Options::default()
+    })
+    .await;
+    let (user, stranger) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = held(&app, user, "ai_generation", 10, 300).await;
+
+    pg.stop("fast");
+    // The user's counter is in Redis: nothing needs Postgres.
+    let second = reserve(&app, user, "ai_generation", 5, 300).await;
+    let committed = commit(&app, &first, json!(8)).await;
+    let cancelled = cancel(&app, second.body["reservation_id"].as_str().unwrap_or("-")).await;
+    // A user Redis does not hold must be loaded from Postgres first: refused, nothing held.
+    let unloaded = reserve(&app, stranger, "ai_generation", 5, 300).await;
+    pg.resume();
+
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(committed.status, 200, "{:?}", committed.body);
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    assert_eq!(
+        (unloaded.status, &unloaded.body["code"]),
+        (503, &json!("DATABASE_UNAVAILABLE")),
+        "{:?}",
+        unloaded.body
+    );
+    app.flush().await;
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count FROM usage_tracking WHERE user_id = $1 AND type = 'ai_generation'",
+    )
+    .bind(user)
+    .fetch_one(&app.db().await)
+    .await
+    .unwrap();
+    assert_eq!(count, 8);
+    assert_eq!(
+        reserve(&app, stranger, "ai_generation", 5, 300)
+            .await
+            .status,
+        200
     );
 }
 
