@@ -272,8 +272,12 @@ async fn the_flusher_has_a_named_redis_connection_of_its_own() {
     names.sort();
     assert_eq!(
         names,
-        vec!["quotad-flusher".to_owned(), "quotad-requests".to_owned()],
-        "one connection for requests, one for the flusher, each named"
+        vec![
+            "quotad-flusher".to_owned(),
+            "quotad-requests".to_owned(),
+            "quotad-sweeper".to_owned()
+        ],
+        "one connection for requests, one for the flusher, one for the reservation sweeper (its first pass runs at start), each named"
     );
 }
 
