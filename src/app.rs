@@ -31,6 +31,7 @@ use crate::plans::PlanBook;
 use crate::quota::Quota;
 use crate::refusals::Refusals;
 use crate::store::RedisStore;
+use crate::webhooks::Dispatcher;
 use background::Background;
 use supervise::supervise;
 
@@ -76,6 +77,8 @@ pub struct App {
     config: Config,
     state: AppState,
     flusher: Flusher,
+    /// The webhook dispatcher, when `QUOTAD_WEBHOOK_URLS` is set.
+    dispatcher: Option<Dispatcher>,
     /// The gRPC listener, once bound.
     grpc: Option<TcpListener>,
 }
@@ -99,7 +102,15 @@ impl App {
         .with_wait_replicas(config.redis_wait_replicas);
         let db = db::lazy_pool(&config.database_url, Some(config.database_timeout()))
             .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
-        let flusher = Flusher::new(&store, &db);
+        let webhooks = config.webhooks().map_err(RunError::Config)?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let mut flusher = Flusher::new(&store, &db);
+        let dispatcher = webhooks.map(|hooks| {
+            flusher = flusher
+                .clone()
+                .with_endpoints(hooks.endpoints.clone(), wake.clone());
+            Dispatcher::new(&db, hooks, wake)
+        });
         let state = AppState::new(http::Shared {
             quota: Quota {
                 hydrator: Hydrator::new(
@@ -133,6 +144,7 @@ impl App {
             config,
             state,
             flusher,
+            dispatcher,
             grpc: None,
         })
     }
@@ -173,6 +185,7 @@ impl App {
             config,
             state,
             flusher,
+            dispatcher,
             grpc: grpc_listener,
         } = self;
         let plans = state.quota.plans.current();
@@ -200,6 +213,13 @@ impl App {
                 move |stop| flusher.clone().run(interval, stop)
             })
         }));
+        if let Some(dispatcher) = dispatcher {
+            tasks.push(background.enter(|| {
+                supervise("webhooks", stopped.clone(), move |stop| {
+                    dispatcher.clone().run(stop)
+                })
+            }));
+        }
         if state.quota.refusals.enabled() {
             let (refusals, clients, channel) = (
                 state.quota.refusals.clone(),

@@ -68,6 +68,18 @@ pub const GRPC_REQUESTS: &str = "quotad_grpc_requests_total";
 /// Latency of one `ShouldRateLimit` call, by `code` as in [`GRPC_REQUESTS`].
 pub const GRPC_SECONDS: &str = "quotad_grpc_request_duration_seconds";
 
+/// Threshold events new to Postgres' outbox, written by the flusher.
+pub const EVENTS_RECORDED: &str = "quotad_events_recorded_total";
+/// Webhook delivery attempts, by `result`: `delivered` (2xx), `failed` (any other answer, or
+/// none in time: retried later), `gave_up` (the last attempt failed; the delivery is `failed`).
+pub const WEBHOOK_ATTEMPTS: &str = "quotad_webhook_attempts_total";
+/// Webhook deliveries not yet made (pending, retries included), as the dispatcher last counted.
+pub const WEBHOOK_PENDING: &str = "quotad_webhook_pending_deliveries";
+/// Webhook deliveries that failed every attempt and wait for an operator (status `failed`).
+pub const WEBHOOK_FAILED: &str = "quotad_webhook_failed_deliveries";
+/// Latency of one webhook attempt.
+pub const WEBHOOK_SECONDS: &str = "quotad_webhook_attempt_duration_seconds";
+
 /// Latency buckets, in seconds: fine below a millisecond, where quotad's answers live.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
@@ -166,6 +178,27 @@ fn describe() {
     metrics::describe_gauge!(
         REDIS_EVICTION_REFUSED,
         "1 while Redis's maxmemory-policy could evict counters and quotad refuses to serve."
+    );
+    metrics::describe_counter!(
+        EVENTS_RECORDED,
+        "Threshold events new to the Postgres outbox (usage_events)."
+    );
+    metrics::describe_counter!(
+        WEBHOOK_ATTEMPTS,
+        "Webhook delivery attempts by result (delivered, failed: retried later, gave_up: the last attempt failed)."
+    );
+    metrics::describe_gauge!(
+        WEBHOOK_PENDING,
+        "Webhook deliveries not yet made, retries included."
+    );
+    metrics::describe_gauge!(
+        WEBHOOK_FAILED,
+        "Webhook deliveries that failed every attempt (status failed), waiting for a redelivery."
+    );
+    metrics::describe_histogram!(
+        WEBHOOK_SECONDS,
+        metrics::Unit::Seconds,
+        "Latency of one webhook attempt."
     );
     metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");
     metrics::describe_counter!(FLUSH_ERRORS, "Failed flusher passes.");
