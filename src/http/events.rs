@@ -24,6 +24,7 @@ const MAX_ID: usize = 64;
 pub struct EventsQuery {
     /// Only events with a delivery in this state.
     #[serde(default)]
+    #[param(inline)]
     status: Option<DeliveryStatus>,
     /// Only this user's events (a UUID).
     #[serde(default)]
