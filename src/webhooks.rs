@@ -41,6 +41,8 @@ const MAX_POLL: Duration = Duration::from_secs(1);
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// Deadline of one dispatcher statement.
 const DB_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a claim outlives its attempt's deadline.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
 /// Longest `last_error` kept.
 const MAX_ERROR: usize = 500;
 
@@ -292,7 +294,8 @@ impl Dispatcher {
     /// One round: claims up to [`BATCH`] due deliveries, attempts them ([`IN_FLIGHT`] at once),
     /// records each outcome. Returns how many were claimed.
     pub async fn round(&self) -> Result<usize, sqlx::Error> {
-        let lease = self.hooks.timeout + Duration::from_secs(5);
+        // Past the attempt's own deadline, with room to record its outcome.
+        let lease = self.hooks.timeout + LEASE_MARGIN;
         let claimed = db::within(
             DB_TIMEOUT,
             db::claim_deliveries(&self.db, &self.hooks.endpoints, BATCH, lease),

@@ -51,13 +51,16 @@ pub struct Got {
 pub const ANSWER_OK: u16 = 204;
 /// Never answer (hold the request until the client gives up).
 pub const HANG: u16 = 0;
+/// Answer 204 once [`Receiver::release`] is called.
+pub const HOLD: u16 = 1;
 
 /// A webhook receiver: an HTTP server on a loopback port, recording every request.
 pub struct Receiver {
     pub port: u16,
     pub got: Arc<Mutex<Vec<Got>>>,
-    /// The status it answers; [`HANG`] to never answer.
+    /// The status it answers; [`HANG`] to never answer, [`HOLD`] to wait for a release.
     pub answer: Arc<AtomicU16>,
+    hold: Arc<tokio::sync::Notify>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -89,6 +92,7 @@ impl Receiver {
             port,
             got: Arc::default(),
             answer: Arc::new(AtomicU16::new(ANSWER_OK)),
+            hold: Arc::default(),
             stop: None,
             task: None,
         };
@@ -102,9 +106,15 @@ impl Receiver {
             port: free_port(),
             got: Arc::default(),
             answer: Arc::new(AtomicU16::new(ANSWER_OK)),
+            hold: Arc::default(),
             stop: None,
             task: None,
         }
+    }
+
+    /// Lets one held request ([`HOLD`]) be answered 204.
+    pub fn release(&self) {
+        self.hold.notify_one();
     }
 
     /// Starts listening (again).
@@ -112,11 +122,11 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
             .await
             .expect("the receiver's port is free");
-        let (got, answer) = (self.got.clone(), self.answer.clone());
+        let (got, answer, hold) = (self.got.clone(), self.answer.clone(), self.hold.clone());
         let app = axum::Router::new().route(
             "/hooks",
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
-                let (got, answer) = (got.clone(), answer.clone());
+                let (got, answer, hold) = (got.clone(), answer.clone(), hold.clone());
                 async move {
                     let header = |n: &str| {
                         headers
@@ -146,6 +156,10 @@ impl Receiver {
                         HANG => {
                             std::future::pending::<()>().await;
                             unreachable!()
+                        }
+                        HOLD => {
+                            hold.notified().await;
+                            StatusCode::NO_CONTENT.into_response()
                         }
                         302 => (
                             StatusCode::FOUND,
@@ -941,4 +955,106 @@ async fn a_daemon_killed_after_recording_and_before_delivering_delivers_the_same
     assert_event(&got[0], user, 80, 40, 50, "FREE");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn postgres_down_while_a_delivery_is_recorded_delays_the_record_and_sends_nothing_twice() {
+    let pg = PrivatePostgres::start();
+    let receiver = Receiver::start().await;
+    receiver.answer.store(HOLD, Ordering::SeqCst);
+    let plans = notify_plans();
+    let app = TestApp::spawn_with(Options {
+        postgres_url: pg.url(),
+        plans: Some(plans.to_path_buf()),
+        webhook_urls: vec![receiver.url()],
+        tune: |c| {
+            c.webhook_secret = Some(SECRET.into());
+            c.webhook_retry_ms = 50;
+            c.webhook_timeout_ms = 3000;
+        },
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    assert_eq!(consume_n(&app, user, 40).await, 40);
+    app.flush().await;
+    // The receiver has the event; before it answers, Postgres crashes, so the dispatcher cannot
+    // record the delivery until it is back (within the statement's deadline here).
+    receiver.wait_for(1, Duration::from_secs(10)).await;
+    pg.stop("immediate");
+    receiver.release();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.get("/v1/admin/events?status=delivered").await.body["events"]
+        .as_array()
+        .is_none_or(|e| e.is_empty())
+    {
+        assert!(Instant::now() < deadline, "not recorded as delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the claim's lease: nothing is sent again.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(receiver.requests().len(), 1);
+    assert_eq!(outbox(&app).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_daemon_killed_while_its_attempt_is_in_flight_sends_it_again_with_the_same_id() {
+    let receiver = Receiver::start().await;
+    receiver.answer.store(HOLD, Ordering::SeqCst);
+    let plans = notify_plans();
+    let vars = |restart: Option<&Daemon>| {
+        let mut v = vec![
+            ("QUOTAD_PLANS", plans.display().to_string()),
+            ("QUOTAD_WEBHOOK_URLS", receiver.url()),
+            ("QUOTAD_WEBHOOK_SECRET", SECRET.to_owned()),
+            ("QUOTAD_WEBHOOK_RETRY_MS", "50".to_owned()),
+            ("QUOTAD_WEBHOOK_TIMEOUT_MS", "1000".to_owned()),
+        ];
+        if let Some(d) = restart {
+            v.push(("QUOTAD_KEY_PREFIX", d.prefix.clone()));
+            v.push(("QUOTAD_DATABASE_URL", d.database_url()));
+            v.push(("QUOTAD_TEST_POSTGRES", d.postgres_url.clone()));
+        }
+        v
+    };
+    let mut first = Daemon::spawn(&vars(None));
+    first.wait_ready();
+    let user = Uuid::new_v4();
+    consume_on(&first, user, 40).await;
+    // The attempt is in flight (the receiver holds it) when the daemon dies: its outcome is never
+    // recorded.
+    let held = receiver.wait_for(1, Duration::from_secs(20)).await;
+    first.signal("-KILL");
+    let _ = first.child.wait();
+    receiver.answer.store(ANSWER_OK, Ordering::SeqCst);
+    receiver.release();
+
+    let second = Daemon::spawn(&vars(Some(&first)));
+    second.wait_ready();
+    // Once the dead daemon's claim ends (timeout + 2 s), the new one sends it again.
+    let got = receiver.wait_for(2, Duration::from_secs(30)).await;
+    assert_eq!(got[1].headers["webhook-id"], held[0].headers["webhook-id"]);
+    assert_eq!(got[1].raw, held[0].raw);
+    assert!(got[1].signed);
+    assert_event(&got[1], user, 80, 40, 50, "FREE");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows: Vec<(String, i32)> = {
+            let db = sqlx::PgPool::connect(&first.database_url()).await.unwrap();
+            let r = sqlx::query_as("SELECT status, attempts FROM event_deliveries")
+                .fetch_all(&db)
+                .await
+                .unwrap();
+            db.close().await;
+            r
+        };
+        if rows == [("delivered".to_owned(), 2)] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(second);
 }
