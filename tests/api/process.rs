@@ -125,7 +125,7 @@ fn migrate_creates_the_database_and_applies_migrations() {
     );
     assert_eq!(
         String::from_utf8_lossy(&tables.stdout).trim(),
-        "_sqlx_migrations,account_members,account_plans,account_usage,limit_overrides,usage_tracking,user_plans"
+        "_sqlx_migrations,account_members,account_plans,account_usage,event_deliveries,limit_overrides,usage_events,usage_tracking,user_plans"
     );
 }
 
