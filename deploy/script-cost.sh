@@ -4,13 +4,15 @@
 # the time Redis spent in the command itself (`INFO commandstats`, usec_per_call) for:
 #   - PING, unpipelined and 16 deep (what one round trip costs Redis in socket work);
 #   - a script of TIME, HMGET and HSET with no arguments (what a minimal counting script costs);
-#   - lua/common.lua's prologue alone, with the consume call's 5 keys and 22 arguments;
+#   - lua/common.lua's prologue alone, with the consume call's 5 keys and 23 arguments;
 #   - the consume script (lua/common.lua + lua/consume.lua), one allowed consume of one
 #     loaded counter, with the arguments quotad sends;
 #   - the same for a member of an account: the user's counter and the account's pool, both
 #     loaded, checked and counted in the one script (7 keys);
 #   - the same without an account but with an idempotency key, new on every call (redis-benchmark
-#     puts a random number in it): the record and the user's index of records are written too.
+#     puts a random number in it): the record and the user's index of records are written too;
+#   - the consume script for a user past 80 % of a type that notifies at 80 and 100 %, the event
+#     recorded already: what notifications add to each call past a threshold.
 # Each line also gives the Redis commands run per call (inside the script too, from `INFO
 # commandstats`), the figure that moves least with the machine's noise.
 #   deploy/script-cost.sh [CALLS]      # default 200000 calls each
@@ -42,7 +44,7 @@ keys=("$hash" "bench:1:$b:dirty" "bench:1:$b:c:$user:2026-10" "bench:1:$b:since"
   "bench:1:$b:u:$user")
 deadline=$(( $(date +%s) * 1000 + 3600000 ))
 args=(consume ai_generation 1 "$user:2026-11" PRO FREE 86400 2026-11 64 1793491200000 60000
-  1799107200 "" "" 0 ENTERPRISE -1 FREE 50 PRO -1 "$deadline")
+  1799107200 "" "" "" 0 ENTERPRISE -1 FREE 50 PRO -1 "$deadline")
 
 # A member of an account: their counter and the account's pool in the account's bucket, the
 # route key saying they count there. No plan of their own: the pool's FREE limit (50) is far
@@ -58,7 +60,20 @@ rc set "bench:1:$a:u:$member" "$account" >/dev/null
 mkeys=("$mhash" "bench:1:$a:dirty" "bench:1:$a:c:$member:2026-10" "bench:1:$a:since"
   "bench:1:$a:u:$member" "$pool" "bench:1:$a:a:$account:2026-10")
 margs=(consume ai_generation 1 "$member:2026-11" "" FREE 86400 2026-11 64 1793491200000 60000
-  1799107200 "$account" "a:$account:2026-11" 0 ENTERPRISE -1 FREE 50 PRO -1 "$deadline")
+  1799107200 "$account" "a:$account:2026-11" "" 0 ENTERPRISE -1 FREE 50 PRO -1 "$deadline")
+
+# A user past 80 % of a large limit, on a type that notifies at 80 and 100 %: the 80 % event is
+# recorded already (its mark carries the same limit), so each call reads the mark and records
+# nothing: what notifications add to every call past a threshold.
+nuser=7e0c9a55-1d2b-4c3d-8e4f-5a6b7c8d9e0f
+n="{512}"
+nhash="bench:1:$n:c:$nuser:2026-11"
+rc hset "$nhash" v 0 ai_generation 800000000000 \
+  e:ai_generation:80 "1000000000000 800000000000 BIG 1793491200000" >/dev/null
+nkeys=("$nhash" "bench:1:$n:dirty" "bench:1:$n:c:$nuser:2026-10" "bench:1:$n:since"
+  "bench:1:$n:u:$nuser")
+nargs=(consume ai_generation 1 "$nuser:2026-11" BIG FREE 86400 2026-11 64 1793491200000 60000
+  1799107200 "" "" "80,100" 0 BIG 1000000000000 FREE 50 "$deadline")
 
 measure() { # name, command name in commandstats, pipeline depth, command...
   local name=$1 stat=$2 depth=$3
@@ -83,6 +98,8 @@ measure "TIME + HMGET + HSET script, 16 pipelined" evalsha 16 EVALSHA "$minimal"
 measure "common.lua prologue, consume's keys and args, 16 deep" evalsha 16 EVALSHA "$prologue" 5 "${keys[@]}" "${args[@]}"
 measure "consume script, one at a time" evalsha 1 EVALSHA "$consume" 5 "${keys[@]}" "${args[@]}"
 measure "consume script, 16 pipelined" evalsha 16 EVALSHA "$consume" 5 "${keys[@]}" "${args[@]}"
+measure "consume script past a notify threshold, one at a time" evalsha 1 EVALSHA "$consume" 5 "${nkeys[@]}" "${nargs[@]}"
+measure "consume script past a notify threshold, 16 pipelined" evalsha 16 EVALSHA "$consume" 5 "${nkeys[@]}" "${nargs[@]}"
 measure "consume script with an account, one at a time" evalsha 1 EVALSHA "$consume" 7 "${mkeys[@]}" "${margs[@]}"
 measure "consume script with an account, 16 pipelined" evalsha 16 EVALSHA "$consume" 7 "${mkeys[@]}" "${margs[@]}"
 # With a key: each call's record is new (`__rand_int__`, from -r), so each writes it and indexes it.
@@ -92,6 +109,9 @@ counted=$(rc hget "$hash" ai_generation)
 records=$(rc zcard "bench:1:$b:ix:$user")
 echo "counted: $counted (expected $((3 * calls)), less the rare repeated random key: $records records indexed)"
 (( counted > 2 * calls && counted <= 3 * calls )) || { echo "the consume script did not count every call" >&2; exit 1; }
+n=$(rc hget "$nhash" ai_generation)
+[[ $n == $((800000000000 + 2 * calls)) ]] || { echo "the consume script past a threshold did not count every call" >&2; exit 1; }
+[[ $(rc hexists "$nhash" x:ev) == 0 ]] || { echo "a threshold recorded already was recorded again" >&2; exit 1; }
 for h in "$mhash" "$pool"; do
   n=$(rc hget "$h" ai_generation)
   echo "counted in $h: $n (expected $((2 * calls)))"

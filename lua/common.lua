@@ -28,8 +28,9 @@ end
 -- latest other metadata, as JSON text), `n:<type>` (how many metadata names the type has),
 -- `o:<type>` and `x:ov` (the owner's limit overrides and their version in Postgres'
 -- limit_overrides; see set_limits.lua), `h:<type>` (units held by open reservations; see
--- reserve.lua and holds.lua) and `x:dirty` (set exactly while the counter is in its
--- bucket's dirty set; see mark_dirty). An account's counter hash has the same fields (its plan
+-- reserve.lua and holds.lua), `x:dirty` (set exactly while the counter is in its bucket's dirty
+-- set; see mark_dirty), `e:<type>:<percent>` (a threshold event, see record_thresholds) and
+-- `x:ev` (set while an event is not yet written to Postgres). An account's counter hash has the same fields (its plan
 -- from account_plans), without metadata. A hash
 -- without `v` has not been loaded from Postgres yet: every script that reads or writes counts
 -- answers "hydrate" for it and changes nothing.
@@ -251,4 +252,38 @@ local function refusing_level(amount, used, limit, aused, alimit)
     return 'account'
   end
   return nil
+end
+
+-- Threshold events. A type's `notify` list gives thresholds in percent of the limit. The count
+-- that first takes a user's counter to or past a threshold (ceil(percent × limit / 100)) under a
+-- limit records one event in the counter hash, in the same step as the count:
+-- `e:<type>:<percent>` = "<limit> <used> <plan> <ms>" (the limit it fired under, the count it
+-- reached, the plan, and Redis' time), and `x:ev` = 1, which tells the flusher the hash holds an
+-- event Postgres does not have yet (it writes the events with the totals, in one transaction,
+-- and unmark.lua clears `x:ev` with the dirty mark). The field stays for the rest of the period,
+-- so the threshold does not fire again under the same limit: a refund that takes the counter
+-- back under it and a count that crosses it again record nothing. A limit that changes (a new
+-- plan, an override) arms the thresholds again under the new limit. A new period is a new hash:
+-- everything is armed again. Unlimited and zero limits record nothing. Only counts that are made
+-- reach here: a refused consume, a replay and a check record nothing.
+local EVENT_PENDING = 'x:ev'
+local function record_thresholds(hash, field, list, used, limit, plan)
+  if limit <= 0 then
+    return
+  end
+  local limit_text = string.format('%d', limit)
+  for pct in string.gmatch(list, '%d+') do
+    if used * 100 >= tonumber(pct) * limit then
+      local name = 'e:' .. field .. ':' .. pct
+      local mark = redis.call('HGET', hash, name)
+      if not mark or string.match(mark, '^%d+') ~= limit_text then
+        redis.call('HSET', hash, name,
+          limit_text .. ' ' .. string.format('%d', used) .. ' ' .. plan .. ' ' .. call_now_ms,
+          EVENT_PENDING, 1)
+      end
+    else
+      -- Ascending: the thresholds after this one are not reached either.
+      return
+    end
+  end
 end

@@ -27,9 +27,11 @@
 --          EXPIREAT of a counter started fresh (see start_fresh)
 -- ARGV[13] the account the caller believes the user is a member of ("" = none): the route
 -- ARGV[14] the account's dirty-set member "a:<account>:<period>" ("" without an account)
--- ARGV[15] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
+-- ARGV[15] the type's notify thresholds, percent of the limit, ascending: "80,100" ("" = none);
+--          see record_thresholds in common.lua
+-- ARGV[16] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
 --          (numbers are finite, as Rust's f64 Display writes them)
--- ARGV[16 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[17 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
 --
 -- Returns {status, used, plan, limit, period, detail, limited_by, source,
 --          account_used, account_plan, account_limit, account_source, held, account_held}: the
@@ -54,9 +56,10 @@
 --                missing); nothing done
 --
 -- Order: every read and every check that can refuse comes first; the writes that follow cannot
--- fail, so a call either changes nothing or counts at every level, bumps each `v`, writes its
--- metadata (the user's counter only), marks the counters dirty (if they are not yet) and stores
--- its idempotency record, all together. (A fresh start, which writes, is the one exception: it
+-- fail, so a call either changes nothing or counts at every level, bumps each `v`, records the
+-- threshold events it causes (the user's level only), writes its metadata (the user's counter
+-- only), marks the counters dirty (if they are not yet) and stores its idempotency record, all
+-- together. (A fresh start, which writes, is the one exception: it
 -- only creates the empty counter a check would create too.)
 --
 -- A stored count, `v` or `n:<type>` that is not a whole number is corrupt data: the script stops
@@ -122,8 +125,8 @@ if #missing > 0 then
 end
 local version = whole(got[1], hash, 'v') -- a corrupt version stops the script here, before any write
 
-local nmeta = tonumber(ARGV[15])
-local first_meta, last_meta = 16, 15 + 3 * nmeta
+local nmeta = tonumber(ARGV[16])
+local first_meta, last_meta = 17, 16 + 3 * nmeta
 local plan, limit, source = user_level(got[4], got[5], ARGV[5], ARGV[6], last_meta + 1,
   ahash ~= nil)
 local used = whole(got[2], hash, field)
@@ -203,6 +206,9 @@ local function count_in(h, cur, ver, flagged, member)
 end
 count_in(hash, used, version, got[3], ARGV[4])
 used = used + amount
+if ARGV[15] ~= '' then
+  record_thresholds(hash, field, ARGV[15], used, limit, plan)
+end
 if ahash then
   count_in(ahash, aused, aversion, ag[3], ARGV[14])
   aused = aused + amount

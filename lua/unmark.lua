@@ -1,7 +1,8 @@
 -- unmark: after a flush, take counters off the dirty set, but only those that did not change
 -- since they were read: a count that arrived during the flush keeps its member, so the next
 -- flush writes it. Never loses an update, never needs a lock. A removed counter's `x:dirty` flag
--- goes in the same step (see mark_dirty in common.lua).
+-- goes in the same step (see mark_dirty in common.lua), and so does its `x:ev` flag: an unchanged
+-- version means every event the hash holds was read, and written to Postgres with the totals.
 --
 -- KEYS[1]      dirty set  {prefix}:1:{b}:dirty
 -- KEYS[2..n+1] the counter hashes flushed (all in the same bucket, so the same slot)
@@ -17,7 +18,7 @@ for i = 1, n do
   if (written == '' and not v) or v == written then
     removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
     if v then
-      redis.call('HDEL', KEYS[i + 1], 'x:dirty')
+      redis.call('HDEL', KEYS[i + 1], 'x:dirty', 'x:ev')
     end
   end
 end

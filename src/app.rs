@@ -32,6 +32,7 @@ use crate::quota::Quota;
 use crate::refusals::Refusals;
 use crate::reservations::Sweeper;
 use crate::store::RedisStore;
+use crate::webhooks::Dispatcher;
 use background::Background;
 use supervise::supervise;
 
@@ -79,6 +80,8 @@ pub struct App {
     flusher: Flusher,
     /// Frees the holds of expired reservations.
     sweeper: Sweeper,
+    /// The webhook dispatcher, when `QUOTAD_WEBHOOK_URLS` is set.
+    dispatcher: Option<Dispatcher>,
     /// The gRPC listener, once bound.
     grpc: Option<TcpListener>,
 }
@@ -102,7 +105,15 @@ impl App {
         .with_wait_replicas(config.redis_wait_replicas);
         let db = db::lazy_pool(&config.database_url, Some(config.database_timeout()))
             .map_err(|e| RunError::Config(format!("QUOTAD_DATABASE_URL: {e}")))?;
-        let flusher = Flusher::new(&store, &db);
+        let webhooks = config.webhooks().map_err(RunError::Config)?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let mut flusher = Flusher::new(&store, &db);
+        let dispatcher = webhooks.map(|hooks| {
+            flusher = flusher
+                .clone()
+                .with_endpoints(hooks.endpoints.clone(), wake.clone());
+            Dispatcher::new(&db, hooks, wake)
+        });
         let sweeper = Sweeper::new(&store);
         let state = AppState::new(http::Shared {
             quota: Quota {
@@ -138,6 +149,7 @@ impl App {
             state,
             flusher,
             sweeper,
+            dispatcher,
             grpc: None,
         })
     }
@@ -184,6 +196,7 @@ impl App {
             state,
             flusher,
             sweeper,
+            dispatcher,
             grpc: grpc_listener,
         } = self;
         let plans = state.quota.plans.current();
@@ -219,6 +232,13 @@ impl App {
                 move |stop| sweeper.clone().run(interval, stop)
             })
         }));
+        if let Some(dispatcher) = dispatcher {
+            tasks.push(background.enter(|| {
+                supervise("webhooks", stopped.clone(), move |stop| {
+                    dispatcher.clone().run(stop)
+                })
+            }));
+        }
         if state.quota.refusals.enabled() {
             let (refusals, clients, channel) = (
                 state.quota.refusals.clone(),

@@ -196,6 +196,24 @@ pub struct Config {
         default_value = "idempotency_key"
     )]
     pub grpc_idempotency_key: String,
+    /// Comma-separated webhook URLs (`http://`) that every usage event is POSTed to, signed as
+    /// Standard Webhooks specifies; unset, events are recorded in Postgres' outbox and not sent.
+    #[arg(long, env = "QUOTAD_WEBHOOK_URLS", value_delimiter = ',')]
+    pub webhook_urls: Vec<String>,
+    /// The webhook signing secret, `whsec_` and the base64 of 24 to 64 random bytes; required
+    /// with `QUOTAD_WEBHOOK_URLS`.
+    #[arg(long, env = "QUOTAD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Deadline of one webhook attempt (connect, send, answer), in milliseconds.
+    #[arg(long, env = "QUOTAD_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000, value_parser = number::<u64>("QUOTAD_WEBHOOK_TIMEOUT_MS"))]
+    pub webhook_timeout_ms: u64,
+    /// Delay before a failed webhook attempt is retried, in milliseconds; it doubles after
+    /// every further failure, up to an hour.
+    #[arg(long, env = "QUOTAD_WEBHOOK_RETRY_MS", default_value_t = 5_000, value_parser = number::<u64>("QUOTAD_WEBHOOK_RETRY_MS"))]
+    pub webhook_retry_ms: u64,
+    /// Attempts of one delivery before it is marked failed (and waits for a redelivery).
+    #[arg(long, env = "QUOTAD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 20, value_parser = number::<u64>("QUOTAD_WEBHOOK_MAX_ATTEMPTS"))]
+    pub webhook_max_attempts: u64,
     /// tracing filter, e.g. `info` or `quotad=debug`.
     #[arg(long, env = "QUOTAD_LOG", default_value = "info")]
     pub log: String,
@@ -274,8 +292,23 @@ impl Config {
     /// Every numeric setting with its value and the range it must be in. Values outside are
     /// refused at start: a huge interval or deadline would overflow an `Instant` and panic a
     /// task at run time instead.
-    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 11] {
+    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 14] {
         [
+            (
+                "QUOTAD_WEBHOOK_TIMEOUT_MS",
+                self.webhook_timeout_ms,
+                100..=60_000,
+            ),
+            (
+                "QUOTAD_WEBHOOK_RETRY_MS",
+                self.webhook_retry_ms,
+                10..=3_600_000,
+            ),
+            (
+                "QUOTAD_WEBHOOK_MAX_ATTEMPTS",
+                self.webhook_max_attempts,
+                1..=100,
+            ),
             (
                 "QUOTAD_REDIS_WAIT_REPLICAS",
                 self.redis_wait_replicas,
@@ -350,6 +383,7 @@ impl Config {
             ));
         }
         self.validate_grpc()?;
+        self.webhooks()?;
         if !self.auth_enabled() && !self.listen.ip().is_loopback() {
             return Err(format!(
                 "QUOTAD_LISTEN={} is not a loopback address, but no token is configured: set QUOTAD_GATEWAY_TOKENS and/or QUOTAD_ADMIN_TOKENS, or listen on 127.0.0.1",
@@ -357,6 +391,17 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The webhook settings, checked; `None` when no URL is set.
+    pub fn webhooks(&self) -> Result<Option<crate::webhooks::Webhooks>, String> {
+        crate::webhooks::Webhooks::from_settings(
+            &self.webhook_urls,
+            self.webhook_secret.as_deref(),
+            Duration::from_millis(self.webhook_timeout_ms),
+            Duration::from_millis(self.webhook_retry_ms),
+            self.webhook_max_attempts as u32,
+        )
     }
 
     /// The gRPC names: a domain and three distinct descriptor keys, each 1 to 255 characters
@@ -415,6 +460,21 @@ impl fmt::Debug for Config {
                 "admin_tokens",
                 &format_args!("[{} hidden]", self.admin_tokens().count()),
             )
+            .field(
+                "webhook_urls",
+                &self
+                    .webhook_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "[hidden]"),
+            )
+            .field("webhook_timeout_ms", &self.webhook_timeout_ms)
+            .field("webhook_retry_ms", &self.webhook_retry_ms)
+            .field("webhook_max_attempts", &self.webhook_max_attempts)
             .field(
                 "link_secret",
                 &self.link_secret.as_ref().map(|_| "[hidden]"),
@@ -478,7 +538,7 @@ fn socket_addr(var: &'static str) -> impl Fn(&str) -> Result<SocketAddr, String>
 }
 
 /// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

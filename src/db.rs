@@ -13,6 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
+use crate::events::ThresholdEvent;
 use crate::period::Period;
 
 use crate::store::{CounterHash, Owner, Snapshot};
@@ -551,6 +552,9 @@ pub struct Totals {
     pub metadata: Vec<serde_json::Value>,
     /// version of each row.
     pub versions: Vec<i64>,
+    /// The threshold events each row's counter recorded for its type that Postgres may not have
+    /// yet: written to the outbox in the same statement as the row.
+    pub events: Vec<Vec<ThresholdEvent>>,
 }
 
 impl Totals {
@@ -571,6 +575,19 @@ impl Totals {
         self.ends.push(period.end());
         self.metadata.push(metadata);
         self.versions.push(version);
+        self.events.push(Vec::new());
+    }
+
+    /// Gives the row pushed last the threshold events to write with it.
+    pub fn attach(&mut self, events: Vec<ThresholdEvent>) {
+        if let Some(last) = self.events.last_mut() {
+            *last = events;
+        }
+    }
+
+    /// Whether some row carries an event.
+    pub fn has_events(&self) -> bool {
+        self.events.iter().any(|e| !e.is_empty())
     }
 
     /// Number of rows.
@@ -612,6 +629,7 @@ impl Totals {
             t.ends.push(self.ends[i]);
             t.metadata.push(self.metadata[i].clone());
             t.versions.push(self.versions[i]);
+            t.events.push(self.events[i].clone());
         }
         t
     }
@@ -693,11 +711,105 @@ pub async fn upsert_totals(
     table: Table,
     t: &Totals,
 ) -> Result<u64, sqlx::Error> {
-    if t.is_empty() {
+    Ok(write_totals(db, table, t, &[]).await?.rows)
+}
+
+/// The outbox part of a statement (common table expressions `ev`, the events new to
+/// `usage_events`, and `deliveries`), its parameters numbered from `$first` in the order
+/// [`bind_events`] binds them.
+fn events_cte(first: usize) -> String {
+    let p: Vec<String> = (first..first + 12).map(|i| format!("${i}")).collect();
+    format!(
+        r#"ev AS (
+             INSERT INTO usage_events (id, type, user_id, usage_type, threshold, used, "limit", plan,
+                                       period_start, period_end, occurred_at)
+             SELECT i, {}, u, ty, th, us, li, pl, ps, pe, oc
+             FROM UNNEST({}::text[], {}::uuid[], {}::text[], {}::int4[], {}::int8[], {}::int8[],
+                         {}::text[], {}::timestamptz[], {}::timestamptz[], {}::timestamptz[])
+               AS e(i, u, ty, th, us, li, pl, ps, pe, oc)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id),
+           deliveries AS (
+             INSERT INTO event_deliveries (event_id, endpoint)
+             SELECT ev.id, endpoint FROM ev CROSS JOIN UNNEST({}::text[]) AS endpoint
+             ON CONFLICT DO NOTHING)"#,
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]
+    )
+}
+
+/// Binds the parameters of [`events_cte`].
+fn bind_events<'q, O>(
+    q: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    events: &[&ThresholdEvent],
+    endpoints: &'q [String],
+) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+    q.bind(crate::events::THRESHOLD)
+        .bind(events.iter().map(|e| e.id.clone()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.user).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.usage_type.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.threshold).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.used).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.limit).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.plan.clone()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.period_start).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.period_end).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+        .bind(endpoints)
+}
+
+/// Writes threshold events to the outbox without their rows (whose totals Postgres refused for
+/// their data: the events are true all the same). Returns how many were new.
+pub async fn record_events(
+    db: impl PgExecutor<'_>,
+    events: &[&ThresholdEvent],
+    endpoints: &[String],
+) -> Result<u64, sqlx::Error> {
+    if events.is_empty() {
         return Ok(0);
     }
+    let (new,): (i64,) = bind_events(
+        sqlx::query_as(sql(format!(
+            "WITH {} SELECT count(*) FROM ev",
+            events_cte(1)
+        ))),
+        events,
+        endpoints,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(new as u64)
+}
+
+/// What [`write_totals`] wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TotalsWritten {
+    /// Rows inserted or updated.
+    pub rows: u64,
+    /// Events new to the outbox.
+    pub events: u64,
+}
+
+/// [`upsert_totals`], and the rows' threshold events into the outbox in the same statement (so
+/// in one transaction): each event new to `usage_events` gets a pending delivery for every one
+/// of `endpoints`; an event the outbox has already (written by an earlier flush, or recorded
+/// again after a Redis loss) changes nothing. Events are written whether or not the version
+/// guard takes their row: an event is true once recorded.
+pub async fn write_totals(
+    db: impl PgExecutor<'_>,
+    table: Table,
+    t: &Totals,
+    endpoints: &[String],
+) -> Result<TotalsWritten, sqlx::Error> {
+    if t.is_empty() {
+        return Ok(TotalsWritten::default());
+    }
     let (usage, id) = table.names();
-    let done = sqlx::query(sql(format!(
+    let upsert = format!(
         r#"INSERT INTO {usage}
              (id, {id}, type, count, period_start, period_end, metadata, version, created_at, updated_at)
            SELECT gen_random_uuid(), u, t, c, ps, pe, m, v, now(), now()
@@ -707,17 +819,307 @@ pub async fn upsert_totals(
              SET count = EXCLUDED.count, metadata = EXCLUDED.metadata, version = EXCLUDED.version,
                  period_end = EXCLUDED.period_end, updated_at = now()
              WHERE {usage}.version < EXCLUDED.version"#
+    );
+    if !t.has_events() {
+        let done = sqlx::query(sql(upsert))
+            .bind(&t.users)
+            .bind(&t.types)
+            .bind(&t.counts)
+            .bind(&t.starts)
+            .bind(&t.ends)
+            .bind(&t.metadata)
+            .bind(&t.versions)
+            .execute(db)
+            .await?;
+        return Ok(TotalsWritten {
+            rows: done.rows_affected(),
+            events: 0,
+        });
+    }
+    let events: Vec<&ThresholdEvent> = t.events.iter().flatten().collect();
+    let (rows, new): (i64, i64) = bind_events(
+        sqlx::query_as(sql(format!(
+            "WITH {}, up AS ({upsert} RETURNING 1) SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM ev)",
+            events_cte(8)
+        )))
+        .bind(&t.users)
+        .bind(&t.types)
+        .bind(&t.counts)
+        .bind(&t.starts)
+        .bind(&t.ends)
+        .bind(&t.metadata)
+        .bind(&t.versions),
+        &events,
+        endpoints,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(TotalsWritten {
+        rows: rows as u64,
+        events: new as u64,
+    })
+}
+
+/// A delivery of the outbox, with its event.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The event.
+    pub event: ThresholdEvent,
+    /// Where it goes.
+    pub endpoint: String,
+    /// Attempts made, this one included when claimed.
+    pub attempts: u32,
+}
+
+/// The columns of an event, in [`event_of`]'s order.
+const EVENT_COLUMNS: &str = r#"e.id, e.user_id, e.usage_type, e.threshold, e.used, e."limit", e.plan,
+    e.period_start, e.period_end, e.occurred_at"#;
+
+/// An event's columns, then two more.
+type EventRow<A, B> = (
+    String,
+    Uuid,
+    String,
+    i32,
+    i64,
+    i64,
+    String,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    DateTime<Utc>,
+    A,
+    B,
+);
+
+/// The event of a row, and the row's two further columns.
+fn event_of<A, B>(r: EventRow<A, B>) -> (ThresholdEvent, A, B) {
+    let event = ThresholdEvent {
+        id: r.0,
+        user: r.1,
+        usage_type: r.2,
+        threshold: r.3,
+        used: r.4,
+        limit: r.5,
+        plan: r.6,
+        period_start: r.7,
+        period_end: r.8,
+        occurred_at: r.9,
+    };
+    (event, r.10, r.11)
+}
+
+/// Claims up to `limit` pending deliveries to `endpoints` that are due, oldest first, for one
+/// attempt each: counts the attempt and moves `next_attempt_at` past `lease`, so no other
+/// dispatcher takes them meanwhile, and a dispatcher that dies mid-attempt leaves them to be
+/// claimed again when the lease ends. Rows another dispatcher holds are skipped, not waited for.
+pub async fn claim_deliveries(
+    db: impl PgExecutor<'_>,
+    endpoints: &[String],
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<Delivery>, sqlx::Error> {
+    let rows: Vec<EventRow<String, i32>> = sqlx::query_as(sql(format!(
+        r#"WITH due AS (
+             SELECT event_id, endpoint FROM event_deliveries
+             WHERE status = 'pending' AND next_attempt_at <= now() AND endpoint = ANY($1)
+             ORDER BY next_attempt_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED),
+           claimed AS (
+             UPDATE event_deliveries d
+             SET attempts = d.attempts + 1, last_attempt_at = now(),
+                 next_attempt_at = now() + make_interval(secs => $3)
+             FROM due WHERE d.event_id = due.event_id AND d.endpoint = due.endpoint
+             RETURNING d.event_id, d.endpoint, d.attempts)
+           SELECT {EVENT_COLUMNS}, c.endpoint, c.attempts
+           FROM claimed c JOIN usage_events e ON e.id = c.event_id
+           ORDER BY e.recorded_at, e.id"#
     )))
-    .bind(&t.users)
-    .bind(&t.types)
-    .bind(&t.counts)
-    .bind(&t.starts)
-    .bind(&t.ends)
-    .bind(&t.metadata)
-    .bind(&t.versions)
+    .bind(endpoints)
+    .bind(limit)
+    .bind(lease.as_secs_f64())
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let (event, endpoint, attempts) = event_of(r);
+            Delivery {
+                event,
+                endpoint,
+                attempts: attempts.max(0) as u32,
+            }
+        })
+        .collect())
+}
+
+/// Records a delivery as made.
+pub async fn delivered(
+    db: impl PgExecutor<'_>,
+    event: &str,
+    endpoint: &str,
+    status: u16,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE event_deliveries SET status = 'delivered', delivered_at = now(), last_status = $3,
+           last_error = NULL
+         WHERE event_id = $1 AND endpoint = $2 AND status = 'pending'",
+    )
+    .bind(event)
+    .bind(endpoint)
+    .bind(i32::from(status))
     .execute(db)
     .await?;
-    Ok(done.rows_affected())
+    Ok(())
+}
+
+/// Records a failed attempt: the delivery is tried again after `delay`, or (`gave_up`) is
+/// `failed`.
+pub async fn attempt_failed(
+    db: impl PgExecutor<'_>,
+    event: &str,
+    endpoint: &str,
+    status: Option<u16>,
+    error: &str,
+    gave_up: bool,
+    delay: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE event_deliveries
+         SET status = CASE WHEN $5 THEN 'failed' ELSE 'pending' END, last_status = $3,
+             last_error = $4, next_attempt_at = now() + make_interval(secs => $6)
+         WHERE event_id = $1 AND endpoint = $2 AND status = 'pending'",
+    )
+    .bind(event)
+    .bind(endpoint)
+    .bind(status.map(i32::from))
+    .bind(error)
+    .bind(gave_up)
+    .bind(delay.as_secs_f64())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Deliveries pending (retries included) and failed.
+pub async fn delivery_counts(db: impl PgExecutor<'_>) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'failed')
+         FROM event_deliveries WHERE status <> 'delivered'",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// A delivery as the events API shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct DeliveryState {
+    /// The webhook URL.
+    pub endpoint: String,
+    /// `pending` (not tried yet), `retrying` (failed before, tried again at `next_attempt_at`),
+    /// `delivered` or `failed` (every attempt failed).
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// When it is tried next (pending and retrying).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the last attempt began.
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    /// The status the endpoint answered last, if it answered.
+    pub last_status: Option<i32>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it was delivered.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// What the events API lists events by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    /// Some delivery not tried yet.
+    Pending,
+    /// Some delivery failed and will be tried again.
+    Retrying,
+    /// Some delivery made.
+    Delivered,
+    /// Some delivery that failed every attempt.
+    Failed,
+}
+
+impl DeliveryStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Retrying => "retrying",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+}
+
+/// The newest events (by when the outbox got them), at most `limit`, optionally only those with
+/// a delivery in `status` and only `user`'s, each with its deliveries.
+pub async fn list_events(
+    db: impl PgExecutor<'_>,
+    status: Option<DeliveryStatus>,
+    user: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<(ThresholdEvent, DateTime<Utc>, Vec<DeliveryState>)>, sqlx::Error> {
+    let rows: Vec<EventRow<DateTime<Utc>, sqlx::types::Json<Vec<DeliveryState>>>> =
+        sqlx::query_as(sql(format!(
+            r#"SELECT {EVENT_COLUMNS}, e.recorded_at,
+                  COALESCE((SELECT json_agg(json_build_object(
+                      'endpoint', d.endpoint, 'status', {state}, 'attempts', d.attempts,
+                      'next_attempt_at', CASE WHEN d.status = 'pending' THEN d.next_attempt_at END,
+                      'last_attempt_at', d.last_attempt_at, 'last_status', d.last_status,
+                      'last_error', d.last_error, 'delivered_at', d.delivered_at)
+                      ORDER BY d.endpoint)
+                    FROM event_deliveries d WHERE d.event_id = e.id), '[]'::json)
+               FROM usage_events e
+               WHERE ($1::text IS NULL OR EXISTS (
+                       SELECT 1 FROM event_deliveries d WHERE d.event_id = e.id AND {state} = $1))
+                 AND ($2::uuid IS NULL OR e.user_id = $2)
+               ORDER BY e.recorded_at DESC, e.id
+               LIMIT $3"#,
+            state = "(CASE WHEN d.status = 'pending' AND d.last_error IS NOT NULL THEN 'retrying' ELSE d.status END)"
+        )))
+        .bind(status.map(DeliveryStatus::as_str))
+        .bind(user)
+        .bind(limit)
+        .fetch_all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let (event, recorded, deliveries) = event_of(r);
+            (event, recorded, deliveries.0)
+        })
+        .collect())
+}
+
+/// Puts an event's failed deliveries back to pending, due now, with a fresh count of attempts.
+/// `None` when there is no such event; else how many deliveries were put back.
+pub async fn redeliver(db: &PgPool, event: &str) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let exists: Option<(String,)> =
+        sqlx::query_as("SELECT id FROM usage_events WHERE id = $1 FOR SHARE")
+            .bind(event)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let done = sqlx::query(
+        "UPDATE event_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(),
+           last_error = NULL, last_status = NULL
+         WHERE event_id = $1 AND status = 'failed'",
+    )
+    .bind(event)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(done.rows_affected()))
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@
 //! the back of its dirty set. A counter Postgres holds at a higher version than Redis (a Redis
 //! restored from an older dump) is raised to Postgres' counts in Redis (`lua/catch_up.lua`), so
 //! spent quota is not handed back and the next flush is accepted.
+//!
+//! A counter that recorded threshold events not yet in Postgres (`x:ev`) carries them to the
+//! outbox in the same statement as its rows ([`db::write_totals`]); unmarking it clears the flag.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,6 +26,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::db::{self, Table, Totals};
+use crate::events::ThresholdEvent;
 use crate::metrics as m;
 use crate::period::Period;
 use crate::store::{CounterHash, DirtyMember, RedisStore, StoreError, BUCKETS};
@@ -79,6 +83,8 @@ pub struct FlushOutcome {
     pub rejected: u64,
     /// Counters Redis held older than Postgres, raised to Postgres' counts.
     pub behind: u64,
+    /// Threshold events new to the outbox.
+    pub events: u64,
 }
 
 /// What a drain left in Redis for the next flusher.
@@ -122,6 +128,10 @@ pub struct Flusher {
     /// Rows (user, type, period) whose refusal was logged at error already: a refused counter
     /// is tried on every pass, and one error line per second per row would drown the log.
     reported: Arc<Mutex<HashSet<(uuid::Uuid, String, String)>>>,
+    /// The webhook endpoints a new event gets a delivery for.
+    endpoints: Arc<Vec<String>>,
+    /// Told when a pass wrote new events (the webhook dispatcher waits on it).
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Most refused rows remembered as reported; past it the memory starts again.
@@ -136,7 +146,21 @@ impl Flusher {
             store: store.dedicated(FLUSHER_CONNECTION, REDIS_TIMEOUT),
             db: db::pool_like(db, DB_TIMEOUT, BATCHES_IN_FLIGHT as u32 + 1),
             reported: Arc::default(),
+            endpoints: Arc::default(),
+            wake: None,
         }
+    }
+
+    /// The same flusher, giving every event it writes to the outbox a delivery to each of
+    /// `endpoints` (the webhook URLs), and telling `wake` when it wrote new ones.
+    pub fn with_endpoints(
+        mut self,
+        endpoints: Vec<String>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Flusher {
+        self.endpoints = Arc::new(endpoints);
+        self.wake = Some(wake);
+        self
     }
 
     /// One pass over every bucket, at full pace.
@@ -154,6 +178,12 @@ impl Flusher {
                 metrics::counter!(m::FLUSH_ROWS).increment(out.rows);
                 metrics::counter!(m::FLUSH_REJECTED).increment(out.rejected);
                 metrics::counter!(m::FLUSH_BEHIND).increment(out.behind);
+                metrics::counter!(m::EVENTS_RECORDED).increment(out.events);
+                if out.events > 0 {
+                    if let Some(wake) = &self.wake {
+                        wake.notify_one();
+                    }
+                }
                 metrics::histogram!(m::FLUSH_BATCH).record(out.counters as f64);
                 metrics::gauge!(m::FLUSH_BACKLOG)
                     .set(out.backlog.saturating_sub(out.unmarked) as f64);
@@ -188,6 +218,7 @@ impl Flusher {
                         b.unmarked += more.unmarked;
                         b.rejected += more.rejected;
                         b.behind += more.behind;
+                        b.events += more.events;
                         hot = still;
                     }
                     b.more = !hot.is_empty();
@@ -209,6 +240,7 @@ impl Flusher {
             out.more |= b.more;
             out.rejected += b.rejected;
             out.behind += b.behind;
+            out.events += b.events;
         }
         Ok(out)
     }
@@ -246,7 +278,14 @@ impl Flusher {
                 }
                 if let Some(v) = hash.version {
                     for (ty, count, metadata) in hash.rows() {
+                        let events = hash
+                            .events_of(&ty)
+                            .map(|f| {
+                                ThresholdEvent::from_fired(member.owner.id(), member.period, f)
+                            })
+                            .collect();
                         totals.push(member.owner.id(), ty, count, member.period, metadata, v);
+                        totals.attach(events);
                         owners.push(i);
                     }
                 }
@@ -259,6 +298,7 @@ impl Flusher {
 
             let written = self.write(table, &totals).await?;
             out.rows += written.rows;
+            out.events += written.events;
             for (row, reason) in &written.refused {
                 let member = &scan.members[owners[*row]];
                 let ty = &totals.types[*row];
@@ -307,9 +347,13 @@ impl Flusher {
         Ok((out, scan.hot))
     }
 
-    /// One upsert, under the flusher's deadline.
-    async fn upsert(&self, table: Table, t: &Totals) -> Result<u64, sqlx::Error> {
-        db::within(DB_TIMEOUT, db::upsert_totals(&self.db, table, t)).await
+    /// One upsert with the rows' events, under the flusher's deadline.
+    async fn upsert(&self, table: Table, t: &Totals) -> Result<db::TotalsWritten, sqlx::Error> {
+        db::within(
+            DB_TIMEOUT,
+            db::write_totals(&self.db, table, t, &self.endpoints),
+        )
+        .await
     }
 
     /// Writes `t`. When Postgres refuses the statement for its data, halves it until each
@@ -328,8 +372,18 @@ impl Flusher {
                 self.upsert(table, &t.pick(range.clone())).await
             };
             match result {
-                Ok(n) => written.rows += n,
+                Ok(n) => {
+                    written.rows += n.rows;
+                    written.events += n.events;
+                }
                 Err(e) if db::is_data_refusal(&e) && range.len() == 1 => {
+                    // The row's events are true whatever its totals hold: written alone.
+                    let events: Vec<&ThresholdEvent> = t.events[range.start].iter().collect();
+                    written.events += db::within(
+                        DB_TIMEOUT,
+                        db::record_events(&self.db, &events, &self.endpoints),
+                    )
+                    .await?;
                     written.refused.push((range.start, e.to_string()))
                 }
                 Err(e) if db::is_data_refusal(&e) => {
@@ -490,6 +544,8 @@ impl Flusher {
 struct Written {
     /// Rows inserted or updated.
     rows: u64,
+    /// Events new to the outbox.
+    events: u64,
     /// Rows Postgres refused for their data (index into the batch), with its reason.
     refused: Vec<(usize, String)>,
 }

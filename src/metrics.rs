@@ -80,6 +80,17 @@ pub const RESERVATIONS: &str = "quotad_reservations_total";
 pub const RESERVATION_UNITS: &str = "quotad_reservation_units_total";
 /// Sweeper passes over the open reservations that failed (Redis did not answer).
 pub const SWEEP_ERRORS: &str = "quotad_reservation_sweep_errors_total";
+/// Threshold events new to Postgres' outbox, written by the flusher.
+pub const EVENTS_RECORDED: &str = "quotad_events_recorded_total";
+/// Webhook delivery attempts, by `result`: `delivered` (2xx), `failed` (any other answer, or
+/// none in time: retried later), `gave_up` (the last attempt failed; the delivery is `failed`).
+pub const WEBHOOK_ATTEMPTS: &str = "quotad_webhook_attempts_total";
+/// Webhook deliveries not yet made (pending, retries included), as the dispatcher last counted.
+pub const WEBHOOK_PENDING: &str = "quotad_webhook_pending_deliveries";
+/// Webhook deliveries that failed every attempt and wait for an operator (status `failed`).
+pub const WEBHOOK_FAILED: &str = "quotad_webhook_failed_deliveries";
+/// Latency of one webhook attempt.
+pub const WEBHOOK_SECONDS: &str = "quotad_webhook_attempt_duration_seconds";
 
 /// Latency buckets, in seconds: fine below a millisecond, where quotad's answers live.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -191,6 +202,27 @@ fn describe() {
     metrics::describe_counter!(
         SWEEP_ERRORS,
         "Sweeper passes over the open reservations that failed."
+    );
+    metrics::describe_counter!(
+        EVENTS_RECORDED,
+        "Threshold events new to the Postgres outbox (usage_events)."
+    );
+    metrics::describe_counter!(
+        WEBHOOK_ATTEMPTS,
+        "Webhook delivery attempts by result (delivered, failed: retried later, gave_up: the last attempt failed)."
+    );
+    metrics::describe_gauge!(
+        WEBHOOK_PENDING,
+        "Webhook deliveries not yet made, retries included."
+    );
+    metrics::describe_gauge!(
+        WEBHOOK_FAILED,
+        "Webhook deliveries that failed every attempt (status failed), waiting for a redelivery."
+    );
+    metrics::describe_histogram!(
+        WEBHOOK_SECONDS,
+        metrics::Unit::Seconds,
+        "Latency of one webhook attempt."
     );
     metrics::describe_counter!(FLUSH_ROWS, "Postgres rows written by the flusher.");
     metrics::describe_counter!(FLUSH_ERRORS, "Failed flusher passes.");

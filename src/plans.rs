@@ -73,6 +73,10 @@ pub struct UsageType {
     /// The limits flattened as the counting scripts take them: plan, limit, plan, limit…
     /// (`-1` = unlimited). Built once so the hot path allocates nothing for it.
     pub script_limits: Vec<String>,
+    /// Usage thresholds that record an event, in percent of the limit, ascending (`notify`).
+    pub notify: Vec<u32>,
+    /// `notify` as the consume script takes it: "80,100" ("" = none).
+    pub script_notify: String,
 }
 
 /// A validated plans file.
@@ -119,6 +123,8 @@ struct TypeFile {
     fail: FailPolicy,
     #[serde(default)]
     label: Option<String>,
+    #[serde(default)]
+    notify: Vec<i64>,
 }
 
 impl Plans {
@@ -199,6 +205,10 @@ impl Plans {
             )));
         }
 
+        for (name, spec) in &file.types {
+            check_notify(name, &spec.notify).map_err(fail)?;
+        }
+
         let gate = std::mem::take(&mut file.gate)
             .build(|t| file.types.contains_key(t), MAX_AMOUNT)
             .map_err(fail)?;
@@ -223,6 +233,13 @@ impl Plans {
                     label: spec.label.clone().unwrap_or_else(|| default_label(name)),
                     limits,
                     script_limits,
+                    notify: spec.notify.iter().map(|t| *t as u32).collect(),
+                    script_notify: spec
+                        .notify
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
                 };
                 (name.clone(), ty)
             })
@@ -265,6 +282,35 @@ impl UsageType {
     pub fn limit(&self, plan: &str) -> Option<u64> {
         self.limits.get(plan).copied().flatten()
     }
+}
+
+/// Most thresholds one type may notify at.
+pub const MAX_THRESHOLDS: usize = 10;
+/// Highest threshold, in percent of the limit (a plan with overage may pass 100 %).
+pub const MAX_THRESHOLD: i64 = 1000;
+
+/// A type's `notify` list: 1 to [`MAX_THRESHOLD`] percent each, strictly ascending, at most
+/// [`MAX_THRESHOLDS`].
+fn check_notify(ty: &str, notify: &[i64]) -> Result<(), String> {
+    if notify.len() > MAX_THRESHOLDS {
+        return Err(format!(
+            "type {ty}: notify lists {} thresholds; at most {MAX_THRESHOLDS} are allowed",
+            notify.len()
+        ));
+    }
+    for t in notify {
+        if !(1..=MAX_THRESHOLD).contains(t) {
+            return Err(format!(
+                "type {ty}: notify threshold {t} is out of range; use whole percents of the limit from 1 to {MAX_THRESHOLD}, e.g. notify = [80, 100]"
+            ));
+        }
+    }
+    if notify.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "type {ty}: notify = {notify:?} must list each threshold once, in ascending order, e.g. notify = [80, 100]"
+        ));
+    }
+    Ok(())
 }
 
 /// `ai_generation` → `Ai generation`.
@@ -403,6 +449,40 @@ mod tests {
             refused(&BUILT_IN.replace("fail = \"closed\"", "fail = \"maybe\"")).contains("maybe")
         );
         assert!(refused(&format!("colour = 1\n{BUILT_IN}")).contains("colour"));
+    }
+
+    #[test]
+    fn notify_thresholds_are_read_in_order_and_nonsense_is_refused() {
+        let with = |notify: &str| {
+            BUILT_IN.replace(
+                "ai_generation = { period = \"month\", label = \"AI generations\" }",
+                &format!("ai_generation = {{ period = \"month\", notify = {notify} }}"),
+            )
+        };
+        let plans = Plans::parse(&with("[80, 100]"), "t").unwrap();
+        let ai = plans.usage_type("ai_generation").unwrap();
+        assert_eq!(ai.notify, [80, 100]);
+        assert_eq!(ai.script_notify, "80,100");
+        let export = plans.usage_type("export").unwrap();
+        assert!(export.notify.is_empty() && export.script_notify.is_empty());
+        assert_eq!(
+            Plans::parse(&with("[50, 150, 1000]"), "t").unwrap().types["ai_generation"].notify,
+            [50, 150, 1000]
+        );
+        for (bad, says) in [
+            ("[0]", "out of range"),
+            ("[-5]", "out of range"),
+            ("[1001]", "out of range"),
+            ("[100, 80]", "ascending"),
+            ("[80, 80]", "once"),
+            ("[1,2,3,4,5,6,7,8,9,10,11]", "at most 10"),
+            ("[80.5]", "not a valid plans file"),
+            ("\"80\"", "not a valid plans file"),
+        ] {
+            let err = refused(&with(bad));
+            assert!(err.contains(says), "notify = {bad}: {err}");
+            assert!(err.contains("/etc/quotad/plans.toml"), "{err}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod accounts;
 mod admin;
 mod auth;
 pub mod error;
+mod events;
 mod extract;
 mod gate;
 pub mod health;
@@ -134,6 +135,8 @@ pub fn router(state: AppState) -> Router {
             get(accounts::get_account_limits).put(accounts::put_account_limits),
         )
         .route("/v1/admin/reconcile", post(admin::reconcile))
+        .route("/v1/admin/events", get(events::list))
+        .route("/v1/admin/events/{id}/redeliver", post(events::redeliver))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), Scope::Admin),
             authorize,

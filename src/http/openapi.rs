@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{accounts, admin, gate, health, quota, reservations, ui, AppState, MAX_BODY};
+use super::{accounts, admin, events, gate, health, quota, reservations, ui, AppState, MAX_BODY};
 use crate::period::PeriodKind;
 use crate::plans::Plans;
 
@@ -38,6 +38,8 @@ use crate::plans::Plans;
         admin::put_plan,
         admin::get_plan,
         admin::reconcile,
+        events::list,
+        events::redeliver,
         accounts::put_membership,
         accounts::get_membership,
         accounts::put_account_plan,
@@ -57,7 +59,7 @@ use crate::plans::Plans;
     modifiers(&BearerAuth),
     tags(
         (name = "quota", description = "Decisions and counters (gateway scope)"),
-        (name = "admin", description = "Plans and reconcile (admin scope)"),
+        (name = "admin", description = "Plans, reconcile and usage events (admin scope)"),
         (name = "accounts", description = "Accounts and their shared pools, memberships, limit overrides (admin scope; an account's usage: gateway scope)"),
         (name = "ui", description = "The usage page"),
         (name = "ops", description = "Health, readiness, metrics, this description"),

@@ -13,10 +13,50 @@
 //! | `h:<type>` | units of the type held by open reservations (scripts write it; never flushed: holds live in Redis only) |
 //! | `x:next` | set once the next month's counter exists (written by the scripts only) |
 //! | `x:dirty` | set exactly while the counter is on its bucket's dirty set (scripts only) |
+//! | `e:<type>:<percent>` | a threshold event: "<limit> <used> <plan> <ms>" (consume.lua only) |
+//! | `x:ev` | set while the hash holds an event Postgres does not have yet (scripts only) |
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Number, Value};
+
+/// Set while the hash holds a threshold event not yet written to Postgres.
+const EVENT_PENDING: &str = "x:ev";
+
+/// A threshold event as the consume script recorded it in a counter hash
+/// (`e:<type>:<percent>`, see `record_thresholds` in `lua/common.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fired {
+    /// The usage type.
+    pub usage_type: String,
+    /// The threshold, in percent of the limit.
+    pub threshold: u32,
+    /// The limit in force when it fired.
+    pub limit: i64,
+    /// The count the firing call reached.
+    pub used: i64,
+    /// The plan in force then.
+    pub plan: String,
+    /// When (Redis' clock, ms since the epoch).
+    pub at_ms: i64,
+}
+
+impl Fired {
+    /// Reads one `e:` field; `None` for a field not written by the script (corrupt data).
+    fn parse(field: &str, value: &str) -> Option<Fired> {
+        let (usage_type, threshold) = field.strip_prefix("e:")?.rsplit_once(':')?;
+        let mut parts = value.split(' ');
+        let fired = Fired {
+            usage_type: usage_type.to_owned(),
+            threshold: threshold.parse().ok()?,
+            limit: parts.next()?.parse().ok()?,
+            used: parts.next()?.parse().ok()?,
+            plan: parts.next()?.to_owned(),
+            at_ms: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(fired)
+    }
+}
 
 /// The version field.
 const VERSION: &str = "v";
@@ -46,6 +86,9 @@ pub struct CounterHash {
     overrides: BTreeMap<String, i64>,
     /// Units held by open reservations, by type (`h:<type>`).
     holds: BTreeMap<String, i64>,
+    /// The threshold events recorded, when one of them is not yet in Postgres (`x:ev`); else
+    /// empty (those in Postgres need not be written again).
+    events: Vec<Fired>,
 }
 
 impl CounterHash {
@@ -71,6 +114,15 @@ impl CounterHash {
             if let (Some(ty), Ok(held)) = (key.strip_prefix(HELD), value.parse()) {
                 hash.holds.insert(ty.to_owned(), held);
             }
+        }
+        if fields.contains_key(EVENT_PENDING) {
+            hash.events = fields
+                .iter()
+                .filter(|(k, _)| k.starts_with("e:"))
+                .filter_map(|(k, v)| Fired::parse(k, v))
+                .collect();
+            hash.events
+                .sort_by(|a, b| (&a.usage_type, a.threshold).cmp(&(&b.usage_type, b.threshold)));
         }
         // In field order, so the same hash always makes the same metadata, in the same order.
         let mut meta: Vec<(&String, &String)> = fields
@@ -126,6 +178,14 @@ impl CounterHash {
     /// The count of `usage_type` (0 when the hash holds none, or one that is not a number).
     pub fn count(&self, usage_type: &str) -> i64 {
         self.counts.get(usage_type).copied().flatten().unwrap_or(0)
+    }
+
+    /// The threshold events of `usage_type` to write to Postgres (none unless some event of the
+    /// hash is not there yet), in threshold order.
+    pub fn events_of<'a>(&'a self, usage_type: &'a str) -> impl Iterator<Item = &'a Fired> + 'a {
+        self.events
+            .iter()
+            .filter(move |e| e.usage_type == usage_type)
     }
 
     /// The Postgres rows of the hash: (type, count, metadata) for every type with a whole count,
@@ -245,6 +305,47 @@ mod tests {
         assert_eq!(h.types().collect::<Vec<_>>(), ["export", "kb_file"]);
         assert_eq!(h.count("export"), 0);
         assert_eq!(h.rows().len(), 1);
+    }
+
+    #[test]
+    fn events_are_read_only_while_one_is_not_in_postgres_and_junk_is_skipped() {
+        let mut fields = hash(&[
+            ("v", "3"),
+            ("ai_generation", "45"),
+            ("e:ai_generation:80", "50 40 FREE 1764000000000"),
+            ("e:ai_generation:100", "50 50 FREE 1764000000123"),
+            ("e:export:80", "not an event"),
+            ("e:ai_generation:x", "50 40 FREE 1"),
+        ]);
+        let h = CounterHash::parse(&fields);
+        assert_eq!(h.events_of("ai_generation").count(), 0);
+        fields.insert("x:ev".into(), "1".into());
+        let h = CounterHash::parse(&fields);
+        let got: Vec<&Fired> = h.events_of("ai_generation").collect();
+        assert_eq!(
+            got,
+            [
+                &Fired {
+                    usage_type: "ai_generation".into(),
+                    threshold: 80,
+                    limit: 50,
+                    used: 40,
+                    plan: "FREE".into(),
+                    at_ms: 1_764_000_000_000,
+                },
+                &Fired {
+                    usage_type: "ai_generation".into(),
+                    threshold: 100,
+                    limit: 50,
+                    used: 50,
+                    plan: "FREE".into(),
+                    at_ms: 1_764_000_000_123,
+                },
+            ]
+        );
+        assert_eq!(h.events_of("export").count(), 0);
+        // Events are no usage type of their own.
+        assert_eq!(h.types().collect::<Vec<_>>(), ["ai_generation"]);
     }
 
     #[test]

@@ -485,6 +485,7 @@ impl RedisStore {
                 .map(|p| p.member(call.period))
                 .unwrap_or_default(),
         )
+        .arg(&call.usage_type.script_notify)
         .arg(call.metadata.len());
         for (name, value) in call.metadata {
             match value {

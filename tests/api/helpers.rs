@@ -117,6 +117,8 @@ pub struct Options {
     pub tune: fn(&mut Config),
     /// `QUOTAD_REDIS_TIMEOUT_MS`.
     pub redis_timeout_ms: u64,
+    /// `QUOTAD_WEBHOOK_URLS` (the secret and the rest: set them in `tune`).
+    pub webhook_urls: Vec<String>,
 }
 
 impl Default for Options {
@@ -134,6 +136,7 @@ impl Default for Options {
             tune: |_| {},
             // Generous: a loaded CI machine must not turn a slow answer into a degraded one.
             redis_timeout_ms: 2000,
+            webhook_urls: vec![],
         }
     }
 }
@@ -232,6 +235,7 @@ impl TestApp {
         config.admin_tokens = opts.admin_tokens;
         config.plans = opts.plans;
         config.redis_timeout_ms = opts.redis_timeout_ms;
+        config.webhook_urls = opts.webhook_urls;
         (opts.tune)(&mut config);
         let clock = ManualClock::new(opts.now);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -16,6 +16,7 @@ mod idempotency;
 mod inputs;
 mod model;
 mod month_start;
+mod notifications;
 mod observability;
 mod openapi;
 mod outages;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::helpers::TestApp;
 
 /// Every route quotad serves, as (method, path).
-const ROUTES: [(&str, &str); 30] = [
+const ROUTES: [(&str, &str); 32] = [
     ("post", "/v1/consume"),
     // Any method; described as the two gateways use.
     ("get", "/v1/gate"),
@@ -29,6 +29,8 @@ const ROUTES: [(&str, &str); 30] = [
     ("get", "/v1/users/{user_id}/plan"),
     ("put", "/v1/users/{user_id}/plan"),
     ("post", "/v1/admin/reconcile"),
+    ("get", "/v1/admin/events"),
+    ("post", "/v1/admin/events/{id}/redeliver"),
     ("get", "/v1/users/{user_id}/account"),
     ("put", "/v1/users/{user_id}/account"),
     ("get", "/v1/users/{user_id}/limits"),

@@ -33,6 +33,59 @@ fn an_open_listener_without_tokens_is_refused_at_start() {
 }
 
 #[test]
+fn bad_webhook_settings_are_refused_at_start_naming_the_variable() {
+    for (vars, says) in [
+        (
+            vec![("QUOTAD_WEBHOOK_URLS", "http://127.0.0.1:9/hooks")],
+            "QUOTAD_WEBHOOK_SECRET is not",
+        ),
+        (
+            vec![
+                ("QUOTAD_WEBHOOK_URLS", "https://hooks.example.com/q"),
+                (
+                    "QUOTAD_WEBHOOK_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
+            ],
+            "forwarder",
+        ),
+        (
+            vec![
+                ("QUOTAD_WEBHOOK_URLS", "http://127.0.0.1:9/hooks"),
+                ("QUOTAD_WEBHOOK_SECRET", "hunter2"),
+            ],
+            "whsec_",
+        ),
+        (
+            vec![("QUOTAD_WEBHOOK_MAX_ATTEMPTS", "0")],
+            "QUOTAD_WEBHOOK_MAX_ATTEMPTS=0",
+        ),
+        (
+            vec![("QUOTAD_WEBHOOK_RETRY_MS", "5")],
+            "QUOTAD_WEBHOOK_RETRY_MS=5",
+        ),
+        (
+            vec![("QUOTAD_WEBHOOK_TIMEOUT_MS", "-1")],
+            "QUOTAD_WEBHOOK_TIMEOUT_MS",
+        ),
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").env("QUOTAD_LISTEN", "127.0.0.1:0");
+        for (k, v) in &vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{vars:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{vars:?}: {err}");
+        assert!(
+            !err.contains("MfKQ9r8"),
+            "the secret is never printed: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_bad_plans_file_at_start_is_refused_naming_the_file_plan_and_type() {
     let plans = plans_file("-7");
     let out = Command::new(BIN)
@@ -72,7 +125,7 @@ fn migrate_creates_the_database_and_applies_migrations() {
     );
     assert_eq!(
         String::from_utf8_lossy(&tables.stdout).trim(),
-        "_sqlx_migrations,account_members,account_plans,account_usage,limit_overrides,usage_tracking,user_plans"
+        "_sqlx_migrations,account_members,account_plans,account_usage,event_deliveries,limit_overrides,usage_events,usage_tracking,user_plans"
     );
 }
 

@@ -307,15 +307,56 @@ async fn the_dashboard_and_alert_rules_name_only_metrics_quotad_exports() {
         "a flusher pass without Redis fails"
     );
 
-    let resp = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let exposition = resp.text().await.unwrap();
-    let exported = exposition_names(&exposition);
+    // Usage events: a delivery answered 500, tried once and given up; counted by the
+    // dispatcher's gauges.
+    let receiver = crate::notifications::Receiver::start().await;
+    receiver
+        .answer
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let plans = crate::notifications::notify_plans();
+    let notifying = TestApp::spawn_with(Options {
+        plans: Some(plans.to_path_buf()),
+        webhook_urls: vec![receiver.url()],
+        tune: |c| {
+            c.webhook_secret = Some(crate::notifications::SECRET.into());
+            c.webhook_max_attempts = 1;
+        },
+        ..Options::default()
+    })
+    .await;
+    let crossing = Uuid::new_v4();
+    let r = notifying
+        .post(
+            "/v1/track",
+            json!({"user_id": crossing, "type": "ai_generation", "amount": 50}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    notifying.flush().await;
+    receiver
+        .wait_for(2, std::time::Duration::from_secs(20))
+        .await;
+
+    // The gauges are counted every 5 s: wait for them (and for every series) to show.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exported = loop {
+        let resp = app
+            .client
+            .get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let exposition = resp.text().await.unwrap();
+        let exported = exposition_names(&exposition);
+        if exported.contains("quotad_webhook_failed_deliveries")
+            && exposition.contains("quotad_webhook_failed_deliveries 2")
+            || std::time::Instant::now() > deadline
+        {
+            break exported;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
 
     let dashboard = dashboard();
     let alerts_text = std::fs::read_to_string(ALERTS).unwrap();
