@@ -1,7 +1,7 @@
 -- cancel: free all that a reservation holds, at every level, counting nothing, in one atomic step.
 --
--- KEYS and ARGV as commit.lua's, without the amount: ARGV[1] is unused ("0"), so both scripts
--- take the same arguments.
+-- KEYS and ARGV as commit.lua's, without the amount: ARGV[1] is unused ("0"), as are the plan
+-- and threshold arguments (ARGV[11..]), so both scripts take the same arguments.
 --
 -- Returns holds.lua's `settled` answer with status:
 --   "ok"         freed (`freed`: what it held, or 0 when its expiry had freed it already);

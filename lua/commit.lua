@@ -19,6 +19,13 @@
 -- ARGV[8]  how long the closed reservation is kept, ms
 -- ARGV[9]  invalidation channel; ARGV[10] the user, announced there when the commit frees more
 --          than it counts (and the account, for its pool)
+-- ARGV[11] default plan; ARGV[12] the type's notify thresholds ("80,100"; "" = none; see
+--          record_thresholds in common.lua)
+-- ARGV[13..] plan, limit pairs for the reservation's type (-1 = unlimited; none when the type is
+--          no longer configured: then no threshold is recorded)
+--
+-- Like a track of the amount, a commit records the threshold events its count causes at the
+-- user's level (the user's limit in force now: plan, override).
 --
 -- Returns holds.lua's `settled` answer with status:
 --   "ok"         counted and freed; `late` is "1" when the reservation had expired (its hold
@@ -68,6 +75,8 @@ local holding = r.s == 'open'
 local held, used = hold_of(hash, field)
 local version = stored_count(hash, 'v')
 local flagged = redis.call('HGET', hash, DIRTY)
+local stored = redis.call('HMGET', hash, 'p', 'o:' .. field)
+local plan, limit = user_level(stored[1], stored[2], '', ARGV[11], 13, ARGV[4] ~= '')
 local aheld, aused, aversion, aflagged = 0, 0, 0, nil
 if ahash then
   aheld, aused = hold_of(ahash, field)
@@ -100,6 +109,9 @@ local function count_in(h, cur, ver, was_flagged, member)
   return cur + amount
 end
 used = count_in(hash, used, version, flagged, ARGV[5])
+if amount > 0 and ARGV[12] ~= '' and limit then
+  record_thresholds(hash, field, ARGV[12], used, limit, plan)
+end
 if ahash then
   aused = count_in(ahash, aused, aversion, aflagged, ARGV[6])
 end

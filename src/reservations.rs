@@ -291,9 +291,17 @@ impl Quota {
             let Some(placed) = placed else {
                 return Err(ReservationError::Unknown(id.to_string()));
             };
+            let plans = self.plans.current();
             let reply = self
                 .store
-                .close_reservation(&keys, &id.rid, &placed, how)
+                .close_reservation(
+                    &keys,
+                    &id.rid,
+                    &placed,
+                    how,
+                    plans.usage_type(&placed.usage_type),
+                    &plans.default_plan,
+                )
                 .await?;
             match reply.status {
                 Settled::Ok | Settled::Replay => {

@@ -36,6 +36,8 @@ pub struct ReserveCall<'a> {
 /// Where a reservation holds: what commit and cancel read first, to name their keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {
+    /// Its usage type.
+    pub usage_type: String,
     /// The period of the counters it holds in.
     pub period: Period,
     /// The account whose pool it holds in, if any (its pool is in the reservation's bucket).
@@ -166,23 +168,27 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("HMGET")
             .arg(keys.reservation(rid))
+            .arg("t")
             .arg("pe")
             .arg("ac")
             .get(keys.route());
-        let ((period, account), route): ((Option<String>, Option<String>), Option<String>) =
-            self.run_pipe(&pipe).await?;
-        Ok((placed(period, account), route.unwrap_or_default()))
+        let (fields, route): (Fields, Option<String>) = self.run_pipe(&pipe).await?;
+        Ok((placed(fields), route.unwrap_or_default()))
     }
 
     /// Commits or cancels the user's reservation `rid`, which holds where `placed` says (read
     /// just before), in `keys`' bucket: one script, one atomic step (see `lua/commit.lua`,
-    /// `lua/cancel.lua`), armed with its deadline.
+    /// `lua/cancel.lua`), armed with its deadline. `usage_type` is the reservation's type as
+    /// configured (`None` when it no longer is): a commit records the threshold events its
+    /// count causes under its limits, as a track would.
     pub async fn close_reservation(
         &self,
         keys: &UserKeys,
         rid: &str,
         placed: &Placed,
         how: Settle,
+        usage_type: Option<&UsageType>,
+        default_plan: &str,
     ) -> Result<SettleReply, StoreError> {
         let period = placed.period;
         let pool = placed
@@ -210,7 +216,12 @@ impl RedisStore {
             .arg(keys.reservation_member(rid))
             .arg(CLOSED_KEEP_MS)
             .arg(self.changes_channel())
-            .arg(keys.user().to_string());
+            .arg(keys.user().to_string())
+            .arg(default_plan)
+            .arg(usage_type.map_or("", |t| t.script_notify.as_str()));
+        if let Some(ty) = usage_type {
+            inv.arg(&ty.script_limits);
+        }
         // A commit counts: with replicas to wait for, it is answered once one holds it, as a
         // consume is (a repeat of an answer lost to the wait replays it).
         let raw = self.run(&mut inv, true).await?;
@@ -277,12 +288,13 @@ impl RedisStore {
                 .to(d.bucket)
                 .cmd("HMGET")
                 .arg(self.user_in(d).reservation(&d.rid))
+                .arg("t")
                 .arg("pe")
                 .arg("ac");
         }
-        let read: Vec<(Option<String>, Option<String>)> = self.run_batch_as(batch).await?;
-        for (d, (period, account)) in due.iter_mut().zip(read) {
-            d.placed = placed(period, account);
+        let read: Vec<Fields> = self.run_batch_as(batch).await?;
+        for (d, fields) in due.iter_mut().zip(read) {
+            d.placed = placed(fields);
         }
         Ok((due, more))
     }
@@ -322,6 +334,7 @@ impl RedisStore {
         for d in due {
             let keys = self.user_in(d);
             let placed = d.placed.clone().unwrap_or(Placed {
+                usage_type: String::new(),
                 period: Period::Lifetime,
                 account: None,
             });
@@ -359,14 +372,22 @@ impl RedisStore {
     }
 }
 
-/// A reservation's period and account as stored; `None` when it is missing (or not quotad's).
-fn placed(period: Option<String>, account: Option<String>) -> Option<Placed> {
+/// A reservation's `t`, `pe` and `ac` as `HMGET` reads them.
+type Fields = (Option<String>, Option<String>, Option<String>);
+
+/// A reservation's type, period and account as stored; `None` when it is missing (or not
+/// quotad's).
+fn placed((usage_type, period, account): Fields) -> Option<Placed> {
     let period = Period::parse_id(period.as_deref()?)?;
     let account = match account.as_deref().unwrap_or("") {
         "" => None,
         a => Some(Uuid::parse_str(a).ok()?),
     };
-    Some(Placed { period, account })
+    Some(Placed {
+        usage_type: usage_type?,
+        period,
+        account,
+    })
 }
 
 /// `settled` of `lua/holds.lua` as a [`SettleReply`].

@@ -1185,3 +1185,32 @@ async fn the_description_states_what_reservations_take_and_answer() {
     }
     assert!(quotad::reservations::ReservationId::parse(&id).is_some());
 }
+
+#[tokio::test]
+async fn a_commit_records_the_threshold_events_its_count_causes_as_a_track_would() {
+    let plans = crate::notifications::notify_plans();
+    let app = TestApp::spawn_with(Options {
+        plans: Some(plans.0.clone()),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    // Holds reach 80 % of the limit, counts do not: nothing fires on a hold.
+    let id = held(&app, user, "ai_generation", 45, 300).await;
+    app.flush().await;
+    let events = |db: sqlx::PgPool| async move {
+        sqlx::query_as::<_, (i32, i64, i64)>(
+            r#"SELECT threshold, used, "limit" FROM usage_events WHERE user_id = $1 ORDER BY threshold"#,
+        )
+        .bind(user)
+        .fetch_all(&db)
+        .await
+        .unwrap()
+    };
+    assert_eq!(events(app.db().await).await, []);
+
+    assert_eq!(commit(&app, &id, json!(42)).await.status, 200);
+    app.flush().await;
+
+    assert_eq!(events(app.db().await).await, [(80, 42, 50)]);
+}
