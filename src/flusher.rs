@@ -245,8 +245,8 @@ impl Flusher {
                     continue;
                 }
                 if let Some(v) = hash.version {
-                    for (ty, count, metadata) in hash.rows() {
-                        totals.push(member.owner.id(), ty, count, member.period, metadata, v);
+                    for row in hash.rows() {
+                        totals.push_row(member.owner.id(), row, member.period, v);
                         owners.push(i);
                     }
                 }
@@ -380,6 +380,7 @@ impl Flusher {
             entry.1.extend(CounterHash::row_fields(
                 &row.usage_type,
                 row.count,
+                row.overage,
                 row.metadata,
                 false,
             ));
