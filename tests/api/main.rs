@@ -19,6 +19,7 @@ mod month_start;
 mod observability;
 mod openapi;
 mod outages;
+mod overage;
 mod performance;
 mod periods;
 mod plans;
