@@ -994,3 +994,71 @@ async fn reconcile_compares_the_overage_and_repair_makes_both_sides_agree() {
         "Postgres' newer row won"
     );
 }
+
+#[tokio::test]
+async fn envoys_rate_limit_service_counts_the_limit_and_cap_and_a_soft_limit_has_none() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+    let (app, _plans) = spawn_with(
+        PLANS,
+        Options {
+            tune: |c| c.grpc_listen = Some("127.0.0.1:0".parse().unwrap()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut rls = RateLimitServiceClient::new(channel);
+    let user = Uuid::new_v4();
+    consume(&app, user, "ai_generation", 60).await;
+    let ask = |ty: &str| RateLimitRequest {
+        domain: "quotad".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: [("user_id", user.to_string()), ("usage_type", ty.to_owned())]
+                .into_iter()
+                .map(|(key, value)| Entry {
+                    key: key.into(),
+                    value,
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    };
+
+    let capped = rls
+        .should_rate_limit(ask("ai_generation"))
+        .await
+        .unwrap()
+        .into_inner();
+    let soft = rls
+        .should_rate_limit(ask("export"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(capped.overall_code, Code::Ok as i32);
+    let status = &capped.statuses[0];
+    assert_eq!(
+        (
+            status.current_limit.as_ref().map(|l| l.requests_per_unit),
+            status.limit_remaining
+        ),
+        (Some(150), 89),
+        "61 used of 50 + 100"
+    );
+    assert_eq!(soft.overall_code, Code::Ok as i32);
+    assert!(
+        soft.statuses[0].current_limit.is_none(),
+        "a soft limit refuses nothing"
+    );
+    assert_eq!(soft.statuses[0].limit_remaining, u32::MAX);
+}
