@@ -200,7 +200,8 @@ pub struct CounterJson {
     /// (degraded).
     overage: Option<u64>,
     /// How many units past `limit` the plan allows before a consume is refused: 0 for a hard
-    /// limit; null when nothing is refused past it (a soft limit, or no limit).
+    /// limit; null when nothing is refused past it (a soft limit, or no limit), or when Redis
+    /// could not be asked (degraded).
     overage_cap: Option<u64>,
     /// First instant of the month; null for lifetime types.
     period_start: Option<DateTime<Utc>>,
@@ -219,12 +220,8 @@ impl From<&CounterView> for CounterJson {
             remaining: c.remaining(),
             unlimited: c.unlimited,
             overage: c.overage,
-            overage_cap: match c.limit {
-                Some(_) => c.overage_cap.cap(),
-                // Degraded: the limit is unknown, and so is the cap; unlimited: nothing refuses.
-                None if c.used.is_none() => Some(0),
-                None => None,
-            },
+            // Without a limit (unlimited, or unknown when degraded) there is no cap to give.
+            overage_cap: c.limit.and(c.overage_cap.cap()),
             period_start: monthly.then(|| c.period.start()),
             period_end: c.period.end(),
             resets_at: c.period.end(),

@@ -838,10 +838,11 @@ async fn with_redis_paused_an_overage_type_fails_open_with_its_overage_unknown()
     assert_eq!(
         (
             &degraded.body["overage"],
+            &degraded.body["overage_cap"],
             &degraded.body["over_limit"],
             &degraded.body["overage_added"]
         ),
-        (&Value::Null, &json!(false), &json!(0))
+        (&Value::Null, &Value::Null, &json!(false), &json!(0))
     );
     assert_eq!(
         (&after.body["used"], &after.body["overage"]),
