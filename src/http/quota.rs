@@ -798,6 +798,9 @@ pub(crate) struct TypeJson {
     period: PeriodKind,
     /// What happens when Redis does not answer: `open` or `closed`.
     fail: FailPolicy,
+    /// Thresholds, in percent of the limit, at which a usage event is recorded (and sent to
+    /// the webhooks); empty for none.
+    notify: Vec<u32>,
 }
 
 /// The plans and types in force.
@@ -840,6 +843,7 @@ pub async fn plans(State(state): State<AppState>) -> Response {
                     TypeJson {
                         period: t.period,
                         fail: t.fail,
+                        notify: t.notify.clone(),
                     },
                 )
             })

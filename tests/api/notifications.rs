@@ -765,6 +765,12 @@ async fn a_redis_that_lost_its_marks_records_the_same_event_again_and_nothing_is
 #[tokio::test]
 async fn without_webhook_urls_events_are_recorded_with_no_delivery() {
     let (app, _plans) = app_sending_to(vec![]).await;
+    let plans = app.get("/v1/plans").await;
+    assert_eq!(
+        plans.body["types"]["ai_generation"]["notify"],
+        json!([80, 100])
+    );
+    assert_eq!(plans.body["types"]["export"]["notify"], json!([]));
     let user = Uuid::new_v4();
     assert_eq!(consume_n(&app, user, 50).await, 50);
     app.flush().await;
