@@ -4,7 +4,7 @@
 # the time Redis spent in the command itself (`INFO commandstats`, usec_per_call) for:
 #   - PING, unpipelined and 16 deep (what one round trip costs Redis in socket work);
 #   - a script of TIME, HMGET and HSET with no arguments (what a minimal counting script costs);
-#   - lua/common.lua's prologue alone, with the consume call's 5 keys and 23 arguments;
+#   - lua/common.lua's prologue alone, with the consume call's 5 keys and 26 arguments;
 #   - the consume script (lua/common.lua + lua/consume.lua), one allowed consume of one
 #     loaded counter, with the arguments quotad sends;
 #   - the same for a member of an account: the user's counter and the account's pool, both
@@ -44,7 +44,7 @@ keys=("$hash" "bench:1:$b:dirty" "bench:1:$b:c:$user:2026-10" "bench:1:$b:since"
   "bench:1:$b:u:$user")
 deadline=$(( $(date +%s) * 1000 + 3600000 ))
 args=(consume ai_generation 1 "$user:2026-11" PRO FREE 86400 2026-11 64 1793491200000 60000
-  1799107200 "" "" "" 0 ENTERPRISE -1 FREE 50 PRO -1 "$deadline")
+  1799107200 "" "" "" 0 ENTERPRISE -1 0 FREE 50 0 PRO -1 0 "$deadline")
 
 # A member of an account: their counter and the account's pool in the account's bucket, the
 # route key saying they count there. No plan of their own: the pool's FREE limit (50) is far
@@ -60,7 +60,7 @@ rc set "bench:1:$a:u:$member" "$account" >/dev/null
 mkeys=("$mhash" "bench:1:$a:dirty" "bench:1:$a:c:$member:2026-10" "bench:1:$a:since"
   "bench:1:$a:u:$member" "$pool" "bench:1:$a:a:$account:2026-10")
 margs=(consume ai_generation 1 "$member:2026-11" "" FREE 86400 2026-11 64 1793491200000 60000
-  1799107200 "$account" "a:$account:2026-11" "" 0 ENTERPRISE -1 FREE 50 PRO -1 "$deadline")
+  1799107200 "$account" "a:$account:2026-11" "" 0 ENTERPRISE -1 0 FREE 50 0 PRO -1 0 "$deadline")
 
 # A user past 80 % of a large limit, on a type that notifies at 80 and 100 %: the 80 % event is
 # recorded already (its mark carries the same limit), so each call reads the mark and records
@@ -73,7 +73,7 @@ rc hset "$nhash" v 0 ai_generation 800000000000 \
 nkeys=("$nhash" "bench:1:$n:dirty" "bench:1:$n:c:$nuser:2026-10" "bench:1:$n:since"
   "bench:1:$n:u:$nuser")
 nargs=(consume ai_generation 1 "$nuser:2026-11" BIG FREE 86400 2026-11 64 1793491200000 60000
-  1799107200 "" "" "80,100" 0 BIG 1000000000000 FREE 50 "$deadline")
+  1799107200 "" "" "80,100" 0 BIG 1000000000000 0 FREE 50 0 "$deadline")
 
 measure() { # name, command name in commandstats, pipeline depth, command...
   local name=$1 stat=$2 depth=$3

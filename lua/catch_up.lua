@@ -9,13 +9,13 @@
 -- ARGV[1]  Postgres' version (the highest of the user's rows for the period)
 -- ARGV[2]  dirty-set member "<user>:<period>"
 -- ARGV[3]  invalidation channel; ARGV[4] the user, announced there when it changes the counter
--- ARGV[5..] Postgres' field, value pairs: counts by type, `m:<type>:<name>` sums and
---          `s:<type>:<name>` text values
+-- ARGV[5..] Postgres' field, value pairs: counts by type, `ov:<type>` overage, `m:<type>:<name>`
+--          sums and `s:<type>:<name>` text values
 --
--- Each count and sum becomes the larger of Redis' and Postgres'; a text value Redis lacks is
--- taken from Postgres; `v` goes past both versions, so the next flush is accepted; the counter is
--- marked dirty. Counts made here since the restore and before this repair are kept only as far as
--- they exceed Postgres' (max, not sum: Redis cannot tell them from the ones the dump had).
+-- Each count, overage and sum becomes the larger of Redis' and Postgres'; a text value Redis lacks
+-- is taken from Postgres; `v` goes past both versions, so the next flush is accepted; the counter
+-- is marked dirty. Counts made here since the restore and before this repair are kept only as far
+-- as they exceed Postgres' (max, not sum: Redis cannot tell them from the ones the dump had).
 -- Returns 1 if it changed the counter, 0 if Redis is as new as Postgres (another flusher's
 -- ordinary race, or a repair done already) or the counter is not loaded (it loads from Postgres).
 local hash = KEYS[1]

@@ -1,6 +1,9 @@
 -- commit: count what a reservation's work actually used (at most what it holds) at every level it
--- holds at, and free its hold there, in one atomic step. The count is a count like any other: it
--- bumps each counter's version and marks it dirty, so the flusher writes it to Postgres.
+-- holds at, and free its hold there, in one atomic step. The count is a count like any other, as
+-- a track of the amount makes it: it bumps each counter's version and marks it dirty, so the
+-- flusher writes it to Postgres; its units past the limit are overage where the plan allows
+-- overage (see past_limit in common.lua); it records the threshold events it crosses at the
+-- user's level.
 --
 -- KEYS[1]  the reservation         {prefix}:1:{b}:r:<user>:<rid> (see holds.lua)
 -- KEYS[2]  the user's counter hash of the reservation's period
@@ -21,11 +24,10 @@
 --          than it counts (and the account, for its pool)
 -- ARGV[11] default plan; ARGV[12] the type's notify thresholds ("80,100"; "" = none; see
 --          record_thresholds in common.lua)
--- ARGV[13..] plan, limit pairs for the reservation's type (-1 = unlimited; none when the type is
---          no longer configured: then no threshold is recorded)
+-- ARGV[13..] plan, limit, cap triples for the reservation's type (as consume.lua takes them; none
+--          when the type is no longer configured: then no overage and no threshold is recorded)
 --
--- Like a track of the amount, a commit records the threshold events its count causes at the
--- user's level (the user's limit in force now: plan, override).
+-- The limits are those in force now (plan, override), at the user's level and the pool's.
 --
 -- Returns holds.lua's `settled` answer with status:
 --   "ok"         counted and freed; `late` is "1" when the reservation had expired (its hold
@@ -72,16 +74,24 @@ end
 -- Every read and check first; the writes after cannot fail.
 local expiring = r.s == 'open' and call_now_ms >= tonumber(r.x)
 local holding = r.s == 'open'
+local ov_field = 'ov:' .. field
+-- A level's version, dirty flag, overage, and the plan, limit and cap in force.
+local function level_of(h, pick)
+  local got = redis.call('HMGET', h, 'v', DIRTY, ov_field, 'p', 'o:' .. field)
+  local plan, limit, _, cap = pick(got[4], got[5])
+  return whole(got[1], h, 'v'), got[2], whole(got[3], h, ov_field), plan, limit, cap
+end
 local held, used = hold_of(hash, field)
-local version = stored_count(hash, 'v')
-local flagged = redis.call('HGET', hash, DIRTY)
-local stored = redis.call('HMGET', hash, 'p', 'o:' .. field)
-local plan, limit = user_level(stored[1], stored[2], '', ARGV[11], 13, ARGV[4] ~= '')
-local aheld, aused, aversion, aflagged = 0, 0, 0, nil
+local version, flagged, overage, plan, limit, cap = level_of(hash, function(p, o)
+  return user_level(p, o, '', ARGV[11], 13, ARGV[4] ~= '')
+end)
+local aheld, aused, aversion, aflagged, aoverage, alimit, acap = 0, 0, 0, nil, 0, nil, nil
 if ahash then
   aheld, aused = hold_of(ahash, field)
-  aversion = stored_count(ahash, 'v')
-  aflagged = redis.call('HGET', ahash, DIRTY)
+  local _
+  aversion, aflagged, aoverage, _, alimit, acap = level_of(ahash, function(p, o)
+    return pool_level(p, o, ARGV[11], 13)
+  end)
 end
 if used + amount >= EXACT or aused + amount >= EXACT then
   return redis.error_reply('ERR quotad: ' .. field .. ' would pass 2^53; nothing counted')
@@ -94,9 +104,15 @@ if holding then
     aheld = free_hold(ahash, field, aheld, a)
   end
 end
-local function count_in(h, cur, ver, was_flagged, member)
+-- Counts the amount at one level, its units past the limit as overage (none when the type is no
+-- longer configured: its limit is unknown).
+local function count_in(h, cur, ver, was_flagged, member, ov, lim, c)
   if amount == 0 then
     return cur
+  end
+  local added = (lim and c) and past_limit(amount, cur, lim, c) or 0
+  if added > 0 then
+    redis.call('HSET', h, ov_field, string.format('%d', ov + added))
   end
   redis.call('HSET', h, field, string.format('%d', cur + amount), 'v', string.format('%d', ver + 1))
   if not was_flagged then
@@ -108,12 +124,12 @@ local function count_in(h, cur, ver, was_flagged, member)
   end
   return cur + amount
 end
-used = count_in(hash, used, version, flagged, ARGV[5])
+used = count_in(hash, used, version, flagged, ARGV[5], overage, limit, cap)
 if amount > 0 and ARGV[12] ~= '' and limit then
   record_thresholds(hash, field, ARGV[12], used, limit, plan)
 end
 if ahash then
-  aused = count_in(ahash, aused, aversion, aflagged, ARGV[6])
+  aused = count_in(ahash, aused, aversion, aflagged, ARGV[6], aoverage, alimit, acap)
 end
 -- A commit in time frees what it does not count; a late one freed nothing now that it did not
 -- free as an expiry.

@@ -27,32 +27,35 @@ end
 -- Postgres' user_plans), `m:<type>:<name>` / `s:<type>:<name>` (summed numeric metadata and
 -- latest other metadata, as JSON text), `n:<type>` (how many metadata names the type has),
 -- `o:<type>` and `x:ov` (the owner's limit overrides and their version in Postgres'
--- limit_overrides; see set_limits.lua), `h:<type>` (units held by open reservations; see
--- reserve.lua and holds.lua), `x:dirty` (set exactly while the counter is in its bucket's dirty
--- set; see mark_dirty), `e:<type>:<percent>` (a threshold event, see record_thresholds) and
--- `x:ev` (set while an event is not yet written to Postgres). An account's counter hash has the same fields (its plan
--- from account_plans), without metadata. A hash
+-- limit_overrides; see set_limits.lua), `ov:<type>` (the period's overage: units counted past the
+-- limit in force at each count, where the plan allows overage; see past_limit), `h:<type>` (units
+-- held by open reservations; see reserve.lua and holds.lua), `x:dirty` (set exactly while the
+-- counter is in its bucket's dirty set; see mark_dirty), `e:<type>:<percent>` (a threshold event,
+-- see record_thresholds) and `x:ev` (set while an event is not yet written to Postgres). An
+-- account's counter hash has the same fields (its plan from account_plans), without metadata. A
+-- hash
 -- without `v` has not been loaded from Postgres yet: every script that reads or writes counts
 -- answers "hydrate" for it and changes nothing.
 
--- The plan in force and its limit for one type. `override` wins when not empty; else `stored`
--- (the hash's `p`, nil when it has none); a plan no longer configured falls back to `default`.
--- ARGV[first..] are plan, limit pairs (limit -1 = unlimited).
+-- The plan in force, its limit and its overage cap for one type. `override` wins when not empty;
+-- else `stored` (the hash's `p`, nil when it has none); a plan no longer configured falls back to
+-- `default`. ARGV[first..] are plan, limit, cap triples (limit -1 = unlimited; cap: units allowed
+-- past the limit, 0 = none, -1 = no cap: a soft limit).
 local function resolve_plan(stored, override, default, first)
   local plan = override
   if plan == '' then
     plan = stored or default
   end
-  local default_limit = nil
-  for i = first, #ARGV, 2 do
+  local default_limit, default_cap = nil, 0
+  for i = first, #ARGV, 3 do
     if ARGV[i] == plan then
-      return plan, tonumber(ARGV[i + 1])
+      return plan, tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     end
     if ARGV[i] == default then
-      default_limit = tonumber(ARGV[i + 1])
+      default_limit, default_cap = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     end
   end
-  return default, default_limit
+  return default, default_limit, default_cap
 end
 
 -- Marks a counter as changed since its last flush. The dirty set is a sorted set scored by the
@@ -93,22 +96,30 @@ local function stored_count(hash, field)
 end
 
 -- Lowers a count by `amount`, never below 0, and records the change like any other: version bump
--- and dirty mark in the same step. A counter already at 0 is left as it is: no version bump, no
--- dirty mark (nothing changed, so nothing needs flushing or announcing). Returns the new count
--- and how much was actually given back (min(amount, the count before)). A count that is not a
--- whole number (corrupt data) is refused before anything is written.
+-- and dirty mark in the same step. What is given back comes off the period's overage
+-- (`ov:<type>`) first: units past the limit are the last counted, and a refunded or released unit
+-- must not stay billed. A counter already at 0 is left as it is: no version bump, no dirty mark
+-- (nothing changed, so nothing needs flushing or announcing). Returns the new count, how much was
+-- actually given back (min(amount, the count before)) and the overage after. A count that is not
+-- a whole number (corrupt data) is refused before anything is written.
 local function lower(hash, field, amount, dirty, member)
   local used = stored_count(hash, field)
+  local ov_field = 'ov:' .. field
+  local overage = stored_count(hash, ov_field)
   local given = math.min(amount, used)
   if given <= 0 then
-    return used, 0
+    return used, 0, overage
   end
   stored_count(hash, 'v') -- a corrupt version stops the script here, before any write
   local new = used - given
   redis.call('HSET', hash, field, new)
+  if overage > 0 then
+    overage = math.max(0, overage - given)
+    redis.call('HSET', hash, ov_field, overage)
+  end
   redis.call('HINCRBY', hash, 'v', 1)
   mark_dirty(hash, dirty, member)
-  return new, given
+  return new, given, overage
 end
 
 -- Tells every replica that `user`'s counts may have gone down or their limits up, so their
@@ -221,34 +232,43 @@ local function read_counter(hash, prev, marker, month_start, margin, expire_at, 
   return got
 end
 
--- The user's level of a decision: plan, limit (-1 = unlimited) and where the limit comes from.
--- `stored` is the hash's plan, `override` its `o:<type>`, `sent` the plan sent with the call ("" =
--- none), `first` where the plan, limit pairs start in ARGV. A member of an account (`pooled`)
--- with no plan of their own, no override and none sent has no limit of their own: the pool
--- alone decides ('account').
+-- The user's level of a decision: plan, limit (-1 = unlimited), where the limit comes from, and
+-- the overage cap (see resolve_plan). `stored` is the hash's plan, `override` its `o:<type>`,
+-- `sent` the plan sent with the call ("" = none), `first` where the plan, limit, cap triples
+-- start in ARGV. A member of an account (`pooled`) with no plan of their own, no override and
+-- none sent has no limit of their own: the pool alone decides ('account'). The plan's overage
+-- applies on top of the limit in force, an override's too: an override changes how much is
+-- included, not whether the plan sells use past it.
 local function user_level(stored, override, sent, default, first, pooled)
-  local plan, plan_limit = resolve_plan(stored, sent, default, first)
+  local plan, plan_limit, cap = resolve_plan(stored, sent, default, first)
   if pooled and not override and not stored and sent == '' then
-    return plan, -1, 'account'
+    return plan, -1, 'account', 0
   end
   local limit, source = level_limit(override, plan_limit)
-  return plan, limit, source
+  return plan, limit, source, cap
 end
 
--- An account's pool: plan (its stored one, else the default), limit and where it comes from.
+-- An account's pool: plan (its stored one, else the default), limit, where it comes from, and
+-- the overage cap.
 local function pool_level(stored, override, default, first)
-  local plan, plan_limit = resolve_plan(stored, '', default, first)
+  local plan, plan_limit, cap = resolve_plan(stored, '', default, first)
   local limit, source = level_limit(override, plan_limit)
-  return plan, limit, source
+  return plan, limit, source, cap
+end
+
+-- Whether `amount` more fits at a level: within the limit, or past it by no more than the
+-- overage cap (-1: no cap, a soft limit).
+local function fits(amount, used, limit, cap)
+  return limit < 0 or cap < 0 or used + amount <= limit + cap
 end
 
 -- The level at which `amount` more does not fit: 'user' (checked first), 'account' (with a pool:
 -- `aused` not nil), or nil when it fits at every level.
-local function refusing_level(amount, used, limit, aused, alimit)
-  if limit >= 0 and used + amount > limit then
+local function refusing_level(amount, used, limit, cap, aused, alimit, acap)
+  if not fits(amount, used, limit, cap) then
     return 'user'
   end
-  if aused and alimit >= 0 and aused + amount > alimit then
+  if aused and not fits(amount, aused, alimit, acap) then
     return 'account'
   end
   return nil
@@ -286,4 +306,14 @@ local function record_thresholds(hash, field, list, used, limit, plan)
       return
     end
   end
+end
+
+-- The units of `amount`, counted on top of `used`, that fall past `limit`: the overage this
+-- count adds at a level whose plan allows overage (cap not 0). 0 without a limit, and for a hard
+-- limit (track counts past it regardless, but the plan sells no overage there).
+local function past_limit(amount, used, limit, cap)
+  if limit < 0 or cap == 0 then
+    return 0
+  end
+  return math.max(0, used + amount - math.max(used, limit))
 end

@@ -31,19 +31,28 @@
 --          see record_thresholds in common.lua
 -- ARGV[16] n: metadata entries that follow, as n triples kind ("n" number | "s" text), name, value
 --          (numbers are finite, as Rust's f64 Display writes them)
--- ARGV[17 + 3n ..]  plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[17 + 3n ..]  plan, limit, cap triples for this type (limit -1 = unlimited; cap: units
+--          allowed past the limit, 0 = none, -1 = no cap: a soft limit; see resolve_plan)
 --
 -- Returns {status, used, plan, limit, period, detail, limited_by, source,
---          account_used, account_plan, account_limit, account_source, held, account_held}: the
--- user's level in used..source and held, the account's in account_* (0, "", -1, "", 0 without
--- an account). `held` is what open reservations hold at that level (`h:<type>`, see
--- reserve.lua): a consume fits only where used + held + amount stays within the limit. `source` says
--- where a limit comes from: "plan", "override", or (the user's level of a member with neither a
--- stored plan nor an override) "account": the account's pool alone limits them.
---   "ok"         counted at every level; used (account_used) is the new total
+--          account_used, account_plan, account_limit, account_source,
+--          cap, overage, added, account_cap, account_overage, account_added, held,
+--          account_held}: the user's level in used..source, cap..added and held, the account's
+-- in account_* (0, "", -1, "", 0, 0, 0, 0 without an account). `held` is what open reservations
+-- hold at that level (`h:<type>`, see reserve.lua): a consume fits only where used + held +
+-- amount stays within limit + cap. `source` says where a limit comes from: "plan", "override", or (the user's level of a
+-- member with neither a stored plan nor an override) "account": the account's pool alone limits
+-- them. `cap` is the level's overage cap, `overage` the period's overage after the call
+-- (`ov:<type>`), `added` the overage this call counted (see past_limit in common.lua): a consume
+-- is refused only past limit + cap, and the units it counts past the limit are overage. A track
+-- counts past everything; its units past the limit are overage too where the plan allows overage
+-- (past the cap as well: they were used).
+--   "ok"         counted at every level; used (account_used) is the new total, overage
+--                (account_overage) likewise
 --   "denied"     consume only: the amount does not fit at level `limited_by` ("user" or
 --                "account"); nothing counted at any level, nothing remembered
---   "replay"     the idempotency key was answered before: the stored answer, nothing counted
+--   "replay"     the idempotency key was answered before: the stored answer (its overage
+--                figures too), nothing counted
 --   "conflict"   the idempotency key was used before for another mode, type or amount
 --   "refunded"   the idempotency key names a call that was refunded: nothing counted (a retry of
 --                a refunded call must not count for free under the old answer, nor count again)
@@ -56,11 +65,11 @@
 --                missing); nothing done
 --
 -- Order: every read and every check that can refuse comes first; the writes that follow cannot
--- fail, so a call either changes nothing or counts at every level, bumps each `v`, records the
--- threshold events it causes (the user's level only), writes its metadata (the user's counter
--- only), marks the counters dirty (if they are not yet) and stores its idempotency record, all
--- together. (A fresh start, which writes, is the one exception: it
--- only creates the empty counter a check would create too.)
+-- fail, so a call either changes nothing or counts at every level (with its overage), bumps each
+-- `v`, records the threshold events it causes (the user's level only), writes its metadata (the
+-- user's counter only), marks the counters dirty (if they are not yet) and stores its idempotency
+-- record, all together. (A fresh start, which writes, is the one exception: it only creates the
+-- empty counter a check would create too.)
 --
 -- A stored count, `v` or `n:<type>` that is not a whole number is corrupt data: the script stops
 -- with an error reply before writing. A stored `m:<type>:<name>` sum that is not a finite number
@@ -76,9 +85,10 @@ local index = KEYS[ahash and 9 or 7]
 local mode, field, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local function answer(status, used, plan, limit, period, detail, limited_by, source, aused, aplan,
-    alimit, asource, held, aheld)
+    alimit, asource, cap, overage, added, acap, aoverage, aadded, held, aheld)
   return {status, used or 0, plan or '', limit or 0, period or '', detail or '', limited_by or '',
-    source or '', aused or 0, aplan or '', alimit or -1, asource or '', held or 0, aheld or 0}
+    source or '', aused or 0, aplan or '', alimit or -1, asource or '', cap or 0, overage or 0,
+    added or 0, acap or 0, aoverage or 0, aadded or 0, held or 0, aheld or 0}
 end
 
 local route = misrouted(KEYS[5], account)
@@ -90,7 +100,7 @@ end
 
 if idem then
   local seen = redis.call('HMGET', idem, 'k', 't', 'a', 'u', 'pl', 'l', 'pe', 'r', 'ls', 'au', 'ap',
-    'al', 'as')
+    'al', 'as', 'oc', 'ov', 'oa', 'aoc', 'aov', 'aoa')
   if seen[1] then
     if seen[1] ~= mode or seen[2] ~= field or tonumber(seen[3]) ~= amount then
       return answer('conflict')
@@ -99,23 +109,25 @@ if idem then
       return answer('refunded', 0, '', 0, seen[7])
     end
     return answer('replay', tonumber(seen[4]), seen[5], tonumber(seen[6]), seen[7], '', '', seen[9],
-      tonumber(seen[10]), seen[11], tonumber(seen[12]), seen[13])
+      tonumber(seen[10]), seen[11], tonumber(seen[12]), seen[13], tonumber(seen[14]),
+      tonumber(seen[15]), tonumber(seen[16]), tonumber(seen[17]), tonumber(seen[18]),
+      tonumber(seen[19]))
   end
 end
 
 -- Everything the decision reads, one HMGET per level: version, count, dirty flag, stored plan,
--- override, units held by open reservations.
-local over, hold = 'o:' .. field, 'h:' .. field
+-- override, overage, units held by open reservations.
+local over, ov_field, hold = 'o:' .. field, 'ov:' .. field, 'h:' .. field
 local missing = {}
 local got = read_counter(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
-  'p', over, hold)
+  'p', over, ov_field, hold)
 if not got then
   missing[#missing + 1] = 'user'
 end
 local ag
 if ahash then
   ag = read_counter(ahash, KEYS[7], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
-    'p', over, hold)
+    'p', over, ov_field, hold)
   if not ag then
     missing[#missing + 1] = 'account'
   end
@@ -127,20 +139,22 @@ local version = whole(got[1], hash, 'v') -- a corrupt version stops the script h
 
 local nmeta = tonumber(ARGV[16])
 local first_meta, last_meta = 17, 16 + 3 * nmeta
-local plan, limit, source = user_level(got[4], got[5], ARGV[5], ARGV[6], last_meta + 1,
+local plan, limit, source, cap = user_level(got[4], got[5], ARGV[5], ARGV[6], last_meta + 1,
   ahash ~= nil)
 local used = whole(got[2], hash, field)
-local held = whole(got[6], hash, hold)
+local overage = whole(got[6], hash, ov_field)
+local held = whole(got[7], hash, hold)
 if used + amount >= EXACT then
   return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. hash .. ' would pass 2^53; nothing counted')
 end
 
-local aversion, aplan, alimit, asource, aused, aheld
+local aversion, aplan, alimit, asource, aused, acap, aoverage, aheld
 if ahash then
   aversion = whole(ag[1], ahash, 'v')
-  aplan, alimit, asource = pool_level(ag[4], ag[5], ARGV[6], last_meta + 1)
+  aplan, alimit, asource, acap = pool_level(ag[4], ag[5], ARGV[6], last_meta + 1)
   aused = whole(ag[2], ahash, field)
-  aheld = whole(ag[6], ahash, hold)
+  aoverage = whole(ag[6], ahash, ov_field)
+  aheld = whole(ag[7], ahash, hold)
   if aused + amount >= EXACT then
     return redis.error_reply('ERR quotad: ' .. field .. ' of ' .. ahash .. ' would pass 2^53; nothing counted')
   end
@@ -148,10 +162,10 @@ end
 
 -- What open reservations hold is not there to take.
 local refused = mode == 'consume'
-  and refusing_level(amount, used + held, limit, aused and aused + aheld, alimit)
+  and refusing_level(amount, used + held, limit, cap, aused and aused + aheld, alimit, acap)
 if refused then
   return answer('denied', used, plan, limit, ARGV[8], '', refused, source, aused, aplan, alimit,
-    asource, held, aheld)
+    asource, cap, overage, 0, acap, aoverage, 0, held, aheld)
 end
 
 -- Metadata names are bounded per counter, so a caller cannot grow a hash (and its Postgres row)
@@ -188,10 +202,14 @@ end
 if fresh > 0 then
   redis.call('HINCRBY', hash, 'n:' .. field, fresh)
 end
--- Count and version in one write ('%d': whole numbers, never a float's exponent form); the
--- dirty mark only on the first change since the counter's last flush (see mark_dirty).
-local function count_in(h, cur, ver, flagged, member)
+-- Count and version in one write ('%d': whole numbers, never a float's exponent form), the
+-- overage with them when this count adds some; the dirty mark only on the first change since the
+-- counter's last flush (see mark_dirty).
+local function count_in(h, cur, ver, flagged, member, ov, added)
   local count, next_version = string.format('%d', cur + amount), string.format('%d', ver + 1)
+  if added > 0 then
+    redis.call('HSET', h, ov_field, string.format('%d', ov + added))
+  end
   if flagged then
     redis.call('HSET', h, field, count, 'v', next_version)
   else
@@ -204,14 +222,17 @@ local function count_in(h, cur, ver, flagged, member)
     redis.call('PERSIST', h)
   end
 end
-count_in(hash, used, version, got[3], ARGV[4])
-used = used + amount
+local added = past_limit(amount, used, limit, cap)
+count_in(hash, used, version, got[3], ARGV[4], overage, added)
+used, overage = used + amount, overage + added
 if ARGV[15] ~= '' then
   record_thresholds(hash, field, ARGV[15], used, limit, plan)
 end
+local aadded = 0
 if ahash then
-  count_in(ahash, aused, aversion, ag[3], ARGV[14])
-  aused = aused + amount
+  aadded = past_limit(amount, aused, alimit, acap)
+  count_in(ahash, aused, aversion, ag[3], ARGV[14], aoverage, aadded)
+  aused, aoverage = aused + amount, aoverage + aadded
 end
 for _, kv in ipairs(sums) do
   redis.call('HSET', hash, kv[1], kv[2])
@@ -224,9 +245,10 @@ end
 
 if idem then
   redis.call('HSET', idem, 'k', mode, 't', field, 'a', amount, 'u', used, 'pl', plan, 'l', limit,
-    'pe', ARGV[8], 'r', 0, 'ls', source, 'ac', account)
+    'pe', ARGV[8], 'r', 0, 'ls', source, 'ac', account, 'oc', cap, 'ov', overage, 'oa', added)
   if ahash then
-    redis.call('HSET', idem, 'au', aused, 'ap', aplan, 'al', alimit, 'as', asource)
+    redis.call('HSET', idem, 'au', aused, 'ap', aplan, 'al', alimit, 'as', asource, 'aoc', acap,
+      'aov', aoverage, 'aoa', aadded)
   end
   redis.call('EXPIRE', idem, tonumber(ARGV[7]))
   if index then
@@ -237,4 +259,4 @@ if idem then
   end
 end
 return answer('ok', used, plan, limit, ARGV[8], '', '', source, aused, aplan, alimit, asource,
-  held, aheld)
+  cap, overage, added, acap, aoverage, aadded, held, aheld)

@@ -17,11 +17,14 @@
 -- and the user is still a member of that account; a call counted under another account (the user
 -- moved since) is given back at the user's level only: that account's pool is in another slot.
 --
--- Returns {status, used, stored plan, type, amount, account_used, account_given, detail}:
+-- Returns {status, used, stored plan, type, amount, account_used, account_given, detail, overage,
+--          account_overage}:
 --   "ok"       given back, never below 0; used is the user's new total, amount what was actually
 --              given back (min(the call's amount, the count before)), likewise account_used and
 --              account_given for the account, and detail "pool" (0, 0 and "" when it was not
---              given back there: no account, or the call counted in another). A counter
+--              given back there: no account, or the call counted in another). What is given back
+--              comes off the period's overage first (see lower in common.lua); overage and
+--              account_overage are the overage after. A counter
 --              already at 0 is left alone (no version bump, no dirty mark). Either way the record
 --              is marked refunded.
 --   "missing"  no such record (never seen, or expired)
@@ -33,28 +36,28 @@ local account = ARGV[5]
 local ahash = account ~= '' and KEYS[5] or nil
 local route = misrouted(KEYS[4], account)
 if route == false then
-  return {'hydrate', 0, '', '', 0, 0, 0, 'user'}
+  return {'hydrate', 0, '', '', 0, 0, 0, 'user', 0, 0}
 elseif route then
-  return {'moved', 0, '', '', 0, 0, 0, route}
+  return {'moved', 0, '', '', 0, 0, 0, route, 0, 0}
 end
 local rec = redis.call('HMGET', idem, 't', 'a', 'pe', 'r', 'ac')
 if not rec[1] or rec[3] ~= ARGV[1] then
-  return {'missing', 0, '', '', 0, 0, 0, ''}
+  return {'missing', 0, '', '', 0, 0, 0, '', 0, 0}
 end
 if rec[4] == '1' then
-  return {'refunded', 0, '', rec[1], tonumber(rec[2]), 0, 0, ''}
+  return {'refunded', 0, '', rec[1], tonumber(rec[2]), 0, 0, '', 0, 0}
 end
 if redis.call('HEXISTS', hash, 'v') == 0 then
-  return {'hydrate', 0, '', rec[1], tonumber(rec[2]), 0, 0, 'user'}
+  return {'hydrate', 0, '', rec[1], tonumber(rec[2]), 0, 0, 'user', 0, 0}
 end
 local in_pool = ahash and rec[5] == account
 if in_pool and redis.call('HEXISTS', ahash, 'v') == 0 then
-  return {'hydrate', 0, '', rec[1], tonumber(rec[2]), 0, 0, 'account'}
+  return {'hydrate', 0, '', rec[1], tonumber(rec[2]), 0, 0, 'account', 0, 0}
 end
-local used, given = lower(hash, rec[1], tonumber(rec[2]), dirty, ARGV[2])
-local aused, agiven = 0, 0
+local used, given, overage = lower(hash, rec[1], tonumber(rec[2]), dirty, ARGV[2])
+local aused, agiven, aoverage = 0, 0, 0
 if in_pool then
-  aused, agiven = lower(ahash, rec[1], tonumber(rec[2]), dirty, ARGV[6])
+  aused, agiven, aoverage = lower(ahash, rec[1], tonumber(rec[2]), dirty, ARGV[6])
 end
 redis.call('HSET', idem, 'r', 1)
 if given > 0 or agiven > 0 then
@@ -64,4 +67,4 @@ if agiven > 0 then
   announce(ARGV[3], account)
 end
 return {'ok', used, redis.call('HGET', hash, 'p') or '', rec[1], given, aused, agiven,
-  in_pool and 'pool' or ''}
+  in_pool and 'pool' or '', overage, aoverage}

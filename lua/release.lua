@@ -13,30 +13,31 @@
 -- ARGV[6]  the account the caller believes the user is a member of ("" = none): the route
 -- ARGV[7]  the account's dirty-set member "a:<account>:life" ("" without an account)
 --
--- Returns {status, used, stored plan, released, account_used, account_released, detail}: "ok"
--- with the new totals and what was actually lowered at each level (min(amount, the count
--- before); 0 = that counter was at 0 already, and then nothing is written there), "hydrate" (a
--- counter is not loaded from Postgres yet; detail "user" or "account"; nothing done) or "moved"
--- (detail: what the route key holds; nothing done).
+-- Returns {status, used, stored plan, released, account_used, account_released, detail, overage,
+-- account_overage}: "ok" with the new totals and what was actually lowered at each level
+-- (min(amount, the count before); 0 = that counter was at 0 already, and then nothing is written
+-- there), lowering the overage first (see lower in common.lua) and giving the overage after;
+-- "hydrate" (a counter is not loaded from Postgres yet; detail "user" or "account"; nothing done)
+-- or "moved" (detail: what the route key holds; nothing done).
 local hash = KEYS[1]
 local account = ARGV[6]
 local ahash = account ~= '' and KEYS[4] or nil
 local route = misrouted(KEYS[3], account)
 if route == false then
-  return {'hydrate', 0, '', 0, 0, 0, 'user'}
+  return {'hydrate', 0, '', 0, 0, 0, 'user', 0, 0}
 elseif route then
-  return {'moved', 0, '', 0, 0, 0, route}
+  return {'moved', 0, '', 0, 0, 0, route, 0, 0}
 end
 if redis.call('HEXISTS', hash, 'v') == 0 then
-  return {'hydrate', 0, '', 0, 0, 0, 'user'}
+  return {'hydrate', 0, '', 0, 0, 0, 'user', 0, 0}
 end
 if ahash and redis.call('HEXISTS', ahash, 'v') == 0 then
-  return {'hydrate', 0, '', 0, 0, 0, 'account'}
+  return {'hydrate', 0, '', 0, 0, 0, 'account', 0, 0}
 end
-local used, given = lower(hash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[3])
-local aused, agiven = 0, 0
+local used, given, overage = lower(hash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[3])
+local aused, agiven, aoverage = 0, 0, 0
 if ahash then
-  aused, agiven = lower(ahash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[7])
+  aused, agiven, aoverage = lower(ahash, ARGV[1], tonumber(ARGV[2]), KEYS[2], ARGV[7])
 end
 if given > 0 or agiven > 0 then
   announce(ARGV[4], ARGV[5])
@@ -44,4 +45,5 @@ end
 if agiven > 0 then
   announce(ARGV[4], account)
 end
-return {'ok', used, redis.call('HGET', hash, 'p') or '', given, aused, agiven, ''}
+return {'ok', used, redis.call('HGET', hash, 'p') or '', given, aused, agiven, '', overage,
+  aoverage}

@@ -1,6 +1,7 @@
 -- reserve: hold an amount of a type against the limit of every level (the user, and the user's
 -- account when they have one) for a while, in one atomic step: it fits only where used + held +
--- amount stays within the limit, exactly as a consume of it would, and nothing is counted yet.
+-- amount stays within what a consume may take (the limit plus the plan's overage cap), exactly as
+-- a consume of it would, and nothing is counted yet.
 --
 -- KEYS[1]  the user's counter hash {prefix}:1:{b}:c:<user>:<period>
 -- KEYS[2]  the user's previous month's counter hash; KEYS[3] the bucket's marker (see start_fresh)
@@ -22,13 +23,14 @@
 -- ARGV[10] the reservation's member of the open set, "<user>:<rid>"
 -- ARGV[11] how long the reservation's record outlives its expiry, ms: a late commit, or a
 --          repeated commit or cancel, finds it until then
--- ARGV[12..] plan, limit pairs for this type (-1 = unlimited)
+-- ARGV[12..] plan, limit, cap triples for this type (as consume.lua takes them)
 --
--- Returns consume.lua's fourteen fields (status, used, plan, limit, period, detail, limited_by,
--- source, account_used, account_plan, account_limit, account_source, held, account_held), `held`
--- being what is held after the call, with status:
+-- Returns consume.lua's twenty fields (status, used, plan, limit, period, detail, limited_by,
+-- source, account_used, account_plan, account_limit, account_source, cap, overage, added,
+-- account_cap, account_overage, account_added, held, account_held): `added` is 0 (nothing is
+-- counted), `held` what is held after the call; with status:
 --   "ok"        held at every level; detail is the expiry (ms, Redis' clock)
---   "denied"    used + held + amount passes the limit at level `limited_by`; nothing held
+--   "denied"    used + held + amount passes limit + cap at level `limited_by`; nothing held
 --   "replay"    the reservation exists already for this type and amount (the same call, sent
 --               again after a lost reply); detail its expiry; nothing more held
 --   "conflict"  the reservation exists for another type or amount; nothing done
@@ -39,17 +41,19 @@ local account = ARGV[9]
 local ahash = account ~= '' and KEYS[7] or nil
 local field, amount, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
-local function answer(status, used, plan, limit, detail, limited_by, source, aused, aplan, alimit,
-    asource, held, aheld)
-  return {status, used or 0, plan or '', limit or 0, ARGV[4], detail or '', limited_by or '',
-    source or '', aused or 0, aplan or '', alimit or -1, asource or '', held or 0, aheld or 0}
+-- Each level: {used, plan, limit, source, cap, overage, held}.
+local function answer(status, detail, limited_by, u, a)
+  u, a = u or {}, a or {}
+  return {status, u[1] or 0, u[2] or '', u[3] or 0, ARGV[4], detail or '', limited_by or '',
+    u[4] or '', a[1] or 0, a[2] or '', a[3] or -1, a[4] or '', u[5] or 0, u[6] or 0, 0, a[5] or 0,
+    a[6] or 0, 0, u[7] or 0, a[7] or 0}
 end
 
 local route = misrouted(KEYS[4], account)
 if route == false then
-  return answer('hydrate', 0, '', 0, 'user')
+  return answer('hydrate', 'user')
 elseif route then
-  return answer('moved', 0, '', 0, route)
+  return answer('moved', route)
 end
 
 local earlier = reservation(rkey)
@@ -57,45 +61,47 @@ if earlier and (earlier.t ~= field or tonumber(earlier.a) ~= amount or earlier.a
   return answer('conflict')
 end
 
-local over, hold = 'o:' .. field, 'h:' .. field
+local over, hold, ov_field = 'o:' .. field, 'h:' .. field, 'ov:' .. field
 local missing = {}
 local got = read_counter(hash, KEYS[2], KEYS[3], ARGV[6], ARGV[7], ARGV[8], 'v', field, 'p', over,
-  hold)
+  hold, ov_field)
 if not got then
   missing[#missing + 1] = 'user'
 end
 local ag
 if ahash then
   ag = read_counter(ahash, KEYS[8], KEYS[3], ARGV[6], ARGV[7], ARGV[8], 'v', field, 'p', over,
-    hold)
+    hold, ov_field)
   if not ag then
     missing[#missing + 1] = 'account'
   end
 end
 if #missing > 0 then
-  return answer('hydrate', 0, '', 0, table.concat(missing, ' '))
+  return answer('hydrate', table.concat(missing, ' '))
 end
 
-whole(got[1], hash, 'v')
-local plan, limit, source = user_level(got[3], got[4], '', ARGV[5], 12, ahash ~= nil)
-local used, held = whole(got[2], hash, field), whole(got[5], hash, hold)
-local aplan, alimit, asource, aused, aheld
+-- Each level as answer() takes it.
+local function level(h, g, plan, limit, source, cap)
+  whole(g[1], h, 'v')
+  return {whole(g[2], h, field), plan, limit, source, cap, whole(g[6], h, ov_field),
+    whole(g[5], h, hold)}
+end
+local u = level(hash, got, user_level(got[3], got[4], '', ARGV[5], 12, ahash ~= nil))
+local a
 if ahash then
-  whole(ag[1], ahash, 'v')
-  aplan, alimit, asource = pool_level(ag[3], ag[4], ARGV[5], 12)
-  aused, aheld = whole(ag[2], ahash, field), whole(ag[5], ahash, hold)
+  a = level(ahash, ag, pool_level(ag[3], ag[4], ARGV[5], 12))
 end
 if earlier then
-  return answer('replay', used, plan, limit, earlier.x, '', source, aused, aplan, alimit, asource,
-    held, aheld)
+  return answer('replay', earlier.x, '', u, a)
 end
-if used + held + amount >= EXACT or (ahash and aused + aheld + amount >= EXACT) then
+if u[1] + u[7] + amount >= EXACT or (a and a[1] + a[7] + amount >= EXACT) then
   return redis.error_reply('ERR quotad: ' .. hold .. ' would pass 2^53; nothing held')
 end
-local refused = refusing_level(amount, used + held, limit, aused and aused + aheld, alimit)
+-- What is used and what is held already are both taken.
+local refused = refusing_level(amount, u[1] + u[7], u[3], u[5], a and a[1] + a[7], a and a[3],
+  a and a[5])
 if refused then
-  return answer('denied', used, plan, limit, '', refused, source, aused, aplan, alimit, asource,
-    held, aheld)
+  return answer('denied', '', refused, u, a)
 end
 
 -- Writes, none of which can fail now.
@@ -110,15 +116,14 @@ local function hold_in(h, cur)
     redis.call('PEXPIRE', h, keep)
   end
 end
-hold_in(hash, held)
-held = held + amount
-if ahash then
-  hold_in(ahash, aheld)
-  aheld = aheld + amount
+hold_in(hash, u[7])
+u[7] = u[7] + amount
+if a then
+  hold_in(ahash, a[7])
+  a[7] = a[7] + amount
 end
 redis.call('HSET', rkey, 't', field, 'a', amount, 'pe', ARGV[4], 'ac', account, 's', 'open', 'x',
   expiry)
 redis.call('PEXPIRE', rkey, keep)
 redis.call('ZADD', open, expiry, ARGV[10])
-return answer('ok', used, plan, limit, expiry, '', source, aused, aplan, alimit, asource, held,
-  aheld)
+return answer('ok', expiry, '', u, a)

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::events::ThresholdEvent;
 use crate::period::Period;
 
+use crate::store::counter::Row;
 use crate::store::{CounterHash, Owner, Snapshot};
 
 /// The migrations in `migrations/`, embedded.
@@ -222,7 +223,7 @@ pub async fn snapshots_counted(
         // One row per (pair, type) Postgres holds, or one with a NULL type for a pair it has none
         // of; each with the owner's plan, overrides and account (NULL when none is stored).
         let rows = sqlx::query(sql(format!(
-            r#"SELECT w.i, t.type, COALESCE(t.count, 0) AS count, t.version,
+            r#"SELECT w.i, t.type, COALESCE(t.count, 0) AS count, t.overage, t.version,
                       COALESCE(t.metadata, '{{}}'::jsonb) AS metadata, p.plan, p.version AS plan_version,
                       o.limits, o.version AS overrides_version, {member_of} AS account
                FROM UNNEST($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS w(u, ps, i)
@@ -247,6 +248,7 @@ pub async fn snapshots_counted(
                 Ok((
                     row.try_get::<Option<String>, _>("type")?,
                     row.try_get::<i64, _>("count")?,
+                    row.try_get::<Option<i64>, _>("overage")?,
                     row.try_get::<Option<i64>, _>("version")?,
                     row.try_get::<serde_json::Value, _>("metadata")?,
                     row.try_get::<Option<String>, _>("plan")?,
@@ -257,7 +259,18 @@ pub async fn snapshots_counted(
                 ))
             };
             match read() {
-                Ok((ty, count, version, metadata, plan, plan_version, limits, ov, account)) => {
+                Ok((
+                    ty,
+                    count,
+                    overage,
+                    version,
+                    metadata,
+                    plan,
+                    plan_version,
+                    limits,
+                    ov,
+                    account,
+                )) => {
                     if let (Some(plan), Some(pv)) = (plan, plan_version) {
                         snap.plan = Some((plan, pv));
                     }
@@ -277,6 +290,7 @@ pub async fn snapshots_counted(
                         snap.fields.extend(CounterHash::row_fields(
                             &ty,
                             count,
+                            overage.unwrap_or(0),
                             metadata,
                             table == Table::Users,
                         ));
@@ -289,16 +303,16 @@ pub async fn snapshots_counted(
     Ok((snaps, statements))
 }
 
-/// Every row of `period` in `table` (owner, type, count, version): what reconcile compares Redis
-/// with.
+/// Every row of `period` in `table` (owner, type, count, overage, version): what reconcile
+/// compares Redis with.
 pub async fn period_totals(
     db: &PgPool,
     table: Table,
     period: Period,
-) -> Result<Vec<(Uuid, String, i64, i64)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, String, i64, i64, i64)>, sqlx::Error> {
     let (usage, id) = table.names();
     sqlx::query_as(sql(format!(
-        "SELECT {id}, type, COALESCE(count, 0), version FROM {usage} WHERE period_start = $1"
+        "SELECT {id}, type, COALESCE(count, 0), overage, version FROM {usage} WHERE period_start = $1"
     )))
     .bind(period.start())
     .fetch_all(db)
@@ -544,6 +558,8 @@ pub struct Totals {
     pub types: Vec<String>,
     /// count of each row.
     pub counts: Vec<i64>,
+    /// overage of each row.
+    pub overages: Vec<i64>,
     /// period_start of each row.
     pub starts: Vec<DateTime<Utc>>,
     /// period_end of each row (`None` for lifetime).
@@ -558,7 +574,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    /// Adds one row.
+    /// Adds one row without overage.
     pub fn push(
         &mut self,
         user: Uuid,
@@ -568,12 +584,24 @@ impl Totals {
         metadata: serde_json::Value,
         version: i64,
     ) {
+        let row = Row {
+            usage_type: ty,
+            count,
+            overage: 0,
+            metadata,
+        };
+        self.push_row(user, row, period, version);
+    }
+
+    /// Adds one row: `row` of `user`'s counter of `period` at `version`.
+    pub fn push_row(&mut self, user: Uuid, row: Row, period: Period, version: i64) {
         self.users.push(user);
-        self.types.push(ty);
-        self.counts.push(count);
+        self.types.push(row.usage_type);
+        self.counts.push(row.count);
+        self.overages.push(row.overage);
         self.starts.push(period.start());
         self.ends.push(period.end());
-        self.metadata.push(metadata);
+        self.metadata.push(row.metadata);
         self.versions.push(version);
         self.events.push(Vec::new());
     }
@@ -625,6 +653,7 @@ impl Totals {
             t.users.push(self.users[i]);
             t.types.push(self.types[i].clone());
             t.counts.push(self.counts[i]);
+            t.overages.push(self.overages[i]);
             t.starts.push(self.starts[i]);
             t.ends.push(self.ends[i]);
             t.metadata.push(self.metadata[i].clone());
@@ -646,6 +675,8 @@ pub struct AheadRow {
     pub period_start: DateTime<Utc>,
     /// Postgres' count.
     pub count: i64,
+    /// Postgres' overage.
+    pub overage: i64,
     /// Postgres' version.
     pub version: i64,
     /// Postgres' metadata.
@@ -653,7 +684,8 @@ pub struct AheadRow {
 }
 
 /// Every row of each (user, period) of which Postgres holds some row of `t` at a higher
-/// version than `t`'s, or at the same version with another count: the counters whose Redis side
+/// version than `t`'s, or at the same version with another count or overage: the counters whose
+/// Redis side
 /// is older than Postgres (a Redis restored from an older dump, or a replica that lagged). The
 /// upsert refused those rows. Also lists the same (user, period)'s other rows, so a repair sees
 /// every type Postgres has.
@@ -666,16 +698,18 @@ pub async fn ahead_of(
         return Ok(Vec::new());
     }
     let (usage, id) = table.names();
-    let rows: Vec<(Uuid, String, DateTime<Utc>, i64, i64, serde_json::Value)> =
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(Uuid, String, DateTime<Utc>, i64, i64, i64, serde_json::Value)> =
         sqlx::query_as(sql(format!(
             r#"WITH sent AS (
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[])
-               AS x(u, t, ps, c, v)),
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[], $6::int8[])
+               AS x(u, t, ps, c, v, o)),
            ahead AS (
              SELECT DISTINCT sent.u, sent.ps FROM sent JOIN {usage} p
                ON p.{id} = sent.u AND p.type = sent.t AND p.period_start = sent.ps
-             WHERE p.version > sent.v OR (p.version = sent.v AND COALESCE(p.count, 0) <> sent.c))
-           SELECT r.{id}, r.type, r.period_start, COALESCE(r.count, 0), r.version,
+             WHERE p.version > sent.v
+                OR (p.version = sent.v AND (COALESCE(p.count, 0) <> sent.c OR p.overage <> sent.o)))
+           SELECT r.{id}, r.type, r.period_start, COALESCE(r.count, 0), r.overage, r.version,
                   COALESCE(r.metadata, '{{}}'::jsonb)
            FROM {usage} r JOIN ahead ON r.{id} = ahead.u AND r.period_start = ahead.ps
            ORDER BY r.{id}, r.type, r.period_start"#
@@ -685,16 +719,18 @@ pub async fn ahead_of(
         .bind(&t.starts)
         .bind(&t.counts)
         .bind(&t.versions)
+        .bind(&t.overages)
         .fetch_all(db)
         .await?;
     Ok(rows
         .into_iter()
         .map(
-            |(user, usage_type, period_start, count, version, metadata)| AheadRow {
+            |(user, usage_type, period_start, count, overage, version, metadata)| AheadRow {
                 user,
                 usage_type,
                 period_start,
                 count,
+                overage,
                 version,
                 metadata,
             },
@@ -811,13 +847,13 @@ pub async fn write_totals(
     let (usage, id) = table.names();
     let upsert = format!(
         r#"INSERT INTO {usage}
-             (id, {id}, type, count, period_start, period_end, metadata, version, created_at, updated_at)
-           SELECT gen_random_uuid(), u, t, c, ps, pe, m, v, now(), now()
-           FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::timestamptz[], $6::jsonb[], $7::int8[])
-             AS x(u, t, c, ps, pe, m, v)
+             (id, {id}, type, count, period_start, period_end, metadata, version, overage, created_at, updated_at)
+           SELECT gen_random_uuid(), u, t, c, ps, pe, m, v, o, now(), now()
+           FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::timestamptz[], $6::jsonb[], $7::int8[], $8::int8[])
+             AS x(u, t, c, ps, pe, m, v, o)
            ON CONFLICT ({id}, type, period_start) DO UPDATE
              SET count = EXCLUDED.count, metadata = EXCLUDED.metadata, version = EXCLUDED.version,
-                 period_end = EXCLUDED.period_end, updated_at = now()
+                 overage = EXCLUDED.overage, period_end = EXCLUDED.period_end, updated_at = now()
              WHERE {usage}.version < EXCLUDED.version"#
     );
     if !t.has_events() {
@@ -829,6 +865,7 @@ pub async fn write_totals(
             .bind(&t.ends)
             .bind(&t.metadata)
             .bind(&t.versions)
+            .bind(&t.overages)
             .execute(db)
             .await?;
         return Ok(TotalsWritten {
@@ -840,7 +877,7 @@ pub async fn write_totals(
     let (rows, new): (i64, i64) = bind_events(
         sqlx::query_as(sql(format!(
             "WITH {}, up AS ({upsert} RETURNING 1) SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM ev)",
-            events_cte(8)
+            events_cte(9)
         )))
         .bind(&t.users)
         .bind(&t.types)
@@ -848,7 +885,8 @@ pub async fn write_totals(
         .bind(&t.starts)
         .bind(&t.ends)
         .bind(&t.metadata)
-        .bind(&t.versions),
+        .bind(&t.versions)
+        .bind(&t.overages),
         &events,
         endpoints,
     )
@@ -1144,14 +1182,13 @@ mod tests {
             (a, "ai_generation", month, 4),
             (a, "ai_generation", Period::Lifetime, 5),
         ] {
-            t.push(
-                user,
-                ty.into(),
-                v * 10,
-                period,
-                serde_json::json!({"v": v}),
-                v,
-            );
+            let row = Row {
+                usage_type: ty.into(),
+                count: v * 10,
+                overage: v,
+                metadata: serde_json::json!({"v": v}),
+            };
+            t.push_row(user, row, period, v);
         }
         t.sort();
         let rows: Vec<(Uuid, &str, DateTime<Utc>, i64, i64)> = (0..t.len())
@@ -1177,6 +1214,7 @@ mod tests {
         );
         // Every column moved with its row.
         assert_eq!(t.metadata[0], serde_json::json!({"v": 5}));
+        assert_eq!(t.overages, [5, 4, 2, 3, 1]);
         assert_eq!(t.ends[1], month.end());
     }
 }

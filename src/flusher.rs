@@ -277,14 +277,14 @@ impl Flusher {
                     continue;
                 }
                 if let Some(v) = hash.version {
-                    for (ty, count, metadata) in hash.rows() {
+                    for row in hash.rows() {
                         let events = hash
-                            .events_of(&ty)
+                            .events_of(&row.usage_type)
                             .map(|f| {
                                 ThresholdEvent::from_fired(member.owner.id(), member.period, f)
                             })
                             .collect();
-                        totals.push(member.owner.id(), ty, count, member.period, metadata, v);
+                        totals.push_row(member.owner.id(), row, member.period, v);
                         totals.attach(events);
                         owners.push(i);
                     }
@@ -434,6 +434,7 @@ impl Flusher {
             entry.1.extend(CounterHash::row_fields(
                 &row.usage_type,
                 row.count,
+                row.overage,
                 row.metadata,
                 false,
             ));

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! - [`period`]: billing-month math, pure.
-//! - [`plans`]: the plans file, validated and hot-swappable.
+//! - [`plans`]: the plans file, validated and hot-swappable; [`overage`]: use past a limit.
 //! - [`store`]: Redis keys and the Lua scripts in `lua/`.
 //! - [`db`]: Postgres queries and migrations.
 //! - [`quota`]: decisions in domain terms, with hydration and fail policies.
@@ -36,6 +36,7 @@ pub mod grpc;
 pub mod http;
 pub mod hydrate;
 pub mod metrics;
+pub mod overage;
 pub mod period;
 pub mod plans;
 pub mod quota;

@@ -9,6 +9,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const DECISIONS: &str = "quotad_decisions_total";
 /// Decisions that left a limited counter at 80 % or more of its limit, by `type` and `plan`.
 pub const NEAR_LIMIT: &str = "quotad_near_limit_decisions_total";
+/// Units counted past a limit as overage (consume and track; a replay counts none), by `type`,
+/// `plan` and `level` (`user`, or `account` for an account's pool).
+pub const OVERAGE_UNITS: &str = "quotad_overage_units_total";
+/// Consumes and tracks that counted some overage, by `type` and `plan` (the user's).
+pub const OVERAGE_DECISIONS: &str = "quotad_overage_decisions_total";
 /// Drifting counters found by the last reconcile, by `period` and `kind`.
 pub const RECONCILE_DRIFT: &str = "quotad_reconcile_drift_counters";
 /// HTTP request latency, by `route`, `method` and `status`.
@@ -157,6 +162,14 @@ fn describe() {
         NEAR_LIMIT,
         "Decisions leaving a limited counter at 80 % or more of its limit."
     );
+    metrics::describe_counter!(
+        OVERAGE_UNITS,
+        "Units counted past a limit as overage, by type, plan and level (user, account)."
+    );
+    metrics::describe_counter!(
+        OVERAGE_DECISIONS,
+        "Consumes and tracks that counted some overage, by type and plan."
+    );
     metrics::describe_gauge!(
         RECONCILE_DRIFT,
         "Drifting counters found by the last reconcile, by period and kind."
@@ -260,6 +273,26 @@ pub fn decision(usage_type: &str, plan: &str, outcome: &'static str) {
 /// Counts one decision that left a counter at 80 % or more of its limit.
 pub fn near_limit(usage_type: &str, plan: &str) {
     metrics::counter!(NEAR_LIMIT, "type" => usage_type.to_owned(), "plan" => plan.to_owned())
+        .increment(1);
+}
+
+/// Counts the overage one consume or track counted: `user` units at the user's level (under
+/// `plan`), and for a member the pool's plan and units. Nothing is recorded for a call that
+/// counted none.
+pub fn overage(usage_type: &str, plan: &str, user: u64, pool: Option<(&str, u64)>) {
+    let pool_units = pool.map_or(0, |(_, n)| n);
+    if user == 0 && pool_units == 0 {
+        return;
+    }
+    if user > 0 {
+        metrics::counter!(OVERAGE_UNITS, "type" => usage_type.to_owned(), "plan" => plan.to_owned(), "level" => "user")
+            .increment(user);
+    }
+    if let Some((pool_plan, n)) = pool.filter(|(_, n)| *n > 0) {
+        metrics::counter!(OVERAGE_UNITS, "type" => usage_type.to_owned(), "plan" => pool_plan.to_owned(), "level" => "account")
+            .increment(n);
+    }
+    metrics::counter!(OVERAGE_DECISIONS, "type" => usage_type.to_owned(), "plan" => plan.to_owned())
         .increment(1);
 }
 

@@ -1,8 +1,10 @@
 //! Plans and usage types: the TOML plans file, its validation, and the lookup the hot path uses.
 //!
-//! A plan gives every configured usage type a limit (`-1` = unlimited). The file is parsed into
-//! [`Plans`] once, validated whole, and swapped in atomically ([`PlanBook`]); a file that fails
-//! validation never replaces the one in force.
+//! A plan gives every configured usage type a limit (`-1` = unlimited), and may let use go past it:
+//! `{ limit = 50, overage = 100 }` allows 100 units of overage past the limit (150 in all), and
+//! `{ limit = 50, soft = true }` never refuses (a soft limit). The file is parsed into [`Plans`]
+//! once, validated whole, and swapped in atomically ([`PlanBook`]); a file that fails validation
+//! never replaces the one in force.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,8 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::gate::{Gate, GateFile};
+use crate::overage::LimitSpec;
+pub use crate::overage::Overage;
 use crate::period::PeriodKind;
 
 /// The plans file quotad uses when `QUOTAD_PLANS` is not set.
@@ -70,8 +74,11 @@ pub struct UsageType {
     pub label: String,
     /// Limit per plan name; `None` is unlimited.
     pub limits: BTreeMap<String, Option<u64>>,
-    /// The limits flattened as the counting scripts take them: plan, limit, plan, limit…
-    /// (`-1` = unlimited). Built once so the hot path allocates nothing for it.
+    /// Overage per plan name (a plan without any is [`Overage::None`]; so is every unlimited one).
+    pub overage: BTreeMap<String, Overage>,
+    /// The limits flattened as the counting scripts take them: plan, limit, overage cap triples
+    /// (limit `-1` = unlimited; cap `0` = none, `-1` = no cap: a soft limit; see
+    /// [`Overage::script_arg`]). Built once so the hot path allocates nothing for it.
     pub script_limits: Vec<String>,
     /// Usage thresholds that record an event, in percent of the limit, ascending (`notify`).
     pub notify: Vec<u32>,
@@ -110,7 +117,8 @@ struct PlansFile {
     upgrade_url: String,
     default_plan: String,
     types: BTreeMap<String, TypeFile>,
-    plans: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Per plan, per type: a whole number (the limit) or a table (see `LimitSpec::read`).
+    plans: BTreeMap<String, BTreeMap<String, toml::Value>>,
     #[serde(default)]
     gate: GateFile,
 }
@@ -171,23 +179,22 @@ impl Plans {
                 )));
             }
         }
+        let mut specs: BTreeMap<(String, String), LimitSpec> = BTreeMap::new();
         for (plan, limits) in &file.plans {
             if !valid_plan_name(plan) {
                 return Err(fail(format!(
                     "plan {plan:?}: a plan name is 1 to 64 letters, digits, '_' or '-'"
                 )));
             }
-            for (ty, limit) in limits {
+            for (ty, value) in limits {
                 if !file.types.contains_key(ty) {
                     return Err(fail(format!(
                         "plan {plan}: type {ty} is not declared in [types]; declare it or remove the limit"
                     )));
                 }
-                if *limit < -1 || *limit > MAX_LIMIT {
-                    return Err(fail(format!(
-                        "plan {plan}: type {ty}: limit {limit} is out of range; use a whole number from 0 to {MAX_LIMIT}, or -1 for unlimited"
-                    )));
-                }
+                let spec = LimitSpec::read(value, MAX_LIMIT)
+                    .map_err(|fault| fail(format!("plan {plan}: type {ty}: {fault}")))?;
+                specs.insert((plan.clone(), ty.clone()), spec);
             }
             for ty in file.types.keys() {
                 if !limits.contains_key(ty) {
@@ -216,15 +223,28 @@ impl Plans {
             .types
             .iter()
             .map(|(name, spec)| {
+                let limit_of = |plan: &String| specs[&(plan.clone(), name.clone())];
                 let limits: BTreeMap<String, Option<u64>> = file
                     .plans
-                    .iter()
-                    .map(|(plan, l)| (plan.clone(), u64::try_from(l[name]).ok()))
+                    .keys()
+                    .map(|plan| (plan.clone(), u64::try_from(limit_of(plan).limit).ok()))
+                    .collect();
+                let overage: BTreeMap<String, Overage> = file
+                    .plans
+                    .keys()
+                    .map(|plan| (plan.clone(), limit_of(plan).overage))
                     .collect();
                 let script_limits = file
                     .plans
-                    .iter()
-                    .flat_map(|(plan, l)| [plan.clone(), l[name].to_string()])
+                    .keys()
+                    .flat_map(|plan| {
+                        let s = limit_of(plan);
+                        [
+                            plan.clone(),
+                            s.limit.to_string(),
+                            s.overage.script_arg().to_string(),
+                        ]
+                    })
                     .collect();
                 let ty = UsageType {
                     name: name.clone(),
@@ -232,6 +252,7 @@ impl Plans {
                     fail: spec.fail,
                     label: spec.label.clone().unwrap_or_else(|| default_label(name)),
                     limits,
+                    overage,
                     script_limits,
                     notify: spec.notify.iter().map(|t| *t as u32).collect(),
                     script_notify: spec
@@ -281,6 +302,11 @@ impl UsageType {
     /// which callers prevent by resolving the plan through [`Plans::effective_plan`] first.
     pub fn limit(&self, plan: &str) -> Option<u64> {
         self.limits.get(plan).copied().flatten()
+    }
+
+    /// How far `plan` lets this type go past its limit.
+    pub fn overage(&self, plan: &str) -> Overage {
+        self.overage.get(plan).copied().unwrap_or_default()
     }
 }
 
@@ -402,8 +428,19 @@ mod tests {
         assert_eq!(kb.limit("PRO"), Some(1000));
         assert_eq!(
             kb.script_limits,
-            ["ENTERPRISE", "-1", "FREE", "20", "PRO", "1000"]
+            [
+                "ENTERPRISE",
+                "-1",
+                "0",
+                "FREE",
+                "20",
+                "0",
+                "PRO",
+                "1000",
+                "0"
+            ]
         );
+        assert_eq!(kb.overage("FREE"), Overage::None);
     }
 
     #[test]
@@ -631,6 +668,7 @@ mod tests {
                         prop_assert_eq!(ty.limit(plan), u64::try_from(l).ok());
                         flat.push(plan.clone());
                         flat.push(l.to_string());
+                        flat.push("0".to_owned());
                     }
                     prop_assert_eq!(&ty.script_limits, &flat);
                 }

@@ -16,7 +16,7 @@ use crate::db;
 use crate::hydrate::{Hydrator, LoadError};
 use crate::metrics as m;
 use crate::period::{Period, PeriodKind};
-use crate::plans::{FailPolicy, PlanBook, Plans, PlansError, UsageType};
+use crate::plans::{FailPolicy, Overage, PlanBook, Plans, PlansError, UsageType};
 use crate::refusals::{LevelSeen, Refusals, Remembered, Subject};
 use crate::routes::{Hops, Routes};
 use crate::store::{
@@ -79,19 +79,73 @@ pub struct CounterView {
     pub unlimited: bool,
     /// The period counted in.
     pub period: Period,
-    /// Units held by open reservations (see [`crate::reservations`]); `None` where the answer
-    /// does not read them (a refund, a release, a degraded decision).
+    /// How far past the limit use may go before a consume is refused.
+    pub overage_cap: Overage,
+    /// The period's overage: units counted past the limit where the plan allows it; `None` when
+    /// Redis could not be asked (degraded).
+    pub overage: Option<u64>,
+    /// Units held by open reservations (see [`crate::reservations`]): taken, not yet used;
+    /// `None` where the answer does not read them (a refund, a release, a degraded decision).
     pub held: Option<u64>,
 }
 
 impl CounterView {
-    /// What is left: the limit less what is used and what open reservations hold; `None` when
-    /// unlimited or unknown.
+    /// A counter of `used` against `limit` (`None` = unlimited) in `period`, with its overage.
+    pub fn of(
+        used: u64,
+        limit: Option<u64>,
+        period: Period,
+        overage_cap: Overage,
+        overage: u64,
+    ) -> CounterView {
+        CounterView {
+            used: Some(used),
+            limit,
+            unlimited: limit.is_none(),
+            period,
+            // Without a limit there is nothing to go past.
+            overage_cap: if limit.is_some() {
+                overage_cap
+            } else {
+                Overage::None
+            },
+            overage: Some(overage),
+            held: None,
+        }
+    }
+
+    /// The same counter, with what open reservations hold at it.
+    pub fn with_held(mut self, held: u64) -> CounterView {
+        self.held = Some(held);
+        self
+    }
+
+    /// What is used and what open reservations hold: what a consume sees taken.
+    fn taken(&self) -> Option<u64> {
+        Some(self.used?.saturating_add(self.held.unwrap_or(0)))
+    }
+
+    /// What is left before the limit, beside what open reservations hold: `None` when unlimited
+    /// or unknown. Past the limit (in overage) it is 0.
     pub fn remaining(&self) -> Option<u64> {
-        Some(
-            self.limit?
-                .saturating_sub(self.used?.saturating_add(self.held.unwrap_or(0))),
-        )
+        Some(self.limit?.saturating_sub(self.taken()?))
+    }
+
+    /// The count past which a consume is refused: the limit plus the overage cap. `None` when
+    /// nothing refuses (unlimited, or a soft limit) or it is unknown (degraded).
+    pub fn hard_limit(&self) -> Option<u64> {
+        Some(self.limit?.saturating_add(self.overage_cap.cap()?))
+    }
+
+    /// What is left before a consume is refused, beside what open reservations hold: `None`
+    /// when nothing refuses or it is unknown.
+    pub fn headroom(&self) -> Option<u64> {
+        Some(self.hard_limit()?.saturating_sub(self.taken()?))
+    }
+
+    /// Whether the count is past the limit.
+    pub fn is_over_limit(&self) -> bool {
+        matches!((self.used, self.limit), (Some(u), Some(l)) if u > l)
     }
 }
 
@@ -118,6 +172,8 @@ pub struct Decision {
     pub limited_by: Option<Level>,
     /// Where the user's limit comes from.
     pub source: LimitSource,
+    /// The overage this call counted at the user's level (for check: would count if consumed).
+    pub overage_added: u64,
     /// The account's level, for a member of an account.
     pub account: Option<AccountLevel>,
 }
@@ -133,6 +189,8 @@ pub struct AccountLevel {
     pub counter: CounterView,
     /// Where the pool's limit comes from.
     pub source: LimitSource,
+    /// The overage this call counted in the pool (for check: would count if consumed).
+    pub overage_added: u64,
 }
 
 /// A successful refund.
@@ -363,6 +421,14 @@ impl Quota {
         };
         let plan = decision.plan.as_deref().unwrap_or("");
         m::decision(&ty.name, plan, outcome);
+        // Overage counted now (a replay counted it the first time; a check counts nothing).
+        if action != Action::Check && !decision.replayed {
+            let pool = decision
+                .account
+                .as_ref()
+                .map(|a| (a.plan.as_str(), a.overage_added));
+            m::overage(&ty.name, plan, decision.overage_added, pool);
+        }
         // Near the limit: 80 % or more used after this decision (a signal to nudge an upgrade).
         if let (Some(used), Some(limit)) = (decision.counter.used, decision.counter.limit) {
             if limit > 0 && used * 5 >= limit * 4 {
@@ -405,11 +471,14 @@ impl Quota {
                         limit: None,
                         unlimited: false,
                         period,
+                        overage_cap: Overage::None,
+                        overage: None,
                         held: None,
                     },
                     now,
                     limited_by: None,
                     source: LimitSource::Plan,
+                    overage_added: 0,
                     account: None,
                 }
             }
@@ -438,12 +507,15 @@ impl Quota {
         if !seen.refusing().refuses(input.amount) {
             return None;
         }
-        let view = |level: &LevelSeen| CounterView {
-            used: Some(level.used),
-            limit: level.limit,
-            unlimited: level.limit.is_none(),
-            period,
-            held: Some(level.held),
+        let view = |level: &LevelSeen| {
+            CounterView::of(
+                level.used,
+                level.limit,
+                period,
+                level.overage_cap,
+                level.overage,
+            )
+            .with_held(level.held)
         };
         Some(Decision {
             allowed: false,
@@ -456,11 +528,13 @@ impl Quota {
             now,
             limited_by: Some(seen.limited_by),
             source: seen.user.source,
+            overage_added: 0,
             account: seen.account.as_ref().map(|(account, pool)| AccountLevel {
                 account: *account,
                 plan: pool.plan.clone(),
                 counter: view(pool),
                 source: pool.source,
+                overage_added: 0,
             }),
         })
     }
@@ -563,13 +637,16 @@ impl Quota {
             if let (Some(ticket), Status::Denied, Some(limited_by)) =
                 (ticket, reply.status, reply.limited_by)
             {
-                let level = |plan: &str, used, held, limit, source| LevelSeen {
-                    plan: plan.to_owned(),
-                    used,
-                    held,
-                    limit,
-                    source,
-                };
+                let level =
+                    |plan: &str, used, held, limit, source, overage_cap, overage| LevelSeen {
+                        plan: plan.to_owned(),
+                        used,
+                        held,
+                        limit,
+                        source,
+                        overage_cap,
+                        overage,
+                    };
                 let seen = Remembered {
                     user: level(
                         &reply.plan,
@@ -577,11 +654,16 @@ impl Quota {
                         reply.held,
                         reply.limit,
                         reply.source,
+                        reply.overage_cap,
+                        reply.overage,
                     ),
-                    account: keys
-                        .account()
-                        .zip(reply.account.as_ref())
-                        .map(|(a, l)| (a, level(&l.plan, l.used, l.held, l.limit, l.source))),
+                    account: keys.account().zip(reply.account.as_ref()).map(|(a, l)| {
+                        let (plan, cap) = (&l.plan, l.overage_cap);
+                        (
+                            a,
+                            level(plan, l.used, l.held, l.limit, l.source, cap, l.overage),
+                        )
+                    }),
                     limited_by,
                 };
                 self.refusals
@@ -592,14 +674,16 @@ impl Quota {
                 (Some(account), Some(level)) => Some(AccountLevel {
                     account,
                     plan: level.plan,
-                    counter: CounterView {
-                        used: Some(level.used),
-                        limit: level.limit,
-                        unlimited: level.limit.is_none(),
+                    counter: CounterView::of(
+                        level.used,
+                        level.limit,
                         period,
-                        held: Some(level.held),
-                    },
+                        level.overage_cap,
+                        level.overage,
+                    )
+                    .with_held(level.held),
                     source: level.source,
+                    overage_added: level.overage_added,
                 }),
                 _ => None,
             };
@@ -610,16 +694,18 @@ impl Quota {
                 user: input.user,
                 usage_type: ty.name.clone(),
                 plan: Some(reply.plan),
-                counter: CounterView {
-                    used: Some(reply.used),
-                    limit: reply.limit,
-                    unlimited: reply.limit.is_none(),
+                counter: CounterView::of(
+                    reply.used,
+                    reply.limit,
                     period,
-                    held: Some(reply.held),
-                },
+                    reply.overage_cap,
+                    reply.overage,
+                )
+                .with_held(reply.held),
                 now,
                 limited_by: reply.limited_by,
                 source: reply.source,
+                overage_added: reply.overage_added,
                 account,
             });
         }
@@ -737,6 +823,7 @@ impl Quota {
             match self.store.refund(&keys, key).await? {
                 RefundReply::Refunded {
                     used,
+                    overage,
                     stored_plan,
                     usage_type,
                     amount,
@@ -750,30 +837,18 @@ impl Quota {
                     }
                     let plans = self.plans.current();
                     let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
-                    let limit = plans.usage_type(&usage_type).and_then(|t| t.limit(&plan));
+                    let ty = plans.usage_type(&usage_type);
+                    let limit = ty.and_then(|t| t.limit(&plan));
+                    let cap = ty.map_or(Overage::None, |t| t.overage(&plan));
                     let account = match (keys.account(), account) {
-                        (Some(a), Some((pool_used, given))) => Some((
-                            a,
-                            CounterView {
-                                used: Some(pool_used),
-                                limit: None,
-                                unlimited: false,
-                                period,
-                                held: None,
-                            },
-                            given,
-                        )),
+                        (Some(a), Some((pool_used, given, pool_overage))) => {
+                            Some((a, pool_view(pool_used, period, pool_overage), given))
+                        }
                         _ => None,
                     };
                     return Ok(Refund {
                         user,
-                        counter: CounterView {
-                            used: Some(used),
-                            limit,
-                            unlimited: limit.is_none(),
-                            period,
-                            held: None,
-                        },
+                        counter: CounterView::of(used, limit, period, cap, overage),
                         usage_type,
                         amount,
                         plan,
@@ -831,6 +906,7 @@ impl Quota {
             match self.store.release(&keys, usage_type, amount).await? {
                 ReleaseReply::Released {
                     used,
+                    overage,
                     stored_plan,
                     released,
                     account,
@@ -841,23 +917,12 @@ impl Quota {
                     }
                     let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
                     let limit = ty.limit(&plan);
-                    let view = CounterView {
-                        used: Some(used),
-                        limit,
-                        unlimited: limit.is_none(),
-                        period: Period::Lifetime,
-                        held: None,
-                    };
+                    let view =
+                        CounterView::of(used, limit, Period::Lifetime, ty.overage(&plan), overage);
                     let account = match (keys.account(), account) {
-                        (Some(a), Some((pool_used, lowered))) => Some((
+                        (Some(a), Some((pool_used, lowered, pool_overage))) => Some((
                             a,
-                            CounterView {
-                                used: Some(pool_used),
-                                limit: None,
-                                unlimited: false,
-                                period: Period::Lifetime,
-                                held: None,
-                            },
+                            pool_view(pool_used, Period::Lifetime, pool_overage),
                             lowered,
                         )),
                         _ => None,
@@ -1084,6 +1149,19 @@ pub struct Release {
     pub account: Option<(Uuid, CounterView, u64)>,
 }
 
+/// An account's pool after a refund or release: its count and overage (its limit is not read).
+fn pool_view(used: u64, period: Period, overage: u64) -> CounterView {
+    CounterView {
+        used: Some(used),
+        limit: None,
+        unlimited: false,
+        period,
+        overage_cap: Overage::None,
+        overage: Some(overage),
+        held: None,
+    }
+}
+
 /// What loading a call's missing counters gave.
 pub(crate) enum Reloaded {
     /// The call's reply, sent right after the load.
@@ -1122,6 +1200,9 @@ pub(crate) fn level_usage(
                 .position(|p| *p == period)
                 .and_then(|i| maps[i].as_ref());
             let used = hash.map_or(0, |h| h.count(&ty.name).max(0) as u64);
+            let overage = hash.map_or(0, |h| h.overage(&ty.name).max(0) as u64);
+            let held = hash.map_or(0, |h| h.held(&ty.name).max(0) as u64);
+            // The plan's overage applies on top of an override too (as the scripts decide).
             let (limit, source) = match hash.and_then(|h| h.limit_override(&ty.name)) {
                 Some(o) => (u64::try_from(o).ok(), LimitSource::Override),
                 None if member && stored.is_none() => (None, LimitSource::Account),
@@ -1131,13 +1212,8 @@ pub(crate) fn level_usage(
                 ty.name.clone(),
                 TypeUsage {
                     period: ty.period,
-                    counter: CounterView {
-                        used: Some(used),
-                        limit,
-                        unlimited: limit.is_none(),
-                        period,
-                        held: Some(hash.map_or(0, |h| h.held(&ty.name).max(0) as u64)),
-                    },
+                    counter: CounterView::of(used, limit, period, ty.overage(&plan), overage)
+                        .with_held(held),
                     source,
                 },
             )

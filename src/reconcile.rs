@@ -29,7 +29,8 @@ pub const RECONCILE_CONNECTION: &str = "quotad-reconcile";
 pub enum DriftKind {
     /// Redis has it (and it is not waiting to be flushed); Postgres does not.
     MissingInPostgres,
-    /// Both have it with different counts, and the difference is not an unflushed change.
+    /// Both have it with different counts (or overage), and the difference is not an unflushed
+    /// change.
     Different,
 }
 
@@ -38,6 +39,8 @@ pub enum DriftKind {
 pub struct Side {
     /// The count.
     pub count: i64,
+    /// The period's overage (units past the limit).
+    pub overage: i64,
     /// The version (Redis: the hash's `v`; Postgres: the row's `version`).
     pub version: i64,
 }
@@ -151,10 +154,15 @@ pub async fn reconcile(
             .collect();
         let rows = db::period_totals(pool, table, period).await?;
         let mut pg: HashMap<Uuid, BTreeMap<String, Side>> = HashMap::new();
-        for (id, ty, count, version) in rows {
-            pg.entry(id)
-                .or_default()
-                .insert(ty, Side { count, version });
+        for (id, ty, count, overage, version) in rows {
+            pg.entry(id).or_default().insert(
+                ty,
+                Side {
+                    count,
+                    overage,
+                    version,
+                },
+            );
         }
         let mut seen = BTreeSet::new();
         for counter in &live {
@@ -167,11 +175,14 @@ pub async fn reconcile(
             let mut found = Vec::new();
             for ty in types {
                 report.compared += 1;
-                let count = counter.hash.count(ty);
-                let redis = Side { count, version: v };
+                let redis = Side {
+                    count: counter.hash.count(ty),
+                    overage: counter.hash.overage(ty),
+                    version: v,
+                };
                 let postgres = theirs.and_then(|m| m.get(ty)).copied();
                 let kind = match postgres {
-                    Some(p) if p.count == redis.count => None,
+                    Some(p) if p.count == redis.count && p.overage == redis.overage => None,
                     _ if counter.dirty && postgres.is_none_or(|p| v > p.version) => {
                         report.unflushed += 1;
                         continue;
@@ -256,7 +267,8 @@ async fn repair(
         let keys = store.keys_of(*owner, *bucket);
         let redis_v = items.iter().map(|d| d.redis.version).max().unwrap_or(0);
         let done = if snap.version > redis_v {
-            // Every type Redis has must be set, so a type Postgres lacks goes to 0.
+            // Every type Redis has must be set, so a type Postgres lacks goes to 0, and so does
+            // an overage Postgres does not hold (a load leaves out an overage of 0).
             let mut fields: Vec<(String, String)> = snap
                 .fields
                 .iter()
@@ -268,9 +280,14 @@ async fn repair(
                     fields.extend(CounterHash::row_fields(
                         &d.usage_type,
                         0,
+                        0,
                         serde_json::Value::Null,
                         false,
                     ));
+                }
+                let overage = CounterHash::overage_field(&d.usage_type);
+                if !fields.iter().any(|(f, _)| *f == overage) {
+                    fields.push((overage, "0".to_owned()));
                 }
             }
             store
@@ -296,7 +313,10 @@ impl Report {
         let mut out = String::new();
         for d in &self.drift {
             let side = |s: Option<Side>| {
-                s.map_or("-".to_owned(), |s| format!("{} (v{})", s.count, s.version))
+                s.map_or("-".to_owned(), |s| match s.overage {
+                    0 => format!("{} (v{})", s.count, s.version),
+                    o => format!("{} +{o} over (v{})", s.count, s.version),
+                })
             };
             let who = match (d.user_id, d.account_id) {
                 (Some(u), _) => u.to_string(),

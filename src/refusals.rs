@@ -37,6 +37,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::metrics as m;
 use crate::period::Period;
+use crate::plans::Overage;
 use crate::store::{Level, LimitSource};
 
 /// Independent locks, so concurrent lookups rarely wait for each other.
@@ -85,20 +86,28 @@ pub struct LevelSeen {
     pub plan: String,
     /// The count Redis refused at (the true count is at least this until an invalidation).
     pub used: u64,
-    /// What open reservations held then (freeing a hold is announced like a refund).
+    /// What open reservations held then (a hold freed is announced like a refund).
     pub held: u64,
     /// The limit (`None`: none at this level). A change of it (a plan or override change) is
     /// announced, and a plans reload forgets everything.
     pub limit: Option<u64>,
     /// Where the limit comes from.
     pub source: LimitSource,
+    /// How far past the limit the level may go (it changes only with the plan or a reload).
+    pub overage_cap: Overage,
+    /// The level's overage when refused (a refusal counts nothing, so it stays until an
+    /// invalidation).
+    pub overage: u64,
 }
 
 impl LevelSeen {
-    /// Whether `amount` more still does not fit at this level.
+    /// Whether `amount` more still does not fit at this level: past the limit plus the overage
+    /// cap (a soft limit never refuses).
     pub fn refuses(&self, amount: u64) -> bool {
-        self.limit
-            .is_some_and(|l| self.used + self.held + amount > l)
+        match (self.limit, self.overage_cap.cap()) {
+            (Some(l), Some(cap)) => self.used + self.held + amount > l.saturating_add(cap),
+            _ => false,
+        }
     }
 }
 
@@ -430,10 +439,36 @@ mod tests {
                 held: 0,
                 limit: Some(50),
                 source: LimitSource::Plan,
+                overage_cap: Overage::None,
+                overage: 0,
             },
             account: None,
             limited_by: Level::User,
         }
+    }
+
+    #[test]
+    fn a_remembered_refusal_refuses_only_what_does_not_fit_within_limit_and_overage_cap() {
+        let at = |used, overage_cap| LevelSeen {
+            used,
+            overage_cap,
+            ..free_at_limit().user
+        };
+        assert!(at(50, Overage::None).refuses(1));
+        assert!(
+            !at(148, Overage::Cap(100)).refuses(2),
+            "150 fits in 50 + 100"
+        );
+        assert!(at(148, Overage::Cap(100)).refuses(3));
+        assert!(
+            !at(1_000_000, Overage::Soft).refuses(1_000_000),
+            "a soft limit refuses nothing"
+        );
+        let unlimited = LevelSeen {
+            limit: None,
+            ..at(50, Overage::None)
+        };
+        assert!(!unlimited.refuses(1));
     }
 
     #[test]
@@ -446,6 +481,8 @@ mod tests {
             held: 0,
             limit: Some(50),
             source: LimitSource::Plan,
+            overage_cap: Overage::None,
+            overage: 0,
         };
         let member_refusal = |account: Uuid| Remembered {
             user: LevelSeen {

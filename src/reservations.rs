@@ -399,13 +399,6 @@ fn decision(
     period: Period,
     now: DateTime<Utc>,
 ) -> Decision {
-    let view = |used, limit: Option<u64>, held| CounterView {
-        used: Some(used),
-        limit,
-        unlimited: limit.is_none(),
-        period,
-        held: Some(held),
-    };
     Decision {
         allowed: reply.status != Status::Denied,
         replayed: reply.status == Status::Replay,
@@ -413,18 +406,35 @@ fn decision(
         user,
         usage_type: ty.name.clone(),
         plan: Some(reply.plan.clone()),
-        counter: view(reply.used, reply.limit, reply.held),
+        counter: CounterView::of(
+            reply.used,
+            reply.limit,
+            period,
+            reply.overage_cap,
+            reply.overage,
+        )
+        .with_held(reply.held),
         now,
         limited_by: reply.limited_by,
         source: reply.source,
+        // A hold counts nothing, so it adds no overage.
+        overage_added: 0,
         account: keys
             .account()
             .zip(reply.account.as_ref())
             .map(|(account, level)| AccountLevel {
                 account,
                 plan: level.plan.clone(),
-                counter: view(level.used, level.limit, level.held),
+                counter: CounterView::of(
+                    level.used,
+                    level.limit,
+                    period,
+                    level.overage_cap,
+                    level.overage,
+                )
+                .with_held(level.held),
                 source: level.source,
+                overage_added: 0,
             }),
     }
 }

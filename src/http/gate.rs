@@ -41,6 +41,8 @@ const QUOTAD_PLAN: HeaderName = HeaderName::from_static("quotad-plan");
 /// What the user has used after this call (the level that binds, as consume's `used`), on an
 /// allowed answer.
 const QUOTAD_USED: HeaderName = HeaderName::from_static("quotad-used");
+/// The allowed answer's period overage (units past the limit) at the level shown.
+const QUOTAD_OVERAGE: HeaderName = HeaderName::from_static("quotad-overage");
 /// The usage type counted, on an allowed answer.
 const QUOTAD_USAGE_TYPE: HeaderName = HeaderName::from_static("quotad-usage-type");
 /// `true` when Redis could not answer and the type fails open: allowed, not counted.
@@ -65,7 +67,7 @@ const MAX_DENY_BODY: usize = 16 * 1024;
         ("deny_status" = Option<u16>, Query, description = "401 or 403 (for nginx auth_request): every answer that is not 2xx is sent with this status, the real one in Quotad-Status and the JSON body in Quotad-Body; and no answer has a body (nginx keeps its connection to quotad only after an answer without one)"),
     ),
     responses(
-        (status = 200, description = "Allowed and counted. No body: everything is in headers (a gateway keeps its connection to quotad only after an answer without one)", headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets"), ("Quotad-Plan" = String, description = "The plan in force"), ("Quotad-Usage-Type" = String, description = "The type counted"), ("Quotad-Used" = u64, description = "Used after this call (absent when degraded)"), ("Quotad-Degraded" = String, description = "`true`: Redis did not answer and the type fails open; allowed, not counted"), ("Idempotent-Replayed" = String, description = "`true`: the first answer to this idempotency key, again; nothing counted"))),
+        (status = 200, description = "Allowed and counted. No body: everything is in headers (a gateway keeps its connection to quotad only after an answer without one)", headers(("RateLimit-Limit" = u64, description = "The count past which calls are refused: the limit plus its overage cap (absent when unlimited or a soft limit)"), ("RateLimit-Remaining" = u64, description = "What is left before a refusal"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets"), ("Quotad-Plan" = String, description = "The plan in force"), ("Quotad-Usage-Type" = String, description = "The type counted"), ("Quotad-Used" = u64, description = "Used after this call (absent when degraded)"), ("Quotad-Overage" = u64, description = "Units counted past the limit this period, where the plan allows overage; 0 when none (absent when degraded)"), ("Quotad-Degraded" = String, description = "`true`: Redis did not answer and the type fails open; allowed, not counted"), ("Idempotent-Replayed" = String, description = "`true`: the first answer to this idempotency key, again; nothing counted"))),
         (status = 204, description = "The route table maps the request to no type and `[gate] unmatched = \"pass\"`: allowed, nothing counted"),
         (status = 402, description = "Refused: the amount does not fit; nothing counted", body = super::quota::DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))),
         (status = 403, description = "ROUTE_NOT_METERED: no route maps the request and `[gate] unmatched = \"refuse\"`; or, with deny_status=403, any answer that is not 2xx (see Quotad-Status)", body = super::error::ErrorBody),
@@ -143,6 +145,9 @@ pub async fn gate(
     }
     if let Some(used) = answer.used {
         headers.insert(QUOTAD_USED, HeaderValue::from(used));
+    }
+    if let Some(overage) = answer.overage {
+        headers.insert(QUOTAD_OVERAGE, HeaderValue::from(overage));
     }
     if decision.degraded {
         headers.insert(QUOTAD_DEGRADED, HeaderValue::from_static("true"));

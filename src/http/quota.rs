@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::{parse_user_id, whole_number, ApiJson, AppState, UserIdPath};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::period::PeriodKind;
-use crate::plans::{FailPolicy, Plans};
+use crate::plans::{FailPolicy, Overage, Plans};
 use crate::quota::{
     known_plan, known_type, AccountLevel, Action, CounterView, Decision, DecisionInput, TypeUsage,
 };
@@ -184,7 +184,7 @@ pub(crate) fn metadata_schema() -> Value {
     })
 }
 
-/// A counter in JSON: used, limit, remaining, unlimited and the period bounds.
+/// A counter in JSON: used, limit, remaining, unlimited, overage and the period bounds.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CounterJson {
     /// Units used in the period; null when Redis could not be asked (degraded).
@@ -196,10 +196,19 @@ pub struct CounterJson {
     held: Option<u64>,
     /// The plan's limit; null when unlimited.
     limit: Option<u64>,
-    /// What is left: the limit less what is used and what is held; null when unlimited.
+    /// What is left before the limit beside what is held (0 once past it, in overage); null when
+    /// unlimited.
     remaining: Option<u64>,
     /// The plan sets no limit (still counted).
     unlimited: bool,
+    /// Units counted past the limit this period (overage, for the product to bill), where the
+    /// plan allows use past the limit; 0 when none. Null when Redis could not be asked
+    /// (degraded).
+    overage: Option<u64>,
+    /// How many units past `limit` the plan allows before a consume is refused: 0 for a hard
+    /// limit; null when nothing is refused past it (a soft limit, or no limit), or when Redis
+    /// could not be asked (degraded).
+    overage_cap: Option<u64>,
     /// First instant of the month; null for lifetime types.
     period_start: Option<DateTime<Utc>>,
     /// First instant after the month (exclusive); null for lifetime types.
@@ -217,6 +226,9 @@ impl From<&CounterView> for CounterJson {
             limit: c.limit,
             remaining: c.remaining(),
             unlimited: c.unlimited,
+            overage: c.overage,
+            // Without a limit (unlimited, or unknown when degraded) there is no cap to give.
+            overage_cap: c.limit.and(c.overage_cap.cap()),
             period_start: monthly.then(|| c.period.start()),
             period_end: c.period.end(),
             resets_at: c.period.end(),
@@ -238,6 +250,9 @@ pub(crate) struct LevelJson<'a> {
     /// (the user's level of a member with neither a plan of their own nor an override: only the
     /// pool limits them).
     limit_source: LimitSource,
+    /// The units of this call that fell past this level's limit and were counted as overage
+    /// (for check: that would be); 0 when none.
+    overage_added: u64,
 }
 
 /// A decision. Its counter (used, limit, remaining…) is the level that binds: the one a refused
@@ -263,6 +278,12 @@ pub(crate) struct DecisionJson<'a> {
     /// On a refused consume: the level that ran out, `user` or `account`.
     #[serde(skip_serializing_if = "Option::is_none")]
     limited_by: Option<Level>,
+    /// This call took the level shown past its limit (for check: would, if consumed now): the
+    /// count after it is above `limit`. False for a refused call (nothing counted).
+    over_limit: bool,
+    /// The units of this call that fell past the limit of the level shown and were counted as
+    /// overage (for check: would be); 0 when none. `overage` is the period's total.
+    overage_added: u64,
     /// For a member of an account: the user's own level.
     #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<LevelJson<'a>>,
@@ -290,19 +311,21 @@ impl<'a> LevelJson<'a> {
             plan: Some(&a.plan),
             counter: (&a.counter).into(),
             limit_source: a.source,
+            overage_added: a.overage_added,
         }
     }
 }
 
 /// The level of `d` that binds: the one a refusal names, else the account's pool when it has
-/// less left than the user (or the user's level sets no limit), else the user's.
+/// less left before a refusal than the user (or nothing refuses at the user's level: no limit,
+/// or a soft one), else the user's.
 fn binding(d: &Decision) -> Level {
     if let Some(level) = d.limited_by {
         return level;
     }
     match &d.account {
-        Some(a) => match (d.counter.remaining(), a.counter.remaining()) {
-            (None, _) if d.counter.limit.is_none() => Level::Account,
+        Some(a) => match (d.counter.headroom(), a.counter.headroom()) {
+            (None, _) => Level::Account,
             (Some(user), Some(pool)) if pool < user => Level::Account,
             _ => Level::User,
         },
@@ -349,9 +372,12 @@ pub(crate) struct DecisionAnswer<'a> {
     json: DecisionJson<'a>,
     /// What the level shown has used; `None` when Redis could not be asked (degraded).
     pub used: Option<u64>,
-    /// The limit of the level shown (`RateLimit-Limit`); `None` when unlimited or unknown.
+    /// The level's overage in the period; `None` when Redis could not be asked (degraded).
+    pub overage: Option<u64>,
+    /// The count past which the level shown refuses (`RateLimit-Limit`): its limit plus its
+    /// overage cap; `None` when nothing refuses (unlimited, a soft limit) or unknown.
     pub limit: Option<u64>,
-    /// What is left at that level (`RateLimit-Remaining`); `None` when unlimited or unknown.
+    /// What is left at that level before a refusal (`RateLimit-Remaining`); `None` likewise.
     pub remaining: Option<u64>,
     /// Whole seconds until the period resets (`RateLimit-Reset`); `None` for lifetime types.
     pub reset_seconds: Option<u64>,
@@ -366,9 +392,11 @@ impl<'a> DecisionAnswer<'a> {
     ) -> DecisionAnswer<'a> {
         let refused = action == Action::Consume && !d.allowed;
         let level = binding(d);
-        let (plan, counter, source) = match (level, &d.account) {
-            (Level::Account, Some(a)) => (Some(a.plan.as_str()), &a.counter, a.source),
-            _ => (d.plan.as_deref(), &d.counter, d.source),
+        let (plan, counter, source, overage_added) = match (level, &d.account) {
+            (Level::Account, Some(a)) => {
+                (Some(a.plan.as_str()), &a.counter, a.source, a.overage_added)
+            }
+            _ => (d.plan.as_deref(), &d.counter, d.source, d.overage_added),
         };
         let per = match counter.period.end() {
             Some(_) => "per month",
@@ -376,20 +404,32 @@ impl<'a> DecisionAnswer<'a> {
         };
         let error = refused.then(|| {
         let (plan, limit, used) = (plan.unwrap_or(""), counter.limit.unwrap_or(0), counter.used.unwrap_or(0));
+        let hard = counter.hard_limit().unwrap_or(limit);
+        let over = match counter.overage_cap {
+            Overage::Cap(cap) => format!(", and {cap} more as overage"),
+            Overage::None | Overage::Soft => String::new(),
+        };
         let mut text = match (level, source) {
-            (Level::Account, _) => format!("Usage limit exceeded for {}. Your account's {plan} plan allows {limit} {per} for all its members. Your account has used {used}.", d.usage_type),
-            (Level::User, LimitSource::Override) => format!("Usage limit exceeded for {}. Your limit is {limit} {per}. You've used {used}.", d.usage_type),
-            _ => format!("Usage limit exceeded for {}. Your {plan} plan allows {limit} {per}. You've used {used}.", d.usage_type),
+            (Level::Account, _) => format!("Usage limit exceeded for {}. Your account's {plan} plan allows {limit} {per} for all its members{over}. Your account has used {used}.", d.usage_type),
+            (Level::User, LimitSource::Override) => format!("Usage limit exceeded for {}. Your limit is {limit} {per}{over}. You've used {used}.", d.usage_type),
+            _ => format!("Usage limit exceeded for {}. Your {plan} plan allows {limit} {per}{over}. You've used {used}.", d.usage_type),
         };
         let held = counter.held.unwrap_or(0);
         if held > 0 {
             text.push_str(&format!(" Open reservations hold {held} more."));
         }
-        if used.saturating_add(held) < limit {
-            text.push_str(&format!(" This request needs {amount}, and {} remain.", limit - used - held));
+        if used.saturating_add(held) < hard {
+            text.push_str(&format!(" This request needs {amount}, and {} remain.", hard - used - held));
         }
         text
     });
+        // The count after this call (for check: after it, if consumed) is past the limit.
+        let over_limit = d.allowed
+            && match (counter.used, counter.limit) {
+                (Some(used), Some(limit)) if action == Action::Check => used + amount > limit,
+                (Some(used), Some(limit)) => used > limit,
+                _ => false,
+            };
         let body = DecisionJson {
             allowed: d.allowed,
             user_id: d.user,
@@ -398,11 +438,14 @@ impl<'a> DecisionAnswer<'a> {
             counter: counter.into(),
             limit_source: source,
             limited_by: refused.then_some(level),
+            over_limit,
+            overage_added,
             user: d.account.as_ref().map(|_| LevelJson {
                 account_id: None,
                 plan: d.plan.as_deref(),
                 counter: (&d.counter).into(),
                 limit_source: d.source,
+                overage_added: d.overage_added,
             }),
             account: d.account.as_ref().map(LevelJson::account),
             degraded: d.degraded,
@@ -415,7 +458,9 @@ impl<'a> DecisionAnswer<'a> {
         } else {
             StatusCode::OK
         };
-        let (limit, remaining) = (counter.limit, counter.remaining());
+        // The RateLimit-* headers (and gRPC's limit) say when a consume is refused: past the
+        // limit plus its overage cap. A soft limit refuses nothing and sends none, as unlimited.
+        let (limit, remaining) = (counter.hard_limit(), counter.headroom());
         let reset_seconds = counter.period.seconds_until_reset(d.now);
         let mut headers = HeaderMap::new();
         if action != Action::Track {
@@ -453,6 +498,7 @@ impl<'a> DecisionAnswer<'a> {
             headers,
             json: body,
             used: counter.used,
+            overage: counter.overage,
             limit,
             remaining,
             reset_seconds,
@@ -482,7 +528,7 @@ impl<'a> DecisionAnswer<'a> {
     tag = "quota",
     description = "Atomically check the limit and, if allowed, count. The one call a gateway makes before the action.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
+    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The count past which a consume is refused: the limit plus its overage cap (absent when unlimited or a soft limit)"), ("RateLimit-Remaining" = u64, description = "What is left before a refusal"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn consume(
@@ -499,7 +545,7 @@ pub async fn consume(
     tag = "quota",
     description = "The decision consume would make, counting nothing. 200 whether allowed or not; `allowed` says it.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key names an earlier consume or track (check records nothing under a key)", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
+    responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The count past which a consume is refused: the limit plus its overage cap (absent when unlimited or a soft limit)"), ("RateLimit-Remaining" = u64, description = "What is left before a refusal"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key names an earlier consume or track (check records nothing under a key)", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn check(
@@ -560,6 +606,8 @@ pub(crate) struct PoolChangeJson {
     used: u64,
     /// How much the pool got back (refund) or was lowered by (release).
     changed_by: u64,
+    /// The pool's overage after the change (what is given back comes off it first).
+    overage: u64,
 }
 
 impl PoolChangeJson {
@@ -568,6 +616,7 @@ impl PoolChangeJson {
             account_id: *account,
             used: c.used.unwrap_or(0),
             changed_by: *by,
+            overage: c.overage.unwrap_or(0),
         })
     }
 }
@@ -765,6 +814,9 @@ pub(crate) struct TypeJson {
     period: PeriodKind,
     /// What happens when Redis does not answer: `open` or `closed`.
     fail: FailPolicy,
+    /// Thresholds, in percent of the limit, at which a usage event is recorded (and sent to
+    /// the webhooks); empty for none.
+    notify: Vec<u32>,
 }
 
 /// The plans and types in force.
@@ -778,6 +830,10 @@ pub(crate) struct PlansJson<'a> {
     types: BTreeMap<&'a str, TypeJson>,
     /// Limit per plan and type; `null` = unlimited.
     plans: BTreeMap<&'a str, BTreeMap<&'a str, Option<u64>>>,
+    /// Per plan, the types whose use may go past their limit: the units allowed past it (the
+    /// overage cap), or `null` for no cap (a soft limit: never refused). A plan or type not
+    /// listed is refused at its limit.
+    overage: BTreeMap<&'a str, BTreeMap<&'a str, Option<u64>>>,
 }
 
 /// `GET /v1/plans`: the plans and types in force.
@@ -803,6 +859,7 @@ pub async fn plans(State(state): State<AppState>) -> Response {
                     TypeJson {
                         period: t.period,
                         fail: t.fail,
+                        notify: t.notify.clone(),
                     },
                 )
             })
@@ -819,6 +876,19 @@ pub async fn plans(State(state): State<AppState>) -> Response {
                         .map(|t| (t.name.as_str(), t.limit(p)))
                         .collect(),
                 )
+            })
+            .collect(),
+        overage: plans
+            .plan_names
+            .iter()
+            .filter_map(|p| {
+                let types: BTreeMap<&str, Option<u64>> = plans
+                    .types
+                    .values()
+                    .filter(|t| t.overage(p) != Overage::None)
+                    .map(|t| (t.name.as_str(), t.overage(p).cap()))
+                    .collect();
+                (!types.is_empty()).then_some((p.as_str(), types))
             })
             .collect(),
     };

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::{short, whole_number, ApiQuery, AppState, Bearer, OptionalJson, UserIdPath};
 use crate::http::error::{ApiError, ErrorBody};
+use crate::plans::Overage;
 use crate::quota::{TypeUsage, Usage};
 use crate::store::LimitSource;
 
@@ -263,6 +264,7 @@ h2{font-size:1.1rem;margin:1.5rem 0 .25rem}
 .bar{height:100%;background:#2563eb;border-radius:.3rem}
 .bar.danger{background:#dc2626}
 .note{margin:0;font-size:.85rem;color:#6b7280}
+.overage{margin:.2rem 0 0;font-size:.85rem;color:#92400e}
 .upgrade{margin-top:1.25rem;padding:.85rem 1rem;border-radius:.6rem;background:#eff6ff}
 .upgrade a{color:#1d4ed8;font-weight:600}
 ";
@@ -319,9 +321,29 @@ fn rows(
             }
             None => (format!("{used} / ∞"), String::new()),
         };
+        // Use past the limit, where the plan allows it: what is billed as overage, and how much
+        // more is allowed.
+        let overage = c.overage.unwrap_or(0);
+        let per = if c.period.end().is_some() {
+            " this month"
+        } else {
+            ""
+        };
+        let overage = match (c.limit.is_some(), c.overage_cap) {
+            (true, Overage::Cap(cap)) => format!(
+                "<p class=\"overage\" data-overage=\"{overage}\">Overage{per}: {overage} past the limit, of up to {cap} allowed.</p>"
+            ),
+            (true, Overage::Soft) => format!(
+                "<p class=\"overage\" data-overage=\"{overage}\">Overage{per}: {overage} past the limit (a soft limit: use past it is never refused).</p>"
+            ),
+            _ if overage > 0 => format!(
+                "<p class=\"overage\" data-overage=\"{overage}\">Overage{per}: {overage} past the limit.</p>"
+            ),
+            _ => String::new(),
+        };
         let _ = write!(
             rows,
-            "<div class=\"row\" data-level=\"{level}\" data-type=\"{ty}\"><div class=\"head\"><span id=\"{id}\">{name}</span><span class=\"count\">{count}</span></div>{bar}<p class=\"note\">{note}</p></div>"
+            "<div class=\"row\" data-level=\"{level}\" data-type=\"{ty}\"><div class=\"head\"><span id=\"{id}\">{name}</span><span class=\"count\">{count}</span></div>{bar}<p class=\"note\">{note}</p>{overage}</div>"
         );
     }
     (rows, near_limit)

@@ -10,6 +10,7 @@
 //! | `s:<type>:<name>` | the latest other metadata value, as JSON text |
 //! | `n:<type>` | how many metadata names the type has |
 //! | `o:<type>`, `x:ov` | the owner's limit override of a type (-1 = unlimited), and the overrides' version |
+//! | `ov:<type>` | the period's overage of a type: units counted past the limit in force, where the plan allows overage (missing = 0) |
 //! | `h:<type>` | units of the type held by open reservations (scripts write it; never flushed: holds live in Redis only) |
 //! | `x:next` | set once the next month's counter exists (written by the scripts only) |
 //! | `x:dirty` | set exactly while the counter is on its bucket's dirty set (scripts only) |
@@ -63,10 +64,25 @@ const VERSION: &str = "v";
 /// The plan field and its version.
 const PLAN: &str = "p";
 const PLAN_VERSION: &str = "pv";
-/// The prefix of a type's hold (`h:<type>`).
-const HELD: &str = "h:";
 /// Field names a usage type may not take: the hash's own.
 pub const RESERVED: [&str; 3] = [VERSION, PLAN, PLAN_VERSION];
+/// The prefix of a type's overage field.
+const OVERAGE: &str = "ov:";
+/// The prefix of a type's hold (`h:<type>`).
+const HELD: &str = "h:";
+
+/// One type's row of a counter, as Postgres stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The usage type.
+    pub usage_type: String,
+    /// The count.
+    pub count: i64,
+    /// The period's overage (units past the limit; see `lua/common.lua`'s `past_limit`).
+    pub overage: i64,
+    /// Metadata: sums as JSON numbers, other values as sent.
+    pub metadata: Value,
+}
 
 /// One counter hash, parsed into what it means.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -84,11 +100,13 @@ pub struct CounterHash {
     metadata: BTreeMap<String, Map<String, Value>>,
     /// Limit overrides by type (`o:<type>`).
     overrides: BTreeMap<String, i64>,
-    /// Units held by open reservations, by type (`h:<type>`).
-    holds: BTreeMap<String, i64>,
     /// The threshold events recorded, when one of them is not yet in Postgres (`x:ev`); else
     /// empty (those in Postgres need not be written again).
     events: Vec<Fired>,
+    /// Overage by type (`ov:<type>`); a field that is not a whole number reads as 0.
+    overage: BTreeMap<String, i64>,
+    /// Units held by open reservations, by type (`h:<type>`).
+    holds: BTreeMap<String, i64>,
 }
 
 impl CounterHash {
@@ -110,6 +128,9 @@ impl CounterHash {
         for (key, value) in fields {
             if let (Some(ty), Ok(limit)) = (key.strip_prefix("o:"), value.parse()) {
                 hash.overrides.insert(ty.to_owned(), limit);
+            }
+            if let (Some(ty), Ok(units)) = (key.strip_prefix(OVERAGE), value.parse()) {
+                hash.overage.insert(ty.to_owned(), units);
             }
             if let (Some(ty), Ok(held)) = (key.strip_prefix(HELD), value.parse()) {
                 hash.holds.insert(ty.to_owned(), held);
@@ -165,11 +186,6 @@ impl CounterHash {
         self.overrides.get(usage_type).copied()
     }
 
-    /// Units of `usage_type` held by open reservations (0 when none, or not a number).
-    pub fn held(&self, usage_type: &str) -> i64 {
-        self.holds.get(usage_type).copied().unwrap_or(0)
-    }
-
     /// Every usage type the hash holds a count for, in name order.
     pub fn types(&self) -> impl Iterator<Item = &str> {
         self.counts.keys().map(String::as_str)
@@ -188,28 +204,52 @@ impl CounterHash {
             .filter(move |e| e.usage_type == usage_type)
     }
 
-    /// The Postgres rows of the hash: (type, count, metadata) for every type with a whole count,
-    /// in type order.
-    pub fn rows(&self) -> Vec<(String, i64, Value)> {
+    /// Units of `usage_type` held by open reservations (0 when none, or not a number).
+    pub fn held(&self, usage_type: &str) -> i64 {
+        self.holds.get(usage_type).copied().unwrap_or(0)
+    }
+
+    /// The period's overage of `usage_type` (0 when none).
+    pub fn overage(&self, usage_type: &str) -> i64 {
+        self.overage.get(usage_type).copied().unwrap_or(0)
+    }
+
+    /// The Postgres rows of the hash: one for every type with a whole count, in type order.
+    pub fn rows(&self) -> Vec<Row> {
         self.counts
             .iter()
             .filter_map(|(ty, count)| {
                 let meta = self.metadata.get(ty).cloned().unwrap_or_default();
-                Some((ty.clone(), (*count)?, Value::Object(meta)))
+                Some(Row {
+                    usage_type: ty.clone(),
+                    count: (*count)?,
+                    overage: self.overage(ty),
+                    metadata: Value::Object(meta),
+                })
             })
             .collect()
     }
 
-    /// The fields that give a counter Postgres' row of `usage_type`: its count, its metadata
-    /// (numbers as `m:` sums, anything else as `s:` JSON text) and, with `names`, how many
-    /// metadata names it has (`n:`, which a load from Postgres sets and a catch-up keeps).
+    /// The field of `usage_type`'s overage.
+    pub fn overage_field(usage_type: &str) -> String {
+        format!("{OVERAGE}{usage_type}")
+    }
+
+    /// The fields that give a counter Postgres' row of `usage_type`: its count, its overage (when
+    /// not 0), its metadata (numbers as `m:` sums, anything else as `s:` JSON text) and, with
+    /// `names`, how many metadata names it has (`n:`, which a load from Postgres sets and a
+    /// catch-up keeps).
     pub fn row_fields(
         usage_type: &str,
         count: i64,
+        overage: i64,
         metadata: Value,
         names: bool,
     ) -> Vec<(String, String)> {
         let mut fields = Vec::new();
+        if overage != 0 {
+            fields.push((Self::overage_field(usage_type), overage.to_string()));
+        }
         let meta = match metadata {
             Value::Object(m) => m,
             _ => Map::new(),
@@ -270,13 +310,21 @@ mod tests {
         assert_eq!(h.types().collect::<Vec<_>>(), ["ai_generation", "export"]);
         let rows = h.rows();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].0, "ai_generation");
-        assert_eq!(rows[0].1, 12);
+        assert_eq!(rows[0].usage_type, "ai_generation");
+        assert_eq!(rows[0].count, 12);
         assert_eq!(
-            rows[0].2,
+            rows[0].metadata,
             serde_json::json!({"prompt_tokens": 81200, "cost": 0.25, "model": "m-1"})
         );
-        assert_eq!(rows[1], ("export".to_owned(), 3, serde_json::json!({})));
+        assert_eq!(
+            rows[1],
+            Row {
+                usage_type: "export".to_owned(),
+                count: 3,
+                overage: 0,
+                metadata: serde_json::json!({})
+            }
+        );
     }
 
     #[test]
@@ -290,9 +338,11 @@ mod tests {
         assert_eq!(h.held("ai_generation"), 30);
         assert_eq!(h.held("export"), 0);
         assert_eq!(h.held("kb_file"), 0);
+        let rows = h.rows();
+        assert_eq!(rows.len(), 1);
         assert_eq!(
-            h.rows(),
-            [("ai_generation".to_owned(), 12, serde_json::json!({}))]
+            (rows[0].usage_type.as_str(), rows[0].count),
+            ("ai_generation", 12)
         );
     }
 
@@ -356,22 +406,33 @@ mod tests {
             ("m:export:size", "5"),
             ("s:export:size", "\"big\""),
         ]));
-        assert_eq!(h.rows()[0].2, serde_json::json!({"size": 5}));
+        assert_eq!(h.rows()[0].metadata, serde_json::json!({"size": 5}));
     }
 
     #[test]
     fn row_fields_are_what_parse_reads_back() {
         let meta = serde_json::json!({"tokens": 812, "model": "m-1"});
-        let fields = CounterHash::row_fields("ai_generation", 7, meta.clone(), true);
-        assert_eq!(fields[0], ("n:ai_generation".to_owned(), "2".to_owned()));
+        let fields = CounterHash::row_fields("ai_generation", 7, 2, meta.clone(), true);
+        assert_eq!(fields[0], ("ov:ai_generation".to_owned(), "2".to_owned()));
+        assert_eq!(fields[1], ("n:ai_generation".to_owned(), "2".to_owned()));
         assert_eq!(
-            CounterHash::row_fields("ai_generation", 7, meta.clone(), false).len(),
-            3
+            CounterHash::row_fields("ai_generation", 7, 0, meta.clone(), false).len(),
+            3,
+            "no overage field for none, no names field without names"
         );
         let mut map: HashMap<String, String> = fields.into_iter().collect();
         map.insert("v".into(), "4".into());
         let h = CounterHash::parse(&map);
-        assert_eq!(h.rows(), [("ai_generation".to_owned(), 7, meta)]);
+        assert_eq!(
+            h.rows(),
+            [Row {
+                usage_type: "ai_generation".to_owned(),
+                count: 7,
+                overage: 2,
+                metadata: meta
+            }]
+        );
+        assert_eq!(h.types().collect::<Vec<_>>(), ["ai_generation"]);
     }
 
     #[test]

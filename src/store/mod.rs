@@ -7,9 +7,10 @@
 //!
 //! ```text
 //! <prefix>:1:{<b>}:c:<user>:<period>   hash: counts by type, v, p, pv, m:<type>:<name>,
-//!                                      s:<type>:<name>, n:<type>, h:<type> (held by open
-//!                                      reservations), o:<type> and x:ov (limit
-//!                                      overrides and their version), x:next (set once the next
+//!                                      s:<type>:<name>, n:<type>, o:<type> and x:ov (limit
+//!                                      overrides and their version), ov:<type> (the period's
+//!                                      overage: units past the limit), h:<type> (held by open
+//!                                      reservations), x:next (set once the next
 //!                                      month's counter was created: it never starts fresh
 //!                                      again), x:dirty (set while on the dirty set). Months
 //!                                      expire 35 days after their end; a
@@ -71,7 +72,7 @@ use deadpool_redis::redis::{self, AsyncCommands, RedisError, ScriptInvocation};
 use uuid::Uuid;
 
 use crate::period::Period;
-use crate::plans::UsageType;
+use crate::plans::{Overage, UsageType};
 
 /// The schema version carried in every key.
 pub const SCHEMA: u32 = 1;
@@ -198,6 +199,12 @@ pub struct LevelReply {
     pub limit: Option<u64>,
     /// Where the limit comes from.
     pub source: LimitSource,
+    /// How far past the limit the level may go.
+    pub overage_cap: Overage,
+    /// The period's overage at this level (after the call, when counted).
+    pub overage: u64,
+    /// The overage this call counted at this level (for check: would count).
+    pub overage_added: u64,
     /// What open reservations hold at this level (after the call, for a reserve).
     pub held: u64,
 }
@@ -222,9 +229,15 @@ pub struct Reply {
     pub limited_by: Option<Level>,
     /// Where the user's limit comes from.
     pub source: LimitSource,
+    /// How far past the user's limit the call may go.
+    pub overage_cap: Overage,
+    /// The user's overage in the period (after the call, when counted).
+    pub overage: u64,
+    /// The overage this call counted at the user's level (for check: would count).
+    pub overage_added: u64,
+    /// The account's level, for a member.
     /// What open reservations hold at the user's level (after the call, for a reserve).
     pub held: u64,
-    /// The account's level, for a member.
     pub account: Option<LevelReply>,
 }
 
@@ -282,15 +295,17 @@ pub enum Change<'a> {
 #[derive(Debug, Clone)]
 pub enum RefundReply {
     /// Given back; the counter's new total, the stored plan, the type, and the amount actually
-    /// given back (less than the call's when the counter held less; 0 changed nothing); for a
-    /// call that counted in the user's account's pool, the pool's new total and what it got back.
+    /// given back (less than the call's when the counter held less; 0 changed nothing), the
+    /// overage after (what is given back comes off the overage first); for a call that counted
+    /// in the user's account's pool, the pool's new total, what it got back and its overage after.
     Refunded {
         used: u64,
+        overage: u64,
         stored_plan: Option<String>,
         usage_type: String,
         amount: u64,
         period: Period,
-        account: Option<(u64, u64)>,
+        account: Option<(u64, u64, u64)>,
     },
     /// No record under that key.
     Missing,
@@ -306,12 +321,14 @@ pub enum RefundReply {
 #[derive(Debug, Clone)]
 pub enum ReleaseReply {
     /// Lowered: the user's new total, the stored plan, how much was lowered (0 when the counter
-    /// was at 0: then nothing changed); for a member, the pool's new total and what it lowered.
+    /// was at 0: then nothing changed), the overage after (lowered first); for a member, the
+    /// pool's new total, what it lowered and its overage after.
     Released {
         used: u64,
+        overage: u64,
         stored_plan: Option<String>,
         released: u64,
-        account: Option<(u64, u64)>,
+        account: Option<(u64, u64, u64)>,
     },
     /// A counter must be loaded from Postgres first.
     Hydrate(Level),
@@ -624,16 +641,13 @@ impl RedisStore {
             .arg(keys.route_value())
             .arg(keys.pool().map(|p| p.member(period)).unwrap_or_default());
         #[allow(clippy::type_complexity)]
-        let (status, used, plan, usage_type, amount, account_used, account_given, detail): (
-            String,
-            i64,
-            String,
-            String,
-            i64,
-            i64,
-            i64,
-            String,
-        ) = self.run_script(&mut inv).await?;
+        let (
+            (status, used, plan, usage_type, amount, account_used, account_given, detail),
+            (overage, account_overage),
+        ): (
+            (String, i64, String, String, i64, i64, i64, String),
+            (i64, i64),
+        ) = split_reply(self.run_script(&mut inv).await?, 8)?;
         let level = if detail == "account" {
             Level::Account
         } else {
@@ -642,12 +656,18 @@ impl RedisStore {
         Ok(match status.as_str() {
             "ok" => RefundReply::Refunded {
                 used: used.max(0) as u64,
+                overage: overage.max(0) as u64,
                 stored_plan: (!plan.is_empty()).then_some(plan),
                 usage_type,
                 amount: amount.max(0) as u64,
                 period,
-                account: (detail == "pool")
-                    .then(|| (account_used.max(0) as u64, account_given.max(0) as u64)),
+                account: (detail == "pool").then(|| {
+                    (
+                        account_used.max(0) as u64,
+                        account_given.max(0) as u64,
+                        account_overage.max(0) as u64,
+                    )
+                }),
             },
             "refunded" => RefundReply::AlreadyRefunded,
             "hydrate" => RefundReply::Hydrate(period, level),
@@ -678,23 +698,25 @@ impl RedisStore {
             .arg(keys.user().to_string())
             .arg(keys.route_value())
             .arg(keys.pool().map(|p| p.member(period)).unwrap_or_default());
-        let (status, used, plan, released, account_used, account_released, detail): (
-            String,
-            i64,
-            String,
-            i64,
-            i64,
-            i64,
-            String,
-        ) = self.run_script(&mut inv).await?;
+        #[allow(clippy::type_complexity)]
+        let (
+            (status, used, plan, released, account_used, account_released, detail),
+            (overage, account_overage),
+        ): ((String, i64, String, i64, i64, i64, String), (i64, i64)) =
+            split_reply(self.run_script(&mut inv).await?, 7)?;
         Ok(match status.as_str() {
             "ok" => ReleaseReply::Released {
                 used: used.max(0) as u64,
+                overage: overage.max(0) as u64,
                 stored_plan: (!plan.is_empty()).then_some(plan),
                 released: released.max(0) as u64,
-                account: keys
-                    .pool()
-                    .map(|_| (account_used.max(0) as u64, account_released.max(0) as u64)),
+                account: keys.pool().map(|_| {
+                    (
+                        account_used.max(0) as u64,
+                        account_released.max(0) as u64,
+                        account_overage.max(0) as u64,
+                    )
+                }),
             },
             "moved" => ReleaseReply::Moved(detail),
             _ if detail == "account" => ReleaseReply::Hydrate(Level::Account),
@@ -1195,15 +1217,31 @@ fn short_reply() -> RedisError {
     ))
 }
 
+/// A script's reply array as two tuples: its first `head` fields, then the rest (Redis' tuple
+/// conversion takes at most 12 fields at once).
+fn split_reply<A, B>(raw: redis::Value, head: usize) -> Result<(A, B), StoreError>
+where
+    A: redis::FromRedisValue,
+    B: redis::FromRedisValue,
+{
+    let bad = |e: redis::ParsingError| StoreError::Redis(e.into());
+    let mut fields: Vec<redis::Value> = redis::from_redis_value(raw).map_err(bad)?;
+    let tail = fields.split_off(head.min(fields.len()));
+    Ok((
+        redis::from_redis_value(redis::Value::Array(fields)).map_err(bad)?,
+        redis::from_redis_value(redis::Value::Array(tail)).map_err(bad)?,
+    ))
+}
+
 /// The reply of the consume, check or reserve script (see `lua/consume.lua`: they answer the
-/// same fourteen fields; twelve, without the holds, from a script of a build before
+/// same twenty fields; eighteen, without the holds, from a script of a build before
 /// reservations) as a [`Reply`]; `period` stands in where the script names none (check).
 pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreError> {
     let bad = |e: redis::ParsingError| StoreError::Redis(e.into());
     let fields: Vec<redis::Value> = redis::from_redis_value(raw).map_err(bad)?;
-    if fields.len() != 12 && fields.len() != 14 {
+    if fields.len() != 18 && fields.len() != 20 {
         return Err(StoreError::Redis(RedisError::from(std::io::Error::other(
-            format!("a decision script answered {} fields, not 14", fields.len()),
+            format!("a decision script answered {} fields, not 20", fields.len()),
         ))));
     }
     let mut it = fields.into_iter();
@@ -1226,8 +1264,11 @@ pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreE
     let account_plan = text()?;
     let account_limit: i64 = text()?.parse().unwrap_or(-1);
     let account_source = text()?;
-    let held: i64 = text().ok().and_then(|t| t.parse().ok()).unwrap_or(0);
-    let account_held: i64 = text().ok().and_then(|t| t.parse().ok()).unwrap_or(0);
+    let mut number = || -> Result<i64, StoreError> { Ok(text()?.parse().unwrap_or(0)) };
+    let (cap, overage, added) = (number()?, number()?, number()?);
+    let (account_cap, account_overage, account_added) = (number()?, number()?, number()?);
+    // What open reservations hold at each level (absent from a script before reservations).
+    let (held, account_held) = (number().unwrap_or(0), number().unwrap_or(0));
     let status = match status.as_str() {
         "ok" => Status::Ok,
         "denied" => Status::Denied,
@@ -1248,12 +1289,18 @@ pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreE
         detail,
         limited_by,
         source,
+        overage_cap: Overage::from_script(cap),
+        overage: overage.max(0) as u64,
+        overage_added: added.max(0) as u64,
         held: held.max(0) as u64,
         account: (!account_source.is_empty()).then(|| LevelReply {
             used: account_used.max(0) as u64,
             plan: account_plan,
             limit: u64::try_from(account_limit).ok(),
             source: LimitSource::parse(&account_source),
+            overage_cap: Overage::from_script(account_cap),
+            overage: account_overage.max(0) as u64,
+            overage_added: account_added.max(0) as u64,
             held: account_held.max(0) as u64,
         }),
     })

@@ -319,7 +319,7 @@ async fn the_plans_in_force_are_listed() {
     assert_eq!(a.body["default_plan"], "FREE");
     assert_eq!(
         a.body["types"]["kb_file"],
-        json!({"period": "lifetime", "fail": "closed"})
+        json!({"period": "lifetime", "fail": "closed", "notify": []})
     );
     assert_eq!(a.body["plans"]["FREE"]["ai_generation"], 50);
     assert_eq!(

@@ -20,6 +20,7 @@ mod notifications;
 mod observability;
 mod openapi;
 mod outages;
+mod overage;
 mod performance;
 mod periods;
 mod plans;

@@ -765,6 +765,12 @@ async fn a_redis_that_lost_its_marks_records_the_same_event_again_and_nothing_is
 #[tokio::test]
 async fn without_webhook_urls_events_are_recorded_with_no_delivery() {
     let (app, _plans) = app_sending_to(vec![]).await;
+    let plans = app.get("/v1/plans").await;
+    assert_eq!(
+        plans.body["types"]["ai_generation"]["notify"],
+        json!([80, 100])
+    );
+    assert_eq!(plans.body["types"]["export"]["notify"], json!([]));
     let user = Uuid::new_v4();
     assert_eq!(consume_n(&app, user, 50).await, 50);
     app.flush().await;
@@ -1057,4 +1063,32 @@ async fn a_daemon_killed_while_its_attempt_is_in_flight_sends_it_again_with_the_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(second);
+}
+
+#[tokio::test]
+async fn thresholds_past_100_percent_fire_in_overage() {
+    let text = quotad::plans::BUILT_IN
+        .replace(
+            "ai_generation = { period = \"month\", label = \"AI generations\" }",
+            "ai_generation = { period = \"month\", notify = [100, 200, 300] }",
+        )
+        .replace(
+            "ai_generation = 50",
+            "ai_generation = { limit = 50, overage = 100 }",
+        );
+    let plans = tempfile_path::write(&text);
+    let app = TestApp::spawn_with(Options {
+        plans: Some(plans.to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    assert_eq!(consume_n(&app, user, 99).await, 99);
+    app.flush().await;
+    let fired: Vec<(i32, i64)> = outbox(&app).await.iter().map(|r| (r.2, r.3)).collect();
+    assert_eq!(fired, [(100, 50)], "100 % at the limit; 200 % not yet");
+    assert_eq!(consume_n(&app, user, 60).await, 51, "the cap is 150");
+    app.flush().await;
+    let fired: Vec<(i32, i64)> = outbox(&app).await.iter().map(|r| (r.2, r.3)).collect();
+    assert_eq!(fired, [(100, 50), (200, 100), (300, 150)]);
 }
