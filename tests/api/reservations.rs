@@ -1214,3 +1214,71 @@ async fn a_commit_records_the_threshold_events_its_count_causes_as_a_track_would
 
     assert_eq!(events(app.db().await).await, [(80, 42, 50)]);
 }
+
+#[tokio::test]
+async fn a_hold_may_reach_into_the_overage_cap_and_its_commit_counts_overage_as_a_track_would() {
+    // ai_generation: 50 a month and 100 of overage; export: a soft limit of 10.
+    let text = quotad::plans::BUILT_IN
+        .replace(
+            "ai_generation = 50",
+            "ai_generation = { limit = 50, overage = 100 }",
+        )
+        .replace("export = 10", "export = { limit = 10, soft = true }");
+    assert!(text.contains("overage = 100") && text.contains("soft = true"));
+    let file = crate::helpers::tempfile_path::write(&text);
+    let app = TestApp::spawn_with(Options {
+        plans: Some(file.to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    for _ in 0..40 {
+        assert_eq!(app.consume(user, "ai_generation").await.status, 200);
+    }
+
+    // 40 used: 110 more fit in 50 + 100, 111 do not.
+    let over = reserve(&app, user, "ai_generation", 111, 300).await;
+    assert_eq!(over.status, 402, "{:?}", over.body);
+    let r = reserve(&app, user, "ai_generation", 110, 300).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        (
+            &r.body["held"],
+            &r.body["remaining"],
+            &r.body["overage"],
+            &r.body["overage_added"]
+        ),
+        (&json!(110), &json!(0), &json!(0), &json!(0))
+    );
+    assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+    let refused = app.consume(user, "ai_generation").await;
+    assert_eq!(refused.status, 402, "the cap is held: {:?}", refused.body);
+
+    let id = r.body["reservation_id"].as_str().unwrap();
+    let c = commit(&app, id, json!(30)).await;
+    assert_eq!(c.status, 200, "{:?}", c.body);
+    let usage = usage_of(&app, user, "ai_generation").await;
+    assert_eq!(
+        (&usage["used"], &usage["overage"], &usage["held"]),
+        (&json!(70), &json!(20), &json!(0)),
+        "units 51 to 70 are overage"
+    );
+    app.flush().await;
+    let (count, overage): (i64, i64) = sqlx::query_as(
+        "SELECT count, overage FROM usage_tracking WHERE user_id = $1 AND type = 'ai_generation'",
+    )
+    .bind(user)
+    .fetch_one(&app.db().await)
+    .await
+    .unwrap();
+    assert_eq!((count, overage), (70, 20));
+
+    // A soft limit never refuses a hold either.
+    let soft = reserve(&app, user, "export", 500, 300).await;
+    assert_eq!(
+        (soft.status, &soft.body["held"]),
+        (200, &json!(500)),
+        "{:?}",
+        soft.body
+    );
+}
