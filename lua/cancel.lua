@@ -14,15 +14,9 @@ local rkey, hash, open = KEYS[1], KEYS[2], KEYS[5]
 local account = ARGV[3]
 local ahash = account ~= '' and KEYS[6] or nil
 
-local route = misrouted(KEYS[4], ARGV[4])
-if route == false then
-  return settled('hydrate', nil, 'user')
-elseif route then
-  return settled('moved', nil, route)
-end
-local r = reservation(rkey)
-if not r or r.pe ~= ARGV[2] or r.ac ~= account then
-  return settled('missing')
+local r, early = reservation_to_close(rkey, KEYS[4], ARGV[4], ARGV[2], account)
+if not r then
+  return early
 end
 if r.s == 'cancelled' then
   return settled('replay', r)

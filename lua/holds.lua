@@ -80,3 +80,21 @@ local function settled(status, r, detail)
     r.lt or '0', tonumber(r.u or 0), tonumber(r.h or 0), tonumber(r.au or 0), tonumber(r.ah or 0),
     tonumber(r.x or 0), r.pe or '', r.ac or '', detail or ''}
 end
+
+-- The reservation a commit or cancel closes, found the same way by both: `route_key` must hold
+-- the route the caller believes (`believed`, see misrouted in common.lua) and the reservation at
+-- `key` must be of `period` and `account`. Returns the reservation, or nil and the answer to give
+-- instead ("hydrate", "moved" or "missing").
+local function reservation_to_close(key, route_key, believed, period, account)
+  local route = misrouted(route_key, believed)
+  if route == false then
+    return nil, settled('hydrate', nil, 'user')
+  elseif route then
+    return nil, settled('moved', nil, route)
+  end
+  local r = reservation(key)
+  if not r or r.pe ~= period or r.ac ~= account then
+    return nil, settled('missing')
+  end
+  return r
+end

@@ -613,11 +613,6 @@ impl Totals {
         }
     }
 
-    /// Whether some row carries an event.
-    pub fn has_events(&self) -> bool {
-        self.events.iter().any(|e| !e.is_empty())
-    }
-
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.users.len()
@@ -856,29 +851,17 @@ pub async fn write_totals(
                  overage = EXCLUDED.overage, period_end = EXCLUDED.period_end, updated_at = now()
              WHERE {usage}.version < EXCLUDED.version"#
     );
-    if !t.has_events() {
-        let done = sqlx::query(sql(upsert))
-            .bind(&t.users)
-            .bind(&t.types)
-            .bind(&t.counts)
-            .bind(&t.starts)
-            .bind(&t.ends)
-            .bind(&t.metadata)
-            .bind(&t.versions)
-            .bind(&t.overages)
-            .execute(db)
-            .await?;
-        return Ok(TotalsWritten {
-            rows: done.rows_affected(),
-            events: 0,
-        });
-    }
+    // One statement either way: the events' CTEs only when the rows carry some.
     let events: Vec<&ThresholdEvent> = t.events.iter().flatten().collect();
-    let (rows, new): (i64, i64) = bind_events(
-        sqlx::query_as(sql(format!(
+    let statement = if events.is_empty() {
+        format!("WITH up AS ({upsert} RETURNING 1) SELECT (SELECT count(*) FROM up), 0::int8")
+    } else {
+        format!(
             "WITH {}, up AS ({upsert} RETURNING 1) SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM ev)",
             events_cte(9)
-        )))
+        )
+    };
+    let totals = sqlx::query_as(sql(statement))
         .bind(&t.users)
         .bind(&t.types)
         .bind(&t.counts)
@@ -886,12 +869,13 @@ pub async fn write_totals(
         .bind(&t.ends)
         .bind(&t.metadata)
         .bind(&t.versions)
-        .bind(&t.overages),
-        &events,
-        endpoints,
-    )
-    .fetch_one(db)
-    .await?;
+        .bind(&t.overages);
+    let query = if events.is_empty() {
+        totals
+    } else {
+        bind_events(totals, &events, endpoints)
+    };
+    let (rows, new): (i64, i64) = query.fetch_one(db).await?;
     Ok(TotalsWritten {
         rows: rows as u64,
         events: new as u64,
