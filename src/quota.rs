@@ -178,6 +178,57 @@ pub struct Decision {
     pub account: Option<AccountLevel>,
 }
 
+impl Decision {
+    /// A counting, check or reserve script's reply as a decision in `period`: the user's level,
+    /// and the account's for a member (`account`, when the reply carries its level).
+    pub(crate) fn from_reply(
+        reply: Reply,
+        account: Option<Uuid>,
+        user: Uuid,
+        ty: &UsageType,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let account = account
+            .zip(reply.account)
+            .map(|(account, level)| AccountLevel {
+                account,
+                plan: level.plan,
+                counter: CounterView::of(
+                    level.used,
+                    level.limit,
+                    period,
+                    level.overage_cap,
+                    level.overage,
+                )
+                .with_held(level.held),
+                source: level.source,
+                overage_added: level.overage_added,
+            });
+        Decision {
+            allowed: reply.status != Status::Denied,
+            replayed: reply.status == Status::Replay,
+            degraded: false,
+            user,
+            usage_type: ty.name.clone(),
+            plan: Some(reply.plan),
+            counter: CounterView::of(
+                reply.used,
+                reply.limit,
+                period,
+                reply.overage_cap,
+                reply.overage,
+            )
+            .with_held(reply.held),
+            now,
+            limited_by: reply.limited_by,
+            source: reply.source,
+            overage_added: reply.overage_added,
+            account,
+        }
+    }
+}
+
 /// The account's level of a decision, refund or usage read.
 #[derive(Debug, Clone)]
 pub struct AccountLevel {
@@ -670,44 +721,14 @@ impl Quota {
                     .remember(ticket, &subject(input, ty, period, keys.account()), seen);
             }
             let period = reply.period.unwrap_or(period);
-            let account = match (keys.account(), reply.account) {
-                (Some(account), Some(level)) => Some(AccountLevel {
-                    account,
-                    plan: level.plan,
-                    counter: CounterView::of(
-                        level.used,
-                        level.limit,
-                        period,
-                        level.overage_cap,
-                        level.overage,
-                    )
-                    .with_held(level.held),
-                    source: level.source,
-                    overage_added: level.overage_added,
-                }),
-                _ => None,
-            };
-            return Ok(Decision {
-                allowed: reply.status != Status::Denied,
-                replayed: reply.status == Status::Replay,
-                degraded: false,
-                user: input.user,
-                usage_type: ty.name.clone(),
-                plan: Some(reply.plan),
-                counter: CounterView::of(
-                    reply.used,
-                    reply.limit,
-                    period,
-                    reply.overage_cap,
-                    reply.overage,
-                )
-                .with_held(reply.held),
+            return Ok(Decision::from_reply(
+                reply,
+                keys.account(),
+                input.user,
+                ty,
+                period,
                 now,
-                limited_by: reply.limited_by,
-                source: reply.source,
-                overage_added: reply.overage_added,
-                account,
-            });
+            ));
         }
         Err(Fault::Redis(StoreError::Unavailable(
             "the counter vanished while it was being loaded".into(),

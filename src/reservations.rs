@@ -29,9 +29,7 @@ use uuid::Uuid;
 use crate::metrics as m;
 use crate::period::Period;
 use crate::plans::{Plans, UsageType};
-use crate::quota::{
-    AccountLevel, CounterView, Decision, Fault, Quota, QuotaError, Reloaded, ATTEMPTS,
-};
+use crate::quota::{Decision, Fault, Quota, QuotaError, Reloaded, ATTEMPTS};
 use crate::routes::Hops;
 use crate::store::{
     self, Hydrated, Owner, RedisStore, ReserveCall, Settle, SettleReply, Settled, Status,
@@ -263,7 +261,9 @@ impl Quota {
                 m::reservation(&ty.name, "refused", &[]);
             }
             return Ok(Reserved {
-                decision: decision(&reply, &keys, input.user, ty, period, now),
+                // What consume would answer, the counters showing what is used and held after
+                // it; a hold counts nothing, so reserve.lua answers no overage added.
+                decision: Decision::from_reply(reply, keys.account(), input.user, ty, period, now),
                 id: held.then(|| id.clone()),
                 expires_at,
             });
@@ -386,56 +386,6 @@ impl Quota {
             account: r.account.map(|a| (a, r.account_used, r.account_held)),
             expires_at: at_ms(r.expires_ms),
         }
-    }
-}
-
-/// A reserve script's reply as a [`Decision`] (what consume would answer), the counters showing
-/// what is used and held after it.
-fn decision(
-    reply: &store::Reply,
-    keys: &UserKeys,
-    user: Uuid,
-    ty: &UsageType,
-    period: Period,
-    now: DateTime<Utc>,
-) -> Decision {
-    Decision {
-        allowed: reply.status != Status::Denied,
-        replayed: reply.status == Status::Replay,
-        degraded: false,
-        user,
-        usage_type: ty.name.clone(),
-        plan: Some(reply.plan.clone()),
-        counter: CounterView::of(
-            reply.used,
-            reply.limit,
-            period,
-            reply.overage_cap,
-            reply.overage,
-        )
-        .with_held(reply.held),
-        now,
-        limited_by: reply.limited_by,
-        source: reply.source,
-        // A hold counts nothing, so it adds no overage.
-        overage_added: 0,
-        account: keys
-            .account()
-            .zip(reply.account.as_ref())
-            .map(|(account, level)| AccountLevel {
-                account,
-                plan: level.plan.clone(),
-                counter: CounterView::of(
-                    level.used,
-                    level.limit,
-                    period,
-                    level.overage_cap,
-                    level.overage,
-                )
-                .with_held(level.held),
-                source: level.source,
-                overage_added: 0,
-            }),
     }
 }
 
