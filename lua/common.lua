@@ -39,15 +39,15 @@ end
 
 -- The plan in force, its limit and its overage cap for one type. `override` wins when not empty;
 -- else `stored` (the hash's `p`, nil when it has none); a plan no longer configured falls back to
--- `default`. ARGV[first..] are plan, limit, cap triples (limit -1 = unlimited; cap: units allowed
--- past the limit, 0 = none, -1 = no cap: a soft limit).
-local function resolve_plan(stored, override, default, first)
+-- `default`. ARGV[first..last] (`last` = #ARGV when not given) are plan, limit, cap triples (limit
+-- -1 = unlimited; cap: units allowed past the limit, 0 = none, -1 = no cap: a soft limit).
+local function resolve_plan(stored, override, default, first, last)
   local plan = override
   if plan == '' then
     plan = stored or default
   end
   local default_limit, default_cap = nil, 0
-  for i = first, #ARGV, 3 do
+  for i = first, last or #ARGV, 3 do
     if ARGV[i] == plan then
       return plan, tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     end
@@ -235,12 +235,12 @@ end
 -- The user's level of a decision: plan, limit (-1 = unlimited), where the limit comes from, and
 -- the overage cap (see resolve_plan). `stored` is the hash's plan, `override` its `o:<type>`,
 -- `sent` the plan sent with the call ("" = none), `first` where the plan, limit, cap triples
--- start in ARGV. A member of an account (`pooled`) with no plan of their own, no override and
+-- start in ARGV (up to `last`, see resolve_plan). A member of an account (`pooled`) with no plan of their own, no override and
 -- none sent has no limit of their own: the pool alone decides ('account'). The plan's overage
 -- applies on top of the limit in force, an override's too: an override changes how much is
 -- included, not whether the plan sells use past it.
-local function user_level(stored, override, sent, default, first, pooled)
-  local plan, plan_limit, cap = resolve_plan(stored, sent, default, first)
+local function user_level(stored, override, sent, default, first, pooled, last)
+  local plan, plan_limit, cap = resolve_plan(stored, sent, default, first, last)
   if pooled and not override and not stored and sent == '' then
     return plan, -1, 'account', 0
   end
@@ -250,8 +250,8 @@ end
 
 -- An account's pool: plan (its stored one, else the default), limit, where it comes from, and
 -- the overage cap.
-local function pool_level(stored, override, default, first)
-  local plan, plan_limit, cap = resolve_plan(stored, '', default, first)
+local function pool_level(stored, override, default, first, last)
+  local plan, plan_limit, cap = resolve_plan(stored, '', default, first, last)
   local limit, source = level_limit(override, plan_limit)
   return plan, limit, source, cap
 end

@@ -14,7 +14,8 @@
 //! - [`plans`]: the plans file, validated and hot-swappable; [`overage`]: use past a limit.
 //! - [`store`]: Redis keys and the Lua scripts in `lua/`.
 //! - [`db`]: Postgres queries and migrations.
-//! - [`quota`]: decisions in domain terms, with hydration and fail policies.
+//! - [`quota`]: decisions in domain terms, with hydration and fail policies; [`items`]: several
+//!   types in one call, all or nothing.
 //! - [`hydrate`]: counters Redis does not hold, loaded from Postgres in batches.
 //! - [`refusals`]: the near-cache of refusals and its pub/sub invalidation.
 //! - [`reservations`]: holds against the limit until the work's cost is known, and their sweeper.
@@ -35,6 +36,7 @@ pub mod gate;
 pub mod grpc;
 pub mod http;
 pub mod hydrate;
+pub mod items;
 pub mod metrics;
 pub mod overage;
 pub mod period;

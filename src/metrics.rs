@@ -7,6 +7,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Decisions, by `type`, `plan` and `outcome` (allowed, denied, error, degraded).
 pub const DECISIONS: &str = "quotad_decisions_total";
+/// Calls with items (several types in one call, all or nothing), by `action` (consume, check,
+/// track) and `outcome` (allowed, denied, degraded, error). Each item is also counted in
+/// `quotad_decisions_total`, with the call's outcome.
+pub const ITEM_CALLS: &str = "quotad_item_calls_total";
 /// Decisions that left a limited counter at 80 % or more of its limit, by `type` and `plan`.
 pub const NEAR_LIMIT: &str = "quotad_near_limit_decisions_total";
 /// Units counted past a limit as overage (consume and track; a replay counts none), by `type`,
@@ -130,6 +134,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     metrics::describe_counter!(DECISIONS, "Quota decisions by type, plan and outcome.");
+    metrics::describe_counter!(
+        ITEM_CALLS,
+        "Calls with items (several types, all or nothing) by action and outcome."
+    );
     metrics::describe_histogram!(
         REQUEST_SECONDS,
         metrics::Unit::Seconds,
@@ -268,6 +276,11 @@ fn describe() {
 pub fn decision(usage_type: &str, plan: &str, outcome: &'static str) {
     metrics::counter!(DECISIONS, "type" => usage_type.to_owned(), "plan" => plan.to_owned(), "outcome" => outcome)
         .increment(1);
+}
+
+/// Counts one call with items.
+pub fn items_call(action: &'static str, outcome: &'static str) {
+    metrics::counter!(ITEM_CALLS, "action" => action, "outcome" => outcome).increment(1);
 }
 
 /// Counts one decision that left a counter at 80 % or more of its limit.

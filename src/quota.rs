@@ -42,7 +42,7 @@ pub enum Action {
 }
 
 impl Action {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Action::Consume => "consume",
             Action::Check => "check",
@@ -179,6 +179,59 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Records the decision in the metrics: its `outcome`, the overage it counted (a replay
+    /// counted it the first time; a check counts nothing), and whether it left the counter at 80 %
+    /// or more of its limit (a signal to nudge an upgrade).
+    pub(crate) fn record(&self, action: Action, outcome: &'static str) {
+        let plan = self.plan.as_deref().unwrap_or("");
+        m::decision(&self.usage_type, plan, outcome);
+        if action != Action::Check && !self.replayed {
+            let pool = self
+                .account
+                .as_ref()
+                .map(|a| (a.plan.as_str(), a.overage_added));
+            m::overage(&self.usage_type, plan, self.overage_added, pool);
+        }
+        if let (Some(used), Some(limit)) = (self.counter.used, self.counter.limit) {
+            if limit > 0 && used * 5 >= limit * 4 {
+                m::near_limit(&self.usage_type, plan);
+            }
+        }
+    }
+
+    /// The answer when Redis (or Postgres, for a load) could not be asked and `ty` fails open:
+    /// allowed, nothing counted, the counter unknown. `plan` is the one the caller sent, if any.
+    pub(crate) fn degraded(
+        user: Uuid,
+        ty: &UsageType,
+        plan: Option<String>,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        Decision {
+            allowed: true,
+            replayed: false,
+            degraded: true,
+            user,
+            usage_type: ty.name.clone(),
+            plan,
+            counter: CounterView {
+                used: None,
+                limit: None,
+                unlimited: false,
+                period,
+                overage_cap: Overage::None,
+                overage: None,
+                held: None,
+            },
+            now,
+            limited_by: None,
+            source: LimitSource::Plan,
+            overage_added: 0,
+            account: None,
+        }
+    }
+
     /// A counting, check or reserve script's reply as a decision in `period`: the user's level,
     /// and the account's for a member (`account`, when the reply carries its level).
     pub(crate) fn from_reply(
@@ -261,6 +314,15 @@ pub struct Refund {
     /// For a call that counted in the user's account's pool: the account, the pool after the
     /// refund, and how much it got back.
     pub account: Option<(Uuid, CounterView, u64)>,
+}
+
+/// What a refund gave back.
+#[derive(Debug, Clone)]
+pub enum Refunded {
+    /// A call for one type.
+    One(Box<Refund>),
+    /// A call with items: every item, in the order of the call's items sorted by type.
+    Items(Vec<Refund>),
 }
 
 /// One type's counter on a usage read.
@@ -406,7 +468,7 @@ impl From<Fault> for QuotaError {
 
 impl Fault {
     /// Whether the fail policy applies (an outage), rather than a bug.
-    fn is_outage(&self) -> bool {
+    pub(crate) fn is_outage(&self) -> bool {
         match self {
             Fault::Redis(e) => e.is_outage(),
             Fault::Db(_) => true,
@@ -470,22 +532,7 @@ impl Quota {
             (false, true) => "allowed",
             (false, false) => "denied",
         };
-        let plan = decision.plan.as_deref().unwrap_or("");
-        m::decision(&ty.name, plan, outcome);
-        // Overage counted now (a replay counted it the first time; a check counts nothing).
-        if action != Action::Check && !decision.replayed {
-            let pool = decision
-                .account
-                .as_ref()
-                .map(|a| (a.plan.as_str(), a.overage_added));
-            m::overage(&ty.name, plan, decision.overage_added, pool);
-        }
-        // Near the limit: 80 % or more used after this decision (a signal to nudge an upgrade).
-        if let (Some(used), Some(limit)) = (decision.counter.used, decision.counter.limit) {
-            if limit > 0 && used * 5 >= limit * 4 {
-                m::near_limit(&ty.name, plan);
-            }
-        }
+        decision.record(action, outcome);
         Ok(decision)
     }
 
@@ -510,28 +557,7 @@ impl Quota {
                     }
                     Fault::Answer(_) => {}
                 }
-                Decision {
-                    allowed: true,
-                    replayed: false,
-                    degraded: true,
-                    user: input.user,
-                    usage_type: ty.name.clone(),
-                    plan: input.plan.clone(),
-                    counter: CounterView {
-                        used: None,
-                        limit: None,
-                        unlimited: false,
-                        period,
-                        overage_cap: Overage::None,
-                        overage: None,
-                        held: None,
-                    },
-                    now,
-                    limited_by: None,
-                    source: LimitSource::Plan,
-                    overage_added: 0,
-                    account: None,
-                }
+                Decision::degraded(input.user, ty, input.plan.clone(), period, now)
             }
             Err(fault) => {
                 m::decision(&ty.name, "", "error");
@@ -835,46 +861,23 @@ impl Quota {
         Ok(filled)
     }
 
-    /// Gives back the consume or track recorded under `key`, once, at every level it counted at.
+    /// Gives back the consume or track recorded under `key`, once, at every level it counted at;
+    /// for a call with items, every item.
     #[tracing::instrument(skip_all, fields(user = %user))]
-    pub async fn refund(&self, user: Uuid, key: &str) -> Result<Refund, QuotaError> {
+    pub async fn refund(&self, user: Uuid, key: &str) -> Result<Refunded, QuotaError> {
         let mut keys = self.placed(user);
         let mut hops = Hops::default();
         for _ in 0..ATTEMPTS {
             match self.store.refund(&keys, key).await? {
-                RefundReply::Refunded {
-                    used,
-                    overage,
-                    stored_plan,
-                    usage_type,
-                    amount,
-                    period,
-                    account,
-                } => {
-                    // Other replicas forget on the script's pub/sub message; this one need not wait.
-                    self.refusals.forget(&user);
-                    if let Some(a) = keys.account() {
-                        self.refusals.forget(&a);
-                    }
-                    let plans = self.plans.current();
-                    let plan = plans.effective_plan(stored_plan.as_deref()).to_owned();
-                    let ty = plans.usage_type(&usage_type);
-                    let limit = ty.and_then(|t| t.limit(&plan));
-                    let cap = ty.map_or(Overage::None, |t| t.overage(&plan));
-                    let account = match (keys.account(), account) {
-                        (Some(a), Some((pool_used, given, pool_overage))) => {
-                            Some((a, pool_view(pool_used, period, pool_overage), given))
-                        }
-                        _ => None,
-                    };
-                    return Ok(Refund {
-                        user,
-                        counter: CounterView::of(used, limit, period, cap, overage),
-                        usage_type,
-                        amount,
-                        plan,
-                        account,
-                    });
+                RefundReply::Refunded(item) => {
+                    return Ok(Refunded::One(Box::new(self.refunded(user, &keys, item))))
+                }
+                RefundReply::RefundedItems(items) => {
+                    let items = items
+                        .into_iter()
+                        .map(|item| self.refunded(user, &keys, item))
+                        .collect();
+                    return Ok(Refunded::Items(items));
                 }
                 RefundReply::Missing => return Err(QuotaError::UnknownKey(key.to_owned())),
                 RefundReply::AlreadyRefunded => {
@@ -892,6 +895,36 @@ impl Quota {
             }
         }
         Err(QuotaError::NotLoaded)
+    }
+
+    /// A type given back, as the answer shows it; the user's (and the pool's) remembered
+    /// refusals go.
+    fn refunded(&self, user: Uuid, keys: &UserKeys, item: store::RefundedItem) -> Refund {
+        // Other replicas forget on the script's pub/sub message; this one need not wait.
+        self.refusals.forget(&user);
+        if let Some(a) = keys.account() {
+            self.refusals.forget(&a);
+        }
+        let plans = self.plans.current();
+        let plan = plans.effective_plan(item.stored_plan.as_deref()).to_owned();
+        let ty = plans.usage_type(&item.usage_type);
+        let limit = ty.and_then(|t| t.limit(&plan));
+        let cap = ty.map_or(Overage::None, |t| t.overage(&plan));
+        let period = item.period;
+        let account = match (keys.account(), item.account) {
+            (Some(a), Some((pool_used, given, pool_overage))) => {
+                Some((a, pool_view(pool_used, period, pool_overage), given))
+            }
+            _ => None,
+        };
+        Refund {
+            user,
+            counter: CounterView::of(item.used, limit, period, cap, item.overage),
+            usage_type: item.usage_type,
+            amount: item.amount,
+            plan,
+            account,
+        }
     }
 
     /// Loads one level of `keys` (the user's own counter, or the pool's).

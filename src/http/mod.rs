@@ -13,6 +13,7 @@ mod events;
 mod extract;
 mod gate;
 pub mod health;
+mod items;
 mod layers;
 pub mod openapi;
 mod quota;

@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{accounts, admin, events, gate, health, quota, reservations, ui, AppState, MAX_BODY};
+use super::{
+    accounts, admin, events, gate, health, items, quota, reservations, ui, AppState, MAX_BODY,
+};
 use crate::period::PeriodKind;
 use crate::plans::Plans;
 
@@ -56,6 +58,7 @@ use crate::plans::Plans;
         health::metrics,
         openapi_json,
     ),
+    components(schemas(items::ItemsJson, quota::RefundItemsJson)),
     modifiers(&BearerAuth),
     tags(
         (name = "quota", description = "Decisions and counters (gateway scope)"),
@@ -100,6 +103,7 @@ pub fn document(plans: &Plans) -> Value {
                 quota::metadata_schema();
             // One handler, two described methods: each operation needs its own id.
             doc["paths"]["/v1/gate"]["post"]["operationId"] = json!("gate_post");
+            with_items(&mut doc);
             shared_responses(&mut doc);
             refund_links(&mut doc);
             doc
@@ -116,6 +120,7 @@ pub fn document(plans: &Plans) -> Value {
     let schemas = &mut doc["components"]["schemas"];
     schemas["DecisionRequest"]["properties"]["type"]["enum"] = Value::Array(types.clone());
     schemas["ReserveRequest"]["properties"]["type"]["enum"] = Value::Array(types.clone());
+    schemas["ItemRequest"]["properties"]["type"]["enum"] = Value::Array(types.clone());
     // `plan` may be null (the stored plan applies).
     let mut or_null = names.clone();
     or_null.push(Value::Null);
@@ -155,6 +160,14 @@ fn gate_parameters(doc: &mut Value, types: &[Value]) {
             match p["name"].as_str() {
                 Some("X-Usage-Type") => p["schema"]["enum"] = Value::Array(types.to_vec()),
                 Some("deny_status") => p["schema"] = json!({"type": "integer", "enum": [401, 403]}),
+                // Every gate header is trimmed, and an empty one is as absent: the amount is a
+                // whole number in consume's range, or nothing (then 1).
+                Some("X-Usage-Amount") => {
+                    p["schema"] = json!({"anyOf": [
+                        {"type": "integer", "minimum": 1, "maximum": crate::plans::MAX_AMOUNT},
+                        {"type": "string", "pattern": "^ *$"},
+                    ]})
+                }
                 _ => {}
             }
         }
@@ -220,6 +233,44 @@ fn shared_responses(doc: &mut Value) {
             }
         }
     }
+}
+
+/// Calls with items, as the code takes them: a decision body carries `type` (with `amount` and
+/// `metadata`) or `items`, never both, and is answered by a decision or by the items' answer; a
+/// refund answers one type or, for a call with items, every item.
+fn with_items(doc: &mut Value) {
+    let schemas = &mut doc["components"]["schemas"];
+    // `type` (a string) or `items` (an array), never both; with `items`, no `amount` and no
+    // `metadata` (null is as absent for each).
+    let present = |field: &str, kind: &str| json!({"required": [field], "properties": {field: {"type": kind}}});
+    schemas["DecisionRequest"]["oneOf"] = json!([
+        {"allOf": [present("type", "string"), {"not": present("items", "array")}]},
+        {"allOf": [present("items", "array"), {"not": {"anyOf": [
+            present("type", "string"),
+            present("amount", "number"),
+            present("metadata", "object"),
+        ]}}]},
+    ]);
+    // Each type at most once: identical items are duplicates (items naming one type with other
+    // amounts are too, which no JSON Schema can say; the schemathesis hooks keep those out).
+    schemas["DecisionRequest"]["properties"]["items"]["uniqueItems"] = json!(true);
+    let either = |a: &str, b: &str| {
+        json!({"oneOf": [
+            {"$ref": format!("#/components/schemas/{a}")},
+            {"$ref": format!("#/components/schemas/{b}")},
+        ]})
+    };
+    for (path, status) in [
+        ("/v1/consume", "200"),
+        ("/v1/consume", "402"),
+        ("/v1/check", "200"),
+        ("/v1/track", "200"),
+    ] {
+        doc["paths"][path]["post"]["responses"][status]["content"]["application/json"]["schema"] =
+            either("DecisionJson", "ItemsJson");
+    }
+    doc["paths"]["/v1/refund"]["post"]["responses"]["200"]["content"]["application/json"]
+        ["schema"] = either("RefundJson", "RefundItemsJson");
 }
 
 /// Links from a counted call to its refund: what a consume or track counted under an

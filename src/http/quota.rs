@@ -12,12 +12,15 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::items::{items_response, parse_items, ItemRequest};
 use super::{parse_user_id, whole_number, ApiJson, AppState, UserIdPath};
 use crate::http::error::{ApiError, ErrorBody};
+use crate::items::ItemsInput;
 use crate::period::PeriodKind;
 use crate::plans::{FailPolicy, Overage, Plans};
 use crate::quota::{
-    known_plan, known_type, AccountLevel, Action, CounterView, Decision, DecisionInput, TypeUsage,
+    known_plan, known_type, AccountLevel, Action, CounterView, Decision, DecisionInput, Refund,
+    Refunded, TypeUsage,
 };
 use crate::store::{Level, LimitSource, MetaValue};
 
@@ -37,9 +40,9 @@ pub struct DecisionRequest {
     /// The user, a UUID.
     #[schema(format = Uuid)]
     user_id: String,
-    /// A configured usage type (see `GET /v1/plans`).
-    #[serde(rename = "type")]
-    usage_type: String,
+    /// A configured usage type (see `GET /v1/plans`). Required, unless the call carries `items`.
+    #[serde(default, rename = "type")]
+    usage_type: Option<String>,
     /// How much, 1 to 1,000,000; default 1. A whole number; `3.0` is the same as `3`.
     #[serde(default)]
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000000)]
@@ -60,28 +63,86 @@ pub struct DecisionRequest {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     metadata: Option<serde_json::Map<String, Value>>,
+    /// Several types in one call, all or nothing, in place of `type` and `amount` (and without
+    /// `metadata`): consume counts every item only if every item fits; check says whether they
+    /// would; track counts them all. 1 to 32 items, each type at most once. One idempotency key
+    /// covers the whole call.
+    #[serde(default)]
+    #[schema(min_items = 1, max_items = 32)]
+    items: Option<Vec<ItemRequest>>,
+}
+
+/// A decision body, validated: one type, or several (`items`).
+pub(crate) enum Validated<'p> {
+    One(DecisionInput<'p>),
+    Items(ItemsInput<'p>),
 }
 
 impl DecisionRequest {
-    fn validate(self, plans: &Plans) -> Result<DecisionInput<'_>, ApiError> {
+    fn validate(mut self, plans: &Plans) -> Result<Validated<'_>, ApiError> {
         let user = parse_user_id(&self.user_id)?;
-        let usage_type = known_type(plans, &self.usage_type)?;
+        if let Some(items) = self.items.take() {
+            let alone = |field: &str, what: &str| {
+                ApiError::invalid(
+                    "INVALID_ITEMS",
+                    field,
+                    format!("{field} cannot be sent with items; {what}."),
+                )
+            };
+            if self.usage_type.is_some() {
+                return Err(alone("type", "each item names its type"));
+            }
+            if self.amount.is_some() {
+                return Err(alone("amount", "each item carries its amount"));
+            }
+            if self.metadata.is_some() {
+                return Err(alone(
+                    "metadata",
+                    "metadata is recorded with one type: send it on a call for that type alone",
+                ));
+            }
+            let items = parse_items(items, plans)?;
+            let (idempotency_key, plan) = self.key_and_plan(plans)?;
+            return Ok(Validated::Items(ItemsInput {
+                user,
+                items,
+                idempotency_key,
+                plan,
+            }));
+        }
+        let Some(name) = &self.usage_type else {
+            return Err(ApiError::invalid(
+                "MISSING_FIELD",
+                "type",
+                "The field \"type\" is required (or \"items\", for several types in one call).",
+            ));
+        };
+        let usage_type = known_type(plans, name)?;
         let amount = parse_amount(self.amount.as_ref())?;
+        let (idempotency_key, plan) = self.key_and_plan(plans)?;
+        let metadata = parse_metadata(self.metadata)?;
+        Ok(Validated::One(DecisionInput {
+            user,
+            usage_type,
+            amount,
+            idempotency_key,
+            plan,
+            metadata,
+        }))
+    }
+
+    /// The idempotency key and the plan, checked (both optional); taken out of the body.
+    fn key_and_plan(
+        &mut self,
+        plans: &Plans,
+    ) -> Result<(Option<String>, Option<String>), ApiError> {
         if let Some(key) = &self.idempotency_key {
             check_idempotency_key(key, "idempotency_key")?;
         }
         if let Some(plan) = &self.plan {
             known_plan(plans, plan)?;
         }
-        let metadata = parse_metadata(self.metadata)?;
-        Ok(DecisionInput {
-            user,
-            usage_type,
-            amount,
-            idempotency_key: self.idempotency_key,
-            plan: self.plan,
-            metadata,
-        })
+        Ok((self.idempotency_key.take(), self.plan.take()))
     }
 }
 
@@ -339,17 +400,30 @@ async fn decide(
     body: DecisionRequest,
 ) -> Result<Response, ApiError> {
     let plans = state.quota.plans.current();
-    let input = body.validate(&plans)?;
-    let decision = state.quota.decide(action, &input, &plans).await?;
-    Ok(decision_response(&decision, action, input.amount, &plans))
+    match body.validate(&plans)? {
+        Validated::One(input) => {
+            let decision = state.quota.decide(action, &input, &plans).await?;
+            Ok(decision_response(&decision, action, input.amount, &plans))
+        }
+        Validated::Items(input) => {
+            let decision = state.quota.decide_items(action, &input, &plans).await?;
+            let amounts: Vec<u64> = input.items.iter().map(|i| i.amount).collect();
+            Ok(items_response(&decision, action, &amounts, &plans))
+        }
+    }
 }
 
 fn decision_response(d: &Decision, action: Action, amount: u64, plans: &Plans) -> Response {
     let answer = DecisionAnswer::new(d, action, amount, plans);
     let body = answer.body();
+    json_response(answer.status, answer.headers, body)
+}
+
+/// A JSON body already serialized, with its status and headers.
+pub(crate) fn json_response(status: StatusCode, headers: HeaderMap, body: Vec<u8>) -> Response {
     (
-        answer.status,
-        answer.headers,
+        status,
+        headers,
         [(
             axum::http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -510,6 +584,11 @@ impl<'a> DecisionAnswer<'a> {
         serde_json::to_vec(&self.json).expect("a decision serializes")
     }
 
+    /// The sentence of a refused consume.
+    pub(crate) fn error(&self) -> Option<&str> {
+        self.json.error.as_deref()
+    }
+
     /// The plan of the level shown.
     pub(crate) fn plan(&self) -> Option<&'a str> {
         self.json.plan
@@ -526,9 +605,9 @@ impl<'a> DecisionAnswer<'a> {
     post,
     path = "/v1/consume",
     tag = "quota",
-    description = "Atomically check the limit and, if allowed, count. The one call a gateway makes before the action.",
+    description = "Atomically check the limit and, if allowed, count. The one call a gateway makes before the action. With `items` in place of `type` and `amount`, several types at once, all or nothing: every item is counted only if every item fits (one atomic step), and a 402 names in `refused` every item that did not fit; the answer is then `ItemsJson`.",
     request_body = DecisionRequest,
-    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The count past which a consume is refused: the limit plus its overage cap (absent when unlimited or a soft limit)"), ("RateLimit-Remaining" = u64, description = "What is left before a refusal"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
+    responses((status = 200, description = "Allowed and counted (or the first answer again, for a repeated idempotency key)", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The count past which a consume is refused: the limit plus its overage cap (absent when unlimited or a soft limit)"), ("RateLimit-Remaining" = u64, description = "What is left before a refusal"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount (with items: some item) does not fit; nothing counted", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn consume(
@@ -543,7 +622,7 @@ pub async fn consume(
     post,
     path = "/v1/check",
     tag = "quota",
-    description = "The decision consume would make, counting nothing. 200 whether allowed or not; `allowed` says it.",
+    description = "The decision consume would make, counting nothing. 200 whether allowed or not; `allowed` says it. With `items`, whether all of them would fit.",
     request_body = DecisionRequest,
     responses((status = 200, description = "The decision", body = DecisionJson, headers(("RateLimit-Limit" = u64, description = "The count past which a consume is refused: the limit plus its overage cap (absent when unlimited or a soft limit)"), ("RateLimit-Remaining" = u64, description = "What is left before a refusal"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key names an earlier consume or track (check records nothing under a key)", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
@@ -560,7 +639,7 @@ pub async fn check(
     post,
     path = "/v1/track",
     tag = "quota",
-    description = "Count without enforcing, for actions that already happened; `used` may exceed `limit`.",
+    description = "Count without enforcing, for actions that already happened; `used` may exceed `limit`. With `items`, every item counted in one atomic step.",
     request_body = DecisionRequest,
     responses((status = 200, description = "Counted", body = DecisionJson), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key was used for a different call; IDEMPOTENCY_KEY_REFUNDED: it names a call that was refunded. Nothing counted", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
@@ -597,6 +676,29 @@ pub(crate) struct RefundJson<'a> {
     account: Option<PoolChangeJson>,
 }
 
+impl<'a> RefundJson<'a> {
+    fn of(r: &'a Refund) -> RefundJson<'a> {
+        RefundJson {
+            refunded: r.amount,
+            counter: CounterOfUser {
+                user_id: r.user,
+                usage_type: &r.usage_type,
+                plan: &r.plan,
+                counter: (&r.counter).into(),
+            },
+            account: PoolChangeJson::of(&r.account),
+        }
+    }
+}
+
+/// The refund of a call with items: every item given back.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RefundItemsJson<'a> {
+    user_id: Uuid,
+    /// Each item given back, sorted by type.
+    items: Vec<RefundJson<'a>>,
+}
+
 /// An account's pool after a refund or a release.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct PoolChangeJson {
@@ -626,7 +728,7 @@ impl PoolChangeJson {
     post,
     path = "/v1/refund",
     tag = "quota",
-    description = "Give back exactly one earlier consume or track, named by its idempotency key. Once only.",
+    description = "Give back exactly one earlier consume or track, named by its idempotency key. Once only. A call with items is given back whole: every item (the answer is then `RefundItemsJson`).",
     request_body = RefundRequest,
     responses((status = 200, description = "Given back", body = RefundJson), (status = 404, description = "Unknown or expired key", body = ErrorBody), (status = 409, description = "Refunded before", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
@@ -636,18 +738,16 @@ pub async fn refund(
     ApiJson(body): ApiJson<RefundRequest>,
 ) -> Result<Response, ApiError> {
     let user = parse_user_id(&body.user_id)?;
-    let r = state.quota.refund(user, &body.idempotency_key).await?;
-    let json = RefundJson {
-        refunded: r.amount,
-        counter: CounterOfUser {
-            user_id: r.user,
-            usage_type: &r.usage_type,
-            plan: &r.plan,
-            counter: (&r.counter).into(),
+    Ok(
+        match state.quota.refund(user, &body.idempotency_key).await? {
+            Refunded::One(r) => Json(RefundJson::of(&r)).into_response(),
+            Refunded::Items(items) => Json(RefundItemsJson {
+                user_id: user,
+                items: items.iter().map(RefundJson::of).collect(),
+            })
+            .into_response(),
         },
-        account: PoolChangeJson::of(&r.account),
-    };
-    Ok(Json(json).into_response())
+    )
 }
 
 /// Body of release.

@@ -51,6 +51,7 @@ pub use conn::Topology;
 pub mod counter;
 mod direct;
 mod dirty;
+mod items;
 pub mod keys;
 mod reservations;
 mod scan;
@@ -58,6 +59,7 @@ pub mod scripts;
 
 pub use counter::CounterHash;
 pub use dirty::{DirtyMember, DirtyScan};
+pub use items::{periods_of, Item, ItemsCall, ItemsMode, ItemsReply};
 pub use keys::{Owner, OwnerKeys, UserKeys};
 pub use reservations::{Due, Placed, ReserveCall, Settle, SettleReply, Settled};
 pub use scan::LiveCounter;
@@ -294,19 +296,10 @@ pub enum Change<'a> {
 /// A refund's outcome.
 #[derive(Debug, Clone)]
 pub enum RefundReply {
-    /// Given back; the counter's new total, the stored plan, the type, and the amount actually
-    /// given back (less than the call's when the counter held less; 0 changed nothing), the
-    /// overage after (what is given back comes off the overage first); for a call that counted
-    /// in the user's account's pool, the pool's new total, what it got back and its overage after.
-    Refunded {
-        used: u64,
-        overage: u64,
-        stored_plan: Option<String>,
-        usage_type: String,
-        amount: u64,
-        period: Period,
-        account: Option<(u64, u64, u64)>,
-    },
+    /// Given back (one type).
+    Refunded(RefundedItem),
+    /// Given back, every item of a call with items, in the order the call sent them to Redis.
+    RefundedItems(Vec<RefundedItem>),
     /// No record under that key.
     Missing,
     /// Refunded before.
@@ -315,6 +308,45 @@ pub enum RefundReply {
     Hydrate(Period, Level),
     /// The user's counters are not where the call was sent: what the route key holds there.
     Moved(String),
+}
+
+/// One type given back by a refund: the counter's new total, the stored plan, the type, and the
+/// amount actually given back (less than the call's when the counter held less; 0 changed
+/// nothing), the overage after (what is given back comes off the overage first); for a call that
+/// counted in the user's account's pool, the pool's new total, what it got back and its overage
+/// after.
+#[derive(Debug, Clone)]
+pub struct RefundedItem {
+    pub used: u64,
+    pub overage: u64,
+    pub stored_plan: Option<String>,
+    pub usage_type: String,
+    pub amount: u64,
+    pub period: Period,
+    pub account: Option<(u64, u64, u64)>,
+}
+
+impl RefundedItem {
+    /// From a refund script's figures: the user's (used after, given back, overage after) and,
+    /// when the pool got its part back, the pool's; `plan` as stored ("" for none).
+    fn from_script(
+        usage_type: String,
+        period: Period,
+        plan: String,
+        (used, given, overage): (i64, i64, i64),
+        pool: Option<(i64, i64, i64)>,
+    ) -> RefundedItem {
+        let whole = |n: i64| n.max(0) as u64;
+        RefundedItem {
+            used: whole(used),
+            overage: whole(overage),
+            stored_plan: (!plan.is_empty()).then_some(plan),
+            usage_type,
+            amount: whole(given),
+            period,
+            account: pool.map(|(u, g, o)| (whole(u), whole(g), whole(o))),
+        }
+    }
 }
 
 /// A release's outcome.
@@ -620,9 +652,22 @@ impl RedisStore {
     pub async fn refund(&self, keys: &UserKeys, key: &str) -> Result<RefundReply, StoreError> {
         let idem = keys.idempotency(key);
         let idem_read = idem.clone();
-        let period: Option<String> = self
-            .with_conn(|mut c| async move { c.hget(idem_read, "pe").await })
+        let (period, kind, periods): (Option<String>, Option<String>, Option<String>) = self
+            .with_conn(|mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(idem_read)
+                    .arg("pe")
+                    .arg("k")
+                    .arg("pes")
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
+        if kind.as_deref().is_some_and(|k| k.starts_with("multi:")) {
+            return self
+                .refund_items(keys, idem, periods.as_deref().unwrap_or(""))
+                .await;
+        }
         let Some(period) = period.as_deref().and_then(Period::parse_id) else {
             return Ok(RefundReply::Missing);
         };
@@ -654,21 +699,13 @@ impl RedisStore {
             Level::User
         };
         Ok(match status.as_str() {
-            "ok" => RefundReply::Refunded {
-                used: used.max(0) as u64,
-                overage: overage.max(0) as u64,
-                stored_plan: (!plan.is_empty()).then_some(plan),
+            "ok" => RefundReply::Refunded(RefundedItem::from_script(
                 usage_type,
-                amount: amount.max(0) as u64,
                 period,
-                account: (detail == "pool").then(|| {
-                    (
-                        account_used.max(0) as u64,
-                        account_given.max(0) as u64,
-                        account_overage.max(0) as u64,
-                    )
-                }),
-            },
+                plan,
+                (used, amount, overage),
+                (detail == "pool").then_some((account_used, account_given, account_overage)),
+            )),
             "refunded" => RefundReply::AlreadyRefunded,
             "hydrate" => RefundReply::Hydrate(period, level),
             "moved" => RefundReply::Moved(detail),

@@ -18,10 +18,16 @@ macro_rules! with_common {
 
 /// consume and track: check, count, version bump, dirty mark and idempotency record in one step.
 pub static CONSUME: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("consume.lua")));
+/// consume_many: consume, check or track several types in one call, all or nothing.
+pub static CONSUME_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_common!("consume_many.lua")));
 /// check: consume's decision without counting.
 pub static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("check.lua")));
 /// refund: give back one idempotent consume, once.
 pub static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("refund.lua")));
+/// refund_many: give back every item of one call with items, once.
+pub static REFUND_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_common!("refund_many.lua")));
 /// release: lower a lifetime counter.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(with_common!("release.lua")));
 /// hydrate: fill a missing counter hash from Postgres' totals.

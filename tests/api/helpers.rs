@@ -166,6 +166,21 @@ impl TestApp {
         Self::spawn_with(Options::default()).await
     }
 
+    /// A daemon under the plans file `plans` (written to a temporary file, returned with it: the
+    /// daemon reads it again on a reload), with `opts` for the rest.
+    pub async fn spawn_with_plans(
+        plans: &str,
+        opts: Options,
+    ) -> (TestApp, tempfile_path::TempPath) {
+        let file = tempfile_path::write(plans);
+        let app = Self::spawn_with(Options {
+            plans: Some(file.to_path_buf()),
+            ..opts
+        })
+        .await;
+        (app, file)
+    }
+
     /// A daemon on a Redis server of the test's own, every other option at its default.
     pub async fn spawn_on(redis: &PrivateRedis) -> TestApp {
         Self::spawn_with(Options {

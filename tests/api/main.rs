@@ -14,6 +14,7 @@ mod grpc;
 mod hydration;
 mod idempotency;
 mod inputs;
+mod items;
 mod model;
 mod month_start;
 mod notifications;

@@ -150,6 +150,18 @@ pub(crate) fn response_schema<'a>(
         ["schema"]
 }
 
+/// The alternative named `name` of a `oneOf` schema (a decision or the items' answer, say).
+pub(crate) fn one_of<'a>(schema: &'a Value, name: &str) -> &'a Value {
+    let suffix = format!("/{name}");
+    schema["oneOf"]
+        .as_array()
+        .and_then(|alts| {
+            alts.iter()
+                .find(|a| a["$ref"].as_str().is_some_and(|r| r.ends_with(&suffix)))
+        })
+        .unwrap_or_else(|| panic!("{name} is not an alternative of {schema}"))
+}
+
 #[tokio::test]
 async fn real_answers_carry_exactly_the_fields_their_schemas_describe() {
     let app = TestApp::spawn().await;
@@ -192,7 +204,13 @@ async fn real_answers_carry_exactly_the_fields_their_schemas_describe() {
         )
         .await;
 
-    let decision = properties(&spec, response_schema(&spec, "post", "/v1/consume", 200));
+    let decision = properties(
+        &spec,
+        one_of(
+            response_schema(&spec, "post", "/v1/consume", 200),
+            "DecisionJson",
+        ),
+    );
     assert_eq!(
         keys(&allowed.body).difference(&decision).count(),
         0,
@@ -201,11 +219,17 @@ async fn real_answers_carry_exactly_the_fields_their_schemas_describe() {
     );
     assert_eq!(
         keys(&refused.body),
-        properties(&spec, response_schema(&spec, "post", "/v1/consume", 402))
-            .into_iter()
-            // A member of an account's levels; this user has none.
-            .filter(|k| !["degraded", "user", "account"].contains(&k.as_str()))
-            .collect()
+        properties(
+            &spec,
+            one_of(
+                response_schema(&spec, "post", "/v1/consume", 402),
+                "DecisionJson",
+            ),
+        )
+        .into_iter()
+        // A member of an account's levels; this user has none.
+        .filter(|k| !["degraded", "user", "account"].contains(&k.as_str()))
+        .collect()
     );
     let no_account = |fields: BTreeSet<String>| -> BTreeSet<String> {
         fields.into_iter().filter(|k| k != "account").collect()
@@ -214,7 +238,10 @@ async fn real_answers_carry_exactly_the_fields_their_schemas_describe() {
         keys(&refund.body),
         no_account(properties(
             &spec,
-            response_schema(&spec, "post", "/v1/refund", 200)
+            one_of(
+                response_schema(&spec, "post", "/v1/refund", 200),
+                "RefundJson"
+            )
         ))
         .into_iter()
         // What reservations hold: a refund does not read it.
@@ -251,6 +278,7 @@ async fn real_answers_carry_exactly_the_fields_their_schemas_describe() {
         [
             "amount",
             "idempotency_key",
+            "items",
             "metadata",
             "plan",
             "type",
@@ -259,6 +287,60 @@ async fn real_answers_carry_exactly_the_fields_their_schemas_describe() {
         .map(String::from)
         .into()
     );
+
+    // Calls with items: the items' answer (allowed and refused), their refund, and the request.
+    let other = Uuid::new_v4();
+    let items = |amount: u64| {
+        json!({"user_id": other, "idempotency_key": format!("i{amount}"),
+            "items": [{"type": "export", "amount": amount}, {"type": "ai_generation"}]})
+    };
+    let counted = app.post("/v1/consume", items(4)).await;
+    let refused = app.post("/v1/consume", items(7)).await;
+    assert_eq!((counted.status, refused.status), (200, 402));
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": other, "idempotency_key": "i4"}),
+        )
+        .await;
+    let answer = |status| {
+        properties(
+            &spec,
+            one_of(
+                response_schema(&spec, "post", "/v1/consume", status),
+                "ItemsJson",
+            ),
+        )
+    };
+    let skip = |fields: BTreeSet<String>, absent: &[&str]| -> BTreeSet<String> {
+        fields
+            .into_iter()
+            .filter(|k| !absent.contains(&k.as_str()))
+            .collect()
+    };
+    assert_eq!(
+        keys(&counted.body),
+        skip(
+            answer(200),
+            &["degraded", "refused", "code", "upgrade_url", "error"]
+        )
+    );
+    assert_eq!(keys(&refused.body), skip(answer(402), &["degraded"]));
+    for item in counted.body["items"].as_array().unwrap() {
+        assert_eq!(keys(item).difference(&decision).count(), 0, "{item}");
+    }
+    assert_eq!(
+        keys(&refund.body),
+        properties(
+            &spec,
+            one_of(
+                response_schema(&spec, "post", "/v1/refund", 200),
+                "RefundItemsJson"
+            )
+        )
+    );
+    let item_request = properties(&spec, &spec["components"]["schemas"]["ItemRequest"]);
+    assert_eq!(item_request, ["amount", "type"].map(String::from).into());
 }
 
 /// The names a request may use, as the description lists them.

@@ -36,13 +36,7 @@ report        = -1
 "#;
 
 async fn spawn_with(plans: &str, opts: Options) -> (TestApp, tempfile_path::TempPath) {
-    let file = tempfile_path::write(plans);
-    let app = TestApp::spawn_with(Options {
-        plans: Some(file.to_path_buf()),
-        ..opts
-    })
-    .await;
-    (app, file)
+    TestApp::spawn_with_plans(plans, opts).await
 }
 
 async fn spawn() -> (TestApp, tempfile_path::TempPath) {

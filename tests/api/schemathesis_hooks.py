@@ -3,6 +3,7 @@
 - Each call carries the token of its scope: the admin token on the admin calls (a user's plan,
   reconcile) and on the usage page, the gateway token on every other call. The tokens come from
   QUOTAD_ST_ADMIN_TOKEN and QUOTAD_ST_GATEWAY_TOKEN, which the Rust test sets.
+- No decision body whose `items` name one type twice (filter_body): JSON Schema cannot rule it out.
 - No `deny_status` query on the gate (before_call): that form, for nginx, answers without a body.
 - The check `json_error_body`: every 4xx quotad answers is the JSON error body
   {"error": "<sentence>", "code": "<CODE>"}, plus a string `field` when present, and nothing else
@@ -94,6 +95,18 @@ def check_body(status, body):
         raise AssertionError(f"{status} error body has other keys {sorted(extra)}: {body!r}")
     return None
 
+
+
+@schemathesis.hook
+def filter_body(ctx, body):
+    """No decision body whose `items` name one type twice: quotad refuses it (400 INVALID_ITEMS,
+    "send each type once"), and no JSON Schema can say "each item's type at most once".
+    tests/api/items.rs covers that refusal."""
+    if isinstance(body, dict) and isinstance(body.get("items"), list):
+        types = [i.get("type") for i in body["items"] if isinstance(i, dict)]
+        named = [t for t in types if isinstance(t, str)]
+        return len(named) == len(set(named))
+    return True
 
 
 @schemathesis.hook
