@@ -30,7 +30,7 @@ use crate::metrics as m;
 use crate::plans::PlanBook;
 use crate::quota::Quota;
 use crate::refusals::Refusals;
-use crate::reservations::Sweeper;
+use crate::reservations::{OpenHolds, Sweeper};
 use crate::store::RedisStore;
 use crate::webhooks::Dispatcher;
 use background::Background;
@@ -114,7 +114,8 @@ impl App {
                 .with_endpoints(hooks.endpoints.clone(), wake.clone());
             Dispatcher::new(&db, hooks, wake)
         });
-        let sweeper = Sweeper::new(&store);
+        let holds = OpenHolds::default();
+        let sweeper = Sweeper::new(&store, holds.clone());
         let state = AppState::new(http::Shared {
             quota: Quota {
                 hydrator: Hydrator::new(
@@ -130,6 +131,7 @@ impl App {
                 clock,
                 refusals,
                 routes: Default::default(),
+                holds,
             },
             tokens: Arc::new(Tokens {
                 gateway: config.gateway_tokens().map(str::to_owned).collect(),

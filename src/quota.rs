@@ -496,6 +496,9 @@ pub struct Quota {
     pub hydrator: Hydrator,
     /// Where this replica believes each member of an account counts.
     pub routes: Routes,
+    /// The buckets with open reservations, for the reservation sweeper (see
+    /// [`crate::reservations::Sweeper`]).
+    pub holds: crate::reservations::OpenHolds,
 }
 
 impl Quota {

@@ -19,7 +19,9 @@
 //! no holds; the old pool's hold is freed at its expiry), and a commit or cancel of it then
 //! answers `UNKNOWN_RESERVATION`.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -254,7 +256,12 @@ impl Quota {
                 }
             }
             let held = reply.status != Status::Denied;
-            let expires_at = held.then(|| at_ms(reply.detail.parse().unwrap_or(0)));
+            let expires_ms: i64 = reply.detail.parse().unwrap_or(0);
+            let expires_at = held.then(|| at_ms(expires_ms));
+            if held {
+                // This daemon's sweeper frees it on time.
+                self.holds.note(keys.own().bucket(), expires_ms);
+            }
             if reply.status == Status::Ok {
                 m::reservation(&ty.name, "opened", &[("held", input.amount)]);
             } else if reply.status == Status::Denied {
@@ -407,41 +414,127 @@ pub struct SweepOutcome {
     pub gone: u64,
 }
 
+/// The buckets this daemon knows to hold open reservations, each with the earliest expiry it
+/// knows of there (ms, Redis' clock): what its reserves made, and what the sweeper's last look at
+/// a bucket showed. The sweeper looks only at the buckets due in it between its full passes.
+#[derive(Clone, Default)]
+pub struct OpenHolds(Arc<Mutex<HashMap<u16, i64>>>);
+
+impl OpenHolds {
+    /// A reservation in `bucket` expires at `expires_ms`.
+    pub fn note(&self, bucket: u16, expires_ms: i64) {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let at = known.entry(bucket).or_insert(expires_ms);
+        *at = (*at).min(expires_ms);
+    }
+
+    /// Takes the buckets with a known expiry at or before `now_ms` out.
+    fn take_due(&self, now_ms: i64) -> Vec<u16> {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let due: Vec<u16> = known
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(b, _)| *b)
+            .collect();
+        for b in &due {
+            known.remove(b);
+        }
+        due
+    }
+
+    /// How many buckets are known to hold open reservations.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Frees the holds of reservations past their expiry, in every bucket, whether or not their users
 /// call again. Runs every [`crate::config::Config::flush_interval`] on the flusher's thread, on a
 /// Redis connection of its own; several daemons may sweep at once (only an open, due reservation
 /// changes, in one atomic step).
+///
+/// Every [`FULL_PASS_EVERY`]th tick (and the first) is a full pass: every bucket's open set is
+/// read, and each bucket's earliest expiry not yet due is remembered in [`OpenHolds`], beside
+/// what this daemon's reserves note there. The ticks between look only at the buckets due in it:
+/// an idle daemon sends nothing between full passes, where reading 1,024 open sets each tick
+/// would cost Redis a thousand commands a second. A reservation is freed on time by the daemon
+/// that made it (or any that saw it in a full pass), and at the latest at the next full pass of
+/// any daemon when the one that made it stopped.
 #[derive(Clone)]
 pub struct Sweeper {
     store: RedisStore,
+    holds: OpenHolds,
 }
 
+/// A full sweeper pass every this many ticks (30 s at the default interval).
+pub const FULL_PASS_EVERY: u64 = 30;
+
 impl Sweeper {
-    /// A sweeper over the daemon's Redis, on a connection named [`SWEEPER_CONNECTION`].
-    pub fn new(store: &RedisStore) -> Sweeper {
+    /// A sweeper over the daemon's Redis, on a connection named [`SWEEPER_CONNECTION`], that
+    /// looks between full passes at the buckets `holds` knows (the daemon's reserves note theirs
+    /// there: give it [`crate::quota::Quota::holds`]).
+    pub fn new(store: &RedisStore, holds: OpenHolds) -> Sweeper {
         Sweeper {
             store: store.dedicated(SWEEPER_CONNECTION, SWEEP_REDIS_TIMEOUT),
+            holds,
         }
     }
 
-    /// One pass: every bucket's due reservations, [`SWEEP_PER_BUCKET`] at a time, until none is
-    /// left (or [`SWEEP_ROUNDS`] rounds). "Due" by Redis' clock as this daemon knows it (its wall
-    /// clock plus the measured offset); the script checks with Redis' own before it frees.
+    /// A full pass: every bucket's due reservations, [`SWEEP_PER_BUCKET`] at a time, until none
+    /// is left (or [`SWEEP_ROUNDS`] rounds). "Due" by Redis' clock as this daemon knows it (its
+    /// wall clock plus the measured offset); the script checks with Redis' own before it frees.
     pub async fn sweep_once(&self) -> Result<SweepOutcome, StoreError> {
+        let all: Vec<u16> = (0..store::BUCKETS).collect();
+        self.sweep(all).await
+    }
+
+    /// A pass over the buckets [`OpenHolds`] knows to be due.
+    pub async fn sweep_known(&self) -> Result<SweepOutcome, StoreError> {
+        let due = self.holds.take_due(self.redis_now_ms());
+        if due.is_empty() {
+            return Ok(SweepOutcome::default());
+        }
+        self.sweep(due).await
+    }
+
+    fn redis_now_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+            + self.store.clock_offset_ms().unwrap_or(0)
+    }
+
+    async fn sweep(&self, buckets: Vec<u16>) -> Result<SweepOutcome, StoreError> {
         let mut out = SweepOutcome::default();
+        let mut buckets = buckets;
         for _ in 0..SWEEP_ROUNDS {
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-                + self.store.clock_offset_ms().unwrap_or(0);
-            let (due, more) = self
+            let scan = match self
                 .store
-                .due_reservations(now_ms, SWEEP_PER_BUCKET)
-                .await?;
-            if due.is_empty() {
+                .due_reservations(self.redis_now_ms(), SWEEP_PER_BUCKET, &buckets)
+                .await
+            {
+                Ok(scan) => scan,
+                Err(e) => {
+                    // Looked at again at the next tick.
+                    for b in &buckets {
+                        self.holds.note(*b, 0);
+                    }
+                    return Err(e);
+                }
+            };
+            for (b, at) in &scan.next {
+                self.holds.note(*b, *at);
+            }
+            if scan.due.is_empty() {
                 break;
             }
-            for reply in self.store.expire(&due).await? {
+            let swept: Vec<u16> = scan.due.iter().map(|d| d.bucket).collect();
+            for reply in self.store.expire(&scan.due).await? {
                 match reply {
                     Ok(r) if r.status == Settled::Expired => {
                         m::reservation(&r.usage_type, "expired", &[("expired", r.amount)]);
@@ -455,21 +548,33 @@ impl Sweeper {
                     }
                 }
             }
-            if !more {
+            if !scan.more {
                 break;
             }
+            // Again, the buckets that had more due than one round takes.
+            buckets = swept;
+            buckets.sort_unstable();
+            buckets.dedup();
         }
         Ok(out)
     }
 
-    /// Sweeps every `interval` until `stop` turns true; a failed pass is logged, counted in
+    /// Sweeps every `interval` until `stop` turns true: a full pass every [`FULL_PASS_EVERY`]
+    /// ticks, the known due buckets between. A failed pass is logged, counted in
     /// `quotad_reservation_sweep_errors_total` and tried again at the next tick.
     pub async fn run(self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let mut tick: u64 = 0;
         loop {
-            if let Err(e) = self.sweep_once().await {
+            let pass = if tick.is_multiple_of(FULL_PASS_EVERY) {
+                self.sweep_once().await
+            } else {
+                self.sweep_known().await
+            };
+            if let Err(e) = pass {
                 metrics::counter!(m::SWEEP_ERRORS).increment(1);
                 tracing::warn!(error.message = %e, "reservation sweep failed; retrying");
             }
+            tick += 1;
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 _ = stop.wait_for(|s| *s) => return,

@@ -61,7 +61,7 @@ pub use counter::CounterHash;
 pub use dirty::{DirtyMember, DirtyScan};
 pub use items::{periods_of, Item, ItemsCall, ItemsMode, ItemsReply};
 pub use keys::{Owner, OwnerKeys, UserKeys};
-pub use reservations::{Due, Placed, ReserveCall, Settle, SettleReply, Settled};
+pub use reservations::{Due, DueScan, Placed, ReserveCall, Settle, SettleReply, Settled};
 pub use scan::LiveCounter;
 
 use std::collections::HashMap;

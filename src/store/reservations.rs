@@ -6,7 +6,7 @@
 use deadpool_redis::redis::{self, ScriptInvocation};
 use uuid::Uuid;
 
-use super::{keys, scripts, Owner, OwnerKeys, RedisStore, StoreError, UserKeys, BUCKETS};
+use super::{keys, scripts, Owner, OwnerKeys, RedisStore, StoreError, UserKeys};
 use crate::period::Period;
 use crate::plans::UsageType;
 
@@ -129,6 +129,18 @@ pub struct Due {
     pub placed: Option<Placed>,
 }
 
+/// What [`RedisStore::due_reservations`] found.
+#[derive(Debug, Default)]
+pub struct DueScan {
+    /// The due reservations, placed.
+    pub due: Vec<Due>,
+    /// Some bucket had more due than was taken.
+    pub more: bool,
+    /// Buckets with an open reservation not due yet, and the earliest such expiry (ms, Redis'
+    /// clock).
+    pub next: Vec<(u16, i64)>,
+}
+
 impl RedisStore {
     /// The reserve script's invocation (see `lua/reserve.lua`).
     pub fn reserve_invocation(&self, call: &ReserveCall<'_>) -> ScriptInvocation<'static> {
@@ -228,39 +240,51 @@ impl RedisStore {
         settle_reply(raw)
     }
 
-    /// The due members of every bucket's open set: expiry at or before `now_ms` (Redis' clock, as
-    /// this daemon estimates it; the expire script checks with Redis' own), at most `per_bucket`
-    /// of each, placed (each reservation read in a second pipeline). Members quotad did not
-    /// write are removed. Also whether some bucket had more due than was taken.
+    /// The due members of the open sets of `buckets`: expiry at or before `now_ms` (Redis'
+    /// clock, as this daemon estimates it; the expire script checks with Redis' own), at most
+    /// `per_bucket` of each, placed (each reservation read in a second pipeline). Members quotad
+    /// did not write are removed. Also whether some bucket had more due than was taken, and for
+    /// each bucket whose listing showed it, the earliest expiry not yet due (what the sweeper
+    /// looks at next).
     pub async fn due_reservations(
         &self,
         now_ms: i64,
         per_bucket: usize,
-    ) -> Result<(Vec<Due>, bool), StoreError> {
+        buckets: &[u16],
+    ) -> Result<DueScan, StoreError> {
         let mut prelude = redis::pipe();
         // Every batch names the connection again: a reconnected one has lost its name.
         self.set_name(&mut prelude);
         let mut batch = self.batch(prelude);
-        for b in 0..BUCKETS {
+        for b in buckets {
+            // One past the due ones: the earliest that is not due yet, when there is one.
             batch
-                .to(b)
+                .to(*b)
                 .cmd("ZRANGEBYSCORE")
-                .arg(keys::open_reservations_of(&self.prefix, b))
+                .arg(keys::open_reservations_of(&self.prefix, *b))
                 .arg("-inf")
-                .arg(now_ms)
+                .arg("+inf")
+                .arg("WITHSCORES")
                 .arg("LIMIT")
                 .arg(0)
-                .arg(per_bucket);
+                .arg(per_bucket + 1);
         }
-        let listed: Vec<Vec<String>> = self.run_batch_as(batch).await?;
-        let mut due = Vec::new();
+        let listed: Vec<Vec<(String, f64)>> = self.run_batch_as(batch).await?;
+        let mut scan = DueScan::default();
         let mut garbage = Vec::new();
-        let mut more = false;
-        for (b, members) in (0..BUCKETS).zip(listed) {
-            more |= members.len() >= per_bucket;
-            for member in members {
+        for (b, members) in buckets.iter().copied().zip(listed) {
+            for (taken, (member, score)) in members.into_iter().enumerate() {
+                let score = score as i64;
+                if score > now_ms {
+                    scan.next.push((b, score));
+                    break;
+                }
+                if taken == per_bucket {
+                    scan.more = true;
+                    break;
+                }
                 match keys::parse_reservation_member(&member) {
-                    Some((user, rid)) => due.push(Due {
+                    Some((user, rid)) => scan.due.push(Due {
                         bucket: b,
                         user,
                         rid,
@@ -279,11 +303,11 @@ impl RedisStore {
             }
             self.run_batch_as::<redis::Value>(batch).await?;
         }
-        if due.is_empty() {
-            return Ok((due, more));
+        if scan.due.is_empty() {
+            return Ok(scan);
         }
         let mut batch = self.batch(redis::pipe());
-        for d in &due {
+        for d in &scan.due {
             batch
                 .to(d.bucket)
                 .cmd("HMGET")
@@ -293,10 +317,10 @@ impl RedisStore {
                 .arg("ac");
         }
         let read: Vec<Fields> = self.run_batch_as(batch).await?;
-        for (d, fields) in due.iter_mut().zip(read) {
+        for (d, fields) in scan.due.iter_mut().zip(read) {
             d.placed = placed(fields);
         }
-        Ok((due, more))
+        Ok(scan)
     }
 
     /// Expires `due` reservations (see `lua/expire.lua`): one script each, all in one batch of

@@ -360,7 +360,7 @@ async fn an_expired_hold_is_freed_by_the_sweeper_while_the_user_makes_no_call() 
 async fn a_due_reservation_is_expired_by_whichever_comes_first_the_sweeper_or_its_close() {
     // No background sweeper (the default test interval is an hour): passes by hand.
     let app = TestApp::spawn().await;
-    let sweeper = quotad::reservations::Sweeper::new(&app.state.quota.store);
+    let sweeper = quotad::reservations::Sweeper::new(&app.state.quota.store, Default::default());
     let user = Uuid::new_v4();
     let not_yet = held(&app, user, "ai_generation", 5, 300).await;
     let soon = held(&app, user, "ai_generation", 7, 1).await;
@@ -591,7 +591,7 @@ async fn a_members_hold_holds_in_the_pool_too() {
 #[tokio::test]
 async fn a_reservation_left_behind_by_a_membership_change_is_freed_at_its_expiry() {
     let app = TestApp::spawn().await;
-    let sweeper = quotad::reservations::Sweeper::new(&app.state.quota.store);
+    let sweeper = quotad::reservations::Sweeper::new(&app.state.quota.store, Default::default());
     let user = Uuid::new_v4();
     // An account in another bucket than the user's own, so leaving it moves the counters.
     let account = std::iter::repeat_with(Uuid::new_v4)
@@ -1281,4 +1281,45 @@ async fn a_hold_may_reach_into_the_overage_cap_and_its_commit_counts_overage_as_
         "{:?}",
         soft.body
     );
+}
+
+#[tokio::test]
+async fn between_full_passes_the_sweeper_looks_only_at_the_buckets_its_daemon_s_reserves_noted() {
+    // No background sweeper ticks here (the default test interval is an hour): passes by hand.
+    let app = TestApp::spawn().await;
+    let noted =
+        quotad::reservations::Sweeper::new(&app.state.quota.store, app.state.quota.holds.clone());
+    let blind = quotad::reservations::Sweeper::new(&app.state.quota.store, Default::default());
+    let user = Uuid::new_v4();
+    assert!(app.state.quota.holds.is_empty());
+    held(&app, user, "ai_generation", 7, 1).await;
+    assert_eq!(
+        app.state.quota.holds.len(),
+        1,
+        "the reserve noted its bucket"
+    );
+    assert_eq!(noted.sweep_known().await.unwrap().expired, 0, "not due yet");
+    assert_eq!(app.state.quota.holds.len(), 1, "still noted");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A sweeper that knows of no reservation does not look at all between full passes.
+    assert_eq!(blind.sweep_known().await.unwrap(), Default::default());
+    let swept = noted.sweep_known().await.unwrap();
+    assert_eq!((swept.expired, swept.freed), (1, 7));
+    assert!(app.state.quota.holds.is_empty(), "nothing left to look at");
+    assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 0);
+
+    // A full pass finds what another daemon made (here: what no registry noted), and learns
+    // the earliest expiry not due yet of every bucket it saw.
+    held(&app, user, "ai_generation", 3, 1).await;
+    held(&app, user, "ai_generation", 4, 300).await;
+    assert_eq!(blind.sweep_once().await.unwrap().expired, 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let swept = blind.sweep_known().await.unwrap();
+    assert_eq!(
+        (swept.expired, swept.freed),
+        (1, 3),
+        "learned in the full pass"
+    );
+    assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 4);
 }
