@@ -123,6 +123,80 @@ impl Period {
     }
 }
 
+/// A billing anchor: the day of the month and the UTC time of day at which a subscription's
+/// monthly periods start (a user who subscribed on 31 January at 09:30 renews on the 31st at
+/// 09:30). In a month without that day the period starts on the month's last day, at the same
+/// time: an anchor on the 31st gives 28 (29) February and 30 April, and goes back to the 31st in
+/// March. Periods under one anchor tile time: each ends where the next starts.
+///
+/// This is the period math of anniversary billing; the decisions still count in calendar months
+/// ([`Period`]), which are the periods of an anchor on the 1st at midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Anchor {
+    /// The day of the month, 1..=31.
+    day: u32,
+    /// The time of day, UTC.
+    time: chrono::NaiveTime,
+}
+
+impl Anchor {
+    /// The anchor of a subscription that started at `at`: its day of the month and time of day.
+    pub fn of(at: DateTime<Utc>) -> Anchor {
+        Anchor {
+            day: at.day(),
+            time: at.time(),
+        }
+    }
+
+    /// The anchor's day of the month, 1..=31.
+    pub fn day(self) -> u32 {
+        self.day
+    }
+
+    /// The instant in `year`'s `month` (1..=12) at which a period starts: the anchor's day,
+    /// clamped to the month's last day, at the anchor's time.
+    pub fn start_in(self, year: i32, month: u32) -> DateTime<Utc> {
+        let day = self.day.min(days_in_month(year, month));
+        let date = NaiveDate::from_ymd_opt(year, month, day).expect("a day of the month");
+        Utc.from_utc_datetime(&date.and_time(self.time))
+    }
+
+    /// The period `[start, end)` that contains `now`.
+    pub fn period_containing(self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+        let (year, month) = (now.year(), now.month());
+        let here = self.start_in(year, month);
+        if now >= here {
+            let (ny, nm) = next_month(year, month);
+            (here, self.start_in(ny, nm))
+        } else {
+            let (py, pm) = previous_month(year, month);
+            (self.start_in(py, pm), here)
+        }
+    }
+}
+
+/// How many days `year`'s `month` (1..=12) has.
+fn days_in_month(year: i32, month: u32) -> u32 {
+    let (ny, nm) = next_month(year, month);
+    (first_instant(ny, nm) - first_instant(year, month)).num_days() as u32
+}
+
+fn next_month(year: i32, month: u32) -> (i32, u32) {
+    if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    }
+}
+
+fn previous_month(year: i32, month: u32) -> (i32, u32) {
+    if month == 1 {
+        (year - 1, 12)
+    } else {
+        (year, month - 1)
+    }
+}
+
 fn first_instant(year: i32, month: u32) -> DateTime<Utc> {
     let date = NaiveDate::from_ymd_opt(year, month, 1).expect("month is 1..=12");
     Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight exists"))
@@ -279,6 +353,56 @@ mod tests {
         assert_eq!(p.expire_at(chrono::Duration::days(35)), Some(expected));
     }
 
+    #[test]
+    fn an_anchor_on_the_31st_clamps_to_february_and_april_and_comes_back_in_march() {
+        let anchor = Anchor::of(at("2026-01-31T09:30:00Z"));
+        let starts: Vec<DateTime<Utc>> = [(2027, 1), (2027, 2), (2027, 3), (2027, 4), (2027, 5)]
+            .iter()
+            .map(|(y, m)| anchor.start_in(*y, *m))
+            .collect();
+        assert_eq!(
+            starts,
+            [
+                at("2027-01-31T09:30:00Z"),
+                at("2027-02-28T09:30:00Z"),
+                at("2027-03-31T09:30:00Z"),
+                at("2027-04-30T09:30:00Z"),
+                at("2027-05-31T09:30:00Z"),
+            ]
+        );
+        // A leap year's February has the 29th.
+        assert_eq!(anchor.start_in(2028, 2), at("2028-02-29T09:30:00Z"));
+        assert_eq!(
+            anchor.period_containing(at("2028-03-01T00:00:00Z")),
+            (at("2028-02-29T09:30:00Z"), at("2028-03-31T09:30:00Z"))
+        );
+        // Before the anchor's time on its day, the period is still the one before.
+        assert_eq!(
+            anchor.period_containing(at("2027-03-31T09:29:59.999Z")),
+            (at("2027-02-28T09:30:00Z"), at("2027-03-31T09:30:00Z"))
+        );
+        assert_eq!(
+            anchor.period_containing(at("2027-03-31T09:30:00Z")),
+            (at("2027-03-31T09:30:00Z"), at("2027-04-30T09:30:00Z"))
+        );
+    }
+
+    #[test]
+    fn an_anchor_on_the_first_at_midnight_gives_the_calendar_months() {
+        let anchor = Anchor::of(at("2026-01-01T00:00:00Z"));
+        for t in [
+            "2026-11-30T23:59:59.999Z",
+            "2026-12-01T00:00:00Z",
+            "2028-02-29T12:00:00Z",
+        ] {
+            let p = month_at(t);
+            assert_eq!(
+                anchor.period_containing(at(t)),
+                (p.start(), p.end().unwrap())
+            );
+        }
+    }
+
     mod props {
         //! Properties of the period math over any instant from 1970 to 2400, to the millisecond.
         use super::super::*;
@@ -357,6 +481,37 @@ mod tests {
                 if let Some(p) = Period::parse_id(&s) {
                     prop_assert_eq!(p.id(), s);
                 }
+            }
+
+            #[test]
+            fn every_instant_lies_in_exactly_one_anchored_period_and_periods_tile_time(
+                a in instant(),
+                t in instant(),
+            ) {
+                let anchor = Anchor::of(a);
+                let (start, end) = anchor.period_containing(t);
+                prop_assert!(start <= t && t < end, "{t} outside [{start}, {end})");
+                // Contiguous: the next period starts where this one ends, the one before ends
+                // where it starts; so no other period contains t.
+                prop_assert_eq!(anchor.period_containing(end).0, end);
+                prop_assert_eq!(
+                    anchor.period_containing(start - chrono::Duration::milliseconds(1)).1,
+                    start
+                );
+                prop_assert_eq!(anchor.period_containing(start), (start, end));
+                prop_assert_eq!(
+                    anchor.period_containing(end - chrono::Duration::milliseconds(1)),
+                    (start, end)
+                );
+                // Clamped: each start is the anchor's day, or the month's last day when the month
+                // is shorter, at the anchor's time.
+                for s in [start, end] {
+                    prop_assert_eq!(s.time(), a.time());
+                    prop_assert_eq!(s.day(), a.day().min(days_in_month(s.year(), s.month())));
+                }
+                // One period a month: 28 to 31 days, with the start in consecutive months.
+                prop_assert!((28..=31).contains(&(end - start).num_days()), "{start} {end}");
+                prop_assert_eq!(next_month(start.year(), start.month()), (end.year(), end.month()));
             }
 
             #[test]
