@@ -47,8 +47,9 @@ impl RedisStore {
         keys::counter_in(&self.prefix, m.bucket, m.owner, m.period)
     }
 
-    /// The oldest `per_bucket` members of each dirty set in `buckets`, and the sets' sizes, in
-    /// one pipeline.
+    /// The oldest `per_bucket` members of each dirty set in `buckets`, and the sets' sizes: one
+    /// pipeline of `ZRANGE`s, then `ZCARD` only for the sets that filled their range (a shorter
+    /// range is the whole set), so an idle pass costs Redis one command a bucket.
     pub async fn scan_dirty(
         &self,
         buckets: impl IntoIterator<Item = u16>,
@@ -60,19 +61,29 @@ impl RedisStore {
         self.set_name(&mut prelude);
         let mut batch = self.batch(prelude);
         for b in &buckets {
-            let key = self.dirty_key_of(*b);
-            batch.to(*b).zcard(&key);
             batch
                 .to(*b)
-                .zrange_withscores(&key, 0, per_bucket as isize - 1);
+                .zrange_withscores(self.dirty_key_of(*b), 0, per_bucket as isize - 1);
         }
-        let replies: Vec<redis::Value> = self.run_batch_as(batch).await?;
+        let listed: Vec<Vec<(String, f64)>> = self.run_batch_as(batch).await?;
+        let full: Vec<u16> = buckets
+            .iter()
+            .zip(&listed)
+            .filter(|(_, l)| l.len() >= per_bucket)
+            .map(|(b, _)| *b)
+            .collect();
+        let mut cards: HashMap<u16, u64> = HashMap::new();
+        if !full.is_empty() {
+            let mut batch = self.batch(redis::pipe());
+            for b in &full {
+                batch.to(*b).zcard(self.dirty_key_of(*b));
+            }
+            let counted: Vec<u64> = self.run_batch_as(batch).await?;
+            cards.extend(full.iter().copied().zip(counted));
+        }
         let mut scan = DirtyScan::default();
-        for (b, pair) in buckets.iter().zip(replies.chunks(2)) {
-            let card: u64 =
-                redis::from_redis_value_ref(&pair[0]).map_err(|e| StoreError::Redis(e.into()))?;
-            let listed: Vec<(String, f64)> =
-                redis::from_redis_value_ref(&pair[1]).map_err(|e| StoreError::Redis(e.into()))?;
+        for (b, listed) in buckets.iter().zip(listed) {
+            let card = cards.get(b).copied().unwrap_or(0).max(listed.len() as u64);
             scan.backlog += card;
             if card > listed.len() as u64 {
                 scan.hot.push(*b);
