@@ -1144,6 +1144,46 @@ pub async fn redeliver(db: &PgPool, event: &str) -> Result<Option<u64>, sqlx::Er
     Ok(Some(done.rows_affected()))
 }
 
+/// One past period of one type of a user, as `usage_tracking` holds it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PeriodTotal {
+    /// The usage type.
+    #[sqlx(rename = "type")]
+    pub usage_type: String,
+    /// The count.
+    pub count: i64,
+    /// Units counted past the limit.
+    pub overage: i64,
+    /// The period's first instant, as the row carries it.
+    pub period_start: DateTime<Utc>,
+    /// The period's end (exclusive), as the row carries it.
+    pub period_end: DateTime<Utc>,
+}
+
+/// The user's rows of `types` whose period started after `after` and not after `until`, by type
+/// and then oldest first. Lifetime rows (no end) are left out: they have no history.
+pub async fn usage_history(
+    db: impl PgExecutor<'_>,
+    user: Uuid,
+    types: &[String],
+    after: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<PeriodTotal>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT type, COALESCE(count, 0) AS count, overage, period_start, period_end
+         FROM usage_tracking
+         WHERE user_id = $1 AND type = ANY($2) AND period_end IS NOT NULL
+           AND period_start > $3 AND period_start <= $4
+         ORDER BY type, period_start",
+    )
+    .bind(user)
+    .bind(types)
+    .bind(after)
+    .bind(until)
+    .fetch_all(db)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@
 //! - [`reservations`]: holds against the limit until the work's cost is known, and their sweeper.
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`gate`]: the gate's route table, for gateways that ask before proxying.
+//! - [`history`]: a user's usage in past periods.
 //! - [`http`]: the v1 API.
 //! - [`grpc`]: Envoy's rate-limit service and grpc.health.v1, on `QUOTAD_GRPC_LISTEN`.
 //! - [`app`]: wiring, start-up and shutdown.
@@ -34,6 +35,7 @@ pub mod events;
 pub mod flusher;
 pub mod gate;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod hydrate;
 pub mod items;

@@ -2,8 +2,10 @@
 //! and scopes), `layers` (readiness gate, load shedding, request tracing), `extract` (bodies,
 //! paths and queries whose every fault is a clear 4xx), `error` (the one error type, and the
 //! mapping of the domain's errors to status, code and sentence); the handlers: `quota` (decisions
-//! and counters), `reservations` (reserve, commit, cancel), `accounts` (memberships, account plans and usage, limit overrides), `admin`
-//! (plans and reconcile), `ui` (the usage page), `health`, `openapi`.
+//! and counters), `history` (a user's past periods), `reservations` (reserve, commit, cancel),
+//! `accounts` (memberships, account plans and usage, limit overrides), `admin` (plans and
+//! reconcile), `events` (the outbox), `ui` (the usage page), `health`,
+//! `openapi`.
 
 mod accounts;
 mod admin;
@@ -13,6 +15,7 @@ mod events;
 mod extract;
 mod gate;
 pub mod health;
+mod history;
 mod items;
 mod layers;
 pub mod openapi;
@@ -104,6 +107,10 @@ pub fn router(state: AppState) -> Router {
             post(reservations::cancel),
         )
         .route("/v1/users/{user_id}/usage", get(quota::usage))
+        .route(
+            "/v1/users/{user_id}/usage/history",
+            get(history::usage_history),
+        )
         .route(
             "/v1/accounts/{account_id}/usage",
             get(accounts::account_usage),

@@ -12,7 +12,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    accounts, admin, events, gate, health, items, quota, reservations, ui, AppState, MAX_BODY,
+    accounts, admin, events, gate, health, history, items, quota, reservations, ui, AppState,
+    MAX_BODY,
 };
 use crate::period::PeriodKind;
 use crate::plans::Plans;
@@ -36,6 +37,7 @@ use crate::plans::Plans;
         reservations::commit,
         reservations::cancel,
         quota::usage,
+        history::usage_history,
         quota::plans,
         admin::put_plan,
         admin::get_plan,

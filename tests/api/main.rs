@@ -11,6 +11,7 @@ mod flusher;
 mod gate;
 mod gateways;
 mod grpc;
+mod history;
 mod hydration;
 mod idempotency;
 mod inputs;
