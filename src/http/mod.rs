@@ -4,14 +4,15 @@
 //! mapping of the domain's errors to status, code and sentence); the handlers: `quota` (decisions
 //! and counters), `history` (a user's past periods), `reservations` (reserve, commit, cancel),
 //! `accounts` (memberships, account plans and usage, limit overrides), `admin` (plans and
-//! reconcile), `events` (the outbox), `ui` (the usage page), `health`,
-//! `openapi`.
+//! reconcile), `events` (the outbox), `export` (a period's totals, for invoicing), `ui` (the
+//! usage page), `health`, `openapi`.
 
 mod accounts;
 mod admin;
 mod auth;
 pub mod error;
 mod events;
+mod export;
 mod extract;
 mod gate;
 pub mod health;
@@ -87,6 +88,8 @@ pub struct Shared {
     pub limits: Arc<Limits>,
     /// Whether Redis's eviction policy could delete counters (quotad then refuses to serve).
     pub eviction: Arc<health::EvictionCheck>,
+    /// The usage exports' connections and slots.
+    pub exports: Arc<crate::export::Exports>,
 }
 
 /// The whole API.
@@ -144,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/reconcile", post(admin::reconcile))
         .route("/v1/admin/events", get(events::list))
+        .route("/v1/admin/usage/export", get(export::usage_export))
         .route("/v1/admin/events/{id}/redeliver", post(events::redeliver))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), Scope::Admin),

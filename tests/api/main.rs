@@ -6,6 +6,7 @@ mod cluster;
 mod consume;
 mod durability;
 mod errors;
+mod export;
 mod faults;
 mod flusher;
 mod gate;
