@@ -189,8 +189,9 @@ async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, Failure>
     Ok(report.drift.is_empty() || (args.repair && report.repaired as usize == report.drift.len()))
 }
 
-/// `quotad export`: the period's rows, streamed from Postgres to stdout or to `--output` (written
-/// to `<FILE>.part` and renamed once complete, so a failed run leaves no file that looks whole).
+/// `quotad export`: the period's rows, streamed from Postgres to stdout or to `--output` (a file
+/// is written to `<FILE>.part` and renamed once complete, so a failed run leaves no file that
+/// looks whole; a device or a pipe is written directly).
 async fn export(args: ExportArgs) -> Result<(), Failure> {
     use futures_util::StreamExt;
     use std::io::Write;
@@ -199,7 +200,26 @@ async fn export(args: ExportArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Config(e.to_string()))?;
     let names = quotad::export::PlanNames::of(&plans.current());
     let pool = db::lazy_pool(&args.config.database_url, None).map_err(Failure::DatabaseUrl)?;
+    // A device or a pipe (`--output /dev/null`) is written as it is: only a file is renamed.
+    let special = args
+        .output
+        .as_ref()
+        .is_some_and(|path| std::fs::metadata(path).is_ok_and(|m| !m.file_type().is_file()));
     let (mut out, what, part): (Box<dyn Write>, String, _) = match &args.output {
+        Some(path) if special => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| Failure::Output {
+                    what: path.display().to_string(),
+                    source,
+                })?;
+            (
+                Box::new(std::io::BufWriter::new(file)),
+                path.display().to_string(),
+                None,
+            )
+        }
         Some(path) => {
             let mut part = path.as_os_str().to_owned();
             part.push(".part");

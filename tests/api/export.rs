@@ -433,6 +433,7 @@ async fn the_export_command_writes_what_the_api_streams_and_exits_by_outcome() {
     );
     let written = std::fs::read_to_string(&file).unwrap_or_default();
     let _ = std::fs::remove_file(&file);
+    let to_device = cli(&app, &["--period", &month, "--output", "/dev/null"]);
     let bad_period = cli(&app, &["--period", "2026-13"]);
     let bad_format = cli(&app, &["--period", &month, "--format", "xml"]);
     let no_period = cli(&app, &[]);
@@ -470,6 +471,17 @@ async fn the_export_command_writes_what_the_api_streams_and_exits_by_outcome() {
     assert!(to_file.stdout.is_empty());
     assert_eq!(written, http);
     assert!(!std::path::Path::new(&part).exists());
+    assert_eq!(
+        to_device.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&to_device.stderr)
+    );
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let null = std::fs::metadata("/dev/null").unwrap().file_type();
+        assert!(null.is_char_device(), "a device is written, not replaced");
+    }
     for (out, what) in [
         (&bad_period, "--period"),
         (&bad_format, "--format"),
