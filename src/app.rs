@@ -116,6 +116,7 @@ impl App {
         });
         let holds = OpenHolds::default();
         let sweeper = Sweeper::new(&store, holds.clone());
+        let exports = Arc::new(crate::export::Exports::new(&db));
         let state = AppState::new(http::Shared {
             quota: Quota {
                 hydrator: Hydrator::new(
@@ -145,6 +146,7 @@ impl App {
                 config.request_timeout(),
             )),
             eviction: Arc::new(http::health::EvictionCheck::default()),
+            exports,
         });
         Ok(App {
             config,

@@ -29,6 +29,9 @@ pub enum Command {
     /// Compare Redis with Postgres for one period, print the drift, optionally repair it.
     /// Exits 1 when drift remains, 0 when there is none (or all of it was repaired).
     Reconcile(ReconcileArgs),
+    /// Write every user's totals of one period, for invoicing, as CSV or JSON lines (to stdout, or
+    /// to --output). Exits 2 on a bad argument, 1 when Postgres fails (a file is then not left).
+    Export(ExportArgs),
     /// Load-test a running quotad's consume, against the raw-Redis ceiling in the same run: runs
     /// `quotad-bench` (built beside `quotad`) with these arguments (`quotad bench --help`).
     #[command(disable_help_flag = true)]
@@ -61,12 +64,42 @@ pub struct ReconcileArgs {
     pub config: Config,
 }
 
+/// Arguments of `quotad export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The period: a month such as `2026-11` (every period that began in it, UTC), or `lifetime`.
+    #[arg(long, value_parser = export_period)]
+    pub period: crate::export::ExportPeriod,
+    /// `csv` (RFC 4180, with a header line) or `jsonl` (one JSON object per line).
+    #[arg(long, default_value = "csv", value_parser = export_format)]
+    pub format: crate::export::Format,
+    /// Write to this file instead of stdout. It appears whole, or not at all: the rows go to
+    /// `<FILE>.part`, renamed when the last is written.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Where to connect (`QUOTAD_DATABASE_URL`), and the plans file (`QUOTAD_PLANS`) that names
+    /// the default plan.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+fn export_period(text: &str) -> Result<crate::export::ExportPeriod, String> {
+    crate::export::ExportPeriod::parse(text).ok_or_else(|| {
+        "use a month such as 2026-11 (four digits, a dash, two digits), or lifetime".to_owned()
+    })
+}
+
+fn export_format(text: &str) -> Result<crate::export::Format, String> {
+    crate::export::Format::parse(text).ok_or_else(|| "use csv or jsonl".to_owned())
+}
+
 impl Command {
     /// The configuration every subcommand carries.
     pub fn config(&self) -> &Config {
         match self {
             Command::Serve(c) | Command::Migrate(c) => c,
             Command::Reconcile(r) => &r.config,
+            Command::Export(e) => &e.config,
             Command::Bench { .. } => {
                 static DEFAULTS: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
                 DEFAULTS.get_or_init(Config::defaults)

@@ -1144,6 +1144,134 @@ pub async fn redeliver(db: &PgPool, event: &str) -> Result<Option<u64>, sqlx::Er
     Ok(Some(done.rows_affected()))
 }
 
+/// One past period of one type of a user, as `usage_tracking` holds it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PeriodTotal {
+    /// The usage type.
+    #[sqlx(rename = "type")]
+    pub usage_type: String,
+    /// The count.
+    pub count: i64,
+    /// Units counted past the limit.
+    pub overage: i64,
+    /// The period's first instant, as the row carries it.
+    pub period_start: DateTime<Utc>,
+    /// The period's end (exclusive), as the row carries it.
+    pub period_end: DateTime<Utc>,
+}
+
+/// The user's rows of `types` whose period started after `after` and not after `until`, by type
+/// and then oldest first. Lifetime rows (no end) are left out: they have no history.
+pub async fn usage_history(
+    db: impl PgExecutor<'_>,
+    user: Uuid,
+    types: &[String],
+    after: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<PeriodTotal>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT type, COALESCE(count, 0) AS count, overage, period_start, period_end
+         FROM usage_tracking
+         WHERE user_id = $1 AND type = ANY($2) AND period_end IS NOT NULL
+           AND period_start > $3 AND period_start <= $4
+         ORDER BY type, period_start",
+    )
+    .bind(user)
+    .bind(types)
+    .bind(after)
+    .bind(until)
+    .fetch_all(db)
+    .await
+}
+
+/// The name of the export's cursor (one per transaction).
+const EXPORT_CURSOR: &str = "usage_export";
+
+/// Which `usage_tracking` rows an export reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportRange {
+    /// Rows of a period that began in `[start, end)` (lifetime rows left out).
+    Began {
+        /// First instant.
+        start: DateTime<Utc>,
+        /// First instant after.
+        end: DateTime<Utc>,
+    },
+    /// The lifetime rows (no end).
+    Lifetime,
+}
+
+/// One row of an export: a user's total of one type in one period, with the user's plan.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExportRow {
+    /// The user.
+    pub user_id: Uuid,
+    /// The user's plan in force now.
+    pub plan: String,
+    /// The usage type.
+    #[sqlx(rename = "type")]
+    pub usage_type: String,
+    /// The count.
+    pub used: i64,
+    /// Units counted past the limit.
+    pub overage: i64,
+    /// The summed numeric metadata (and the latest other values), as the flusher wrote them.
+    pub metadata: serde_json::Value,
+    /// The period's first instant.
+    pub period_start: DateTime<Utc>,
+    /// The period's end (exclusive); `None` for lifetime rows.
+    pub period_end: Option<DateTime<Utc>>,
+}
+
+/// Opens the export's cursor in `tx` (a transaction: a cursor lives until it ends): every row of
+/// `range` by user, type and period, with the user's stored plan where it is one of `plans`, else
+/// `default_plan` (the plan quotad applies). Reading it is [`fetch_export`]'s.
+pub async fn declare_export(
+    tx: &mut PgConnection,
+    range: ExportRange,
+    plans: &[String],
+    default_plan: &str,
+) -> Result<(), sqlx::Error> {
+    let (filter, start, end) = match range {
+        ExportRange::Began { start, end } => (
+            "u.period_end IS NOT NULL AND u.period_start >= $3 AND u.period_start < $4",
+            Some(start),
+            Some(end),
+        ),
+        // $3 and $4 are bound (null) either way, so both statements take the same parameters.
+        ExportRange::Lifetime => (
+            "u.period_end IS NULL AND $3::timestamptz IS NULL AND $4::timestamptz IS NULL",
+            None,
+            None,
+        ),
+    };
+    sqlx::query(sql(format!(
+        "DECLARE {EXPORT_CURSOR} NO SCROLL CURSOR FOR
+         SELECT u.user_id,
+                CASE WHEN p.plan = ANY($1) THEN p.plan ELSE $2 END AS plan,
+                u.type, COALESCE(u.count, 0) AS used, u.overage,
+                COALESCE(u.metadata, '{{}}'::jsonb) AS metadata,
+                u.period_start, u.period_end
+         FROM usage_tracking u LEFT JOIN user_plans p ON p.user_id = u.user_id
+         WHERE {filter}
+         ORDER BY u.user_id, u.type, u.period_start"
+    )))
+    .bind(plans)
+    .bind(default_plan)
+    .bind(start)
+    .bind(end)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The next `n` rows of the cursor [`declare_export`] opened; none once it is read to the end.
+pub async fn fetch_export(tx: &mut PgConnection, n: u32) -> Result<Vec<ExportRow>, sqlx::Error> {
+    sqlx::query_as(sql(format!("FETCH FORWARD {n} FROM {EXPORT_CURSOR}")))
+        .fetch_all(tx)
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,8 @@
 //! - [`reservations`]: holds against the limit until the work's cost is known, and their sweeper.
 //! - [`flusher`]: writes dirty Redis counters through to Postgres.
 //! - [`gate`]: the gate's route table, for gateways that ask before proxying.
+//! - [`history`]: a user's usage in past periods; [`export`]: every user's totals of a period,
+//!   streamed for invoicing.
 //! - [`http`]: the v1 API.
 //! - [`grpc`]: Envoy's rate-limit service and grpc.health.v1, on `QUOTAD_GRPC_LISTEN`.
 //! - [`app`]: wiring, start-up and shutdown.
@@ -31,9 +33,11 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod export;
 pub mod flusher;
 pub mod gate;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod hydrate;
 pub mod items;

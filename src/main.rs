@@ -9,7 +9,7 @@ use clap::Parser;
 /// arguments); mimalloc serves those faster than the system allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use quotad::config::{Cli, Command};
+use quotad::config::{Cli, Command, ExportArgs};
 use quotad::reconcile::ReconcileError;
 use quotad::{app, clock::SystemClock, db, telemetry};
 
@@ -40,6 +40,15 @@ enum Failure {
     /// A reconcile statement passed `--timeout-ms`.
     #[error("reconcile: postgres did not finish a statement within --timeout-ms {0} (a lock held on usage_tracking, or a database overloaded); repairs made before it stay made. Run it again later, or with a longer --timeout-ms")]
     ReconcileTimeout(u64),
+    /// An export's Postgres read failed (exit 1).
+    #[error("export: {0}")]
+    Export(sqlx::Error),
+    /// An export could not be written (exit 1).
+    #[error("export: writing {what}: {source}")]
+    Output {
+        what: String,
+        source: std::io::Error,
+    },
     /// The load generator could not be started.
     #[error("bench: cannot run {path}: {source}. Build it beside this quotad: `cargo build -p quotad-bench` (with `--release` for a release quotad); deploy/test.sh and deploy/bench.sh do")]
     Bench {
@@ -52,7 +61,12 @@ enum Failure {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = cli.command.config();
-    let _log_guard = match telemetry::init(&config.log, config.log_format) {
+    // An export's rows go to stdout; its log lines must not.
+    let sink = match cli.command {
+        Command::Export(_) => telemetry::Sink::Stderr,
+        _ => telemetry::Sink::Stdout,
+    };
+    let _log_guard = match telemetry::init_to(&config.log, config.log_format, sink) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("quotad: {e}");
@@ -63,6 +77,7 @@ async fn main() -> ExitCode {
         Command::Serve(config) => serve(config).await,
         Command::Migrate(config) => migrate(&config.database_url).await,
         Command::Bench { args } => Err(bench(&args)),
+        Command::Export(args) => export(args).await,
         Command::Reconcile(args) => match reconcile(args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
@@ -74,7 +89,11 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("quotad: {e}");
-            ExitCode::from(2)
+            // A failed run (Postgres, or the output) is 1; a setting that cannot work is 2.
+            match e {
+                Failure::Export(_) | Failure::Output { .. } => ExitCode::from(1),
+                _ => ExitCode::from(2),
+            }
         }
     }
 }
@@ -168,4 +187,84 @@ async fn reconcile(args: quotad::config::ReconcileArgs) -> Result<bool, Failure>
         print!("{}", report.to_text());
     }
     Ok(report.drift.is_empty() || (args.repair && report.repaired as usize == report.drift.len()))
+}
+
+/// `quotad export`: the period's rows, streamed from Postgres to stdout or to `--output` (a file
+/// is written to `<FILE>.part` and renamed once complete, so a failed run leaves no file that
+/// looks whole; a device or a pipe is written directly).
+async fn export(args: ExportArgs) -> Result<(), Failure> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+
+    let plans = quotad::plans::PlanBook::open(args.config.plans.clone())
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    let names = quotad::export::PlanNames::of(&plans.current());
+    let pool = db::lazy_pool(&args.config.database_url, None).map_err(Failure::DatabaseUrl)?;
+    // A device or a pipe (`--output /dev/null`) is written as it is: only a file is renamed.
+    let special = args
+        .output
+        .as_ref()
+        .is_some_and(|path| std::fs::metadata(path).is_ok_and(|m| !m.file_type().is_file()));
+    let (mut out, what, part): (Box<dyn Write>, String, _) = match &args.output {
+        Some(path) if special => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| Failure::Output {
+                    what: path.display().to_string(),
+                    source,
+                })?;
+            (
+                Box::new(std::io::BufWriter::new(file)),
+                path.display().to_string(),
+                None,
+            )
+        }
+        Some(path) => {
+            let mut part = path.as_os_str().to_owned();
+            part.push(".part");
+            let part = std::path::PathBuf::from(part);
+            let file = std::fs::File::create(&part).map_err(|source| Failure::Output {
+                what: part.display().to_string(),
+                source,
+            })?;
+            let what = part.display().to_string();
+            (Box::new(std::io::BufWriter::new(file)), what, Some(part))
+        }
+        None => (
+            Box::new(std::io::stdout().lock()),
+            "stdout".to_owned(),
+            None,
+        ),
+    };
+    let written = async {
+        let tx = quotad::export::open(&pool, &args.period, &names)
+            .await
+            .map_err(Failure::Export)?;
+        let mut rows = std::pin::pin!(quotad::export::stream(tx, args.format));
+        let failed = |source| Failure::Output {
+            what: what.clone(),
+            source,
+        };
+        while let Some(chunk) = rows.next().await {
+            out.write_all(&chunk.map_err(Failure::Export)?)
+                .map_err(failed)?;
+        }
+        out.flush().map_err(failed)
+    }
+    .await;
+    drop(out);
+    match (written, part, &args.output) {
+        (Ok(()), Some(part), Some(path)) => {
+            std::fs::rename(&part, path).map_err(|source| Failure::Output {
+                what: path.display().to_string(),
+                source,
+            })
+        }
+        (Err(e), Some(part), _) => {
+            let _ = std::fs::remove_file(part);
+            Err(e)
+        }
+        (result, _, _) => result,
+    }
 }

@@ -1,6 +1,7 @@
-//! tracing to stdout: readable text by default, one JSON object per line in production. Lines
-//! are written by a background thread, so a request never waits on stdout; if stdout cannot keep
-//! up, lines beyond a 128,000-line buffer are dropped rather than slowing requests.
+//! tracing to stdout (to stderr for a command whose output is stdout, such as `quotad export`):
+//! readable text by default, one JSON object per line in production. Lines are written by a
+//! background thread, so a request never waits on stdout; if stdout cannot keep up, lines beyond a
+//! 128,000-line buffer are dropped rather than slowing requests.
 
 use std::io::IsTerminal;
 
@@ -8,11 +9,30 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. `filter` is a tracing filter such as `info` or `quotad=debug`.
-/// Keep the returned guard until exit: dropping it flushes what is buffered.
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    /// Standard output: the daemon's.
+    Stdout,
+    /// Standard error: for a command that writes its result to stdout.
+    Stderr,
+}
+
+/// Installs the global subscriber, writing to stdout. `filter` is a tracing filter such as
+/// `info` or `quotad=debug`. Keep the returned guard until exit: dropping it flushes what is
+/// buffered.
 pub fn init(
     filter: &str,
     format: LogFormat,
+) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
+    init_to(filter, format, Sink::Stdout)
+}
+
+/// [`init`], writing to `sink`.
+pub fn init_to(
+    filter: &str,
+    format: LogFormat,
+    sink: Sink,
 ) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
     let mut env_filter = EnvFilter::try_new(filter)
         .map_err(|e| format!("QUOTAD_LOG={filter:?} is not a valid filter: {e}"))?;
@@ -25,12 +45,16 @@ pub fn init(
                 .expect("valid directive"),
         );
     }
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (out, terminal): (Box<dyn std::io::Write + Send>, bool) = match sink {
+        Sink::Stdout => (Box::new(std::io::stdout()), std::io::stdout().is_terminal()),
+        Sink::Stderr => (Box::new(std::io::stderr()), std::io::stderr().is_terminal()),
+    };
+    let (writer, guard) = tracing_appender::non_blocking(out);
     // Colour codes only for a person at a terminal: in a file or a log pipeline they are noise
     // ("\x1b[2m") that breaks grep and parsers.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
-        .with_ansi(std::io::stdout().is_terminal())
+        .with_ansi(terminal)
         .with_writer(writer);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -139,12 +139,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
             .map(ApiQuery)
             .map_err(|e| {
                 let field = e.path().to_string();
+                let inner = short(&e.into_inner().to_string());
+                // A parameter sent twice: named, rather than the query as a whole.
+                if let Some(name) = inner
+                    .strip_prefix("duplicate field `")
+                    .and_then(|r| r.split('`').next())
+                {
+                    return ApiError::invalid(
+                        "INVALID_QUERY",
+                        name,
+                        format!("The query parameter {name} is sent more than once; send it once."),
+                    );
+                }
                 let field = if field == "." {
                     "query".to_owned()
                 } else {
                     field
                 };
-                let inner = short(&e.into_inner().to_string());
                 ApiError::invalid(
                     "INVALID_QUERY",
                     &field,

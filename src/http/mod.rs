@@ -2,17 +2,21 @@
 //! and scopes), `layers` (readiness gate, load shedding, request tracing), `extract` (bodies,
 //! paths and queries whose every fault is a clear 4xx), `error` (the one error type, and the
 //! mapping of the domain's errors to status, code and sentence); the handlers: `quota` (decisions
-//! and counters), `reservations` (reserve, commit, cancel), `accounts` (memberships, account plans and usage, limit overrides), `admin`
-//! (plans and reconcile), `ui` (the usage page), `health`, `openapi`.
+//! and counters), `history` (a user's past periods), `reservations` (reserve, commit, cancel),
+//! `accounts` (memberships, account plans and usage, limit overrides), `admin` (plans and
+//! reconcile), `events` (the outbox), `export` (a period's totals, for invoicing), `ui` (the
+//! usage page), `health`, `openapi`.
 
 mod accounts;
 mod admin;
 mod auth;
 pub mod error;
 mod events;
+mod export;
 mod extract;
 mod gate;
 pub mod health;
+mod history;
 mod items;
 mod layers;
 pub mod openapi;
@@ -84,6 +88,8 @@ pub struct Shared {
     pub limits: Arc<Limits>,
     /// Whether Redis's eviction policy could delete counters (quotad then refuses to serve).
     pub eviction: Arc<health::EvictionCheck>,
+    /// The usage exports' connections and slots.
+    pub exports: Arc<crate::export::Exports>,
 }
 
 /// The whole API.
@@ -104,6 +110,10 @@ pub fn router(state: AppState) -> Router {
             post(reservations::cancel),
         )
         .route("/v1/users/{user_id}/usage", get(quota::usage))
+        .route(
+            "/v1/users/{user_id}/usage/history",
+            get(history::usage_history),
+        )
         .route(
             "/v1/accounts/{account_id}/usage",
             get(accounts::account_usage),
@@ -137,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/reconcile", post(admin::reconcile))
         .route("/v1/admin/events", get(events::list))
+        .route("/v1/admin/usage/export", get(export::usage_export))
         .route("/v1/admin/events/{id}/redeliver", post(events::redeliver))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), Scope::Admin),

@@ -12,7 +12,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    accounts, admin, events, gate, health, items, quota, reservations, ui, AppState, MAX_BODY,
+    accounts, admin, events, export, gate, health, history, items, quota, reservations, ui,
+    AppState, MAX_BODY,
 };
 use crate::period::PeriodKind;
 use crate::plans::Plans;
@@ -36,12 +37,14 @@ use crate::plans::Plans;
         reservations::commit,
         reservations::cancel,
         quota::usage,
+        history::usage_history,
         quota::plans,
         admin::put_plan,
         admin::get_plan,
         admin::reconcile,
         events::list,
         events::redeliver,
+        export::usage_export,
         accounts::put_membership,
         accounts::get_membership,
         accounts::put_account_plan,
@@ -62,7 +65,7 @@ use crate::plans::Plans;
     modifiers(&BearerAuth),
     tags(
         (name = "quota", description = "Decisions and counters (gateway scope)"),
-        (name = "admin", description = "Plans, reconcile and usage events (admin scope)"),
+        (name = "admin", description = "Plans, reconcile, usage events and the usage export (admin scope)"),
         (name = "accounts", description = "Accounts and their shared pools, memberships, limit overrides (admin scope; an account's usage: gateway scope)"),
         (name = "ui", description = "The usage page"),
         (name = "ops", description = "Health, readiness, metrics, this description"),

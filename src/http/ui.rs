@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -18,6 +18,7 @@ use sha2::Sha256;
 use uuid::Uuid;
 
 use super::{short, whole_number, ApiQuery, AppState, Bearer, OptionalJson, UserIdPath};
+use crate::history::{History, PeriodUsage, TypeHistory};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::plans::Overage;
 use crate::quota::{TypeUsage, Usage};
@@ -26,6 +27,11 @@ use crate::store::LimitSource;
 /// Default and longest life of a signed link.
 const DEFAULT_TTL_SECS: i64 = 3600;
 const MAX_TTL_SECS: i64 = 7 * 24 * 3600;
+/// How many months back the page charts each type.
+const CHART_MONTHS: u32 = 12;
+/// What the page may load and do: nothing from anywhere (no script, image, font or frame), its
+/// own inline styles only, and it may not be framed.
+const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Signs and checks usage-page links.
 pub struct LinkSigner {
@@ -151,7 +157,7 @@ pub struct LinkQuery {
     get,
     path = "/ui/users/{user_id}",
     tag = "ui",
-    description = "The usage page: HTML, one bar per type. Needs an admin token or a signed link (expires and sig).",
+    description = "The usage page: HTML, one bar per type, and for each monthly type a bar chart of its last 12 months (from Postgres; the current period from Redis). Needs an admin token or a signed link (expires and sig). Served with a Content-Security-Policy that allows no script and nothing from elsewhere.",
     params(
         ("user_id" = String, Path, description = "The user, a UUID", format = Uuid),
         ("expires" = Option<i64>, Query, description = "Unix time the link expires (from usage-link)"),
@@ -178,17 +184,34 @@ pub async fn usage_page(
     }
     match state.quota.usage(user).await {
         Ok(usage) => {
+            // The charts are an extra: without Postgres the page still shows the live counters.
+            let history = match state.quota.history(user, CHART_MONTHS).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "usage page without its history");
+                    None
+                }
+            };
             let plans = state.quota.plans.current();
-            Html(render(&usage, &plans.upgrade_url, |ty| {
+            let page = render(&usage, history.as_ref(), &plans.upgrade_url, |ty| {
                 plans.usage_type(ty).map(|t| t.label.clone())
-            }))
-            .into_response()
+            });
+            with_csp(Html(page).into_response())
         }
         Err(e) => page_error(
             ApiError::from(e).status,
             "Usage cannot be shown right now; try again in a moment.",
         ),
     }
+}
+
+/// `response` with the page's Content-Security-Policy.
+fn with_csp(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    response
 }
 
 /// Who may see a page. A link (`expires` or `sig` in the query) is always checked, whoever
@@ -238,7 +261,7 @@ fn page_error(status: StatusCode, message: &str) -> Response {
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Usage</title></head><body><main><h1>Usage</h1><p role=\"alert\">{}</p></main></body></html>",
         escape(message)
     );
-    (status, Html(body)).into_response()
+    with_csp((status, Html(body)).into_response())
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -267,6 +290,14 @@ h2{font-size:1.1rem;margin:1.5rem 0 .25rem}
 .overage{margin:.2rem 0 0;font-size:.85rem;color:#92400e}
 .upgrade{margin-top:1.25rem;padding:.85rem 1rem;border-radius:.6rem;background:#eff6ff}
 .upgrade a{color:#1d4ed8;font-weight:600}
+.hist{margin:.6rem 0 0}
+.hist figcaption{font-size:.8rem;color:#6b7280;margin:0 0 .15rem}
+.hist svg{display:block;width:100%;height:auto}
+.hist .b{fill:#2563eb}
+.hist .b.over{fill:#dc2626}
+.hist .axis{stroke:#d1d5db;stroke-width:1}
+.hist .limit{stroke:#374151;stroke-width:1;stroke-dasharray:4 3}
+.hist text{font-size:9px;fill:#4b5563}
 ";
 
 /// One section of rows, a counter per type; `level` (`u` or `a`) keeps element ids apart.
@@ -275,6 +306,7 @@ fn rows(
     counters: &std::collections::BTreeMap<String, TypeUsage>,
     level: &str,
     label: &impl Fn(&str) -> Option<String>,
+    history: Option<&History>,
 ) -> (String, bool) {
     let mut rows = String::new();
     let mut near_limit = false;
@@ -341,21 +373,141 @@ fn rows(
             ),
             _ => String::new(),
         };
+        let chart = history
+            .and_then(|h| Some((h, h.types.get(ty)?)))
+            .map(|(h, past)| chart(&id, &name, t, past, h))
+            .unwrap_or_default();
         let _ = write!(
             rows,
-            "<div class=\"row\" data-level=\"{level}\" data-type=\"{ty}\"><div class=\"head\"><span id=\"{id}\">{name}</span><span class=\"count\">{count}</span></div>{bar}<p class=\"note\">{note}</p>{overage}</div>"
+            "<div class=\"row\" data-level=\"{level}\" data-type=\"{ty}\"><div class=\"head\"><span id=\"{id}\">{name}</span><span class=\"count\">{count}</span></div>{bar}<p class=\"note\">{note}</p>{overage}{chart}</div>"
         );
     }
     (rows, near_limit)
 }
 
+/// Width and heights of a chart, in its own units (it scales to the page's width).
+const CHART_WIDTH: f64 = 320.0;
+const CHART_TOP: f64 = 12.0;
+const CHART_BASE: f64 = 84.0;
+const CHART_HEIGHT: f64 = 100.0;
+
+/// A period as a person reads it: "1 Nov 2026 – 30 Nov 2026" (its last day is the day of the
+/// instant before its exclusive end).
+fn span(p: &PeriodUsage) -> String {
+    let last = p.end - chrono::Duration::seconds(1);
+    format!(
+        "{} – {}",
+        p.start.format("%-d %b %Y"),
+        last.format("%-d %b %Y")
+    )
+}
+
+/// One type's past periods as an inline SVG bar chart: a bar per period, placed and sized by its
+/// own bounds on a time axis from `history.since` (so a month without use is a gap), the part of
+/// a bar past the limit in red, the limit as a dashed line. The current period shows the live
+/// count `t` has. A screen reader reads the chart's title (every figure); each bar's title names
+/// its period and count.
+fn chart(id: &str, name: &str, t: &TypeUsage, past: &TypeHistory, history: &History) -> String {
+    let mut periods = past.periods.clone();
+    let live = t.counter.used.unwrap_or(0);
+    let now = history.until;
+    match periods.iter_mut().find(|p| p.start <= now && now < p.end) {
+        Some(current) => current.used = live,
+        None => {
+            if let (true, Some(end)) = (live > 0, t.counter.period.end()) {
+                periods.push(PeriodUsage {
+                    start: t.counter.period.start(),
+                    end,
+                    used: live,
+                    overage: t.counter.overage.unwrap_or(0),
+                });
+            }
+        }
+    }
+    let caption = format!("Last {CHART_MONTHS} months");
+    if periods.is_empty() {
+        return format!(
+            "<figure class=\"hist\"><figcaption>{caption}: no use recorded.</figcaption></figure>"
+        );
+    }
+    let limit = t.counter.limit;
+    let top = periods.iter().map(|p| p.used).max().unwrap_or(0);
+    let scale = (CHART_BASE - CHART_TOP) / top.max(limit.unwrap_or(0)).max(1) as f64;
+    let from = history.since;
+    let to = periods.iter().map(|p| p.end).max().unwrap_or(now).max(now);
+    let seconds = (to - from).num_seconds().max(1) as f64;
+    let x = |at: DateTime<Utc>| {
+        ((at - from).num_seconds() as f64 / seconds * CHART_WIDTH).clamp(0.0, CHART_WIDTH)
+    };
+    let every = periods.len().div_ceil(12);
+    let mut bars = String::new();
+    let mut summary = Vec::with_capacity(periods.len());
+    for (i, p) in periods.iter().enumerate() {
+        let (left, right) = (x(p.start), x(p.end.min(to)));
+        let width = (right - left - 2.0).max(1.5);
+        let over = limit.filter(|l| p.used > *l);
+        let what = match over {
+            Some(l) => format!(
+                "{}: {} used, {} past the limit",
+                span(p),
+                p.used,
+                p.used - l
+            ),
+            None => format!("{}: {} used", span(p), p.used),
+        };
+        let mut rects = String::new();
+        let mut rect = |class: &str, low: u64, high: u64| {
+            let height = ((high - low) as f64 * scale).max(if high > 0 { 1.0 } else { 0.0 });
+            let y = CHART_BASE - low as f64 * scale - height;
+            let _ = write!(rects, "<rect class=\"{class}\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{width:.1}\" height=\"{height:.1}\"/>", left + 1.0);
+        };
+        match over {
+            Some(l) => {
+                rect("b", 0, l);
+                rect("b over", l, p.used);
+            }
+            None => rect("b", 0, p.used),
+        }
+        let _ = write!(
+            bars,
+            "<g class=\"period\" data-used=\"{}\"><title>{what}</title>{rects}</g>",
+            p.used
+        );
+        if i % every == 0 {
+            let _ = write!(
+                bars,
+                "<text x=\"{:.1}\" y=\"96\" text-anchor=\"middle\" aria-hidden=\"true\">{}</text>",
+                (left + right) / 2.0,
+                p.start.format("%b")
+            );
+        }
+        summary.push(what);
+    }
+    let mut line = String::new();
+    if let Some(l) = limit {
+        let y = CHART_BASE - l as f64 * scale;
+        let _ = write!(line, "<line class=\"limit\" x1=\"0\" x2=\"{CHART_WIDTH}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/><text x=\"{CHART_WIDTH}\" y=\"{:.1}\" text-anchor=\"end\" aria-hidden=\"true\">limit {l}</text>", y - 3.0);
+        summary.push(format!("limit {l}"));
+    }
+    format!(
+        "<figure class=\"hist\"><figcaption>{caption}</figcaption><svg role=\"img\" aria-labelledby=\"{id}-hist\" viewBox=\"0 0 {CHART_WIDTH} {CHART_HEIGHT}\" width=\"100%\" preserveAspectRatio=\"xMidYMid meet\"><title id=\"{id}-hist\">{name}, {}: {}.</title><line class=\"axis\" x1=\"0\" x2=\"{CHART_WIDTH}\" y1=\"{CHART_BASE}\" y2=\"{CHART_BASE}\"/>{bars}{line}</svg></figure>",
+        caption.to_lowercase(),
+        summary.join("; ")
+    )
+}
+
 /// The page for `usage`; `label` names a type. A member of an account sees their own counters
 /// and, below, their team's shared pool.
-fn render(usage: &Usage, upgrade_url: &str, label: impl Fn(&str) -> Option<String>) -> String {
-    let (mine, mut near_limit) = rows(&usage.counters, "u", &label);
+fn render(
+    usage: &Usage,
+    history: Option<&History>,
+    upgrade_url: &str,
+    label: impl Fn(&str) -> Option<String>,
+) -> String {
+    let (mine, mut near_limit) = rows(&usage.counters, "u", &label, history);
     let pool = match &usage.account {
         Some(pool) => {
-            let (rows, near) = rows(&pool.counters, "a", &label);
+            let (rows, near) = rows(&pool.counters, "a", &label, None);
             near_limit |= near;
             format!(
                 "<h2>Your team's shared pool</h2><p class=\"plan\">Team plan: <strong>{}</strong></p><section aria-label=\"Team usage\">{rows}</section>",

@@ -1061,3 +1061,71 @@ pub mod tempfile_path {
         std::fs::write(&path.0, text).unwrap();
     }
 }
+
+/// A `usage_tracking` row, written straight into a test's database (past periods, periods with
+/// other bounds than calendar months, metadata).
+pub struct UsageRow {
+    pub user: Uuid,
+    pub usage_type: &'static str,
+    pub count: i64,
+    pub overage: i64,
+    pub start: DateTime<Utc>,
+    /// `None` for a lifetime row.
+    pub end: Option<DateTime<Utc>>,
+    pub metadata: Value,
+}
+
+impl UsageRow {
+    /// The calendar month `months` after the current real month.
+    pub fn month(user: Uuid, usage_type: &'static str, months: i32, count: i64) -> UsageRow {
+        UsageRow::from(
+            user,
+            usage_type,
+            month_start(months),
+            month_start(months + 1),
+            count,
+        )
+    }
+
+    /// A period from `start` to `end`.
+    pub fn from(
+        user: Uuid,
+        usage_type: &'static str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        count: i64,
+    ) -> UsageRow {
+        UsageRow {
+            user,
+            usage_type,
+            count,
+            overage: 0,
+            start,
+            end: Some(end),
+            metadata: serde_json::json!({}),
+        }
+    }
+
+    pub async fn insert(&self, db: &sqlx::PgPool) {
+        sqlx::query(
+            "INSERT INTO usage_tracking (user_id, type, count, overage, period_start, period_end, metadata, version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1)",
+        )
+        .bind(self.user)
+        .bind(self.usage_type)
+        .bind(self.count)
+        .bind(self.overage)
+        .bind(self.start)
+        .bind(self.end)
+        .bind(&self.metadata)
+        .execute(db)
+        .await
+        .expect("seed a usage_tracking row");
+    }
+}
+
+/// The start of a user's "anniversary" month: the 15th, 09:30 UTC, of the month `months` after
+/// the current real month.
+pub fn anniversary(months: i32) -> DateTime<Utc> {
+    month_start(months) + chrono::Duration::days(14) + chrono::Duration::minutes(9 * 60 + 30)
+}

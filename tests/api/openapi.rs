@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::helpers::TestApp;
 
 /// Every route quotad serves, as (method, path).
-const ROUTES: [(&str, &str); 32] = [
+const ROUTES: [(&str, &str); 34] = [
     ("post", "/v1/consume"),
     // Any method; described as the two gateways use.
     ("get", "/v1/gate"),
@@ -24,12 +24,14 @@ const ROUTES: [(&str, &str); 32] = [
     ("post", "/v1/reservations/{reservation_id}/commit"),
     ("post", "/v1/reservations/{reservation_id}/cancel"),
     ("get", "/v1/users/{user_id}/usage"),
+    ("get", "/v1/users/{user_id}/usage/history"),
     ("post", "/v1/users/{user_id}/usage-link"),
     ("get", "/v1/plans"),
     ("get", "/v1/users/{user_id}/plan"),
     ("put", "/v1/users/{user_id}/plan"),
     ("post", "/v1/admin/reconcile"),
     ("get", "/v1/admin/events"),
+    ("get", "/v1/admin/usage/export"),
     ("post", "/v1/admin/events/{id}/redeliver"),
     ("get", "/v1/users/{user_id}/account"),
     ("put", "/v1/users/{user_id}/account"),

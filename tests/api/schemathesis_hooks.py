@@ -1,7 +1,7 @@
 """Hooks for the schemathesis run of tests/api/schemathesis.rs against quotad's /openapi.json.
 
 - Each call carries the token of its scope: the admin token on the admin calls (a user's plan,
-  reconcile) and on the usage page, the gateway token on every other call. The tokens come from
+  reconcile, the usage export) and on the usage page, the gateway token on every other call. The tokens come from
   QUOTAD_ST_ADMIN_TOKEN and QUOTAD_ST_GATEWAY_TOKEN, which the Rust test sets.
 - No decision body whose `items` name one type twice (filter_body): JSON Schema cannot rule it out.
 - No `deny_status` query on the gate (before_call): that form, for nginx, answers without a body.
@@ -21,7 +21,7 @@ ADMIN = os.environ["QUOTAD_ST_ADMIN_TOKEN"]
 GATEWAY = os.environ["QUOTAD_ST_GATEWAY_TOKEN"]
 
 ADMIN_PATHS = re.compile(
-    r"^(/v1/users/[^/]+/(plan|account|limits)|/v1/accounts/[^/]+/(plan|limits)|/v1/admin/reconcile|/ui/users/[^/]+)$"
+    r"^(/v1/users/[^/]+/(plan|account|limits)|/v1/accounts/[^/]+/(plan|limits)|/v1/admin/(reconcile|usage/export)|/ui/users/[^/]+)$"
 )
 
 

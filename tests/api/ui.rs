@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{mid_month, month_start, rfc, Options, TestApp};
+use crate::helpers::{mid_month, month_start, rfc, Options, TestApp, UsageRow};
 
 async fn with_tokens() -> TestApp {
     TestApp::spawn_with(Options {
@@ -107,6 +107,11 @@ async fn a_link_request_with_a_bad_ttl_is_refused() {
 
 /// Runs headless Chromium on `url`: the DOM after load, and a phone-width screenshot at `shot`.
 fn chromium(url: &str, shot: &std::path::Path) -> String {
+    chromium_at(url, shot, "390,844")
+}
+
+/// [`chromium`] in a window of `size` ("width,height").
+fn chromium_at(url: &str, shot: &std::path::Path, size: &str) -> String {
     let profile = std::env::temp_dir().join(format!("quotad-chromium-{}", Uuid::new_v4().simple()));
     let common = [
         "--headless",
@@ -118,12 +123,12 @@ fn chromium(url: &str, shot: &std::path::Path) -> String {
         "--disable-component-update",
         "--disable-sync",
         "--hide-scrollbars",
-        "--window-size=390,844",
     ];
     let run = |extra: &[String]| {
         let out = Command::new("chromium")
             .args(common)
             .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("--window-size={size}"))
             .args(extra)
             .arg(url)
             .output()
@@ -141,12 +146,18 @@ fn chromium(url: &str, shot: &std::path::Path) -> String {
     dom
 }
 
+/// The user's own row of type `ty`: up to the next row or the end of its section.
 fn row<'a>(dom: &'a str, ty: &str) -> &'a str {
     let start = dom
         .find(&format!("data-type=\"{ty}\""))
         .unwrap_or_else(|| panic!("no row for {ty}: {dom}"));
     let rest = &dom[start..];
-    &rest[..rest.find("</p></div>").unwrap()]
+    let end = [rest.find("<div class=\"row\""), rest.find("</section>")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap();
+    &rest[..end]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,4 +241,103 @@ async fn in_a_real_browser_a_free_user_at_46_of_50_sees_a_red_bar_and_an_upgrade
             shot.display()
         );
     }
+}
+
+/// The titles (`<title>…</title>`) inside `svg`, in order.
+fn titles(svg: &str) -> Vec<&str> {
+    svg.split("<title")
+        .skip(1)
+        .map(|t| &t[t.find('>').unwrap() + 1..t.find("</title>").unwrap()])
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_real_browser_each_monthly_type_charts_its_past_months_with_the_limit() {
+    let app = TestApp::spawn().await;
+    let user = Uuid::new_v4();
+    let db = app.db().await;
+    for (months, count) in [(-11, 8), (-4, 31), (-3, 50), (-2, 62), (-1, 44)] {
+        UsageRow::month(user, "ai_generation", months, count)
+            .insert(&db)
+            .await;
+    }
+    UsageRow::month(user, "export", -1, 4).insert(&db).await;
+    UsageRow::month(Uuid::new_v4(), "ai_generation", -6, 49)
+        .insert(&db)
+        .await;
+    // This month's count is Redis' (not flushed yet): the chart shows it too.
+    app.post(
+        "/v1/track",
+        json!({"user_id": user, "type": "ai_generation", "amount": 46}),
+    )
+    .await;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shot = dir.join("usage-history.png");
+    let headers = app
+        .client
+        .get(format!("{}/ui/users/{user}", app.base))
+        .send()
+        .await
+        .unwrap()
+        .headers()
+        .clone();
+
+    let (url, s) = (format!("{}/ui/users/{user}", app.base), shot.clone());
+    let dom = tokio::task::spawn_blocking(move || chromium_at(&url, &s, "420,800"))
+        .await
+        .unwrap();
+
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert!(!csp.contains("script-src"), "no script of any kind: {csp}");
+    let ai = row(&dom, "ai_generation");
+    let svg = &ai[ai.find("<svg").expect("a chart")..ai.find("</svg>").unwrap()];
+    assert!(svg.contains("role=\"img\""), "{svg}");
+    assert!(
+        svg.contains("width=\"100%\"") && svg.contains("viewBox=\"0 0 320 100\""),
+        "{svg}"
+    );
+    let day = |at: chrono::DateTime<chrono::Utc>| at.format("%-d %b %Y").to_string();
+    let span = |m: i32| {
+        format!(
+            "{} – {}",
+            day(month_start(m)),
+            day(month_start(m + 1) - chrono::Duration::days(1))
+        )
+    };
+    let bars = [(-11, 8), (-4, 31), (-3, 50), (-2, 62), (-1, 44), (0, 46)].map(|(m, used)| {
+        if used > 50 {
+            format!("{}: {used} used, {} past the limit", span(m), used - 50)
+        } else {
+            format!("{}: {used} used", span(m))
+        }
+    });
+    let named = titles(svg);
+    assert_eq!(
+        named[0],
+        format!(
+            "AI generations, last 12 months: {}; limit 50.",
+            bars.join("; ")
+        ),
+        "the chart's accessible name has every figure"
+    );
+    assert_eq!(named[1..], bars, "one bar per period, oldest first");
+    assert_eq!(svg.matches("<g class=\"period\"").count(), 6);
+    assert_eq!(
+        svg.matches("class=\"b over\"").count(),
+        1,
+        "the part of 62 past the limit of 50 is red"
+    );
+    assert!(svg.contains("class=\"limit\"") && svg.contains(">limit 50</text>"));
+    let export = row(&dom, "export");
+    assert_eq!(titles(export)[1..], [format!("{}: 4 used", span(-1))]);
+    assert!(
+        row(&dom, "kb_file").find("<svg").is_none(),
+        "a lifetime type has no history"
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 2000);
+    // The PNG's width, from its header.
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 420);
 }
