@@ -249,15 +249,7 @@ fn items_reply(raw: redis::Value, items: &[Item<'_>]) -> Result<ItemsReply, Stor
     let rest = fields.split_off(2);
     let (status, detail): (String, String) =
         redis::from_redis_value(redis::Value::Array(fields)).map_err(bad)?;
-    let status = match status.as_str() {
-        "ok" => Status::Ok,
-        "denied" => Status::Denied,
-        "replay" => Status::Replay,
-        "conflict" => Status::Conflict,
-        "refunded" => Status::Refunded,
-        "moved" => Status::Moved,
-        _ => Status::Hydrate,
-    };
+    let status = Status::parse(&status);
     let mut replies = Vec::with_capacity(items.len());
     if matches!(status, Status::Ok | Status::Denied | Status::Replay) {
         if rest.len() != items.len() * 20 {

@@ -157,6 +157,24 @@ pub enum Status {
     Moved,
 }
 
+impl Status {
+    /// A script's status word; anything it does not name is [`Status::Hydrate`] (the caller
+    /// loads and asks again).
+    fn parse(word: &str) -> Status {
+        match word {
+            "ok" => Status::Ok,
+            "denied" => Status::Denied,
+            "replay" => Status::Replay,
+            "conflict" => Status::Conflict,
+            "refunded" => Status::Refunded,
+            "meta_limit" => Status::MetaLimit,
+            "meta_sum" => Status::MetaSum,
+            "moved" => Status::Moved,
+            _ => Status::Hydrate,
+        }
+    }
+}
+
 /// A level a decision checks: the user's own limit, or their account's pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -1306,17 +1324,7 @@ pub fn decision_reply(raw: redis::Value, period: Period) -> Result<Reply, StoreE
     let (account_cap, account_overage, account_added) = (number()?, number()?, number()?);
     // What open reservations hold at each level (absent from a script before reservations).
     let (held, account_held) = (number().unwrap_or(0), number().unwrap_or(0));
-    let status = match status.as_str() {
-        "ok" => Status::Ok,
-        "denied" => Status::Denied,
-        "replay" => Status::Replay,
-        "conflict" => Status::Conflict,
-        "refunded" => Status::Refunded,
-        "meta_limit" => Status::MetaLimit,
-        "meta_sum" => Status::MetaSum,
-        "moved" => Status::Moved,
-        _ => Status::Hydrate,
-    };
+    let status = Status::parse(&status);
     Ok(Reply {
         status,
         used: used.max(0) as u64,
