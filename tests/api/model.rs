@@ -1,5 +1,5 @@
-//! The counting contract, model-checked. Random sequences of consume, check, track, refund,
-//! release, plan changes, idempotent retries, usage reads, flushes, a Redis that loses its data
+//! The counting contract, model-checked. Random sequences of consume, check, track (of one type,
+//! or of several in one call with `items`), refund, release, plan changes, idempotent retries, usage reads, flushes, a Redis that loses its data
 //! and clock moves across month ends run against quotad (real Redis, real Postgres, over HTTP) and
 //! against a small in-memory model of what the README promises. Every answer is compared with the
 //! model's after every step, and Postgres with the model after every flush.
@@ -117,6 +117,14 @@ enum Op {
         amount: u64,
         key: Option<String>,
     },
+    /// consume, check or track with `items`: distinct types, all or nothing.
+    Items {
+        action: &'static str,
+        user: usize,
+        items: Vec<(usize, u64)>,
+        key: Option<String>,
+        plan: Option<&'static str>,
+    },
     Refund {
         user: usize,
         key: String,
@@ -158,6 +166,41 @@ fn generate(rng: &mut Rng, now: DateTime<Utc>, keyed: &[Op]) -> Op {
         8 => Some("GOLD"),
         _ => None,
     };
+    if rng.chance(10) {
+        // Two or three distinct types, in a random order.
+        let mut types = vec![0, 1, 2];
+        let first = types.remove(rng.index(3));
+        let second = types.remove(rng.index(2));
+        let mut chosen = vec![first, second];
+        if rng.chance(40) {
+            chosen.push(types[0]);
+        }
+        let action = match rng.below(10) {
+            0..=5 => "consume",
+            6..=7 => "check",
+            _ => "track",
+        };
+        let items = chosen
+            .into_iter()
+            .map(|t| {
+                (
+                    t,
+                    if action == "track" {
+                        amount.min(3)
+                    } else {
+                        amount
+                    },
+                )
+            })
+            .collect();
+        return Op::Items {
+            action,
+            user,
+            items,
+            key,
+            plan: if action == "track" { None } else { plan },
+        };
+    }
     match rng.below(100) {
         0..=33 => Op::Consume {
             user,
@@ -224,9 +267,26 @@ struct Record {
     limit: Option<u64>,
     period: Period,
     refunded: bool,
+    /// For a call with items (`mode` "multi:consume" or "multi:track"): each item as counted.
+    items: Vec<Counted>,
+}
+
+/// One item of a call with items, as counted: its type and amount, the count after it, the plan
+/// and limit it was decided under, its period.
+#[derive(Debug, Clone)]
+struct Counted {
+    ty: usize,
+    amount: u64,
+    used: u64,
+    plan: String,
+    limit: Option<u64>,
+    period: Period,
 }
 
 type Counter = (usize, usize, Period);
+/// One item of a call with items, as the model decides it: type, amount, counter, plan, limit,
+/// the count before, whether it fits.
+type Decided = (usize, u64, Counter, String, Option<u64>, u64, bool);
 /// What a refusal from the near-cache is keyed by: user, type, period and the call's plan override.
 type Subject = (usize, usize, Period, Option<&'static str>);
 
@@ -364,6 +424,13 @@ impl Run {
                 amount,
                 key,
             } => self.decide("track", user, ty, amount, key, None).await,
+            Op::Items {
+                action,
+                user,
+                items,
+                key,
+                plan,
+            } => self.decide_items(action, user, items, key, plan).await,
             Op::Refund { user, key } => self.refund(user, key).await,
             Op::Release { user, ty, amount } => self.release(user, ty, amount).await,
             Op::SetPlan { user, plan } => {
@@ -487,6 +554,7 @@ impl Run {
                     limit,
                     period,
                     refunded: false,
+                    items: Vec::new(),
                 };
                 m.records.insert((user, k), record);
             }
@@ -528,6 +596,165 @@ impl Run {
         Ok(())
     }
 
+    /// consume, check or track with `items`.
+    async fn decide_items(
+        &mut self,
+        action: &'static str,
+        user: usize,
+        items: Vec<(usize, u64)>,
+        key: Option<String>,
+        plan_override: Option<&'static str>,
+    ) -> Result<(), String> {
+        let list: Vec<serde_json::Value> = items
+            .iter()
+            .map(|(t, n)| json!({"type": TYPES[*t], "amount": n}))
+            .collect();
+        let mut body = json!({"user_id": self.users[user], "items": list});
+        if let Some(k) = &key {
+            body["idempotency_key"] = json!(k);
+        }
+        if let Some(p) = plan_override {
+            body["plan"] = json!(p);
+        }
+        let a = self.app.post(&format!("/v1/{action}"), body).await;
+        let m = &mut self.model;
+        if plan_override == Some("GOLD") {
+            return expect_error(&a, 400, "UNKNOWN_PLAN");
+        }
+        let mode = if action == "consume" {
+            "multi:consume"
+        } else {
+            "multi:track"
+        };
+        let item_of = |n: usize| Answer {
+            status: a.status,
+            headers: Default::default(),
+            body: a.body["items"][n].clone(),
+        };
+        if let Some(rec) = key.as_ref().and_then(|k| m.records.get(&(user, k.clone()))) {
+            let mut sent = items.clone();
+            sent.sort();
+            let mut had: Vec<(usize, u64)> = rec.items.iter().map(|i| (i.ty, i.amount)).collect();
+            had.sort();
+            if action == "check" || rec.mode != mode || sent != had {
+                return expect_error(&a, 409, "IDEMPOTENCY_KEY_REUSED");
+            }
+            if rec.refunded {
+                return expect_error(&a, 409, "IDEMPOTENCY_KEY_REFUNDED");
+            }
+            ensure!(
+                a.status == 200 && a.body["allowed"] == true && replayed(&a),
+                "expected the first answer replayed, got {}",
+                show(&a)
+            );
+            *self.seen.entry("items_replayed").or_default() += 1;
+            for (n, (ty, _)) in items.iter().enumerate() {
+                let c = rec
+                    .items
+                    .iter()
+                    .find(|i| i.ty == *ty)
+                    .expect("the same types");
+                expect_counter(&item_of(n), c.used, &c.plan, c.limit, c.period)
+                    .map_err(|e| format!("replayed item {n}: {e}"))?;
+            }
+            return Ok(());
+        }
+        ensure!(
+            !replayed(&a),
+            "a replay of a call never answered: {}",
+            show(&a)
+        );
+        let decided: Vec<Decided> = items
+            .iter()
+            .map(|(ty, amount)| {
+                let counter = (user, *ty, m.period(*ty));
+                let plan = plan_override.unwrap_or(m.plans[user]).to_owned();
+                let limit = limit_of(&plan, *ty);
+                let used = m.count(counter);
+                let fits = limit.is_none_or(|l| used + amount <= l);
+                (*ty, *amount, counter, plan, limit, used, fits)
+            })
+            .collect();
+        let all_fit = decided.iter().all(|d| d.6);
+        let counts = action == "track" || (action == "consume" && all_fit);
+        let status = if action == "consume" && !all_fit {
+            402
+        } else {
+            200
+        };
+        ensure!(
+            a.status == status && a.body["allowed"] == (all_fit || action == "track"),
+            "expected {status}, allowed {}, got {}",
+            all_fit || action == "track",
+            show(&a)
+        );
+        if action != "track" {
+            let refused: Vec<&str> = decided
+                .iter()
+                .filter(|d| !d.6)
+                .map(|d| TYPES[d.0])
+                .collect();
+            let shown: Vec<&str> = a.body["refused"]
+                .as_array()
+                .map(|r| r.iter().filter_map(|t| t.as_str()).collect())
+                .unwrap_or_default();
+            ensure!(
+                shown == refused,
+                "expected {refused:?} refused, got {}",
+                show(&a)
+            );
+        }
+        let mut counted = Vec::new();
+        for (n, (ty, amount, counter, plan, limit, used, fits)) in decided.into_iter().enumerate() {
+            let after = if counts { used + amount } else { used };
+            let item = item_of(n);
+            ensure!(
+                item.body["allowed"] == (fits || action == "track"),
+                "item {n}: expected allowed {fits}, got {}",
+                show(&a)
+            );
+            expect_counter(&item, after, &plan, limit, counter.2)
+                .map_err(|e| format!("item {n}: {e}"))?;
+            if counts {
+                m.counts.insert(counter, after);
+                counted.push(Counted {
+                    ty,
+                    amount,
+                    used: after,
+                    plan,
+                    limit,
+                    period: counter.2,
+                });
+            }
+        }
+        *self
+            .seen
+            .entry(if counts {
+                "items_counted"
+            } else {
+                "items_not_counted"
+            })
+            .or_default() += 1;
+        if let (true, Some(k)) = (counts, key) {
+            let first = counted[0].clone();
+            m.records.insert(
+                (user, k),
+                Record {
+                    mode,
+                    ty: first.ty,
+                    amount: first.amount,
+                    used: first.used,
+                    plan: first.plan,
+                    limit: first.limit,
+                    period: first.period,
+                    refunded: false,
+                    items: counted,
+                },
+            );
+        }
+        Ok(())
+    }
+
     async fn refund(&mut self, user: usize, key: String) -> Result<(), String> {
         let a = self
             .app
@@ -544,6 +771,40 @@ impl Run {
             return expect_error(&a, 409, "ALREADY_REFUNDED");
         }
         rec.refunded = true;
+        if !rec.items.is_empty() {
+            // Every item given back, listed by type.
+            let mut items = rec.items.clone();
+            items.sort_by_key(|i| TYPES[i.ty]);
+            ensure!(
+                a.status == 200 && a.body["items"].as_array().map(Vec::len) == Some(items.len()),
+                "expected {} items refunded, got {}",
+                items.len(),
+                show(&a)
+            );
+            let mut any = false;
+            for (n, item) in items.iter().enumerate() {
+                let counter = (user, item.ty, item.period);
+                let before = m.count(counter);
+                let given = item.amount.min(before);
+                m.counts.insert(counter, before - given);
+                let got = &a.body["items"][n];
+                ensure!(
+                    got["type"] == TYPES[item.ty]
+                        && got["refunded"] == given
+                        && got["used"] == before - given,
+                    "item {n}: expected {given} of {} refunded to {}, got {}",
+                    TYPES[item.ty],
+                    before - given,
+                    show(&a)
+                );
+                any |= given > 0;
+            }
+            *self.seen.entry("items_refunded").or_default() += 1;
+            if any {
+                m.forget(user);
+            }
+            return Ok(());
+        }
         let (ty, period, amount) = (rec.ty, rec.period, rec.amount);
         let counter = (user, ty, period);
         let before = m.count(counter);
@@ -739,7 +1000,13 @@ async fn random_calls_agree_with_the_model_of_the_contract() {
         let op = generate(&mut rng, run.model.now, &keyed);
         if matches!(
             &op,
-            Op::Consume { key: Some(_), .. } | Op::Track { key: Some(_), .. }
+            Op::Consume { key: Some(_), .. }
+                | Op::Track { key: Some(_), .. }
+                | Op::Items {
+                    action: "consume" | "track",
+                    key: Some(_),
+                    ..
+                }
         ) {
             keyed.push(op.clone());
         }
@@ -776,7 +1043,13 @@ async fn random_calls_agree_with_the_model_of_the_contract() {
             months.len() >= 2,
             "the clock never crossed a month end: {months:?}"
         );
-        for outcome in ["refused", "replayed", "refunded"] {
+        for outcome in [
+            "refused",
+            "replayed",
+            "refunded",
+            "items_counted",
+            "items_not_counted",
+        ] {
             assert!(
                 run.seen.contains_key(outcome),
                 "no {outcome} in {steps} steps: {:?}",
@@ -791,6 +1064,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Consume { .. } => "consume",
         Op::Check { .. } => "check",
         Op::Track { .. } => "track",
+        Op::Items { .. } => "items",
         Op::Refund { .. } => "refund",
         Op::Release { .. } => "release",
         Op::SetPlan { .. } => "plan",
