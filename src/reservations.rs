@@ -20,11 +20,12 @@
 //! answers `UNKNOWN_RESERVATION`.
 
 use std::collections::HashMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, TimeZone, Utc};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -69,6 +70,21 @@ impl ReservationId {
         }
     }
 
+    /// The id of `user`'s reservation made with idempotency key `key`: its second part is the
+    /// first 128 bits of SHA-256 over the user and the key, so every replica computes the same
+    /// id for a retry, and the reserve script finds the reservation the first call made (and
+    /// answers it again) instead of holding twice. Such an id is as hard to guess as its key.
+    pub fn keyed(user: Uuid, key: &str) -> ReservationId {
+        let digest = Sha256::digest(format!("quotad reservation\0{user}\0{key}"));
+        let rid = digest[..16]
+            .iter()
+            .fold(String::with_capacity(32), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            });
+        ReservationId { user, rid }
+    }
+
     /// Reads an id exactly as [`fmt::Display`] writes it; `None` for anything else.
     pub fn parse(text: &str) -> Option<ReservationId> {
         let rest = text.strip_prefix("rsv_")?;
@@ -102,6 +118,9 @@ pub struct ReserveInput<'p> {
     pub amount: u64,
     /// How long, 1..=[`MAX_TTL_SECS`] seconds.
     pub ttl_secs: u64,
+    /// Makes a retried reserve find the reservation the first one made (see
+    /// [`ReservationId::keyed`]).
+    pub idempotency_key: Option<String>,
 }
 
 /// A reserve's answer: the decision (as consume's) and, when it fit, the reservation.
@@ -207,8 +226,12 @@ impl Quota {
         let ty = input.usage_type;
         let now = self.clock.now();
         let period = Period::current(ty.period, now);
-        // One id for every attempt: a resend finds its reservation made and answers it again.
-        let id = ReservationId::new(input.user);
+        // One id for every attempt (and, with a key, for every retry): a resend finds its
+        // reservation made and answers it again.
+        let id = match &input.idempotency_key {
+            Some(key) => ReservationId::keyed(input.user, key),
+            None => ReservationId::new(input.user),
+        };
         let mut keys = self.placed(input.user);
         let mut hops = Hops::default();
         let invocation = |keys: &UserKeys| {
@@ -248,6 +271,8 @@ impl Quota {
                     continue;
                 }
                 Status::Ok | Status::Replay | Status::Denied => {}
+                // The key's reservation holds another type or amount.
+                Status::Conflict => return Err(QuotaError::KeyReused.into()),
                 other => {
                     return Err(StoreError::Unavailable(format!(
                         "the reserve script answered {other:?}"
@@ -586,6 +611,17 @@ impl Sweeper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keyed_id_is_the_same_for_the_same_user_and_key_and_reads_back() {
+        let user: Uuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
+        let other: Uuid = "0e4f5b0c-1c7a-4b52-9a6e-3d7f1a2b3c4d".parse().unwrap();
+        let id = ReservationId::keyed(user, "gen-1");
+        assert_eq!(id, ReservationId::keyed(user, "gen-1"));
+        assert_ne!(id, ReservationId::keyed(user, "gen-2"));
+        assert_ne!(id.rid, ReservationId::keyed(other, "gen-1").rid);
+        assert_eq!(ReservationId::parse(&id.to_string()), Some(id));
+    }
 
     #[test]
     fn an_id_reads_back_as_written_and_nothing_else_reads() {

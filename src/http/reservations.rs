@@ -13,7 +13,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::quota::{DecisionAnswer, DecisionJson, MAX_AMOUNT};
-use super::{check_amount, parse_user_id, short, whole_number, ApiJson, AppState, OptionalJson};
+use super::{
+    check_amount, check_idempotency_key, parse_user_id, short, whole_number, ApiJson, AppState,
+    OptionalJson,
+};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::quota::{known_type, Action};
 use crate::reservations::{Closed, ReservationId, ReserveInput, State as Closing, MAX_TTL_SECS};
@@ -39,6 +42,17 @@ pub struct ReserveRequest {
     /// nor cancelled by then frees itself. A whole number; `300.0` is the same as `300`.
     #[schema(value_type = u64, minimum = 1, maximum = 86400)]
     ttl_seconds: Value,
+    /// Makes a retry hold once: the same key for the same user finds the reservation the first
+    /// call made (its answer again, with `Idempotent-Replayed: true`) for as long as that
+    /// reservation is kept (until 24 hours after it closed or expired). 1 to 255 characters,
+    /// none of them a control character.
+    #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
+    idempotency_key: Option<String>,
 }
 
 /// A reservation held: its id and expiry beside the decision (consume's answer: the counter
@@ -198,7 +212,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReservationIdPath {
     tag = "quota",
     description = "Hold an amount against every level's limit (the user's, and a member's account pool) for ttl_seconds, counting nothing yet: it fits only where used + held + amount stays within the limit, as a consume of it would, and consumes and checks count what is held as taken. Commit the actual amount or cancel with the reservation_id; one neither committed nor cancelled frees itself at its expiry. When Redis does not answer, 503 whatever the type's fail policy: no hold is made.",
     request_body = ReserveRequest,
-    responses((status = 200, description = "Held: the reservation, and the counter after it", body = ReservationJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left beside what is used and held"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit beside what is used and held; nothing held", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
+    responses((status = 200, description = "Held: the reservation, and the counter after it", body = ReservationJson, headers(("RateLimit-Limit" = u64, description = "The limit (absent when unlimited)"), ("RateLimit-Remaining" = u64, description = "What is left beside what is used and held"), ("RateLimit-Reset" = u64, description = "Seconds until the period resets (absent for lifetime types)"))), (status = 402, description = "Refused: the amount does not fit beside what is used and held; nothing held", body = DecisionJson, headers(("Retry-After" = u64, description = "Seconds until the period resets"))), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the idempotency key made a reservation of another type or amount; nothing held", body = ErrorBody), (status = 400, description = "Bad input; changes nothing", body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn reserve(
@@ -224,11 +238,15 @@ pub async fn reserve(
                 ),
             )
         })?;
+    if let Some(key) = &body.idempotency_key {
+        check_idempotency_key(key, "idempotency_key")?;
+    }
     let input = ReserveInput {
         user,
         usage_type,
         amount,
         ttl_secs,
+        idempotency_key: body.idempotency_key,
     };
     let reserved = state.quota.reserve(&input, &plans).await?;
     let answer = DecisionAnswer::new(&reserved.decision, Action::Consume, amount, &plans);

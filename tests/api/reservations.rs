@@ -737,8 +737,18 @@ async fn bad_reserves_get_a_clear_400_and_hold_nothing() {
         ),
         (without("user_id"), "MISSING_FIELD", "user_id"),
         (
-            with("idempotency_key", json!("k")),
-            "UNKNOWN_FIELD",
+            with("idempotency_key", json!("")),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        (
+            with("idempotency_key", json!("x".repeat(256))),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        (
+            with("idempotency_key", json!(5)),
+            "INVALID_FIELD",
             "idempotency_key",
         ),
         (with("plan", json!("PRO")), "UNKNOWN_FIELD", "plan"),
@@ -1322,4 +1332,69 @@ async fn between_full_passes_the_sweeper_looks_only_at_the_buckets_its_daemon_s_
         "learned in the full pass"
     );
     assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 4);
+}
+
+#[tokio::test]
+async fn a_reserve_retried_with_its_idempotency_key_holds_once_and_answers_the_same_reservation() {
+    let app = TestApp::spawn().await;
+    let replica = app.replica().await;
+    let user = Uuid::new_v4();
+    let keyed = |amount: u64, key: &str| {
+        json!({"user_id": user, "type": "ai_generation", "amount": amount, "ttl_seconds": 300,
+            "idempotency_key": key})
+    };
+    let first = app.post("/v1/reserve", keyed(20, "gen-1")).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let id = first.body["reservation_id"].as_str().unwrap().to_owned();
+    // The retry, on another replica (the first answer was lost): the same reservation, held once.
+    let again = replica.post("/v1/reserve", keyed(20, "gen-1")).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body["reservation_id"], id.as_str());
+    assert_eq!(again.body["expires_at"], first.body["expires_at"]);
+    assert_eq!(again.body["held"], 20);
+    assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 20);
+
+    // The key belongs to that reservation: another amount or type is refused, nothing held.
+    let other = app.post("/v1/reserve", keyed(5, "gen-1")).await;
+    assert_eq!(other.status, 409, "{:?}", other.body);
+    assert_eq!(other.body["code"], "IDEMPOTENCY_KEY_REUSED");
+    let mut export = keyed(20, "gen-1");
+    export["type"] = json!("export");
+    assert_eq!(app.post("/v1/reserve", export).await.status, 409);
+    assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 20);
+
+    // Committed, a retry still finds it: no new hold.
+    assert_eq!(commit(&app, &id, json!(12)).await.status, 200);
+    let late = app.post("/v1/reserve", keyed(20, "gen-1")).await;
+    assert_eq!(late.status, 200, "{:?}", late.body);
+    assert_eq!(late.body["reservation_id"], id.as_str());
+    let usage = usage_of(&app, user, "ai_generation").await;
+    assert_eq!((&usage["used"], &usage["held"]), (&json!(12), &json!(0)));
+
+    // Another key, or the same key of another user, is another reservation.
+    let second = app.post("/v1/reserve", keyed(3, "gen-2")).await;
+    assert_eq!(second.status, 200);
+    assert_ne!(second.body["reservation_id"], id.as_str());
+    let stranger = Uuid::new_v4();
+    let theirs = app
+        .post(
+            "/v1/reserve",
+            json!({"user_id": stranger, "type": "ai_generation", "amount": 20, "ttl_seconds": 300,
+                "idempotency_key": "gen-1"}),
+        )
+        .await;
+    assert_eq!(theirs.status, 200);
+    assert_ne!(theirs.body["reservation_id"], id.as_str());
+    assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 3);
+
+    // A key with a control character is refused, nothing held.
+    let bad = app.post("/v1/reserve", keyed(1, "a\u{0007}b")).await;
+    assert_eq!(bad.status, 400, "{:?}", bad.body);
+    assert_eq!(
+        (&bad.body["code"], &bad.body["field"]),
+        (&json!("INVALID_IDEMPOTENCY_KEY"), &json!("idempotency_key"))
+    );
+    assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 3);
 }
