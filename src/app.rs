@@ -243,6 +243,15 @@ impl App {
                 })
             }));
         }
+        // The outbox is pruned whether or not webhooks are configured: events are recorded
+        // either way.
+        tasks.push(background.enter(|| {
+            supervise("prune", stopped.clone(), {
+                let (db, clock) = (state.quota.db.clone(), state.quota.clock.clone());
+                let retention = config.event_retention();
+                move |stop| crate::events::prune_every(db.clone(), retention, clock.clone(), stop)
+            })
+        }));
         if state.quota.refusals.enabled() {
             let (refusals, clients, channel) = (
                 state.quota.refusals.clone(),

@@ -247,6 +247,11 @@ pub struct Config {
     /// Attempts of one delivery before it is marked failed (and waits for a redelivery).
     #[arg(long, env = "QUOTAD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 20, value_parser = number::<u64>("QUOTAD_WEBHOOK_MAX_ATTEMPTS"))]
     pub webhook_max_attempts: u64,
+    /// How long the outbox keeps a usage event, in days: older events none of whose deliveries
+    /// is still pending are deleted (with their deliveries) once an hour. At least 40, so an
+    /// event outlives the period it is about (a month, and the time its counter stays in Redis).
+    #[arg(long, env = "QUOTAD_EVENT_RETENTION_DAYS", default_value_t = 90, value_parser = number::<u64>("QUOTAD_EVENT_RETENTION_DAYS"))]
+    pub event_retention_days: u64,
     /// tracing filter, e.g. `info` or `quotad=debug`.
     #[arg(long, env = "QUOTAD_LOG", default_value = "info")]
     pub log: String,
@@ -317,6 +322,11 @@ impl Config {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    /// How long the outbox keeps a usage event (`QUOTAD_EVENT_RETENTION_DAYS`).
+    pub fn event_retention(&self) -> chrono::Duration {
+        chrono::Duration::days(self.event_retention_days as i64)
+    }
+
     /// The header-read (and keep-alive idle) timeout.
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms)
@@ -325,8 +335,13 @@ impl Config {
     /// Every numeric setting with its value and the range it must be in. Values outside are
     /// refused at start: a huge interval or deadline would overflow an `Instant` and panic a
     /// task at run time instead.
-    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 14] {
+    fn ranges(&self) -> [(&'static str, u64, RangeInclusive<u64>); 15] {
         [
+            (
+                "QUOTAD_EVENT_RETENTION_DAYS",
+                self.event_retention_days,
+                40..=36_500,
+            ),
             (
                 "QUOTAD_WEBHOOK_TIMEOUT_MS",
                 self.webhook_timeout_ms,
@@ -508,6 +523,7 @@ impl fmt::Debug for Config {
             .field("webhook_timeout_ms", &self.webhook_timeout_ms)
             .field("webhook_retry_ms", &self.webhook_retry_ms)
             .field("webhook_max_attempts", &self.webhook_max_attempts)
+            .field("event_retention_days", &self.event_retention_days)
             .field(
                 "link_secret",
                 &self.link_secret.as_ref().map(|_| "[hidden]"),

@@ -1144,6 +1144,31 @@ pub async fn redeliver(db: &PgPool, event: &str) -> Result<Option<u64>, sqlx::Er
     Ok(Some(done.rows_affected()))
 }
 
+/// Deletes up to `batch` usage events recorded before `before` none of whose deliveries is still
+/// pending (their deliveries go with them); returns how many it deleted. Rows another daemon is
+/// deleting at the same time are skipped.
+pub async fn prune_events(
+    db: &PgPool,
+    before: DateTime<Utc>,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM usage_events WHERE id IN (
+           SELECT e.id FROM usage_events e
+           WHERE e.recorded_at < $1
+             AND NOT EXISTS (SELECT 1 FROM event_deliveries d
+                             WHERE d.event_id = e.id AND d.status = 'pending')
+           ORDER BY e.recorded_at
+           LIMIT $2
+           FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(before)
+    .bind(batch)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// One past period of one type of a user, as `usage_tracking` holds it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PeriodTotal {

@@ -103,6 +103,64 @@ impl ThresholdEvent {
     }
 }
 
+/// Events deleted from the outbox per statement.
+const PRUNE_BATCH: i64 = 1000;
+/// Deadline of one pruning round.
+const PRUNE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the outbox is pruned.
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes the events recorded more than `retention` before `now` none of whose deliveries is
+/// still pending (delivered, failed, or without a URL to go to), a thousand at a time; returns
+/// how many it deleted. Safe with several daemons pruning at once.
+pub async fn prune(
+    db: &sqlx::PgPool,
+    now: DateTime<Utc>,
+    retention: chrono::Duration,
+) -> Result<u64, sqlx::Error> {
+    let before = now - retention;
+    let mut total = 0;
+    loop {
+        let n = crate::db::prune_events(db, before, PRUNE_BATCH).await?;
+        total += n;
+        if n < PRUNE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Prunes the outbox every [`PRUNE_EVERY`] (and once at start) until `stop` turns true; a failed
+/// round is logged and tried again at the next.
+pub async fn prune_every(
+    db: sqlx::PgPool,
+    retention: chrono::Duration,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        // A Postgres that hangs neither holds the task past its deadline nor delays a stop.
+        let round = tokio::select! {
+            r = crate::db::within(PRUNE_DEADLINE, prune(&db, clock.now(), retention)) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match round {
+            Ok(n) => {
+                metrics::counter!(crate::metrics::EVENTS_PRUNED).increment(n);
+                if n > 0 {
+                    tracing::info!(pruned = n, "old usage events deleted from the outbox");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error.message = %e, "pruning the usage events failed; trying again in an hour")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Decisions, by `type`, `plan` and `outcome` (allowed, denied, error, degraded).
 pub const DECISIONS: &str = "quotad_decisions_total";
+/// Usage events deleted from the outbox past `QUOTAD_EVENT_RETENTION_DAYS`.
+pub const EVENTS_PRUNED: &str = "quotad_events_pruned_total";
 /// Calls with items (several types in one call, all or nothing), by `action` (consume, check,
 /// track) and `outcome` (allowed, denied, degraded, error). Each item is also counted in
 /// `quotad_decisions_total`, with the call's outcome.
@@ -134,6 +136,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     metrics::describe_counter!(DECISIONS, "Quota decisions by type, plan and outcome.");
+    metrics::describe_counter!(
+        EVENTS_PRUNED,
+        "Usage events deleted from the outbox past their retention."
+    );
     metrics::describe_counter!(
         ITEM_CALLS,
         "Calls with items (several types, all or nothing) by action and outcome."

@@ -1092,3 +1092,91 @@ async fn thresholds_past_100_percent_fire_in_overage() {
     let fired: Vec<(i32, i64)> = outbox(&app).await.iter().map(|r| (r.2, r.3)).collect();
     assert_eq!(fired, [(100, 50), (200, 100), (300, 150)]);
 }
+
+#[tokio::test]
+async fn old_events_are_pruned_from_the_outbox_unless_a_delivery_is_still_pending() {
+    let (app, _plans) = app_sending_to(vec![]).await;
+    let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for user in &users {
+        assert_eq!(consume_n(&app, *user, 40).await, 40);
+    }
+    app.flush().await;
+    let db = app.db().await;
+    let id_of = |user: Uuid| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT id FROM usage_events WHERE user_id = $1")
+                .bind(user)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    // Four events recorded 100 days ago: one without deliveries, one delivered, one failed, one
+    // still pending; the fifth is recent.
+    for user in &users[..4] {
+        sqlx::query(
+            "UPDATE usage_events SET recorded_at = now() - interval '100 days' WHERE user_id = $1",
+        )
+        .bind(user)
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    for (user, status) in [
+        (users[1], "delivered"),
+        (users[2], "failed"),
+        (users[3], "pending"),
+    ] {
+        sqlx::query(
+            "INSERT INTO event_deliveries (event_id, endpoint, status) VALUES ($1, 'http://127.0.0.1:9/h', $2)",
+        )
+        .bind(id_of(user).await)
+        .bind(status)
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    // The instants are the database's own clock, so the cutoff is derived from the real one.
+    let now = chrono::Utc::now();
+    let pruned = quotad::events::prune(&db, now, chrono::Duration::days(90))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3);
+    let left: Vec<Uuid> =
+        sqlx::query_scalar("SELECT user_id FROM usage_events ORDER BY recorded_at")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        left,
+        [users[3], users[4]],
+        "the pending one and the recent one stay"
+    );
+    let deliveries: Vec<String> = sqlx::query_scalar("SELECT status FROM event_deliveries")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        deliveries,
+        ["pending"],
+        "the pruned events' deliveries went with them"
+    );
+    // Nothing more to prune; a shorter retention would take the recent one too.
+    assert_eq!(
+        quotad::events::prune(&db, now, chrono::Duration::days(90))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        quotad::events::prune(
+            &db,
+            now + chrono::Duration::days(1),
+            chrono::Duration::hours(1)
+        )
+        .await
+        .unwrap(),
+        1
+    );
+}

@@ -68,6 +68,10 @@ fn bad_webhook_settings_are_refused_at_start_naming_the_variable() {
             vec![("QUOTAD_WEBHOOK_TIMEOUT_MS", "-1")],
             "QUOTAD_WEBHOOK_TIMEOUT_MS",
         ),
+        (
+            vec![("QUOTAD_EVENT_RETENTION_DAYS", "10")],
+            "QUOTAD_EVENT_RETENTION_DAYS=10 is out of range: use 40 to 36500",
+        ),
     ] {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").env("QUOTAD_LISTEN", "127.0.0.1:0");
