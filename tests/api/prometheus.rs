@@ -289,6 +289,35 @@ async fn the_dashboard_and_alert_rules_name_only_metrics_quotad_exports() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
 
+    // A reservation, a call with items, and overage (a plan that sells it).
+    let r = app
+        .post(
+            "/v1/reserve",
+            json!({"user_id": user, "type": "ai_generation", "amount": 1, "ttl_seconds": 60}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = app
+        .post(
+            "/v1/consume",
+            json!({"user_id": user, "items": [{"type": "ai_generation"}, {"type": "kb_file"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let selling = quotad::plans::BUILT_IN.replace(
+        "[plans.FREE]\nai_generation = 50\n",
+        "[plans.FREE]\nai_generation = { limit = 50, overage = 100 }\n",
+    );
+    assert_ne!(selling, quotad::plans::BUILT_IN);
+    let (overage, _plans) = TestApp::spawn_with_plans(&selling, Options::default()).await;
+    let r = overage
+        .post(
+            "/v1/track",
+            json!({"user_id": Uuid::new_v4(), "type": "ai_generation", "amount": 60}),
+        )
+        .await;
+    assert_eq!(r.body["overage_added"], 10, "{:?}", r.body);
+
     // Redis errors, a degraded answer and a failed flusher pass: a second daemon whose Redis is
     // killed. The metrics recorder is one per process, so they show in the first one's /metrics.
     let mut redis = PrivateRedis::start();
@@ -441,6 +470,10 @@ async fn the_dashboard_and_alert_rules_name_only_metrics_quotad_exports() {
         &["lag"],
         &["hydration"],
         &["reconcile", "drift"],
+        &["events", "webhook"],
+        &["reservations"],
+        &["overage"],
+        &["items"],
     ] {
         assert!(titled(words).is_some(), "no panel titled with {words:?}");
     }
