@@ -51,14 +51,25 @@ impl Exports {
     }
 
     /// A slot for one export, held until its stream is dropped; `None` when
-    /// [`MAX_EXPORTS`] are running.
-    pub fn slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
+    /// [`MAX_EXPORTS`] are running. Counted in `quotad_exports_running` while held.
+    pub fn slot(&self) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        metrics::gauge!(crate::metrics::EXPORTS_RUNNING).increment(1.0);
+        Some(Slot(permit))
     }
 
     /// The exports' connections.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+/// One running export's slot (see [`Exports::slot`]).
+pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::EXPORTS_RUNNING).decrement(1.0);
     }
 }
 
@@ -130,13 +141,17 @@ impl Format {
         }
     }
 
-    /// The file name of an export of `period`: `usage-2026-11.csv`.
-    pub fn file_name(self, period: &ExportPeriod) -> String {
-        let extension = match self {
+    /// The format's name, as the request gives it: `csv` or `jsonl`.
+    pub fn name(self) -> &'static str {
+        match self {
             Format::Csv => "csv",
             Format::Jsonl => "jsonl",
-        };
-        format!("usage-{}.{extension}", period.name)
+        }
+    }
+
+    /// The file name of an export of `period`: `usage-2026-11.csv`.
+    pub fn file_name(self, period: &ExportPeriod) -> String {
+        format!("usage-{}.{}", period.name, self.name())
     }
 
     /// Appends `row` as one line.
@@ -243,6 +258,8 @@ pub fn stream(
             return Ok(None);
         };
         let rows = db::fetch_export(&mut tx, BATCH).await?;
+        metrics::counter!(crate::metrics::EXPORT_ROWS, "format" => format.name())
+            .increment(rows.len() as u64);
         let mut out = String::with_capacity(header.len() + rows.len() * 160);
         out.push_str(header);
         for row in &rows {
@@ -250,6 +267,8 @@ pub fn stream(
         }
         let next = if rows.is_empty() {
             tx.commit().await?;
+            metrics::counter!(crate::metrics::EXPORTS, "format" => format.name(), "outcome" => "completed")
+                .increment(1);
             None
         } else {
             Some((tx, ""))

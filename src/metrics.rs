@@ -7,6 +7,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Decisions, by `type`, `plan` and `outcome` (allowed, denied, error, degraded).
 pub const DECISIONS: &str = "quotad_decisions_total";
+/// Rows written by usage exports (`GET /v1/admin/usage/export`), by `format`.
+pub const EXPORT_ROWS: &str = "quotad_export_rows_total";
+/// Usage exports that ended, by `format` and `outcome`: `completed` (every row sent) or `aborted`
+/// (Postgres failed mid-stream; the body ended without its last chunk). A client that goes away
+/// is neither.
+pub const EXPORTS: &str = "quotad_exports_total";
+/// Usage exports streaming now (at most 2 per daemon).
+pub const EXPORTS_RUNNING: &str = "quotad_exports_running";
 /// Usage events deleted from the outbox past `QUOTAD_EVENT_RETENTION_DAYS`.
 pub const EVENTS_PRUNED: &str = "quotad_events_pruned_total";
 /// Calls with items (several types in one call, all or nothing), by `action` (consume, check,
@@ -136,6 +144,12 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     metrics::describe_counter!(DECISIONS, "Quota decisions by type, plan and outcome.");
+    metrics::describe_counter!(EXPORT_ROWS, "Rows written by usage exports, by format.");
+    metrics::describe_counter!(
+        EXPORTS,
+        "Usage exports that ended, by format and outcome (completed, aborted)."
+    );
+    metrics::describe_gauge!(EXPORTS_RUNNING, "Usage exports streaming now.");
     metrics::describe_counter!(
         EVENTS_PRUNED,
         "Usage events deleted from the outbox past their retention."

@@ -106,6 +106,8 @@ pub async fn usage_export(
         .inspect_err(move |e| {
             // The status is sent: ending the body early is the one signal left to the client.
             tracing::error!(error.message = %e, error.cause_chain = ?e, period = %name, "usage export aborted");
+            metrics::counter!(crate::metrics::EXPORTS, "format" => format.name(), "outcome" => "aborted")
+                .increment(1);
         })
         // The slot is freed when the body is dropped: read to its end, or the client gone.
         .map(move |chunk| {

@@ -254,6 +254,30 @@ async fn twenty_thousand_rows_are_each_exported_once_and_well_formed() {
         .map(|l| l["user_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), n as usize);
+
+    // Counted: every row of each format, each export completed, none running once both ended
+    // (the slot goes when the server drops the body, just after its last chunk).
+    let want = [
+        format!("quotad_export_rows_total{{format=\"csv\"}} {n}"),
+        format!("quotad_export_rows_total{{format=\"jsonl\"}} {n}"),
+        "quotad_exports_total{format=\"csv\",outcome=\"completed\"} 1".to_owned(),
+        "quotad_exports_total{format=\"jsonl\",outcome=\"completed\"} 1".to_owned(),
+        "quotad_exports_running 0".to_owned(),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let metrics = loop {
+        let text = app.metrics_text().await;
+        if want.iter().all(|w| text.contains(w.as_str())) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for w in &want {
+        assert!(
+            metrics.contains(w.as_str()),
+            "{w} not in /metrics:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -387,6 +411,11 @@ async fn an_export_cut_off_by_postgres_ends_as_an_incomplete_transfer() {
     assert!(
         received < 200_000 * 100,
         "{received} bytes: not the whole export"
+    );
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains("quotad_exports_total{format=\"csv\",outcome=\"aborted\"} 1"),
+        "{metrics}"
     );
 }
 
