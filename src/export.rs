@@ -55,7 +55,7 @@ impl Exports {
     pub fn slot(&self) -> Option<Slot> {
         let permit = self.slots.clone().try_acquire_owned().ok()?;
         metrics::gauge!(crate::metrics::EXPORTS_RUNNING).increment(1.0);
-        Some(Slot(permit))
+        Some(Slot { _permit: permit })
     }
 
     /// The exports' connections.
@@ -65,7 +65,9 @@ impl Exports {
 }
 
 /// One running export's slot (see [`Exports::slot`]).
-pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {

@@ -10,8 +10,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::quota::{check_amount, json_response, DecisionAnswer, DecisionJson};
-use super::whole_number;
+use super::quota::{json_response, parse_amount, DecisionAnswer, DecisionJson};
 use crate::http::error::ApiError;
 use crate::items::{ItemInput, ItemsDecision, MAX_ITEMS};
 use crate::plans::Plans;
@@ -54,11 +53,7 @@ pub(crate) fn parse_items(
             e.field = Some(format!("items[{i}].type"));
             e
         })?;
-        let field = format!("items[{i}].amount");
-        let amount = match &item.amount {
-            None => 1,
-            Some(raw) => check_amount(whole_number(raw), &field, &raw.to_string())?,
-        };
+        let amount = parse_amount(item.amount.as_ref(), &format!("items[{i}].amount"))?;
         if parsed.iter().any(|p| p.usage_type.name == usage_type.name) {
             return Err(ApiError::invalid(
                 "INVALID_ITEMS",

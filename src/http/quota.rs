@@ -118,7 +118,7 @@ impl DecisionRequest {
             ));
         };
         let usage_type = known_type(plans, name)?;
-        let amount = parse_amount(self.amount.as_ref())?;
+        let amount = parse_amount(self.amount.as_ref(), "amount")?;
         let (idempotency_key, plan) = self.key_and_plan(plans)?;
         let metadata = parse_metadata(self.metadata)?;
         Ok(Validated::One(DecisionInput {
@@ -178,9 +178,10 @@ pub(crate) fn check_amount(n: Option<u64>, field: &str, shown: &str) -> Result<u
     }
 }
 
-fn parse_amount(raw: Option<&Value>) -> Result<u64, ApiError> {
+/// An optional amount of a body, sent as `field`: 1 when absent, else as [`check_amount`] takes it.
+pub(crate) fn parse_amount(raw: Option<&Value>, field: &str) -> Result<u64, ApiError> {
     let Some(raw) = raw else { return Ok(1) };
-    check_amount(whole_number(raw), "amount", &raw.to_string())
+    check_amount(whole_number(raw), field, &raw.to_string())
 }
 
 fn parse_metadata(
@@ -808,7 +809,7 @@ pub async fn release(
     ApiJson(body): ApiJson<ReleaseRequest>,
 ) -> Result<Response, ApiError> {
     let user = parse_user_id(&body.user_id)?;
-    let amount = parse_amount(body.amount.as_ref())?;
+    let amount = parse_amount(body.amount.as_ref(), "amount")?;
     let r = state.quota.release(user, &body.usage_type, amount).await?;
     let json = ReleaseJson {
         released: r.released,

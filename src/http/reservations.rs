@@ -3,7 +3,7 @@
 
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -12,10 +12,9 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::quota::{DecisionAnswer, DecisionJson, MAX_AMOUNT};
+use super::quota::{json_response, parse_amount, DecisionAnswer, DecisionJson, MAX_AMOUNT};
 use super::{
-    check_amount, check_idempotency_key, parse_user_id, short, whole_number, ApiJson, AppState,
-    OptionalJson,
+    check_idempotency_key, parse_user_id, short, whole_number, ApiJson, AppState, OptionalJson,
 };
 use crate::http::error::{ApiError, ErrorBody};
 use crate::quota::{known_type, Action};
@@ -222,10 +221,7 @@ pub async fn reserve(
     let plans = state.quota.plans.current();
     let user = parse_user_id(&body.user_id)?;
     let usage_type = known_type(&plans, &body.usage_type)?;
-    let amount = match &body.amount {
-        None => 1,
-        Some(raw) => check_amount(whole_number(raw), "amount", &raw.to_string())?,
-    };
+    let amount = parse_amount(body.amount.as_ref(), "amount")?;
     let ttl_secs = whole_number(&body.ttl_seconds)
         .filter(|n| (1..=MAX_TTL_SECS).contains(n))
         .ok_or_else(|| {
@@ -261,16 +257,7 @@ pub async fn reserve(
         _ => Ok(answer.body()),
     }
     .map_err(|e| ApiError::internal(&e))?;
-    Ok((
-        status,
-        headers,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response())
+    Ok(json_response(status, headers, body))
 }
 
 /// `POST /v1/reservations/{reservation_id}/commit`: count the actual amount, free the rest.
