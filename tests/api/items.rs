@@ -816,3 +816,73 @@ async fn with_redis_down_items_that_all_fail_open_are_degraded_and_any_fail_clos
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn corrupt_data_in_one_item_s_counter_stops_the_call_and_its_refund_before_either_writes() {
+    use crate::script_contracts::{exists, hget, hset};
+    let (app, _plans) = spawn().await;
+    let user = Uuid::new_v4();
+    let keys = app.state.quota.store.keys(user);
+    let (month, life) = (
+        keys.counter(crate::helpers::month_period(0)),
+        keys.counter(quotad::period::Period::Lifetime),
+    );
+    let counted = call(
+        &app,
+        "consume",
+        user,
+        &[("ai_generation", 5), ("kb_file", 2)],
+        Some("r"),
+    )
+    .await;
+    assert_eq!(counted.status, 200, "{:?}", counted.body);
+
+    // The lifetime counter's kb_file is not a number: a call with both items counts neither
+    // (ai_generation is read and checked first, and would fit).
+    hset(&app, &life, "kb_file", "x").await;
+    let a = call(
+        &app,
+        "consume",
+        user,
+        &[("ai_generation", 1), ("kb_file", 1)],
+        Some("s"),
+    )
+    .await;
+    assert!(a.status >= 500, "{:?}", a.body);
+    assert_eq!(
+        hget(&app, &month, "ai_generation").await.as_deref(),
+        Some("5")
+    );
+    assert!(
+        !exists(&app, &keys.idempotency("s")).await,
+        "nothing remembered"
+    );
+
+    // Its refund stops as well: ai_generation is not given back, the record stays unrefunded.
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "r"}),
+        )
+        .await;
+    assert!(refund.status >= 500, "{:?}", refund.body);
+    assert_eq!(
+        hget(&app, &month, "ai_generation").await.as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        hget(&app, &keys.idempotency("r"), "r").await.as_deref(),
+        Some("0")
+    );
+
+    // Mended by hand, the same refund gives back both.
+    hset(&app, &life, "kb_file", "2").await;
+    let refund = app
+        .post(
+            "/v1/refund",
+            json!({"user_id": user, "idempotency_key": "r"}),
+        )
+        .await;
+    assert_eq!(refund.status, 200, "{:?}", refund.body);
+    assert_eq!(used(&app, user).await, counts(&[]));
+}

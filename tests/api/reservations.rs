@@ -1398,3 +1398,28 @@ async fn a_reserve_retried_with_its_idempotency_key_holds_once_and_answers_the_s
     );
     assert_eq!(usage_of(&app, user, "ai_generation").await["held"], 3);
 }
+
+#[tokio::test]
+async fn a_sweep_that_redis_does_not_answer_keeps_its_buckets_to_look_at_again() {
+    let mut redis = PrivateRedis::start();
+    let app = TestApp::spawn_on(&redis).await;
+    let sweeper =
+        quotad::reservations::Sweeper::new(&app.state.quota.store, app.state.quota.holds.clone());
+    let user = Uuid::new_v4();
+    held(&app, user, "ai_generation", 7, 1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    redis.kill();
+    assert!(sweeper.sweep_known().await.is_err());
+    assert_eq!(
+        app.state.quota.holds.len(),
+        1,
+        "the due bucket is looked at again at the next tick"
+    );
+    redis.restart();
+    // A Redis that lost its data lost the hold with it: the next look finds nothing to free and
+    // leaves nothing noted.
+    let swept = sweeper.sweep_known().await.unwrap();
+    assert_eq!(swept.expired, 0);
+    assert!(app.state.quota.holds.is_empty());
+}

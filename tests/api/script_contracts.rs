@@ -16,7 +16,7 @@ fn month(n: i32) -> Period {
     Period::current(PeriodKind::Month, month_start(n))
 }
 
-async fn hget(app: &TestApp, key: &str, field: &str) -> Option<String> {
+pub(crate) async fn hget(app: &TestApp, key: &str, field: &str) -> Option<String> {
     redis::cmd("HGET")
         .arg(key)
         .arg(field)
@@ -25,7 +25,7 @@ async fn hget(app: &TestApp, key: &str, field: &str) -> Option<String> {
         .unwrap()
 }
 
-async fn hset(app: &TestApp, key: &str, field: &str, value: &str) {
+pub(crate) async fn hset(app: &TestApp, key: &str, field: &str, value: &str) {
     let _: i64 = redis::cmd("HSET")
         .arg(key)
         .arg(field)
@@ -50,7 +50,7 @@ async fn is_dirty(app: &TestApp, user: Uuid, period: Period) -> bool {
     score.is_some()
 }
 
-async fn exists(app: &TestApp, key: &str) -> bool {
+pub(crate) async fn exists(app: &TestApp, key: &str) -> bool {
     redis::cmd("EXISTS")
         .arg(key)
         .query_async::<i64>(&mut app.redis().await)
