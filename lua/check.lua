@@ -44,22 +44,10 @@ if idem and redis.call('EXISTS', idem) == 1 then
 end
 
 local over, ov_field, hold = 'o:' .. field, 'ov:' .. field, 'h:' .. field
-local missing = {}
-local got = read_counter(hash, KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over,
-  ov_field, hold)
-if not got then
-  missing[#missing + 1] = 'user'
-end
-local ag
-if ahash then
-  ag = read_counter(ahash, KEYS[6], KEYS[3], ARGV[5], ARGV[6], ARGV[7], 'v', field, 'p', over,
-    ov_field, hold)
-  if not ag then
-    missing[#missing + 1] = 'account'
-  end
-end
-if #missing > 0 then
-  return answer('hydrate', 0, '', 0, table.concat(missing, ' '))
+local got, ag, missing = read_levels(hash, KEYS[2], ahash, KEYS[6], KEYS[3], ARGV[5], ARGV[6],
+  ARGV[7], 'v', field, 'p', over, ov_field, hold)
+if missing then
+  return answer('hydrate', 0, '', 0, missing)
 end
 
 local plan, limit, source, cap = user_level(got[3], got[4], ARGV[3], ARGV[4], 9, ahash ~= nil)

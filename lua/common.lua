@@ -232,6 +232,25 @@ local function read_counter(hash, prev, marker, month_start, margin, expire_at, 
   return got
 end
 
+-- `read_counter` of the user's counter hash and, for a member (`ahash` not nil), the account's
+-- pool: (got, account's got), or nil, nil and which must be loaded from Postgres first ("user",
+-- "account" or "user account"), as the decision scripts answer "hydrate".
+local function read_levels(hash, prev, ahash, aprev, marker, month_start, margin, expire_at, ...)
+  local got = read_counter(hash, prev, marker, month_start, margin, expire_at, ...)
+  local ag = ahash and read_counter(ahash, aprev, marker, month_start, margin, expire_at, ...)
+  local missing = {}
+  if not got then
+    missing[#missing + 1] = 'user'
+  end
+  if ahash and not ag then
+    missing[#missing + 1] = 'account'
+  end
+  if #missing > 0 then
+    return nil, nil, table.concat(missing, ' ')
+  end
+  return got, ag
+end
+
 -- The user's level of a decision: plan, limit (-1 = unlimited), where the limit comes from, and
 -- the overage cap (see resolve_plan). `stored` is the hash's plan, `override` its `o:<type>`,
 -- `sent` the plan sent with the call ("" = none), `first` where the plan, limit, cap triples

@@ -118,22 +118,10 @@ end
 -- Everything the decision reads, one HMGET per level: version, count, dirty flag, stored plan,
 -- override, overage, units held by open reservations.
 local over, ov_field, hold = 'o:' .. field, 'ov:' .. field, 'h:' .. field
-local missing = {}
-local got = read_counter(hash, KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
-  'p', over, ov_field, hold)
-if not got then
-  missing[#missing + 1] = 'user'
-end
-local ag
-if ahash then
-  ag = read_counter(ahash, KEYS[7], KEYS[4], ARGV[10], ARGV[11], ARGV[12], 'v', field, DIRTY,
-    'p', over, ov_field, hold)
-  if not ag then
-    missing[#missing + 1] = 'account'
-  end
-end
-if #missing > 0 then
-  return answer('hydrate', 0, '', 0, '', table.concat(missing, ' '))
+local got, ag, missing = read_levels(hash, KEYS[3], ahash, KEYS[7], KEYS[4], ARGV[10], ARGV[11],
+  ARGV[12], 'v', field, DIRTY, 'p', over, ov_field, hold)
+if missing then
+  return answer('hydrate', 0, '', 0, '', missing)
 end
 local version = whole(got[1], hash, 'v') -- a corrupt version stops the script here, before any write
 

@@ -62,22 +62,10 @@ if earlier and (earlier.t ~= field or tonumber(earlier.a) ~= amount or earlier.a
 end
 
 local over, hold, ov_field = 'o:' .. field, 'h:' .. field, 'ov:' .. field
-local missing = {}
-local got = read_counter(hash, KEYS[2], KEYS[3], ARGV[6], ARGV[7], ARGV[8], 'v', field, 'p', over,
-  hold, ov_field)
-if not got then
-  missing[#missing + 1] = 'user'
-end
-local ag
-if ahash then
-  ag = read_counter(ahash, KEYS[8], KEYS[3], ARGV[6], ARGV[7], ARGV[8], 'v', field, 'p', over,
-    hold, ov_field)
-  if not ag then
-    missing[#missing + 1] = 'account'
-  end
-end
-if #missing > 0 then
-  return answer('hydrate', table.concat(missing, ' '))
+local got, ag, missing = read_levels(hash, KEYS[2], ahash, KEYS[8], KEYS[3], ARGV[6], ARGV[7],
+  ARGV[8], 'v', field, 'p', over, hold, ov_field)
+if missing then
+  return answer('hydrate', missing)
 end
 
 -- Each level as answer() takes it.
